@@ -1,0 +1,163 @@
+"""One small tokenizer interface over SentencePiece and Hugging Face `tokenizer.json`.
+
+Built-in tasks train a SentencePiece model on their own text (no hub needed). It is trained with identity
+normalisation and no dummy prefix, so that the concatenated surface strings of a token sequence are exactly its
+text: the oracle experts work on text and map continuations back to tokens through `surfaces`.
+Real checkpoints (Qwen, Llama-3) bring a `tokenizer.json`, read with the `tokenizers` package.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import os
+from collections.abc import Iterable, Sequence
+
+
+class Tokenizer:
+  """What the rest of the library needs from a tokenizer."""
+
+  vocab_size: int
+  pad_id: int
+  eos_id: int
+  bos_id: int | None
+
+  def encode(self, text: str) -> list[int]:
+    raise NotImplementedError
+
+  def decode(self, ids: Sequence[int]) -> str:
+    raise NotImplementedError
+
+  def _surface(self, i: int) -> str:
+    raise NotImplementedError
+
+  @functools.cached_property
+  def surfaces(self) -> list[str]:
+    """The text each token id stands for on its own ('' for control tokens)."""
+    return [self._surface(i) for i in range(self.vocab_size)]
+
+  @functools.cached_property
+  def fingerprint(self) -> str:
+    """A short hash of the vocabulary, to tell two tokenizers apart without comparing them piece by piece."""
+    digest = hashlib.sha256("\x00".join(self.surfaces).encode()).hexdigest()[:16]
+    return f"{self.vocab_size}:{digest}"
+
+  def text_of(self, ids: Sequence[int]) -> str:
+    """Text of a sampled response: the surfaces concatenated, stopping at EOS."""
+    out = []
+    for i in ids:
+      if i == self.eos_id:
+        break
+      out.append(self.surfaces[i])
+    return "".join(out)
+
+
+class SentencePieceTokenizer(Tokenizer):
+  def __init__(self, model_proto: bytes):
+    import sentencepiece as spm
+
+    self.model_proto = model_proto
+    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    self.vocab_size = self._sp.get_piece_size()
+    self.pad_id = max(self._sp.pad_id(), 0)
+    self.eos_id = self._sp.eos_id()
+    self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+    if self.eos_id < 0:
+      raise ValueError("SentencePiece model has no EOS piece; train it with eos_id >= 0")
+
+  @classmethod
+  def from_file(cls, path: str) -> SentencePieceTokenizer:
+    with open(path, "rb") as f:
+      return cls(f.read())
+
+  def save(self, path: str) -> None:
+    with open(path, "wb") as f:
+      f.write(self.model_proto)
+
+  def encode(self, text: str) -> list[int]:
+    return list(self._sp.encode(text))
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._sp.decode([int(i) for i in ids])
+
+  def _surface(self, i: int) -> str:
+    if self._sp.is_control(i) or self._sp.is_unknown(i):
+      return ""
+    return self._sp.decode([i])
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int = 256, model_type: str = "char"):
+  """Train a SentencePiece model in memory. `char` suits the built-in tasks (oracles act per character)."""
+  import sentencepiece as spm
+
+  writer = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(texts),
+    model_writer=writer,
+    vocab_size=vocab_size,
+    model_type=model_type,
+    character_coverage=1.0,
+    hard_vocab_limit=False,  # a small corpus caps the vocabulary
+    add_dummy_prefix=False,
+    remove_extra_whitespaces=False,
+    normalization_rule_name="identity",
+    allow_whitespace_only_pieces=True,
+    pad_id=0,
+    unk_id=1,
+    bos_id=2,
+    eos_id=3,
+    minloglevel=2,
+  )
+  return SentencePieceTokenizer(writer.getvalue())
+
+
+class HFTokenizer(Tokenizer):
+  """A Hugging Face `tokenizer.json` (via `tokenizers`), with EOS / pad from the files beside it."""
+
+  def __init__(self, path: str):
+    from tokenizers import Tokenizer as _Tok
+
+    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    self._tok = _Tok.from_file(file)
+    folder = os.path.dirname(file)
+    special = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+      if os.path.exists(os.path.join(folder, name)):
+        with open(os.path.join(folder, name)) as f:
+          special.update({k: v for k, v in json.load(f).items() if k.endswith("_token")})
+
+    def token_id(key):
+      tok = special.get(key)
+      tok = tok.get("content") if isinstance(tok, dict) else tok
+      return None if tok is None else self._tok.token_to_id(tok)
+
+    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    eos = token_id("eos_token")
+    if eos is None:
+      raise ValueError(f"{folder}: no eos_token in tokenizer_config.json / special_tokens_map.json")
+    self.eos_id = eos
+    self.bos_id = token_id("bos_token")
+    pad = token_id("pad_token")
+    self.pad_id = eos if pad is None else pad
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def _surface(self, i: int) -> str:
+    return self._tok.decode([i], skip_special_tokens=True)
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+  """A `.model` file (SentencePiece) or a folder / file with `tokenizer.json` (Hugging Face)."""
+  if path.endswith(".model"):
+    return SentencePieceTokenizer.from_file(path)
+  if os.path.isdir(path) and os.path.exists(os.path.join(path, "tokenizer.model")) and not os.path.exists(
+    os.path.join(path, "tokenizer.json")
+  ):
+    return SentencePieceTokenizer.from_file(os.path.join(path, "tokenizer.model"))
+  return HFTokenizer(path)
