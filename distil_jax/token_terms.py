@@ -1,0 +1,236 @@
+"""Per-position terms of every loss (cross-entropy to the expert, reverse KL, JSD, log pi(y_t), entropy), computed
+either from student logits or *fused* from hidden states and the LM head, chunk by chunk.
+
+Every expert target becomes a pair of distributions over "buckets" at each position: log q (the expert) and log pi
+(the student) on the same buckets.
+  dense logits [B,T,V]            buckets = the vocabulary; q = softmax(logits / temperature)
+  TopK(ids, logprobs) [B,T,K]     buckets = the K ids plus, with `topk_tail="bucket"`, one bucket for the rest of the
+                                  vocabulary holding the expert's missing mass (a coarsened distribution); with
+                                  `"renorm"` the expert's top-k is renormalised and the tail dropped
+  Samples(ids) [B,T,M]            buckets = M expert samples, weight 1/M each: a Monte Carlo estimate of the CE
+  HiddenTeacher(hidden, lm_head, positions)  dense, with the teacher's logits computed here from its hidden states
+Then CE = -sum_b q_b log pi_b, and the other divergences are sums over the same buckets, so one code path serves all
+target kinds. Padding entries of a top-k list carry logprob -inf (zero mass).
+
+Fusion: the student's logits for T positions would be a float32 [B,T,V] array (4 GB at B*T=8k, V=128k), and the
+teacher's another. `fused_token_terms` instead scans over chunks of `chunk_size` time steps, computes a [B,c,V]
+logits block, reduces it to a few [B,c] numbers, and recomputes the block in the backward pass
+(`jax.checkpoint` on the chunk body). Batch stays on (data, fsdp) and the vocabulary on `tensor` inside each chunk.
+
+Dims: B batch, T response positions, S teacher sequence, c chunk, D width, V vocabulary, K top-k or samples.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from distil_jax import sharding
+
+TERMS = ("ce", "teacher_entropy", "rkl", "jsd")
+
+
+class TopK(NamedTuple):
+  ids: jax.Array  # [B,T,K] int
+  logprobs: jax.Array  # [B,T,K] float; -inf marks padding
+
+
+class Samples(NamedTuple):
+  ids: jax.Array  # [B,T,M] int, expert samples (duplicates allowed)
+
+
+class HiddenTeacher(NamedTuple):
+  hidden: jax.Array  # [B,S,D] teacher final hidden states (its sequence holds the feedback, so S >= T)
+  lm_head: jax.Array  # [D,V]
+  positions: jax.Array  # [B,T] int: teacher logits for response position t are hidden[b, positions[b,t]] @ lm_head
+
+
+def as_target(teacher):
+  """Normalise the `teacher` argument: an array is dense logits, a plain pair is (ids, logprobs)."""
+  if isinstance(teacher, TopK | Samples | HiddenTeacher):
+    return teacher
+  if isinstance(teacher, tuple | list) and len(teacher) == 2:
+    return TopK(*teacher)
+  if hasattr(teacher, "shape") and teacher.ndim == 3:
+    return teacher
+  raise TypeError(
+    "teacher must be dense logits [B,T,V], a (ids, logprobs) pair, Samples(ids) or HiddenTeacher; "
+    f"got {type(teacher).__name__}"
+  )
+
+
+def _where_pos(q, x):
+  """q * x with 0 wherever q == 0 (so 0 * -inf is 0, and no NaN reaches the gradient)."""
+  return jnp.where(q > 0, q * jnp.where(q > 0, x, 0.0), 0.0)
+
+
+def _buckets(z, lse, kind, arrays, topk_tail, temperature):
+  """(log q, log pi, log pi normalised over the buckets or None) for one block of student logits z [B,c,V]."""
+  if kind == "dense":
+    log_q = jax.nn.log_softmax(arrays[0].astype(jnp.float32) / temperature, axis=-1)
+    log_pi = z - lse[..., None]
+    return log_q, log_pi, log_pi
+  ids = arrays[0]
+  log_pi = jnp.take_along_axis(z, ids, axis=-1) - lse[..., None]  # gather first: no [B,c,V] log-softmax
+  if kind == "samples":
+    m = ids.shape[-1]
+    return jnp.full(ids.shape, -math.log(m), jnp.float32), log_pi, None
+  log_q = arrays[1].astype(jnp.float32)
+  valid = log_q > -jnp.inf
+  if topk_tail == "renorm":
+    log_q = log_q - jax.nn.logsumexp(log_q, axis=-1, keepdims=True)
+    log_pi_norm = log_pi - jax.nn.logsumexp(jnp.where(valid, log_pi, -jnp.inf), axis=-1, keepdims=True)
+    return log_q, log_pi, jnp.where(valid, log_pi_norm, -jnp.inf)
+  # Tail bucket: the vocabulary minus the listed ids. It exists only when the ids do not cover the vocabulary.
+  vocab = z.shape[-1]
+  n_valid = jnp.sum(valid, axis=-1)
+  has_tail = n_valid < vocab
+  drop = jnp.where(valid, ids, vocab)  # out-of-range index: dropped by the scatter
+  b, c = jnp.meshgrid(jnp.arange(z.shape[0]), jnp.arange(z.shape[1]), indexing="ij")
+  # A boolean scatter (1 byte per entry) and a `where` that fuses into the reduction: no second float block.
+  listed = jnp.zeros(z.shape, bool).at[b[..., None], c[..., None], drop].set(True, mode="drop")
+  rest = jnp.where(listed & has_tail[..., None], -jnp.inf, z)  # finite everywhere when there is no tail
+  log_pi_tail = jnp.where(has_tail, jax.nn.logsumexp(rest, axis=-1) - lse, -jnp.inf)
+  q_tail = jnp.where(has_tail, jnp.clip(1.0 - jnp.sum(jnp.exp(log_q), axis=-1), 0.0, 1.0), 0.0)
+  log_q = jnp.concatenate([log_q, jnp.log(q_tail)[..., None]], axis=-1)
+  log_pi = jnp.concatenate([jnp.where(valid, log_pi, -jnp.inf), log_pi_tail[..., None]], axis=-1)
+  return log_q, log_pi, log_pi
+
+
+def _divergences(log_q, log_pi, log_pi_norm, terms, jsd_beta):
+  q = jnp.exp(log_q)
+  out = {}
+  if "ce" in terms:
+    out["ce"] = -jnp.sum(_where_pos(q, log_pi), axis=-1)
+  if "teacher_entropy" in terms:
+    out["teacher_entropy"] = -jnp.sum(_where_pos(q, log_q), axis=-1)
+  if ("rkl" in terms or "jsd" in terms) and log_pi_norm is None:
+    raise ValueError("reverse KL and JSD need the expert's probabilities; sampled targets only give CE")
+  if "rkl" in terms:  # KL(pi || q): a mode-seeking divergence, the direction SDPO-style self-distillation uses
+    pi = jnp.exp(log_pi_norm)
+    out["rkl"] = jnp.sum(_where_pos(pi, log_pi_norm - log_q), axis=-1)
+  if "jsd" in terms:  # TRL's generalized JSD: beta KL(q||m) + (1-beta) KL(pi||m), m = beta q + (1-beta) pi
+    pi = jnp.exp(log_pi_norm)
+    if jsd_beta == 0.0:
+      out["jsd"] = jnp.sum(_where_pos(q, log_q - log_pi_norm), axis=-1)
+    elif jsd_beta == 1.0:
+      out["jsd"] = jnp.sum(_where_pos(pi, log_pi_norm - log_q), axis=-1)
+    else:
+      log_m = jnp.logaddexp(math.log(jsd_beta) + log_q, math.log1p(-jsd_beta) + log_pi_norm)
+      kl_q = jnp.sum(_where_pos(q, log_q - log_m), axis=-1)
+      kl_pi = jnp.sum(_where_pos(pi, log_pi_norm - log_m), axis=-1)
+      out["jsd"] = jsd_beta * kl_q + (1.0 - jsd_beta) * kl_pi
+  return out
+
+
+def _sanitize(kind, arrays, mask, vocab):
+  """Replace top-k targets outside the mask by a harmless one (K distinct ids, uniform mass with a tail).
+
+  Positions outside the mask (chunk padding, or whatever a buffer holds past a response) can carry targets whose
+  divergence is infinite; the mask zeroes their value, but 0 * inf in the backward pass would still be NaN.
+  """
+  if kind != "topk" or mask is None:
+    return arrays
+  ids, log_q = arrays
+  k = ids.shape[-1]
+  keep = mask[..., None] > 0
+  safe_ids = jnp.broadcast_to(jnp.arange(k, dtype=ids.dtype) % vocab, ids.shape)
+  safe_lq = jnp.full(log_q.shape, -math.log(k + 1 if k < vocab else k), log_q.dtype)
+  return jnp.where(keep, ids, safe_ids), jnp.where(keep, log_q, safe_lq)
+
+
+def _block_terms(z, tokens, kind, arrays, terms, topk_tail, temperature, jsd_beta, mask=None):
+  """All requested [B,c] terms from one block of float32 student logits z [B,c,V]."""
+  arrays = _sanitize(kind, arrays, mask, z.shape[-1])
+  lse = jax.nn.logsumexp(z, axis=-1)
+  out = {
+    "logp": jnp.take_along_axis(z, tokens[..., None], axis=-1)[..., 0] - lse,
+    # a metric only: no gradient is computed through it
+    "entropy": jax.lax.stop_gradient(lse - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)),
+  }
+  if kind is not None and terms:
+    log_q, log_pi, log_pi_norm = _buckets(z, lse, kind, arrays, topk_tail, temperature)
+    out.update(_divergences(log_q, log_pi, log_pi_norm, terms, jsd_beta))
+  return out
+
+
+def _split_target(teacher):
+  """(kind, per-position arrays [B,T,...], teacher LM head or None), teacher arrays held constant."""
+  if teacher is None:
+    return None, (), None
+  teacher = as_target(teacher)
+  sg = jax.lax.stop_gradient
+  if isinstance(teacher, HiddenTeacher):
+    hidden = jnp.take_along_axis(teacher.hidden, teacher.positions[..., None].astype(jnp.int32), axis=1)
+    return "hidden", (sg(hidden),), sg(teacher.lm_head)
+  if isinstance(teacher, Samples):
+    return "samples", (teacher.ids.astype(jnp.int32),), None
+  if isinstance(teacher, TopK):
+    return "topk", (teacher.ids.astype(jnp.int32), sg(teacher.logprobs)), None
+  return "dense", (sg(teacher),), None
+
+
+def _teacher_logits(kind, arrays, teacher_head):
+  if kind != "hidden":
+    return kind, arrays
+  h = arrays[0]
+  logits = jnp.einsum("bcd,dv->bcv", h, teacher_head.astype(h.dtype), preferred_element_type=jnp.float32)
+  return "dense", (sharding.constrain(logits, ("batch", None, "vocab")),)
+
+
+def _check_terms(terms):
+  unknown = set(terms) - set(TERMS)
+  if unknown:
+    raise ValueError(f"unknown terms {sorted(unknown)}; known: {TERMS}")
+  return tuple(sorted(terms))
+
+
+def token_terms(student_logits, teacher, tokens, *, mask=None, terms=("ce",), topk_tail="bucket", temperature=1.0,
+                jsd_beta=0.5):
+  """Per-position terms [B,T] from full student logits [B,T,V] (the unfused reference path).
+
+  `teacher` may be None (GRPO, SFT need only log pi(y_t)). Returns a dict with `logp`, `entropy` and `terms`.
+  """
+  kind, arrays, head = _split_target(teacher)
+  kind, arrays = _teacher_logits(kind, arrays, head)
+  return _block_terms(student_logits.astype(jnp.float32), tokens.astype(jnp.int32), kind, arrays,
+                      _check_terms(terms), topk_tail, temperature, jsd_beta, mask)
+
+
+def fused_token_terms(hidden, lm_head, teacher, tokens, *, mask=None, chunk_size=64, terms=("ce",),
+                      topk_tail="bucket", temperature=1.0, jsd_beta=0.5):
+  """The same terms as `token_terms(hidden @ lm_head, ...)` without any [B,T,V] array.
+
+  hidden [B,T,D] in the compute dtype; lm_head [D,V] is cast to hidden's dtype inside each chunk (float32
+  accumulation). Pass the float32 master kernel, not a bf16 copy: the LM head's gradient is summed over chunks in
+  lm_head's dtype.
+  Memory: O(B * chunk_size * V) for the logits block instead of O(B * T * V), plus O(D * V) for the head's gradient.
+  """
+  terms = _check_terms(terms)
+  kind, arrays, teacher_head = _split_target(teacher)
+  b, t = tokens.shape
+  c = min(chunk_size, t)
+  n = -(-t // c)
+
+  def split(x):  # [B,T,...] -> [n,B,c,...], padding the last chunk
+    x = jnp.pad(x, [(0, 0), (0, n * c - t)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(b, n, c, *x.shape[2:]), 1, 0)
+
+  @jax.checkpoint
+  def chunk(h, tok, m, tarrays, head, thead):
+    z = jnp.einsum("bcd,dv->bcv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+    z = sharding.constrain(z, ("batch", None, "vocab"))
+    k, a = _teacher_logits(kind, tarrays, thead)
+    return _block_terms(z, tok, k, a, terms, topk_tail, temperature, jsd_beta, m)
+
+  def body(carry, xs):
+    h, tok, m, tarrays = xs
+    return carry, chunk(h, tok, m, tarrays, lm_head, teacher_head)
+
+  mask = jnp.ones((b, t), jnp.float32) if mask is None else mask.astype(jnp.float32)
+  xs = (split(hidden), split(tokens.astype(jnp.int32)), split(mask), tuple(split(a) for a in arrays))
+  _, out = jax.lax.scan(body, None, xs)
+  return {k: jnp.moveaxis(v, 0, 1).reshape(b, n * c)[:, :t] for k, v in out.items()}
