@@ -101,7 +101,7 @@ def _ratio(logp_BxT, behaviour_logprobs):
   return jnp.exp(logp_BxT - old)
 
 
-def _distil(cfg, terms, mask, group_size, behaviour_logprobs, sequence_term):
+def _distil(cfg, terms, mask, group_size, behaviour_logprobs, sequence_term, score_weight):
   m = mask.astype(jnp.float32)
   c = terms["ce"] - (terms["teacher_entropy"] if cfg.cost == "kl" else 0.0)
   c = jnp.where(m > 0, c, 0.0)
@@ -114,6 +114,8 @@ def _distil(cfg, terms, mask, group_size, behaviour_logprobs, sequence_term):
   ratio = _ratio(terms["logp"], behaviour_logprobs)
   clipped = jnp.clip(ratio, 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps)
   score = jnp.maximum(ratio * adv, clipped * adv) * m
+  if score_weight is not None:  # e.g. 0 for stale buffer rows: their states still get the local (DAgger) term
+    score = score * score_weight[:, None]
   metrics.update(
     advantage_abs=jnp.sum(jnp.abs(adv) * m) / jnp.maximum(jnp.sum(m), 1.0),
     clip_fraction=jnp.sum((jnp.abs(ratio - 1.0) > cfg.clip_eps) * m) / jnp.maximum(jnp.sum(m), 1.0),
@@ -143,11 +145,15 @@ def _grpo(cfg, terms, mask, group_size, rewards_B, behaviour_logprobs, ref_logpr
 
 
 def loss_from_terms(cfg: LossConfig, terms, mask_BxT, *, group_size: int = 1, rewards=None,
-                    behaviour_logprobs=None, ref_logprobs=None):
-  """(scalar loss, metrics) of `cfg.kind` from per-position terms (see `token_terms`)."""
+                    behaviour_logprobs=None, ref_logprobs=None, score_weight=None):
+  """(scalar loss, metrics) of `cfg.kind` from per-position terms (see `token_terms`).
+
+  score_weight [B]: optional per-sequence weight of DistIL's score term (1 on fresh rollouts, 0 on stale ones).
+  """
   mask = mask_BxT.astype(jnp.float32)
   if cfg.kind in ("distil", "tokenwise_fce"):
-    per_token, metrics = _distil(cfg, terms, mask, group_size, behaviour_logprobs, cfg.kind == "distil")
+    per_token, metrics = _distil(cfg, terms, mask, group_size, behaviour_logprobs, cfg.kind == "distil",
+                                 score_weight)
   elif cfg.kind == "reverse_kl":
     per_token, metrics = terms["rkl"], {}
   elif cfg.kind == "jsd":
@@ -170,7 +176,7 @@ def loss_from_terms(cfg: LossConfig, terms, mask_BxT, *, group_size: int = 1, re
 
 
 def compute_loss(cfg: LossConfig, *, teacher, tokens, mask, logits=None, hidden=None, lm_head=None,
-                 group_size=1, rewards=None, behaviour_logprobs=None, ref_logprobs=None):
+                 group_size=1, rewards=None, behaviour_logprobs=None, ref_logprobs=None, score_weight=None):
   """The loss from student logits, or fused from hidden states and the LM head when `hidden` is given."""
   teacher = teacher if cfg.needs_teacher else None
   opts = dict(terms=cfg.terms, topk_tail=cfg.topk_tail, temperature=cfg.teacher_temperature, jsd_beta=cfg.jsd_beta)
@@ -179,7 +185,7 @@ def compute_loss(cfg: LossConfig, *, teacher, tokens, mask, logits=None, hidden=
   else:
     terms = tt.token_terms(logits, teacher, tokens, mask=mask, **opts)
   return loss_from_terms(cfg, terms, mask, group_size=group_size, rewards=rewards,
-                         behaviour_logprobs=behaviour_logprobs, ref_logprobs=ref_logprobs)
+                         behaviour_logprobs=behaviour_logprobs, ref_logprobs=ref_logprobs, score_weight=score_weight)
 
 
 def _public(kind, with_metrics, **kw):

@@ -322,7 +322,11 @@ class Transformer(nnx.Module):
       valid = jax.lax.dynamic_update_slice(cache["valid"], segment_ids_BxT > 0, (0, cache_index))
       mask = cache_mask(valid, cache_index, tokens_BxT.shape[1])
     inv_freq = rope_inverse_frequencies(cfg)
-    x = sharding.constrain(self.model.embed_tokens(tokens_BxT), ("batch", None, None))
+    # Gather the (fsdp / tensor sharded) table before the lookup, as FSDP does for every weight: a lookup into a
+    # sharded table with batch-sharded ids has no efficient SPMD partitioning.
+    table = sharding.constrain(self.model.embed_tokens.embedding[...], (None, None))
+    x = jnp.take(table, tokens_BxT, axis=0).astype(cfg.compute_dtype)
+    x = sharding.constrain(x, ("batch", None, None))
     new_layers = []
     for i, layer in enumerate(self.model.layers):
       kv = None if cache is None else cache["layers"][i]

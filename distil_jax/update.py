@@ -1,0 +1,138 @@
+"""The jitted update: student forward, teacher forward (on-device experts), fused loss, optax step.
+
+A batch holds Bg prompt groups of G responses each (shapes below). The student reads [left-padded prompt | response]
+with the sampler's exact positions and masks, so on fresh data the recomputed log-probs equal the behaviour ones.
+Only the student is differentiated: a `self` teacher is the student's own parameters under stop_gradient (or an EMA
+copy kept in the train state), a `model` teacher's parameters are passed in and never checkpointed (big_vision's
+rule for teachers). A step whose loss or gradient is not finite leaves the state untouched and says so in its
+metrics; the host loop stops with an error naming the iteration (see train.py).
+
+Batch (numpy on host, global arrays on the mesh):
+  prompt_tokens, prompt_mask [Bg,P]; tokens, mask, logprobs [Bg,G,N]; reward [Bg,G]; iteration [Bg];
+  sft_tokens, sft_mask [Bg,N] (the expert's own response);
+  top-k experts:  target_ids, target_logprobs [Bg,G,N,K];
+  device experts: teacher_tokens, teacher_mask [Bg,G,Pt]; teacher_valid [Bg,G].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from distil_jax import losses, sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateSpec:
+  loss: losses.LossConfig
+  teacher: str  # "topk" (targets in the batch), "self", "model"
+  ema_decay: float = 0.0  # self: 0 means the live parameters are the teacher
+  use_behaviour_logprobs: bool = True  # off-policy ratio from the sampler's log-probs
+  score_max_staleness: int = 0  # DistIL's score term only on rollouts at most this many iterations old
+
+
+def make_optimizer(cfg, total_updates: int) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping; linear warmup, then constant or cosine decay (config `optim`)."""
+  warmup = min(cfg.warmup_steps, max(total_updates - 1, 0))
+  if cfg.schedule == "cosine":
+    lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(total_updates, warmup + 1))
+  elif cfg.schedule == "constant":
+    lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), optax.constant_schedule(cfg.lr)],
+                              [warmup]) if warmup else cfg.lr
+  else:
+    raise ValueError(f"optim.schedule={cfg.schedule!r}; expected constant or cosine")
+  return optax.chain(
+    optax.clip_by_global_norm(cfg.max_grad_norm),
+    optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
+  )
+
+
+def init_state(tx, params, mesh, *, ema: bool = False):
+  """The train state on the mesh: optimizer moments sharded like the parameters, scalars replicated."""
+  opt_state = jax.jit(tx.init)(params)
+  state = {"params": params, "opt_state": opt_state}
+  if ema:
+    state["ema"] = jax.tree.map(jnp.copy, params)
+  everywhere = sharding.replicated(mesh)
+  return jax.tree.map(lambda x: x if len(x.sharding.device_set) == mesh.size else jax.device_put(x, everywhere),
+                      state)
+
+
+def response_hidden(model, prompts_BxP, prompt_mask_BxP, responses_BxN):
+  """Hidden states [B,N,D] that predict each response token, as the sampler computed them."""
+  p = prompts_BxP.shape[1]
+  seq = jnp.concatenate([prompts_BxP, responses_BxN], axis=1)
+  seg = jnp.concatenate([prompt_mask_BxP, jnp.ones_like(responses_BxN)], axis=1).astype(jnp.int32)
+  hidden = model.hidden_states(seq[:, :-1], segment_ids_BxT=seg[:, :-1])
+  return hidden[:, p - 1:]
+
+
+def _rows(x, g):
+  """[Bg,G,...] -> [Bg*G,...]."""
+  return x.reshape(x.shape[0] * g, *x.shape[2:])
+
+
+def loss_fn(params, batch, teacher_params, iteration, *, graphdef, teacher_graphdef, spec: UpdateSpec):
+  model = nnx.merge(graphdef, params)
+  cfg = spec.loss
+  bg, g, n = batch["tokens"].shape
+  if cfg.kind == "sft":
+    prompts, pmask = batch["prompt_tokens"], batch["prompt_mask"]
+    responses, mask, group = batch["sft_tokens"], batch["sft_mask"], 1
+  else:
+    prompts, pmask = jnp.repeat(batch["prompt_tokens"], g, 0), jnp.repeat(batch["prompt_mask"], g, 0)
+    responses, mask, group = _rows(batch["tokens"], g), _rows(batch["mask"], g), g
+  mask = mask.astype(jnp.float32)
+  hidden = response_hidden(model, prompts, pmask, responses)
+  teacher = None
+  if cfg.needs_teacher and spec.teacher == "topk":
+    teacher = (_rows(batch["target_ids"], g), _rows(batch["target_logprobs"], g))
+  elif cfg.needs_teacher:
+    if teacher_params is None:
+      teacher_params = jax.lax.stop_gradient(params)
+    tmodel = nnx.merge(teacher_graphdef, teacher_params)
+    thidden = response_hidden(tmodel, _rows(batch["teacher_tokens"], g), _rows(batch["teacher_mask"], g), responses)
+    positions = jnp.broadcast_to(jnp.arange(n), (bg * g, n))
+    teacher = losses.HiddenTeacher(thidden, tmodel.lm_head_kernel(), positions)
+    mask = mask * _rows(batch["teacher_valid"], g).astype(jnp.float32)[:, None]
+  behaviour = None
+  if spec.use_behaviour_logprobs and cfg.kind in ("distil", "grpo"):
+    behaviour = _rows(batch["logprobs"], g)
+  fresh = (iteration - batch["iteration"]) <= spec.score_max_staleness
+  return losses.compute_loss(
+    cfg, teacher=teacher, tokens=responses, mask=mask, hidden=hidden, lm_head=model.lm_head_kernel(),
+    group_size=group, rewards=batch["reward"].reshape(-1), behaviour_logprobs=behaviour,
+    score_weight=jnp.repeat(fresh, group).astype(jnp.float32),
+  )
+
+
+def make_update(graphdef, tx, spec: UpdateSpec, *, teacher_graphdef=None, state_shardings=None):
+  """jit(update)(state, batch, teacher_params, iteration) -> (state, metrics); `state` is donated.
+
+  state: {"params", "opt_state"} (+ "ema" for a self teacher with ema_decay > 0).
+  """
+  teacher_graphdef = teacher_graphdef or graphdef
+
+  def update(state, batch, teacher_params, iteration):
+    if spec.teacher == "self":
+      teacher_params = state.get("ema")
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, metrics), grads = grad_fn(state["params"], batch, teacher_params, iteration, graphdef=graphdef,
+                                     teacher_graphdef=teacher_graphdef, spec=spec)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
+    if "ema" in state:
+      d = spec.ema_decay
+      new["ema"] = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], new["params"])
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+    metrics.update(grad_norm=grad_norm, nonfinite=(~finite).astype(jnp.float32))
+    return new, metrics
+
+  out = None if state_shardings is None else (state_shardings, None)
+  return jax.jit(update, donate_argnums=(0,), out_shardings=out)
