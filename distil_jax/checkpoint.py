@@ -22,6 +22,15 @@ def abstract_like(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def _wrap(tree):
+  """A lone array (e.g. RNG key data) as a one-leaf tree: orbax's standard handler saves trees only."""
+  return {"array": tree} if isinstance(tree, jax.Array | jax.ShapeDtypeStruct) else tree
+
+
+def _unwrap(tree, target):
+  return tree["array"] if isinstance(target, jax.Array | jax.ShapeDtypeStruct) else tree
+
+
 class Checkpointer:
   """Keeps the last `max_to_keep` checkpoints of a run under `directory`."""
 
@@ -39,15 +48,16 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
-    """Start an asynchronous save of `state` (named pytrees of arrays) and `meta` (JSON-able)."""
-    args = ocp.args.Composite(state=ocp.args.StandardSave(dict(state)), meta=ocp.args.JsonSave(dict(meta)))
-    self._manager.save(step, args=args, force=True)
+    """Start an asynchronous save of `state` (named pytrees of arrays, one orbax item each) and `meta` (JSON)."""
+    items = {name: ocp.args.StandardSave(_wrap(tree)) for name, tree in state.items()}
+    self._manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(dict(meta)), **items), force=True)
 
   def restore(self, step: int, targets: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(state, meta) of `step`; each state tree is laid out like its abstract target (shape, dtype, sharding)."""
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(dict(targets)), meta=ocp.args.JsonRestore())
-    out = self._manager.restore(step, args=args)
-    return dict(out["state"]), dict(out["meta"])
+    """(state, meta) of `step` for the items named in `targets` (e.g. only "params" for export); each tree is laid
+    out like its abstract target (shape, dtype, sharding)."""
+    items = {name: ocp.args.StandardRestore(_wrap(tree)) for name, tree in targets.items()}
+    out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **items))
+    return {name: _unwrap(out[name], targets[name]) for name in targets}, dict(out["meta"])
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

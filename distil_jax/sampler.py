@@ -35,6 +35,7 @@ class SamplingConfig:
   greedy: bool = False
   eos_id: int | None = None
   pad_id: int = 0
+  vocab_limit: int | None = None  # ids >= this are never sampled (model rows past the tokenizer: padding)
 
 
 class Samples(NamedTuple):
@@ -79,6 +80,8 @@ def _filter_logits(logits_BxV, cfg: SamplingConfig, temperature):
 
 
 def _pick(logits_BxV, rng, cfg: SamplingConfig, temperature):
+  if cfg.vocab_limit is not None and cfg.vocab_limit < logits_BxV.shape[-1]:
+    logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < cfg.vocab_limit, logits_BxV, -jnp.inf)
   if cfg.greedy:
     token = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     return token, jax.nn.log_softmax(logits_BxV, axis=-1)[jnp.arange(token.shape[0]), token]

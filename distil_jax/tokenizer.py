@@ -88,8 +88,10 @@ class SentencePieceTokenizer(Tokenizer):
     return self._sp.decode([i])
 
 
-def train_sentencepiece(texts: Iterable[str], vocab_size: int = 256, model_type: str = "char"):
-  """Train a SentencePiece model in memory. `char` suits the built-in tasks (oracles act per character)."""
+def train_sentencepiece(texts: Iterable[str], vocab_size: int = 256, model_type: str = "char",
+                        split_digits: bool = True):
+  """Train a SentencePiece model in memory. `char` gives one token per character; `unigram` with `split_digits`
+  gives word pieces for prose but one token per digit, so arithmetic stays character-level while prompts shrink."""
   import sentencepiece as spm
 
   writer = io.BytesIO()
@@ -104,6 +106,8 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int = 256, model_type:
     remove_extra_whitespaces=False,
     normalization_rule_name="identity",
     allow_whitespace_only_pieces=True,
+    split_digits=split_digits,
+    user_defined_symbols=["\n"],  # the trainer reads line by line and would drop newlines otherwise
     pad_id=0,
     unk_id=1,
     bos_id=2,

@@ -40,9 +40,9 @@ def make_optimizer(cfg, total_updates: int) -> optax.GradientTransformation:
   warmup = min(cfg.warmup_steps, max(total_updates - 1, 0))
   if cfg.schedule == "cosine":
     lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(total_updates, warmup + 1))
-  elif cfg.schedule == "constant":
-    lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), optax.constant_schedule(cfg.lr)],
-                              [warmup]) if warmup else cfg.lr
+  elif cfg.schedule == "constant":  # always a schedule, so the optimizer state has one structure
+    lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, max(warmup, 1)), optax.constant_schedule(cfg.lr)],
+                              [warmup])
   else:
     raise ValueError(f"optim.schedule={cfg.schedule!r}; expected constant or cosine")
   return optax.chain(
@@ -58,8 +58,10 @@ def init_state(tx, params, mesh, *, ema: bool = False):
   if ema:
     state["ema"] = jax.tree.map(jnp.copy, params)
   everywhere = sharding.replicated(mesh)
-  return jax.tree.map(lambda x: x if len(x.sharding.device_set) == mesh.size else jax.device_put(x, everywhere),
-                      state)
+  placed = jax.tree.map(lambda x: x.sharding if len(x.sharding.device_set) == mesh.size else everywhere, state)
+  # Committed arrays from the start: the jitted update and sampler then see the same input layout on every call,
+  # and compile once.
+  return jax.device_put(state, placed)
 
 
 def response_hidden(model, prompts_BxP, prompt_mask_BxP, responses_BxN):

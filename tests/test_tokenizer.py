@@ -36,8 +36,9 @@ def test_sentencepiece_roundtrip(model_type, size, tmp_path):
 
 def test_fingerprints_differ_between_vocabularies():
   a = tok_lib.train_sentencepiece(_corpus(seed=0), vocab_size=120, model_type="unigram")
-  b = tok_lib.train_sentencepiece(_corpus(seed=0), vocab_size=100, model_type="unigram")
-  assert a.fingerprint != b.fingerprint
+  b = tok_lib.train_sentencepiece(_corpus(seed=0), vocab_size=120, model_type="bpe")
+  c = tok_lib.train_sentencepiece(_corpus(seed=0), vocab_size=120, model_type="unigram")
+  assert a.fingerprint != b.fingerprint and a.fingerprint == c.fingerprint
 
 
 def test_hf_tokenizer_json_roundtrip(tmp_path):

@@ -1,0 +1,24 @@
+"""The built-in arithmetic-chain task with its oracle expert: the CPU default for every comparison.
+
+  python -m distil_jax.main --config=configs/arith.py --workdir=/tmp/arith
+  python -m distil_jax.main --config=configs/arith.py:runlocal --workdir=/tmp/arith-smoke   # seconds, for smoke tests
+  --config.loss.kind=grpo|reverse_kl|jsd|tokenwise_fce|sft switches the objective (see configs/README in README.md).
+"""
+
+from distil_jax import config_base
+
+
+def get_config(arg: str | None = None):
+  c = config_base.get_config()
+  c.task.name = "arith"
+  c.sampling.max_prompt_tokens = 24
+  c.sampling.prompt_buckets = (24,)
+  c.sampling.max_new_tokens = 40
+  if arg == "runlocal":
+    c.model.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    c.train.update(iterations=2, prompts_per_iteration=4, group_size=2, updates_per_iteration=1, batch_groups=2)
+    c.eval.update(every=1, num_prompts=4, samples=2, pass_at=(1, 2))
+    c.sampling.max_new_tokens = 16
+    c.checkpoint.every = 1
+    c.log.progress = False
+  return c

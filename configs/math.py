@@ -1,0 +1,43 @@
+"""Math word problems. The defaults run on a CPU in a few minutes: generated problems, a ~0.6M-parameter model, a
+character-level SentencePiece tokenizer trained on the task's text, and the task's oracle expert.
+
+  python -m distil_jax.main --config=configs/math.py --workdir=/tmp/math
+
+The real job, on a TPU VM or GPU host (see launch/ and README.md):
+  python -m distil_jax.main --config=configs/math.py:real --workdir=gs://.../run \\
+    --config.model.hf_path=/ckpt/Qwen3-1.7B --config.task.train_path=/data/math.jsonl \\
+    --config.expert.kind=self   # or model (with --config.expert.model_path) or http (with --config.expert.url)
+"""
+
+from distil_jax import config_base
+
+
+def get_config(arg: str | None = None):
+  c = config_base.get_config()
+  c.task.update(name="math", min_ops=1, max_ops=2, max_operand=9, max_value=40, ops="+-*")
+  c.sampling.update(max_prompt_tokens=80, prompt_buckets=(80,), max_new_tokens=32)
+  c.train.update(iterations=150, prompts_per_iteration=16, group_size=8, updates_per_iteration=4, batch_groups=8)
+  c.eval.update(every=25, num_prompts=64, samples=8)
+  c.checkpoint.every = 25
+  if arg == "runlocal":
+    c.model.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    c.train.update(iterations=2, prompts_per_iteration=4, group_size=2, updates_per_iteration=1, batch_groups=2)
+    c.eval.update(every=1, num_prompts=4, samples=2, pass_at=(1, 2))
+    c.sampling.max_new_tokens = 16
+    c.checkpoint.every = 1
+    c.log.progress = False
+  elif arg == "real":  # a pretrained checkpoint and a data file; sizes for one 8-chip host
+    c.task.update(train_path="", prompt_template="{question}\nPut the final answer in \\boxed{{}}.\n",
+                  eval_size=500)
+    c.tokenizer.add_bos = True
+    c.model.update(dtype="bfloat16", remat=True)
+    c.sampling.update(max_prompt_tokens=512, prompt_buckets=(128, 256, 512), max_new_tokens=1024)
+    c.expert.update(kind="self", max_prompt_tokens=2048, reprompt="{prompt}\nFeedback: {feedback}\n"
+                    "Now solve it again.\n", top_k=64)
+    c.loss.update(chunk_size=64)
+    c.optim.update(lr=1e-6, warmup_steps=10, weight_decay=0.0)
+    c.train.update(iterations=500, prompts_per_iteration=64, group_size=8, updates_per_iteration=2,
+                   batch_groups=32)
+    c.eval.update(every=25, num_prompts=500, samples=8)
+    c.checkpoint.every = 25
+  return c

@@ -1,0 +1,391 @@
+"""The DAgger loop, top-down: rollouts -> feedback -> expert labels -> buffer -> updates -> eval / checkpoint.
+
+The host owns the loop; sampling, the teacher forward, the loss and the update are jitted and sharded. Every random
+choice is a function of (config.seed, iteration), so a run killed at any point and resumed from its last checkpoint
+replays to the same parameters, buffer and metrics as a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from distil_jax import buffer as buffer_lib
+from distil_jax import checkpoint, data, evaluate, experts, hf, losses, metrics, sampler, sharding, tasks, update
+from distil_jax import model as model_lib
+from distil_jax import tokenizer as tok_lib
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Set-up
+
+
+def make_tokenizer(config, task, workdir: str) -> tok_lib.Tokenizer:
+  """The configured tokenizer, the checkpoint's, or one trained on the task's text (saved in the workdir)."""
+  if config.tokenizer.path:
+    return tok_lib.load_tokenizer(config.tokenizer.path)
+  if config.model.hf_path:
+    return tok_lib.load_tokenizer(config.model.hf_path)
+  saved = os.path.join(workdir, "tokenizer.model")
+  if os.path.exists(saved):
+    return tok_lib.SentencePieceTokenizer.from_file(saved)
+  extra = [config.expert.reprompt.format(prompt="", feedback="")]
+  tok = tok_lib.train_sentencepiece(list(task.corpus()) + extra, config.tokenizer.vocab_size,
+                                    config.tokenizer.model_type, config.tokenizer.split_digits)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    tok.save(saved)
+  return tok
+
+
+def model_config(config, vocab_size: int) -> model_lib.ModelConfig:
+  m = config.model
+  multiple = m.vocab_multiple
+  return model_lib.ModelConfig(
+    vocab_size=-(-vocab_size // multiple) * multiple, hidden_size=m.hidden_size,
+    intermediate_size=m.intermediate_size, num_hidden_layers=m.num_hidden_layers,
+    num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_key_value_heads,
+    head_dim=m.head_dim or None, arch=m.arch, rope_theta=m.rope_theta, tie_word_embeddings=m.tie_word_embeddings,
+    dtype=m.dtype, remat=m.remat,
+  )
+
+
+def make_policy(config, tok, mesh, rules):
+  """(graphdef, params, ModelConfig): from a Hugging Face checkpoint, or freshly initialised."""
+  if config.model.hf_path:
+    model, cfg = hf.load_hf(config.model.hf_path, mesh=mesh, rules=rules, dtype=config.model.dtype,
+                            remat=config.model.remat)
+    if tok.vocab_size > cfg.vocab_size:
+      raise ValueError(f"tokenizer has {tok.vocab_size} tokens but {config.model.hf_path} has vocab_size "
+                       f"{cfg.vocab_size}: they do not belong together")
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, params.to_pure_dict(), cfg
+  cfg = dataclasses.replace(model_config(config, tok.vocab_size), eos_token_id=tok.eos_id,
+                            pad_token_id=tok.pad_id, bos_token_id=tok.bos_id)
+  graphdef, params = sharding.init_params(
+    lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(config.seed)), mesh, rules)
+  return graphdef, params, cfg
+
+
+def load_teacher(config, student_cfg, tok, mesh, rules):
+  """The `model` expert: a frozen teacher on the mesh, checked to share the student's vocabulary."""
+  path = config.expert.model_path
+  if not path:
+    raise ValueError("expert.kind='model' needs expert.model_path (a Hugging Face checkpoint directory)")
+  teacher, tcfg = hf.load_hf(path, mesh=mesh, rules=rules, dtype=config.model.dtype)
+  if tcfg.vocab_size != student_cfg.vocab_size:
+    raise ValueError(f"expert vocabulary differs from the student's: {path} has vocab_size {tcfg.vocab_size}, "
+                     f"the student {student_cfg.vocab_size}")
+  for name in ("tokenizer.json", "tokenizer.model"):
+    if os.path.exists(os.path.join(path, name)):
+      theirs = tok_lib.load_tokenizer(os.path.join(path, name) if name.endswith(".model") else path)
+      if theirs.fingerprint != tok.fingerprint:
+        raise ValueError(f"expert tokenizer ({path}, {theirs.fingerprint}) differs from the student's "
+                         f"({tok.fingerprint})")
+  graphdef, params = nnx.split(teacher, nnx.Param)
+  return graphdef, params.to_pure_dict()
+
+
+def buffer_schema(config, expert) -> dict:
+  t, k = config.train, config.expert
+  p, n, g = config.sampling.max_prompt_tokens, config.sampling.max_new_tokens, t.group_size
+  schema = {
+    "prompt_tokens": ((p,), "int32"), "prompt_mask": ((p,), "int32"), "tokens": ((g, n), "int32"),
+    "mask": ((g, n), "int32"), "logprobs": ((g, n), "float32"), "reward": ((g,), "float32"),
+    "iteration": ((), "int32"), "sft_tokens": ((n,), "int32"), "sft_mask": ((n,), "int32"),
+  }
+  if expert.on_device:
+    schema.update(teacher_tokens=((g, k.max_prompt_tokens), "int32"),
+                  teacher_mask=((g, k.max_prompt_tokens), "int32"), teacher_valid=((g,), "int32"))
+  else:
+    schema.update(target_ids=((g, n, k.top_k), "int32"), target_logprobs=((g, n, k.top_k), "float32"))
+  return schema
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sampling and evaluation
+
+
+def _local(array, mesh):
+  """This process's rows of a batch-sharded global array, as numpy."""
+  spec = sharding.batch_sharding(mesh, array.ndim).spec
+  return np.asarray(multihost_utils.global_array_to_host_local_array(array, mesh, spec))
+
+
+def rollout(graphdef, params, problems, rng, *, config, tok, task, mesh, samples_per_prompt, sampling_cfg):
+  """Sample `samples_per_prompt` responses to each problem, decode them and ask the task for verdicts."""
+  s = config.sampling
+  ids = [([tok.bos_id] if config.tokenizer.add_bos and tok.bos_id is not None else []) + tok.encode(p.prompt)
+         for p in problems]
+  prompt, pmask = sampler.left_pad(ids, s.prompt_buckets, tok.pad_id)
+  rows = np.repeat(prompt, samples_per_prompt, 0), np.repeat(pmask, samples_per_prompt, 0)
+  glob = data.to_global({"t": rows[0], "m": rows[1]}, mesh)
+  out = sampler.generate(graphdef, params, glob["t"], glob["m"], rng, sampling_cfg)
+  tokens, logprobs, lengths = (_local(x, mesh) for x in out)
+  bp, g, n = len(problems), samples_per_prompt, s.max_new_tokens
+  mask = (np.arange(n)[None] < lengths[:, None]).astype(np.int32)
+  texts = [tok.text_of(row[:length]) for row, length in zip(tokens, lengths, strict=True)]
+  verdicts = [task.verify(problems[i // g], text) for i, text in enumerate(texts)]
+  full_prompt, full_mask = experts.left_pad_rows(ids, s.max_prompt_tokens, tok.pad_id)
+  return experts.Rollouts(
+    problems=list(problems), prompt_tokens=full_prompt, prompt_mask=full_mask,
+    tokens=tokens.reshape(bp, g, n), mask=mask.reshape(bp, g, n), logprobs=logprobs.reshape(bp, g, n),
+    texts=[texts[i * g:(i + 1) * g] for i in range(bp)], verdicts=[verdicts[i * g:(i + 1) * g] for i in range(bp)],
+  )
+
+
+def evaluate_policy(graphdef, params, rng, *, config, tok, task, mesh) -> dict[str, float]:
+  """Pass@k on the held-out prompts (this process's share), and greedy accuracy."""
+  e = config.eval
+  held_out = task.problems("eval")[: e.num_prompts]
+  mine = held_out[jax.process_index()::jax.process_count()]
+  base = sampling_config(config, tok)
+  out = {}
+  r = rollout(graphdef, params, mine, rng, config=config, tok=tok, task=task, mesh=mesh,
+              samples_per_prompt=e.samples, sampling_cfg=dataclasses.replace(base, temperature=e.temperature))
+  correct = [[v.correct for v in row] for row in r.verdicts]
+  out.update({f"eval/{k}": v for k, v in evaluate.summarize(correct, e.pass_at).items()})
+  if e.greedy:
+    r = rollout(graphdef, params, mine, rng, config=config, tok=tok, task=task, mesh=mesh, samples_per_prompt=1,
+                sampling_cfg=dataclasses.replace(base, greedy=True))
+    out["eval/greedy_accuracy"] = float(np.mean([row[0].correct for row in r.verdicts]))
+    out["eval/greedy_length"] = float(r.mask.sum(-1).mean())
+  if jax.process_count() > 1:  # average the per-process figures (equal shares of prompts)
+    out = {k: float(np.mean(multihost_utils.process_allgather(np.float32(v)))) for k, v in out.items()}
+  return out
+
+
+def sampling_config(config, tok) -> sampler.SamplingConfig:
+  s = config.sampling
+  return sampler.SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+                                top_p=s.top_p, eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_limit=tok.vocab_size)
+
+
+def group_records(r: experts.Rollouts, labels: dict, iteration: int, *, config, tok) -> dict[str, np.ndarray]:
+  """One buffer row per prompt group: the rollouts, the expert's labels, and the expert's own response (SFT)."""
+  n = config.sampling.max_new_tokens
+  sft = [(tok.encode(p.reference) + [tok.eos_id])[:n] if p.reference else [] for p in r.problems]
+  sft_tokens = np.full((len(sft), n), tok.pad_id, np.int32)
+  sft_mask = np.zeros((len(sft), n), np.int32)
+  for i, s in enumerate(sft):
+    sft_tokens[i, : len(s)], sft_mask[i, : len(s)] = s, 1
+  reward = np.array([[v.reward for v in row] for row in r.verdicts], np.float32)
+  return {
+    "prompt_tokens": r.prompt_tokens, "prompt_mask": r.prompt_mask, "tokens": r.tokens, "mask": r.mask,
+    "logprobs": r.logprobs, "reward": reward, "iteration": np.full(len(sft), iteration, np.int32),
+    "sft_tokens": sft_tokens, "sft_mask": sft_mask, **labels,
+  }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def _check(config, mesh):
+  t = config.train
+  rows = mesh.shape["data"] * mesh.shape["fsdp"]
+  checks = [("train.prompts_per_iteration * train.group_size", t.prompts_per_iteration * t.group_size),
+            ("train.batch_groups (batches are sharded by prompt group)", t.batch_groups),
+            ("eval.num_prompts * eval.samples", config.eval.num_prompts * config.eval.samples)]
+  if config.eval.greedy:
+    checks.append(("eval.num_prompts (greedy evaluation)", config.eval.num_prompts))
+  for name, value in checks:
+    if value % rows:
+      raise ValueError(f"{name} = {value} is not divisible by the data x fsdp mesh size {rows}")
+  if config.loss.kind == "distil" and config.loss.baseline == "loo" and t.group_size < 2:
+    raise ValueError("loss.baseline='loo' needs train.group_size >= 2")
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything `train`, `evaluate` and `export` share, built once from the config."""
+
+  config: object
+  workdir: str
+  mesh: object
+  rules: tuple
+  task: object
+  tok: tok_lib.Tokenizer
+  graphdef: object
+  params: dict
+  model_cfg: model_lib.ModelConfig
+
+  @classmethod
+  def build(cls, config, workdir):
+    os.makedirs(workdir, exist_ok=True)
+    axes = {k: v for k, v in config.mesh.items() if k != "num_devices"}
+    mesh = sharding.make_mesh(axes, jax.devices()[: config.mesh.num_devices or None])
+    rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.sharding_rules)
+    task = tasks.make_task(config.task)
+    tok = make_tokenizer(config, task, workdir)
+    graphdef, params, model_cfg = make_policy(config, tok, mesh, rules)
+    return cls(config, workdir, mesh, rules, task, tok, graphdef, params, model_cfg)
+
+  def restore_params(self):
+    """The latest checkpoint's parameters (export, eval)."""
+    with checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints")) as ckpt:
+      step = ckpt.latest_step()
+      if step is None:
+        raise FileNotFoundError(f"{self.workdir}/checkpoints holds no checkpoint")
+      state, meta = ckpt.restore(step, {"params": checkpoint.abstract_like(self.params)})
+    return state["params"], meta
+
+
+def _ema(config) -> bool:
+  return config.expert.kind == "self" and config.expert.ema_decay > 0
+
+
+def train(config, workdir: str) -> dict:
+  """Run (or resume) the DAgger loop; returns the last iteration's figures."""
+  run = Run.build(config, workdir)
+  c, mesh, tok, task = config, run.mesh, run.tok, run.task
+  _check(c, mesh)
+  expert = experts.make_expert(c.expert, task, tok)
+  teacher_graphdef, teacher_params = None, None
+  if c.expert.kind == "model":
+    teacher_graphdef, teacher_params = load_teacher(c, run.model_cfg, tok, mesh, run.rules)
+  total_updates = c.train.iterations * c.train.updates_per_iteration
+  tx = update.make_optimizer(c.optim, total_updates)
+  state = update.init_state(tx, run.params, mesh, ema=_ema(c))
+  spec = update.UpdateSpec(
+    losses.LossConfig(**c.loss), teacher="topk" if not expert.on_device else c.expert.kind,
+    ema_decay=c.expert.ema_decay, use_behaviour_logprobs=c.train.use_behaviour_logprobs,
+    score_max_staleness=c.train.score_max_staleness,
+  )
+  if (spec.loss.kind == "sft" or c.train.warmup_iterations) and task.problems("train")[0].reference is None:
+    raise ValueError(f"loss.kind='sft' and train.warmup_iterations need reference solutions; task "
+                     f"{task.name!r} has none")
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  step_fn = update.make_update(run.graphdef, tx, spec, teacher_graphdef=teacher_graphdef, state_shardings=shardings)
+  # Warm-up: behaviour cloning on the expert's own responses (DAgger's first round), same optimizer state.
+  warmup_spec = dataclasses.replace(spec, loss=losses.LossConfig(kind="sft", chunk_size=spec.loss.chunk_size))
+  warmup_fn = update.make_update(run.graphdef, tx, warmup_spec, state_shardings=shardings)
+  buf = buffer_lib.Buffer(os.path.join(workdir, "buffer"), buffer_schema(c, expert), c.buffer.max_groups)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.checkpoint.keep)
+
+  # -- Resume ---------------------------------------------------------------------------------------------------------
+  start, sampled_tokens, rows_at = 0, 0, {}
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, meta = ckpt.restore(latest, checkpoint.abstract_like(state))
+    if meta["seed"] != c.seed:  # every random stream is fold_in(key(seed), iteration): a new seed breaks replay
+      raise ValueError(f"{workdir} was trained with seed {meta['seed']}, this config has seed {c.seed}")
+    start, sampled_tokens = meta["iteration"], meta["sampled_tokens"]
+    buf.truncate(meta["buffer_rows"])
+    rows_at[latest] = meta["buffer_rows"]
+  else:
+    buf.truncate(0)
+  writer = metrics.MetricsWriter(workdir, resume_iteration=start if latest is not None else None,
+                                 tensorboard=c.log.tensorboard, progress_total=c.train.iterations,
+                                 show_progress=c.log.progress and jax.process_index() == 0)
+  rollout_keys = jax.random.fold_in(jax.random.key(c.seed), 0)  # two streams, indexed by iteration
+  eval_keys = jax.random.fold_in(jax.random.key(c.seed), 1)
+  eval_fn = functools.partial(evaluate_policy, config=c, tok=tok, task=task, mesh=mesh)
+  prompts = data.prompt_stream(task.problems("train"), seed=c.seed, per_iteration=c.train.prompts_per_iteration)
+  sampling_cfg = sampling_config(c, tok)
+  last = {}
+  try:
+    with jax.set_mesh(mesh):
+      if start == 0:
+        t0 = time.time()
+        last = eval_fn(run.graphdef, state["params"], jax.random.fold_in(eval_keys, 0))
+        writer.write(0, {**last, "samples/train_tokens": 0, "time/eval_s": time.time() - t0})
+      for it in range(start + 1, c.train.iterations + 1):
+        figures = {}
+        t0 = time.time()
+        # -- Rollouts and feedback --------------------------------------------------------------------------------
+        r = rollout(run.graphdef, state["params"], prompts[it - 1], jax.random.fold_in(rollout_keys, it), config=c,
+                    tok=tok, task=task, mesh=mesh, samples_per_prompt=c.train.group_size, sampling_cfg=sampling_cfg)
+        sampled_tokens += int(r.mask.sum()) * jax.process_count()
+        t1 = time.time()
+        # -- Expert labels, into the buffer -----------------------------------------------------------------------
+        groups = group_records(r, expert.label(r), it, config=c, tok=tok)
+        old = buf.window(before=buf.rows)
+        buf.append(groups)
+        t2 = time.time()
+        # -- Updates on fresh + aggregated data -------------------------------------------------------------------
+        batches = data.training_batches(
+          data.split_rows(groups), buf.source(*old), mix=c.buffer.mix, seed=c.seed * 1_000_003 + it,
+          batch_groups=c.train.batch_groups // jax.process_count(), steps=c.train.updates_per_iteration)
+        step_figures = []
+        fn = warmup_fn if it <= c.train.warmup_iterations else step_fn
+        for k, batch in enumerate(batches):
+          state, m = fn(state, data.to_global(batch, mesh), teacher_params, jnp.int32(it))
+          m = jax.device_get(m)
+          if m["nonfinite"]:
+            raise FloatingPointError(
+              f"non-finite loss or gradient at iteration {it}, update {k + 1} (loss={m['loss']}, "
+              f"grad_norm={m['grad_norm']}); the update was skipped, the last checkpoint "
+              f"(iteration {ckpt.latest_step()}) and {writer.path} are intact")
+          step_figures.append(m)
+        t3 = time.time()
+        figures.update({f"train/{k}": float(np.mean([m[k] for m in step_figures])) for k in step_figures[0]})
+        figures["train/warmup"] = float(it <= c.train.warmup_iterations)
+        figures.update({
+          "rollout/reward": float(groups["reward"].mean()),
+          "rollout/length": float(r.mask.sum(-1).mean()),
+          "buffer/rows": buf.rows, "samples/train_tokens": sampled_tokens,
+          "time/rollout_s": t1 - t0, "time/label_s": t2 - t1, "time/update_s": t3 - t2,
+        })
+        if "teacher_valid" in groups:
+          figures["rollout/feedback_valid"] = float(groups["teacher_valid"].mean())
+        # -- Evaluation and checkpoint ----------------------------------------------------------------------------
+        if it % c.eval.every == 0 or it == c.train.iterations:
+          t4 = time.time()
+          figures.update(eval_fn(run.graphdef, state["params"], jax.random.fold_in(eval_keys, it)))
+          figures["time/eval_s"] = time.time() - t4
+        if it % c.checkpoint.every == 0 or it == c.train.iterations:
+          ckpt.save(it, state, {"iteration": it, "buffer_rows": buf.rows, "sampled_tokens": sampled_tokens,
+                                "seed": c.seed})
+          rows_at[it] = buf.rows
+          kept = [rows_at[s] for s in ckpt.all_steps() if s in rows_at]
+          if len(kept) == len(ckpt.all_steps()):
+            buf.release(min(kept) - c.buffer.max_groups)
+        figures["time/iteration_s"] = time.time() - t0
+        writer.write(it, figures)
+        last = figures
+        writer.progress(it, {"reward": figures["rollout/reward"], "loss": figures["train/loss"],
+                             "pass@1": last.get("eval/pass@1")})
+  finally:
+    ckpt.close()
+    writer.close()
+  return last
+
+
+def evaluate_only(config, workdir: str) -> dict:
+  """Pass@k of the latest checkpoint, printed and appended to `workdir/eval.jsonl`."""
+  run = Run.build(config, workdir)
+  params, meta = run.restore_params()
+  with jax.set_mesh(run.mesh):
+    out = evaluate_policy(run.graphdef, params, jax.random.key(config.seed), config=config, tok=run.tok,
+                          task=run.task, mesh=run.mesh)
+  out["iteration"] = meta["iteration"]
+  if jax.process_index() == 0:
+    import json
+
+    with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
+      f.write(json.dumps(out) + "\n")
+  return out
+
+
+def export(config, workdir: str, export_dir: str) -> str:
+  """Write the latest checkpoint as a Hugging Face checkpoint (safetensors + config.json + tokenizer)."""
+  run = Run.build(config, workdir)
+  params, _ = run.restore_params()
+  model = nnx.merge(run.graphdef, params)
+  if jax.process_index() == 0:
+    hf.save_hf(model, run.model_cfg, export_dir, dtype=config.export.dtype)
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+      for folder in (workdir, config.model.hf_path, config.tokenizer.path):
+        if folder and os.path.isdir(folder) and os.path.exists(os.path.join(folder, name)):
+          shutil.copy(os.path.join(folder, name), export_dir)
+          break
+  return export_dir

@@ -1,0 +1,82 @@
+"""Helpers for tests that run the whole loop: config loading, a fake OpenAI-compatible expert server, subprocesses."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str, arg: str | None = "runlocal", **overrides):
+  """configs/<name>.py:get_config(arg), with dotted overrides ("loss.kind": "grpo") and one device."""
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  config.mesh.num_devices = 1
+  config.log.tensorboard = False
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    config[section][field] = value
+  return config
+
+
+def run_main(*args, timeout=600, env=None):
+  """`python -m distil_jax.main ...` in a fresh process (one CPU device, as on a user's machine)."""
+  full_env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  full_env.update(HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", **(env or {}))
+  return subprocess.run([sys.executable, "-m", "distil_jax.main", *args], cwd=ROOT, env=full_env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+class FakeExpertServer:
+  """A local OpenAI-compatible endpoint: /tokenize with a given tokenizer, /v1/completions with echo + top-k
+  logprobs keyed "token_id:N" (the true next token gets log 0.6, the next ids 0.1 each). `mode="garbage"` answers
+  with HTML instead of JSON."""
+
+  def __init__(self, tokenizer, mode="ok"):
+    server = self
+
+    class Handler(BaseHTTPRequestHandler):
+      def log_message(self, *args):
+        pass
+
+      def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        server.requests += 1
+        if server.mode == "garbage":
+          payload = b"<html>502 bad gateway</html>"
+        elif self.path == "/tokenize":
+          payload = json.dumps({"tokens": server.tokenizer.encode(body["prompt"])}).encode()
+        else:
+          ids, k, vocab = body["prompt"], body["logprobs"], server.tokenizer.vocab_size
+          top = [None]
+          for tid in ids[1:]:
+            entry = {f"token_id:{tid}": math.log(0.6)}
+            for j in range(1, k):
+              entry[f"token_id:{(tid + j) % vocab}"] = math.log(0.1)
+            top.append(entry)
+          payload = json.dumps({"choices": [{"text": "", "logprobs": {"top_logprobs": top}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    self.tokenizer, self.mode, self.requests = tokenizer, mode, 0
+    self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+    self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+  def __enter__(self):
+    self.thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self.httpd.shutdown()
+    self.httpd.server_close()

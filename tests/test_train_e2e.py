@@ -1,0 +1,197 @@
+"""The DAgger loop end to end on CPU: every loss kind, every expert kind, a sharded mesh, resume after a kill,
+export to Hugging Face, and one clear error for each kind of bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from run_helpers import ROOT, FakeExpertServer, load_config, run_main
+
+from distil_jax import experts, hf, losses, train
+from distil_jax import model as model_lib
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _check_run(workdir, iterations=2):
+  rows = _metrics(workdir)
+  assert [r["iteration"] for r in rows] == list(range(iterations + 1))
+  for r in rows[1:]:
+    assert np.isfinite(r["train/loss"]) and r["train/nonfinite"] == 0.0
+    assert r["buffer/rows"] == 4 * r["iteration"]  # 4 prompt groups appended per iteration
+  assert {"eval/pass@1", "eval/pass@2", "eval/greedy_accuracy"} <= set(rows[-1])
+  return rows
+
+
+@pytest.mark.parametrize("kind", losses.KINDS)
+def test_each_loss_kind_with_the_oracle(kind, tmp_path):
+  train.train(load_config("arith", **{"loss.kind": kind}), str(tmp_path))
+  rows = _check_run(tmp_path)
+  if kind in ("distil", "tokenwise_fce"):
+    assert rows[1]["train/ce_per_token"] > 0
+
+
+def test_sharded_mesh_runs_the_loop(tmp_path):
+  config = load_config("arith", **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "mesh.num_devices": 8,
+                                   "train.batch_groups": 4})
+  train.train(config, str(tmp_path))
+  _check_run(tmp_path)
+
+
+def test_self_expert_with_ema(tmp_path):
+  train.train(load_config("arith", **{"expert.kind": "self", "expert.ema_decay": 0.9}), str(tmp_path))
+  rows = _check_run(tmp_path)
+  assert rows[1]["rollout/feedback_valid"] == 1.0  # the verifier always gives feedback
+
+
+def _teacher_dir(config, workdir, path, extra_vocab=0):
+  """A random HF checkpoint with the student's vocabulary (+ extra_vocab), and the student's tokenizer beside it."""
+  task = train.tasks.make_task(config.task)
+  tok = train.make_tokenizer(config, task, str(workdir))
+  cfg = train.model_config(config, tok.vocab_size)
+  cfg = model_lib.ModelConfig(**{**cfg.__dict__, "vocab_size": cfg.vocab_size + extra_vocab, "hidden_size": 48})
+  hf.save_hf(model_lib.create(cfg, seed=7), cfg, str(path), dtype="float32")
+  return str(path)
+
+
+def test_model_expert(tmp_path):
+  config = load_config("arith", **{"expert.kind": "model"})
+  config.expert.model_path = _teacher_dir(config, tmp_path / "run", tmp_path / "teacher")
+  train.train(config, str(tmp_path / "run"))
+  _check_run(tmp_path / "run")
+
+
+def test_model_expert_vocabulary_mismatch_is_named(tmp_path):
+  config = load_config("arith", **{"expert.kind": "model"})
+  config.expert.model_path = _teacher_dir(config, tmp_path / "run", tmp_path / "teacher", extra_vocab=8)
+  with pytest.raises(ValueError, match=r"expert vocabulary differs.*vocab_size \d+, the student \d+"):
+    train.train(config, str(tmp_path / "run"))
+
+
+def test_http_expert_against_a_local_server(tmp_path):
+  config = load_config("arith", **{"expert.kind": "http", "expert.top_k": 3})
+  tok = train.make_tokenizer(config, train.tasks.make_task(config.task), str(tmp_path))
+  with FakeExpertServer(tok) as server:
+    config.expert.url = server.url
+    train.train(config, str(tmp_path))
+    assert server.requests >= 1 + 2 * 8  # the tokenizer check, then one request per response
+  _check_run(tmp_path)
+
+
+def test_http_expert_errors_are_named(tmp_path):
+  config = load_config("arith", **{"expert.kind": "http", "expert.max_retries": 0})
+  tok = train.make_tokenizer(config, train.tasks.make_task(config.task), str(tmp_path))
+  with FakeExpertServer(tok, mode="garbage") as server:
+    config.expert.url = server.url
+    with pytest.raises(experts.ExpertError, match=r"127\.0\.0\.1.*not valid JSON.*502 bad gateway"):
+      train.train(config, str(tmp_path))
+  other = train.tok_lib.train_sentencepiece(["completely different text 0123456789 +-*=#"], 64, "char")
+  with FakeExpertServer(other) as server:
+    config.expert.url = server.url
+    with pytest.raises(experts.ExpertError, match="tokenizes differently from the student"):
+      train.train(config, str(tmp_path))
+  config.expert.url = "http://127.0.0.1:9"  # nothing listens there
+  config.expert.timeout_s = 1.0
+  with pytest.raises(experts.ExpertError, match=r"no answer after 1 tries"):
+    train.train(config, str(tmp_path))
+
+
+def _read_buffer(workdir):
+  import tensorstore as ts
+
+  folder = os.path.join(workdir, "buffer")
+  spec = lambda name: {"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(folder, name)}}
+  return {name: ts.open(spec(name), open=True).result().read().result() for name in os.listdir(folder)}
+
+
+def _final_params(workdir, step):
+  import orbax.checkpoint as ocp
+
+  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as mgr:
+    return mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))["params"]
+
+
+def test_resume_after_kill_is_bit_identical(tmp_path):
+  """Kill a run (SIGKILL) after iteration 3 of 6, resume it: params, buffer and metrics equal an uninterrupted run."""
+  args = ["--config=configs/arith.py:runlocal", "--config.train.iterations=6", "--config.checkpoint.every=2",
+          "--config.eval.every=2", "--config.log.tensorboard=False"]
+  whole = run_main(*args, f"--workdir={tmp_path / 'whole'}")
+  assert whole.returncode == 0, whole.stderr[-2000:]
+
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen([sys.executable, "-m", "distil_jax.main", *args, f"--workdir={tmp_path / 'cut'}"],
+                          cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  metrics_path = tmp_path / "cut" / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    if metrics_path.exists() and any(json.loads(x)["iteration"] == 3 for x in metrics_path.read_text().splitlines()):
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  cut_rows = [json.loads(x)["iteration"] for x in metrics_path.read_text().splitlines()]
+  assert 3 in cut_rows and 6 not in cut_rows, cut_rows  # it really was interrupted mid-run
+  resumed = run_main(*args, f"--workdir={tmp_path / 'cut'}")
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+  strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+  assert strip(_metrics(tmp_path / "cut")) == strip(_metrics(tmp_path / "whole"))
+  a, b = _final_params(tmp_path / "whole", 6), _final_params(tmp_path / "cut", 6)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+  ba, bb = _read_buffer(tmp_path / "whole"), _read_buffer(tmp_path / "cut")
+  assert ba.keys() == bb.keys()
+  for name in ba:
+    np.testing.assert_array_equal(ba[name], bb[name])
+
+
+def test_export_loads_in_transformers(tmp_path):
+  args = ["--config=configs/arith.py:runlocal", "--config.log.tensorboard=False", f"--workdir={tmp_path}"]
+  assert run_main(*args).returncode == 0
+  out = run_main(*args, "--mode=export", f"--export_dir={tmp_path / 'hf'}", "--config.export.dtype=float32")
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert (tmp_path / "hf" / "tokenizer.model").exists()
+  ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+  params = _final_params(tmp_path, 2)
+  model, cfg = hf.load_hf(str(tmp_path / "hf"))
+  ours = nnx.merge(nnx.split(model, nnx.Param)[0], params)
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12))
+  want = ref(torch.tensor(tokens)).logits.detach().numpy()
+  np.testing.assert_allclose(np.asarray(ours(jnp.asarray(tokens, jnp.int32))), want, atol=1e-4, rtol=0)
+
+
+def test_bad_config_key_and_bad_data_are_one_line_errors(tmp_path):
+  out = run_main("--config=configs/arith.py:runlocal", f"--workdir={tmp_path}", "--config.loss.kindd=grpo")
+  assert out.returncode != 0 and "unknown config key 'kindd'" in out.stderr.strip().splitlines()[-1]
+  data = tmp_path / "math.jsonl"
+  data.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?", "answer": "4"}\n{"question": oops}\n')
+  out = run_main("--config=configs/math.py:runlocal", f"--workdir={tmp_path / 'r'}",
+                 f"--config.task.train_path={data}", "--config.expert.kind=self")
+  last = out.stderr.strip().splitlines()[-1]
+  assert out.returncode != 0 and f"{data}:3: not valid JSON" in last, last
+  data.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?"}\n')
+  with pytest.raises(train.tasks.DataError, match=r"math\.jsonl:2: missing field 'answer'"):
+    train.tasks.make_task(load_config("math", **{"task.train_path": str(data)}).task)
+
+
+def test_nan_loss_stops_with_a_named_error_and_keeps_what_was_written(tmp_path):
+  config = load_config("arith", **{"train.iterations": 3})
+  config.optim.lr = float("nan")  # the first update makes every parameter NaN; the next loss is NaN
+  with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient at iteration \d, update \d"):
+    train.train(config, str(tmp_path))
+  rows = _metrics(tmp_path)
+  assert rows[0]["iteration"] == 0 and all(np.isfinite(r.get("train/loss", 0.0)) for r in rows)
