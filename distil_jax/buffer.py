@@ -23,17 +23,26 @@ import tensorstore as ts
 _CHUNK_ROWS = 16
 
 
+def _kvstore(path: str) -> dict:
+  """A local folder, or a Cloud Storage path (gs://bucket/...) on TPU VMs."""
+  if path.startswith("gs://"):
+    bucket, _, key = path[len("gs://"):].partition("/")
+    return {"driver": "gcs", "bucket": bucket, "path": key}
+  return {"driver": "file", "path": path}
+
+
 class Buffer:
   def __init__(self, directory: str, schema: Mapping[str, tuple[tuple[int, ...], str]], max_groups: int):
     """schema: field -> (shape of one row, dtype name). Opens existing arrays (resume) or creates them."""
     self.directory, self.schema, self.max_groups = directory, dict(schema), max_groups
-    os.makedirs(directory, exist_ok=True)
+    if not directory.startswith("gs://"):
+      os.makedirs(directory, exist_ok=True)
     self._arrays = {name: self._open(name, shape, dtype) for name, (shape, dtype) in self.schema.items()}
     self.rows = min(a.shape[0] for a in self._arrays.values())
     self.released = 0
 
   def _open(self, name, shape, dtype):
-    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(self.directory, name)}}
+    spec = {"driver": "zarr3", "kvstore": _kvstore(os.path.join(self.directory, name))}
     fill = -np.inf if np.dtype(dtype).kind == "f" else 0
     try:
       arr = ts.open(spec, open=True).result()

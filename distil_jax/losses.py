@@ -8,6 +8,14 @@ dropping it leaves "tokenwise forward CE" (DAgger with a distributional expert),
 The surrogate below has exactly that gradient and, because the score term enters as `x - stop_gradient(x)`, its
 value is the estimate of J itself (what the logs show).
 
+Length: J sums positive costs over the tokens the student chose to write, so while the student is imperfect an
+early EOS is the cheapest way to lower J (it forfeits every future cost), and responses shrink. `terminal="hold"`
+evaluates J over the fixed horizon T instead: a response that stops at L < T holds its stopping state, and that
+state's cost, for the T - L remaining steps. Stopping where the expert also stops then costs (almost) nothing, and
+stopping where it would continue keeps paying for that disagreement. At pi = q both objectives agree up to the
+expert's entropy at its stop states; with cost="kl", or an expert whose entropy is the same at every state, the
+two differ only by a constant. "free" (the paper's J) is the default.
+
 Normalisation (`normalize`):
   "sequence"             sum over a sequence's tokens, mean over sequences: an unbiased estimate of J and grad J.
   "token"                the same sum divided by the batch's token count: per batch, a positive rescaling of the
@@ -49,12 +57,13 @@ class LossConfig:
   kl_coef: float = 0.0  # grpo: weight of the k3 KL estimate to a reference policy
   std_eps: float = 1e-4  # grpo: advantage = (r - mean) / (std + eps)
   chunk_size: int = 64  # fused path: time steps per logits block (block = per-device batch x chunk x V)
+  terminal: str = "free"  # distil / tokenwise_fce: "free" (costs end at EOS, the paper's J) or "hold"
 
   def __post_init__(self):
     for name, value, allowed in [
       ("kind", self.kind, KINDS), ("baseline", self.baseline, BASELINES),
       ("normalize", self.normalize, NORMALIZATIONS), ("cost", self.cost, ("ce", "kl")),
-      ("topk_tail", self.topk_tail, ("bucket", "renorm")),
+      ("topk_tail", self.topk_tail, ("bucket", "renorm")), ("terminal", self.terminal, ("free", "hold")),
     ]:
       if value not in allowed:
         raise ValueError(f"loss.{name}={value!r}; expected one of {allowed}")
@@ -101,13 +110,31 @@ def _ratio(logp_BxT, behaviour_logprobs):
   return jnp.exp(logp_BxT - old)
 
 
+def hold_terminal(c_BxT, mask_BxT):
+  """Costs over the whole horizon T when a response that stopped early holds its stopping state.
+
+  A response of length L < T ended with EOS at position L-1; the state it stopped in, and so its cost c_{L-1}, is
+  held for the T-L remaining steps. Returns (costs [B,T], horizon mask [B,T]). Gradients of the held copies flow to
+  position L-1, so stopping early is charged for the disagreement it freezes instead of escaping all future cost.
+  """
+  t = c_BxT.shape[1]
+  length = jnp.sum(mask_BxT, axis=1).astype(jnp.int32)
+  ended = (length > 0) & (length < t)
+  last = jnp.take_along_axis(c_BxT, jnp.maximum(length - 1, 0)[:, None], axis=1)
+  after = (jnp.arange(t)[None, :] >= length[:, None]) & ended[:, None]
+  return jnp.where(after, last, c_BxT), jnp.where(ended[:, None], 1.0, mask_BxT)
+
+
 def _distil(cfg, terms, mask, group_size, behaviour_logprobs, sequence_term, score_weight):
   m = mask.astype(jnp.float32)
   c = terms["ce"] - (terms["teacher_entropy"] if cfg.cost == "kl" else 0.0)
   c = jnp.where(m > 0, c, 0.0)
+  cost_mask = m
+  if cfg.terminal == "hold":
+    c, cost_mask = hold_terminal(c, m)
   metrics = {"cost": jnp.mean(jnp.sum(c, axis=1))}
   if not sequence_term:
-    return c, metrics
+    return c, metrics, cost_mask
   r = cost_to_go(jax.lax.stop_gradient(c))
   b = leave_one_out(r, group_size) if cfg.baseline == "loo" else jnp.zeros_like(r)
   adv = r - b
@@ -121,7 +148,7 @@ def _distil(cfg, terms, mask, group_size, behaviour_logprobs, sequence_term, sco
     clip_fraction=jnp.sum((jnp.abs(ratio - 1.0) > cfg.clip_eps) * m) / jnp.maximum(jnp.sum(m), 1.0),
   )
   # value: the cost alone (an estimate of J); gradient: local part + score part
-  return c + score - jax.lax.stop_gradient(score), metrics
+  return c + score - jax.lax.stop_gradient(score), metrics, cost_mask
 
 
 def _grpo(cfg, terms, mask, group_size, rewards_B, behaviour_logprobs, ref_logprobs):
@@ -151,9 +178,10 @@ def loss_from_terms(cfg: LossConfig, terms, mask_BxT, *, group_size: int = 1, re
   score_weight [B]: optional per-sequence weight of DistIL's score term (1 on fresh rollouts, 0 on stale ones).
   """
   mask = mask_BxT.astype(jnp.float32)
+  loss_mask = mask
   if cfg.kind in ("distil", "tokenwise_fce"):
-    per_token, metrics = _distil(cfg, terms, mask, group_size, behaviour_logprobs, cfg.kind == "distil",
-                                 score_weight)
+    per_token, metrics, loss_mask = _distil(cfg, terms, mask, group_size, behaviour_logprobs,
+                                            cfg.kind == "distil", score_weight)
   elif cfg.kind == "reverse_kl":
     per_token, metrics = terms["rkl"], {}
   elif cfg.kind == "jsd":
@@ -162,7 +190,7 @@ def loss_from_terms(cfg: LossConfig, terms, mask_BxT, *, group_size: int = 1, re
     per_token, metrics = _grpo(cfg, terms, mask, group_size, rewards, behaviour_logprobs, ref_logprobs)
   else:  # sft: the tokens are the expert's own response
     per_token, metrics = -terms["logp"], {}
-  loss = normalize(per_token, mask, cfg.normalize)
+  loss = normalize(per_token, loss_mask, cfg.normalize)
   n_tok = jnp.maximum(jnp.sum(mask), 1.0)
   metrics.update(
     loss=loss,
@@ -198,26 +226,27 @@ def _cfg(**kw):
 
 
 def distil_loss(student_logits, teacher, tokens, mask, *, group_size=1, baseline="none", behaviour_logprobs=None,
-                normalize="sequence", cost="ce", clip_eps=0.2, temperature=1.0, topk_tail="bucket",
+                normalize="sequence", cost="ce", clip_eps=0.2, temperature=1.0, topk_tail="bucket", terminal="free",
                 with_metrics=False):
   """DistIL surrogate: its value estimates J, its gradient is the DistIL estimator (module docstring).
 
   student_logits [B,T,V]: row t is the student's distribution of tokens[:, t]. teacher: dense logits [B,T,V], a
   top-k pair (ids [B,T,K], logprobs [B,T,K]), `Samples(ids)` or `HiddenTeacher`. mask [B,T]: response positions.
-  Returns the scalar, or (scalar, metrics) with `with_metrics=True`.
+  terminal="hold" charges a response that stopped before the horizon T = tokens.shape[1] its stopping state's cost
+  for every remaining step (see `hold_terminal`). Returns the scalar, or (scalar, metrics) with `with_metrics=True`.
   """
   cfg = _cfg(baseline=baseline, normalize=normalize, cost=cost, clip_eps=clip_eps,
-             teacher_temperature=temperature, topk_tail=topk_tail)
+             teacher_temperature=temperature, topk_tail=topk_tail, terminal=terminal)
   return _public("distil", with_metrics, cfg=cfg, teacher=teacher, tokens=tokens, mask=mask, logits=student_logits,
                  group_size=group_size, behaviour_logprobs=behaviour_logprobs)
 
 
 def fused_distil_loss(hidden, lm_head, teacher, tokens, mask, *, group_size=1, baseline="none", chunk_size=64,
                       behaviour_logprobs=None, normalize="sequence", cost="ce", clip_eps=0.2, temperature=1.0,
-                      topk_tail="bucket", with_metrics=False):
+                      topk_tail="bucket", terminal="free", with_metrics=False):
   """`distil_loss(hidden @ lm_head, ...)` in value and gradient, without a [B,T,V] array (chunked, recomputed)."""
   cfg = _cfg(baseline=baseline, normalize=normalize, cost=cost, clip_eps=clip_eps,
-             teacher_temperature=temperature, topk_tail=topk_tail, chunk_size=chunk_size)
+             teacher_temperature=temperature, topk_tail=topk_tail, chunk_size=chunk_size, terminal=terminal)
   return _public("distil", with_metrics, cfg=cfg, teacher=teacher, tokens=tokens, mask=mask, hidden=hidden,
                  lm_head=lm_head, group_size=group_size, behaviour_logprobs=behaviour_logprobs)
 

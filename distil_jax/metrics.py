@@ -21,16 +21,18 @@ def _plain(v):
 
 class MetricsWriter:
   def __init__(self, workdir: str, *, resume_iteration: int | None, tensorboard: bool, progress_total: int,
-               show_progress: bool):
+               show_progress: bool, enabled: bool = True):
+    """`enabled=False` (every process but the first on a multi-host run) makes every method a no-op."""
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self._file, self._tb, self._bar = None, None, None
+    if not enabled:
+      return
     self._truncate(resume_iteration)
     self._file = open(self.path, "a")
-    self._tb = None
     if tensorboard:
       from tensorboardX import SummaryWriter
 
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    self._bar = None
     if show_progress:
       from tqdm import tqdm
 
@@ -49,6 +51,8 @@ class MetricsWriter:
     os.replace(self.path + ".tmp", self.path)
 
   def write(self, iteration: int, figures: dict) -> None:
+    if self._file is None:
+      return
     record = {"iteration": iteration, **{k: _plain(v) for k, v in sorted(figures.items())}}
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
@@ -63,7 +67,8 @@ class MetricsWriter:
       self._bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items() if v is not None}, refresh=True)
 
   def close(self) -> None:
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
     if self._tb is not None:
       self._tb.close()
     if self._bar is not None:

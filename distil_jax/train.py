@@ -268,7 +268,9 @@ def train(config, workdir: str) -> dict:
   # Warm-up: behaviour cloning on the expert's own responses (DAgger's first round), same optimizer state.
   warmup_spec = dataclasses.replace(spec, loss=losses.LossConfig(kind="sft", chunk_size=spec.loss.chunk_size))
   warmup_fn = update.make_update(run.graphdef, tx, warmup_spec, state_shardings=shardings)
-  buf = buffer_lib.Buffer(os.path.join(workdir, "buffer"), buffer_schema(c, expert), c.buffer.max_groups)
+  # Each process labels its own prompts and keeps its own part of the aggregated data set.
+  buf = buffer_lib.Buffer(os.path.join(workdir, "buffer", f"process_{jax.process_index()}"),
+                          buffer_schema(c, expert), c.buffer.max_groups)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.checkpoint.keep)
 
   # -- Resume ---------------------------------------------------------------------------------------------------------
@@ -285,7 +287,7 @@ def train(config, workdir: str) -> dict:
     buf.truncate(0)
   writer = metrics.MetricsWriter(workdir, resume_iteration=start if latest is not None else None,
                                  tensorboard=c.log.tensorboard, progress_total=c.train.iterations,
-                                 show_progress=c.log.progress and jax.process_index() == 0)
+                                 show_progress=c.log.progress, enabled=jax.process_index() == 0)
   rollout_keys = jax.random.fold_in(jax.random.key(c.seed), 0)  # two streams, indexed by iteration
   eval_keys = jax.random.fold_in(jax.random.key(c.seed), 1)
   eval_fn = functools.partial(evaluate_policy, config=c, tok=tok, task=task, mesh=mesh)

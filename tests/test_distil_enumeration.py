@@ -50,7 +50,7 @@ def _state_ids(tokens):
   return ids
 
 
-def _exact_J(theta, teacher, tokens, mask, cost):
+def _exact_J(theta, teacher, tokens, mask, cost, terminal="free"):
   states = _state_ids(np.asarray(tokens))
   logp = jax.nn.log_softmax(theta[states], -1)  # [N,L,V]
   log_q = jax.nn.log_softmax(teacher[states], -1)
@@ -60,7 +60,12 @@ def _exact_J(theta, teacher, tokens, mask, cost):
     c = c + jnp.sum(q * log_q, -1)
   logp_y = jnp.take_along_axis(logp, tokens[..., None], -1)[..., 0]
   p = jnp.exp(jnp.sum(logp_y * mask, 1))
-  return jnp.sum(p * jnp.sum(c * mask, 1)), p
+  per_seq = jnp.sum(c * mask, 1)
+  if terminal == "hold":  # a response of length n < L is charged its stopping state's cost L - n more times
+    n = np.asarray(mask).sum(1).astype(int)
+    stop_cost = c[np.arange(len(n)), n - 1]
+    per_seq = per_seq + (L - n) * stop_cost
+  return jnp.sum(p * per_seq), p
 
 
 def _expected_surrogate_grad(loss_fn, theta, teacher, tokens, mask, group):
@@ -104,6 +109,22 @@ def test_distil_gradient_is_unbiased_leave_one_out(with_eos):
     theta, teacher, tokens, mask, group=2,
   )
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("baseline,group", [("none", 1), ("loo", 2)])
+def test_hold_terminal_gradient_is_unbiased(baseline, group):
+  """terminal="hold": J over the horizon, a stopped response holding its last state's cost, by enumeration."""
+  theta, teacher = _problem(seed=4)
+  tokens, mask = _sequences(with_eos=True)
+  want = jax.grad(lambda th: _exact_J(th, teacher, tokens, mask, "ce", "hold")[0])(theta)
+  got = _expected_surrogate_grad(
+    lambda lg, tch, tok, m: losses.distil_loss(lg, tch, tok, m, group_size=group, baseline=baseline,
+                                               terminal="hold"),
+    theta, teacher, tokens, mask, group=group,
+  )
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  free = jax.grad(lambda th: _exact_J(th, teacher, tokens, mask, "ce")[0])(theta)
+  assert np.abs(np.asarray(want - free)).max() > 0.05  # a different objective, not a relabelling
 
 
 def test_surrogate_value_is_J():

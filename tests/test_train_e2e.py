@@ -112,7 +112,7 @@ def test_http_expert_errors_are_named(tmp_path):
 def _read_buffer(workdir):
   import tensorstore as ts
 
-  folder = os.path.join(workdir, "buffer")
+  folder = os.path.join(workdir, "buffer", "process_0")
   spec = lambda name: {"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(folder, name)}}
   return {name: ts.open(spec(name), open=True).result().read().result() for name in os.listdir(folder)}
 

@@ -3,12 +3,11 @@
 A problem is a start value and a chain of operations applied left to right. The solution writes one step per
 operation, separated by spaces, then the answer: "7+5=12 12*3=36 36-4=32 #32".
 
-The oracle expert is defined at every state the student can reach, mistakes included. It reads the student's
-completed steps, counts a step as done when it applies the expected operation and operand (whatever numbers the
-student wrote around them), and continues *correctly from the student's own written values*: after "7+5=13" it
-writes "13*3=39", not "12*3=36". A partial step that has gone wrong is closed with a space and redone. So the expert
-is a sensible next-token distribution everywhere, and an early slip changes every later target: the situation in
-which sequence-level credit matters.
+The oracle expert is defined at every state the student can reach, mistakes included. It counts the student's
+well-formed steps and continues *correctly from the student's own written values*: after "7+5=13" it writes
+"13*3=39", not "12*3=36"; after "7-" (the problem said +5) it writes "5=2". So the expert is a sensible next-token
+distribution everywhere, and an early slip changes every later target: the situation in which sequence-level credit
+matters.
 """
 
 from __future__ import annotations
@@ -83,22 +82,32 @@ def solution(chain: Chain, fmt: AnswerFormat) -> str:
   return " ".join(steps + [fmt.write(chain.answer)])
 
 
-def _progress(chain: Chain, parts: list[str]) -> tuple[int, int, list[tuple[str, int | None]]]:
-  """(steps done, the student's current value, per-part notes) from the completed parts of a response."""
-  done, value, notes = 0, chain.start, []
-  for part in parts:
-    m = _STEP.fullmatch(part)
-    if m and done < len(chain.ops) and (m[2], int(m[3])) == chain.ops[done]:
-      notes.append((part, done))
-      value = int(m[4])
-      done += 1
-    else:
-      notes.append((part, None))
-  return done, value, notes
+_PARTIAL = re.compile(r"(?P<x>-?\d*)(?P<op>[+\-*]?)(?P<a>\d*)(?P<eq>=?)(?P<y>-?\d*)")
+
+
+def _steps(parts: list[str], n_ops: int) -> list[re.Match]:
+  """The well-formed steps among completed parts, in order, at most one per operation of the chain."""
+  return [m for m in (_STEP.fullmatch(p) for p in parts) if m][:n_ops]
+
+
+def _plan(value: int, ops, fmt: AnswerFormat) -> str:
+  """The rest of a correct solution from `value`: one step per remaining operation, then the answer."""
+  out = []
+  for op, a in ops:
+    nxt = _APPLY[op](value, a)
+    out.append(f"{value}{op}{a}={nxt}")
+    value = nxt
+  return " ".join(out + [fmt.write(value)])
 
 
 class ChainOracle:
-  """The expert continuation from any prefix of a response (see the module docstring)."""
+  """The expert continuation from any prefix of a response (see the module docstring).
+
+  It accepts what the student wrote and completes it consistently: a wrong start value, operator or operand in
+  the current step is kept and the step is finished with the correct result for those values; only a wrong result
+  (or text that is not a step) is closed with a space. It never asks the student to undo a step, so imitating it
+  cannot teach a restart loop.
+  """
 
   def __init__(self, fmt: AnswerFormat):
     self.fmt = fmt
@@ -106,48 +115,55 @@ class ChainOracle:
   def continuation(self, problem: Problem, response: str) -> str:
     chain: Chain = problem.meta
     *parts, current = response.split(" ")
-    done, value, _ = _progress(chain, parts)
-    rest = []
-    for op, a in chain.ops[done:]:
-      nxt = _APPLY[op](value, a)
-      rest.append(f"{value}{op}{a}={nxt}")
-      value = nxt
-    rest.append(self.fmt.write(value))
-    target = " ".join(rest)
-    expected = rest[0]
-    if current == expected and len(rest) == 1:
-      return ""  # the answer is written: stop
-    if expected.startswith(current):
+    if any(self.fmt.read(p) is not None for p in parts):
+      return ""  # an answer is already written
+    steps = _steps(parts, len(chain.ops))
+    value = int(steps[-1][4]) if steps else chain.start
+    remaining = chain.ops[len(steps):]
+    if not remaining:  # the answer is due
+      answer = self.fmt.write(value)
+      if answer.startswith(current):
+        return answer[len(current):]
+      return "" if current.startswith(self.fmt.open) else " " + answer
+    target = _plan(value, remaining, self.fmt)
+    if target.startswith(current):
       return target[len(current):]
-    return " " + target  # this partial step went wrong: close it and redo
+    m = _PARTIAL.fullmatch(current)
+    if not m or m["x"] in ("", "-"):
+      return " " + target
+    op_k, a_k = remaining[0]
+    op = m["op"] or op_k
+    a = m["a"] if (m["eq"] or not str(a_k).startswith(m["a"])) else str(a_k)
+    if not a:
+      a = str(a_k)
+    result = _APPLY[op](int(m["x"]), int(a))
+    step = f"{m['x']}{op}{a}={result}"
+    if not step.startswith(current):  # the written result is wrong: close the step, continue from it next time
+      return " " + _plan(int(m["y"]), remaining[1:], self.fmt) if m["y"] not in ("", "-") else " " + target
+    return step[len(current):] + " " + _plan(result, remaining[1:], self.fmt)
 
 
 def verify(chain: Chain, fmt: AnswerFormat, response: str) -> Verdict:
   """Correct iff the last written answer is the chain's value; the feedback is a step-by-step trace."""
   answer = fmt.read(response)
   parts = [p for p in response.split(" ") if p]
-  _, _, notes = _progress(chain, parts)
-  lines = []
-  expected_values = chain.values()
-  for part, step in notes:
-    if step is None:
-      if fmt.read(part) is None:
-        lines.append(f"'{part}' is not a step")
-      continue
-    m = _STEP.fullmatch(part)
+  lines = [f"'{p}' is not a step" for p in parts if not _STEP.fullmatch(p) and fmt.read(p) is None]
+  steps = _steps(parts, len(chain.ops))
+  expected = chain.values()
+  for i, m in enumerate(steps):
     x, op, a, y = int(m[1]), m[2], int(m[3]), int(m[4])
-    right = _APPLY[op](x, a)
-    if x != expected_values[step]:
-      lines.append(f"step {step + 1} starts from {x}, should be {expected_values[step]}")
-    if y != right:
-      lines.append(f"step {step + 1}: {x}{op}{a} is {right}, not {y}")
-  done = sum(1 for _, s in notes if s is not None)
-  if done < len(chain.ops):
-    op, a = chain.ops[done]
-    lines.append(f"missing step {done + 1} ({op}{a})")
+    if x != expected[i]:
+      lines.append(f"step {i + 1} starts from {x}, should be {expected[i]}")
+    if (op, a) != chain.ops[i]:
+      lines.append(f"step {i + 1} applies {op}{a}, the problem says {chain.ops[i][0]}{chain.ops[i][1]}")
+    if y != _APPLY[op](x, a):
+      lines.append(f"step {i + 1}: {x}{op}{a} is {_APPLY[op](x, a)}, not {y}")
+  if len(steps) < len(chain.ops):
+    op, a = chain.ops[len(steps)]
+    lines.append(f"missing step {len(steps) + 1} ({op}{a})")
   correct = answer == chain.answer
   if answer is None:
     lines.append("no final answer")
   elif not correct:
     lines.append(f"answer {answer} is wrong")
-  return Verdict(correct, "correct" if correct and not lines else "; ".join(lines) or "correct")
+  return Verdict(correct, "; ".join(lines) or "correct")

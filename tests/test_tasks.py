@@ -1,0 +1,128 @@
+"""Tasks: the oracle at hand-picked states, answer checking, data-file errors, multiple choice."""
+
+import json
+import re
+
+import ml_collections
+import numpy as np
+import pytest
+
+from distil_jax import tasks
+from distil_jax.tasks import chain as chain_lib
+from distil_jax.tasks import math as math_task
+from distil_jax.tasks import science
+
+
+def _cfg(**kw):
+  base = dict(name="arith", seed=0, min_ops=1, max_ops=3, max_operand=9, max_value=60, ops="+-*",
+              train_size=1000, eval_size=20, train_path="", prompt_template="{question}\n", timeout_s=5.0,
+              memory_mb=256, include_prompt=True)
+  return ml_collections.ConfigDict({**base, **kw})
+
+
+PROBLEM = tasks.Problem("9 *3 -2 =", "25", None, chain_lib.Chain(9, (("*", 3), ("-", 2))))
+ORACLE = chain_lib.ChainOracle(chain_lib.AnswerFormat("#", ""))
+
+
+@pytest.mark.parametrize("prefix,next_text", [
+  ("", "9"),  # start the first step from the problem's start value
+  ("9*3=2", "7"),  # finish the correct result
+  ("9*3=28", " "),  # a wrong result is closed ...
+  ("9*3=28 ", "2"),  # ... and the next step starts from the student's own value: 28-2=26
+  ("9*3=28 28-2=", "2"),  # 26
+  ("9-", "3"),  # the student chose the wrong operator: keep it, 9-3=6
+  ("9-3=", "6"),
+  ("9*4", "="),  # wrong operand kept: 9*4=36
+  ("x", " "),  # not a step: closed
+  ("9*3=27 27-2=25 #2", "5"),
+  ("9*3=27 27-2=25 #25", ""),  # answer written: stop
+  ("9*3=27 27-2=25 #3", ""),  # a wrong answer is written: stop as well
+])
+def test_oracle_next_character(prefix, next_text):
+  assert ORACLE.continuation(PROBLEM, prefix)[:1] == next_text
+
+
+def _steps_are_consistent(response):
+  """Every step's result is right for the numbers written in it, and each step starts where the last ended."""
+  prev = None
+  for part in response.split(" "):
+    m = re.fullmatch(r"(-?\d+)([+\-*])(\d+)=(-?\d+)", part)
+    if m:
+      x, op, a, y = int(m[1]), m[2], int(m[3]), int(m[4])
+      assert y == eval(f"{x}{op}{a}"), part  # noqa: S307 (our own digits and operators)
+      assert prev is None or x == prev, response
+      prev = y
+  return prev
+
+
+def test_oracle_recovers_from_random_states():
+  """From random prefixes, following the oracle ends with an answer equal to the chain continued from the
+  student's last written value, with arithmetically correct steps after the prefix."""
+  task = tasks.make_task(_cfg())
+  rng = np.random.default_rng(0)
+  for i in range(300):
+    p = task.problems("train")[i]
+    prefix = "".join(rng.choice(list("0123456789+-*= "), rng.integers(0, 10)))
+    s = prefix
+    for _ in range(200):
+      c = task.oracle.continuation(p, s)
+      if not c:
+        break
+      s += c[0]
+    tail = s[len(prefix):]
+    assert re.search(r"#-?\d+$", s), s
+    _steps_are_consistent(tail.strip().rsplit(" ", 1)[0] if " " in tail.strip() else "")
+
+
+def test_verifier_trace_names_the_mistakes():
+  v = chain_lib.verify(PROBLEM.meta, ORACLE.fmt, "9*4=36 36-2=33 #33")
+  assert not v.correct
+  assert "step 1 applies *4, the problem says *3" in v.feedback and "36-2 is 34, not 33" in v.feedback
+  assert chain_lib.verify(PROBLEM.meta, ORACLE.fmt, "9*3=27 27-2=25 #25") == tasks.Verdict(True, "correct")
+
+
+@pytest.mark.parametrize("response,answer", [
+  ("so the total is \\boxed{42}.", "42"), ("\\boxed{\\frac{3}{4}}", "0.75"), ("Answer: 1,000", "1000"),
+  ("x \\boxed{2} then \\boxed{2^{3}}", "8"), ("Answer: 3/6", "1/2"), ("\\boxed{x+1}", "1+x"),
+])
+def test_math_answers_are_checked_by_value(response, answer):
+  assert math_task.equivalent(math_task.extract_answer(response), answer)
+
+
+@pytest.mark.parametrize("response,answer", [("\\boxed{41}", "42"), ("no answer here", "42"), ("\\boxed{}", "0")])
+def test_math_wrong_or_missing_answers(response, answer):
+  got = math_task.extract_answer(response)
+  assert got is None or not math_task.equivalent(got, answer)
+
+
+def test_math_data_file_errors_name_file_line_field(tmp_path):
+  path = tmp_path / "d.jsonl"
+  path.write_text('{"question": "q", "answer": "1"}\n\n{"question": "q2", "answer": 2}\n[1, 2]\n')
+  with pytest.raises(tasks.DataError, match=r"d\.jsonl:4: expected a JSON object, got list"):
+    tasks.make_task(_cfg(name="math", train_path=str(path), eval_size=1))
+  path.write_text('{"question": 5, "answer": "1"}\n')
+  with pytest.raises(tasks.DataError, match=r"d\.jsonl:1: field 'question' should be str, got int"):
+    tasks.make_task(_cfg(name="math", train_path=str(path), eval_size=1))
+  path.write_text("".join(json.dumps({"question": f"{i}+1?", "answer": str(i + 1), "solution": "add one"}) + "\n"
+                          for i in range(5)))
+  task = tasks.make_task(_cfg(name="math", train_path=str(path), eval_size=2))
+  p = task.problems("eval")[0]
+  assert task.verify(p, "\\boxed{4}").correct and len(task.problems("train")) == 3
+  assert task.verify(p, "\\boxed{5}").feedback == "answer 5 is wrong. Reference solution: add one"
+
+
+def test_science_answers_and_formats(tmp_path):
+  path = tmp_path / "s.jsonl"
+  rows = [{"question": "Q1", "choices": ["a", "b", "c"], "answer": 1, "explanation": "because"},
+          {"question": "Q2", "choices": ["x", "y"], "answer": "y"}, {"question": "Q3", "choices": ["p", "q"],
+                                                                     "answer": "A"}]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  task = tasks.make_task(_cfg(name="science", train_path=str(path), eval_size=1))
+  train = task.problems("train")
+  assert [p.answer for p in train] == ["B", "B"]
+  assert task.verify(train[0], "I think... Answer: B").correct and task.verify(train[0], "so (B)").correct
+  assert task.verify(train[0], "Answer: C").feedback == "C is wrong, the answer is B. because"
+  assert science.extract_choice("Answer: Z", 3) is None
+  path.write_text(json.dumps({"question": "Q", "choices": ["a"], "answer": 7}) + "\n")
+  with pytest.raises(tasks.DataError, match=r"s\.jsonl:1: field 'answer' \(7\)"):
+    tasks.make_task(_cfg(name="science", train_path=str(path), eval_size=1))
