@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.sampling = dict(max_new_tokens=48, max_prompt_tokens=32, prompt_buckets=(16, 32), temperature=1.0, top_k=0,
                     top_p=1.0)
   c.expert = dict(
-    kind="oracle", top_k=1, smoothing=0.05,  # oracle: mass 1 - smoothing on the expert's token
+    kind="oracle", top_k=1, smoothing=1e-3,  # oracle: mass 1 - smoothing on the expert's token (the student learns it)
     reprompt="{prompt} [{feedback}] ", max_prompt_tokens=128, ema_decay=0.0,  # self / model / http
     model_path="",  # model
     url="", model_name="", timeout_s=30.0, max_retries=3, backoff_s=0.5, concurrency=8,  # http
@@ -41,13 +41,13 @@ def get_config() -> ml_collections.ConfigDict:
   )
   c.loss = dict(
     kind="distil", baseline="loo", normalize="sequence", cost="ce", clip_eps=0.2, teacher_temperature=1.0,
-    topk_tail="bucket", jsd_beta=0.5, kl_coef=0.0, std_eps=1e-4, chunk_size=64,
+    topk_tail="bucket", jsd_beta=0.5, kl_coef=0.0, std_eps=1e-4, chunk_size=64, terminal="free",
   )
   c.optim = dict(lr=3e-3, warmup_steps=20, schedule="constant", b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
                  max_grad_norm=1.0)
   c.train = dict(iterations=100, prompts_per_iteration=16, group_size=8, updates_per_iteration=4,
                  batch_groups=8, use_behaviour_logprobs=True, score_max_staleness=0,
-                 warmup_iterations=0)  # behaviour cloning (SFT on the expert's responses) before loss.kind
+                 warmup_steps=0, warmup_batch=64)  # DAgger's round 0: behaviour cloning on expert responses
   c.buffer = dict(mix=0.5, max_groups=4096)
   c.eval = dict(every=10, num_prompts=64, samples=8, pass_at=(1, 8), temperature=1.0, greedy=True)
   c.checkpoint = dict(every=10, keep=2)

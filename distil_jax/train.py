@@ -123,8 +123,7 @@ def _local(array, mesh):
 def rollout(graphdef, params, problems, rng, *, config, tok, task, mesh, samples_per_prompt, sampling_cfg):
   """Sample `samples_per_prompt` responses to each problem, decode them and ask the task for verdicts."""
   s = config.sampling
-  ids = [([tok.bos_id] if config.tokenizer.add_bos and tok.bos_id is not None else []) + tok.encode(p.prompt)
-         for p in problems]
+  ids, full_prompt, full_mask = prompt_rows(problems, config=config, tok=tok)
   prompt, pmask = sampler.left_pad(ids, s.prompt_buckets, tok.pad_id)
   rows = np.repeat(prompt, samples_per_prompt, 0), np.repeat(pmask, samples_per_prompt, 0)
   glob = data.to_global({"t": rows[0], "m": rows[1]}, mesh)
@@ -134,7 +133,6 @@ def rollout(graphdef, params, problems, rng, *, config, tok, task, mesh, samples
   mask = (np.arange(n)[None] < lengths[:, None]).astype(np.int32)
   texts = [tok.text_of(row[:length]) for row, length in zip(tokens, lengths, strict=True)]
   verdicts = [task.verify(problems[i // g], text) for i, text in enumerate(texts)]
-  full_prompt, full_mask = experts.left_pad_rows(ids, s.max_prompt_tokens, tok.pad_id)
   return experts.Rollouts(
     problems=list(problems), prompt_tokens=full_prompt, prompt_mask=full_mask,
     tokens=tokens.reshape(bp, g, n), mask=mask.reshape(bp, g, n), logprobs=logprobs.reshape(bp, g, n),
@@ -169,24 +167,64 @@ def sampling_config(config, tok) -> sampler.SamplingConfig:
                                 top_p=s.top_p, eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_limit=tok.vocab_size)
 
 
+def reference_rows(problems, n: int, tok) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens, mask) [len(problems), n] of the expert's own responses (+ EOS), for SFT."""
+  refs = [(tok.encode(p.reference) + [tok.eos_id])[:n] if p.reference else [] for p in problems]
+  tokens = np.full((len(refs), n), tok.pad_id, np.int32)
+  mask = np.zeros((len(refs), n), np.int32)
+  for i, s in enumerate(refs):
+    tokens[i, : len(s)], mask[i, : len(s)] = s, 1
+  return tokens, mask
+
+
+def prompt_rows(problems, *, config, tok) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
+  """Prompt ids, and (tokens, mask) left-padded to sampling.max_prompt_tokens."""
+  ids = [([tok.bos_id] if config.tokenizer.add_bos and tok.bos_id is not None else []) + tok.encode(p.prompt)
+         for p in problems]
+  return ids, *experts.left_pad_rows(ids, config.sampling.max_prompt_tokens, tok.pad_id)
+
+
 def group_records(r: experts.Rollouts, labels: dict, iteration: int, *, config, tok) -> dict[str, np.ndarray]:
   """One buffer row per prompt group: the rollouts, the expert's labels, and the expert's own response (SFT)."""
-  n = config.sampling.max_new_tokens
-  sft = [(tok.encode(p.reference) + [tok.eos_id])[:n] if p.reference else [] for p in r.problems]
-  sft_tokens = np.full((len(sft), n), tok.pad_id, np.int32)
-  sft_mask = np.zeros((len(sft), n), np.int32)
-  for i, s in enumerate(sft):
-    sft_tokens[i, : len(s)], sft_mask[i, : len(s)] = s, 1
+  sft_tokens, sft_mask = reference_rows(r.problems, config.sampling.max_new_tokens, tok)
   reward = np.array([[v.reward for v in row] for row in r.verdicts], np.float32)
   return {
     "prompt_tokens": r.prompt_tokens, "prompt_mask": r.prompt_mask, "tokens": r.tokens, "mask": r.mask,
-    "logprobs": r.logprobs, "reward": reward, "iteration": np.full(len(sft), iteration, np.int32),
+    "logprobs": r.logprobs, "reward": reward, "iteration": np.full(len(r.problems), iteration, np.int32),
     "sft_tokens": sft_tokens, "sft_mask": sft_mask, **labels,
   }
 
 
+def warmup_batch(problems, *, config, tok) -> dict[str, np.ndarray]:
+  """A behaviour-cloning batch: prompts and the expert's responses, as one-response groups."""
+  _, prompt, pmask = prompt_rows(problems, config=config, tok=tok)
+  sft_tokens, sft_mask = reference_rows(problems, config.sampling.max_new_tokens, tok)
+  b = len(problems)
+  return {"prompt_tokens": prompt, "prompt_mask": pmask, "sft_tokens": sft_tokens, "sft_mask": sft_mask,
+          "tokens": sft_tokens[:, None], "mask": sft_mask[:, None], "reward": np.zeros((b, 1), np.float32),
+          "iteration": np.zeros(b, np.int32)}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The run
+
+
+def warm_up(state, run, tx, *, config, mesh, shardings):
+  """DAgger's round 0: `train.warmup_steps` behaviour-cloning updates on the expert's own responses to fresh
+  prompts (no sampling), before the first evaluation. Returns the state and the last step's figures."""
+  c = config
+  spec = update.UpdateSpec(losses.LossConfig(kind="sft", chunk_size=c.loss.chunk_size), teacher="topk")
+  step = update.make_update(run.graphdef, tx, spec, state_shardings=shardings)
+  stream = data.prompt_stream(run.task.problems("train"), seed=c.seed + 1, per_iteration=c.train.warmup_batch)
+  losses_seen = []
+  for k in range(c.train.warmup_steps):
+    batch = warmup_batch(stream[k], config=c, tok=run.tok)
+    state, m = step(state, data.to_global(batch, mesh), None, jnp.int32(0))
+    losses_seen.append(float(m["loss"]))
+    if not np.isfinite(losses_seen[-1]):
+      raise FloatingPointError(f"non-finite loss in warm-up step {k + 1}")
+  return state, {"warmup/loss_first": losses_seen[0], "warmup/loss_last": losses_seen[-1],
+                 "warmup/steps": c.train.warmup_steps}
 
 
 def _check(config, mesh):
@@ -197,6 +235,8 @@ def _check(config, mesh):
             ("eval.num_prompts * eval.samples", config.eval.num_prompts * config.eval.samples)]
   if config.eval.greedy:
     checks.append(("eval.num_prompts (greedy evaluation)", config.eval.num_prompts))
+  if t.warmup_steps:
+    checks.append(("train.warmup_batch", t.warmup_batch))
   for name, value in checks:
     if value % rows:
       raise ValueError(f"{name} = {value} is not divisible by the data x fsdp mesh size {rows}")
@@ -252,7 +292,7 @@ def train(config, workdir: str) -> dict:
   teacher_graphdef, teacher_params = None, None
   if c.expert.kind == "model":
     teacher_graphdef, teacher_params = load_teacher(c, run.model_cfg, tok, mesh, run.rules)
-  total_updates = c.train.iterations * c.train.updates_per_iteration
+  total_updates = c.train.warmup_steps + c.train.iterations * c.train.updates_per_iteration
   tx = update.make_optimizer(c.optim, total_updates)
   state = update.init_state(tx, run.params, mesh, ema=_ema(c))
   spec = update.UpdateSpec(
@@ -260,14 +300,12 @@ def train(config, workdir: str) -> dict:
     ema_decay=c.expert.ema_decay, use_behaviour_logprobs=c.train.use_behaviour_logprobs,
     score_max_staleness=c.train.score_max_staleness,
   )
-  if (spec.loss.kind == "sft" or c.train.warmup_iterations) and task.problems("train")[0].reference is None:
-    raise ValueError(f"loss.kind='sft' and train.warmup_iterations need reference solutions; task "
+  if (spec.loss.kind == "sft" or c.train.warmup_steps) and task.problems("train")[0].reference is None:
+    raise ValueError(f"loss.kind='sft' and train.warmup_steps need reference solutions; task "
                      f"{task.name!r} has none")
   shardings = jax.tree.map(lambda x: x.sharding, state)
   step_fn = update.make_update(run.graphdef, tx, spec, teacher_graphdef=teacher_graphdef, state_shardings=shardings)
-  # Warm-up: behaviour cloning on the expert's own responses (DAgger's first round), same optimizer state.
-  warmup_spec = dataclasses.replace(spec, loss=losses.LossConfig(kind="sft", chunk_size=spec.loss.chunk_size))
-  warmup_fn = update.make_update(run.graphdef, tx, warmup_spec, state_shardings=shardings)
+
   # Each process labels its own prompts and keeps its own part of the aggregated data set.
   buf = buffer_lib.Buffer(os.path.join(workdir, "buffer", f"process_{jax.process_index()}"),
                           buffer_schema(c, expert), c.buffer.max_groups)
@@ -298,8 +336,13 @@ def train(config, workdir: str) -> dict:
     with jax.set_mesh(mesh):
       if start == 0:
         t0 = time.time()
+        figures = {}
+        if c.train.warmup_steps:
+          state, figures = warm_up(state, run, tx, config=c, mesh=mesh, shardings=shardings)
+          figures["time/warmup_s"] = time.time() - t0
+        t1 = time.time()
         last = eval_fn(run.graphdef, state["params"], jax.random.fold_in(eval_keys, 0))
-        writer.write(0, {**last, "samples/train_tokens": 0, "time/eval_s": time.time() - t0})
+        writer.write(0, {**figures, **last, "samples/train_tokens": 0, "time/eval_s": time.time() - t1})
       for it in range(start + 1, c.train.iterations + 1):
         figures = {}
         t0 = time.time()
@@ -318,9 +361,8 @@ def train(config, workdir: str) -> dict:
           data.split_rows(groups), buf.source(*old), mix=c.buffer.mix, seed=c.seed * 1_000_003 + it,
           batch_groups=c.train.batch_groups // jax.process_count(), steps=c.train.updates_per_iteration)
         step_figures = []
-        fn = warmup_fn if it <= c.train.warmup_iterations else step_fn
         for k, batch in enumerate(batches):
-          state, m = fn(state, data.to_global(batch, mesh), teacher_params, jnp.int32(it))
+          state, m = step_fn(state, data.to_global(batch, mesh), teacher_params, jnp.int32(it))
           m = jax.device_get(m)
           if m["nonfinite"]:
             raise FloatingPointError(
@@ -330,7 +372,6 @@ def train(config, workdir: str) -> dict:
           step_figures.append(m)
         t3 = time.time()
         figures.update({f"train/{k}": float(np.mean([m[k] for m in step_figures])) for k in step_figures[0]})
-        figures["train/warmup"] = float(it <= c.train.warmup_iterations)
         figures.update({
           "rollout/reward": float(groups["reward"].mean()),
           "rollout/length": float(r.mask.sum(-1).mean()),
