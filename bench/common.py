@@ -1,0 +1,48 @@
+"""Shared by the benchmarks: a model size by name, timing, hardware peaks, one JSON line per figure."""
+
+import json
+import time
+
+import jax
+
+from distil_jax import model as model_lib
+
+SIZES = {  # Llama-style shapes
+  "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2),
+  "125m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+               num_attention_heads=12, num_key_value_heads=4),
+  "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+             num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
+}
+# Peak dense bf16 FLOP/s and HBM bytes/s per device, for MFU and the bandwidth roofline.
+PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "TPU v5 lite": (197e12, 819e9),
+         "TPU v4": (275e12, 1.2e12)}
+
+
+def model_config(size: str, dtype: str, remat: bool = False) -> model_lib.ModelConfig:
+  return model_lib.ModelConfig(**SIZES[size], dtype=dtype, remat=remat)
+
+
+def device_peaks():
+  kind = jax.devices()[0].device_kind
+  for name, peaks in PEAKS.items():
+    if name.lower() in kind.lower():
+      return kind, peaks
+  return kind, (None, None)
+
+
+def timed(fn, *args, warmup=2, repeats=5):
+  """Median wall time of fn(*args) after `warmup` calls (block_until_ready on the result)."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return sorted(times)[len(times) // 2]
+
+
+def emit(figure: str, value, **fields):
+  print(json.dumps({"figure": figure, "value": value, "device": jax.devices()[0].device_kind, **fields}), flush=True)
