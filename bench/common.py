@@ -8,16 +8,39 @@ import jax
 from distil_jax import model as model_lib
 
 SIZES = {  # Llama-style shapes
-  "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2),
-  "125m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-               num_attention_heads=12, num_key_value_heads=4),
-  "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-             num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
+  "tiny": dict(
+    vocab_size=512,
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+  ),
+  "125m": dict(
+    vocab_size=32000,
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+  ),
+  "1b": dict(
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    tie_word_embeddings=True,
+  ),
 }
 # Peak dense bf16 FLOP/s and HBM bytes/s per device, for MFU and the bandwidth roofline.
-PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "TPU v5 lite": (197e12, 819e9),
-         "TPU v4": (275e12, 1.2e12)}
+PEAKS = {
+  "H100": (989e12, 3.35e12),
+  "H200": (989e12, 4.8e12),
+  "TPU v5 lite": (197e12, 819e9),
+  "TPU v4": (275e12, 1.2e12),
+}
 
 
 def model_config(size: str, dtype: str, remat: bool = False) -> model_lib.ModelConfig:

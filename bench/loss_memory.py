@@ -1,7 +1,8 @@
 """Temporary memory of value_and_grad for the naive and the fused DistIL loss (compile only; nothing is allocated).
 
 Naive (written out here, as a user would): student logits hidden @ lm_head [B,T,V] through a full log-softmax and,
-for a dense teacher, the teacher's logits likewise; the sequence-level part is the library's. Fused: `fused_distil_loss` with a `HiddenTeacher` (dense) or a top-k pair.
+for a dense teacher, the teacher's logits likewise; the sequence-level part is the library's.
+Fused: `fused_distil_loss` with a `HiddenTeacher` (dense) or a top-k pair.
 Figures come from `jax.jit(...).lower(...).compile().memory_analysis()`: exact for the compiled program.
 
   python bench/loss_memory.py [--vocab 131072 --tokens 8192 --dim 1024 --batch 8 --topk 64 --chunk 32]
@@ -44,8 +45,11 @@ def main():
 
   def naive_terms(student_logits, tok, ce):
     logp = jax.nn.log_softmax(student_logits, axis=-1)  # [B,T,V] float32, kept for the backward pass
-    return {"ce": ce(logp), "logp": jnp.take_along_axis(logp, tok[..., None], -1)[..., 0],
-            "entropy": jnp.zeros(tok.shape)}
+    return {
+      "ce": ce(logp),
+      "logp": jnp.take_along_axis(logp, tok[..., None], -1)[..., 0],
+      "entropy": jnp.zeros(tok.shape),
+    }
 
   def naive_dense(h, w, th, pos, tok, m):
     log_q = jax.nn.log_softmax(logits(jnp.take_along_axis(th, pos[..., None], 1), w), axis=-1)
@@ -74,10 +78,28 @@ def main():
     n = temp_bytes(naive, hidden, head, *extra, tokens, mask)
     f = temp_bytes(fused, hidden, head, *extra, tokens, mask)
     for name, value in [("naive", n), ("fused", f)]:
-      print(json.dumps({"figure": f"loss_temp_bytes_{name}", "teacher": teacher, "GiB": round(value / 2**30, 3),
-                        "bytes": value, **shape}))
-    print(json.dumps({"figure": "loss_temp_ratio_fused_over_naive", "teacher": teacher, "ratio": round(f / n, 4),
-                      "target": 0.125, **shape}))
+      print(
+        json.dumps(
+          {
+            "figure": f"loss_temp_bytes_{name}",
+            "teacher": teacher,
+            "GiB": round(value / 2**30, 3),
+            "bytes": value,
+            **shape,
+          }
+        )
+      )
+    print(
+      json.dumps(
+        {
+          "figure": "loss_temp_ratio_fused_over_naive",
+          "teacher": teacher,
+          "ratio": round(f / n, 4),
+          "target": 0.125,
+          **shape,
+        }
+      )
+    )
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ import numpy as np
 from flax import nnx
 
 from bench import common
-from distil_jax import sampler, sharding
 from distil_jax import model as model_lib
+from distil_jax import sampler, sharding
 
 
 def main():
@@ -36,16 +36,22 @@ def main():
   with jax.set_mesh(mesh):
     prompts, mask = sharding.put_batch({"t": prompts, "m": mask}, mesh).values()
     full = common.timed(lambda: sampler.generate(graphdef, params, prompts, mask, jax.random.key(0), scfg).tokens)
-    prefill = common.timed(lambda: sampler.generate(graphdef, params, prompts, mask, jax.random.key(0),
-                                                    dataclasses.replace(scfg, max_new_tokens=1)).tokens)
+    prefill = common.timed(
+      lambda: (
+        sampler.generate(
+          graphdef, params, prompts, mask, jax.random.key(0), dataclasses.replace(scfg, max_new_tokens=1)
+        ).tokens
+      )
+    )
   decode_s = max(full - prefill, 1e-9)
   tokens_per_s = args.batch * (args.new - 1) / decode_s
   itemsize = np.dtype(cfg.compute_dtype).itemsize
   kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_size * itemsize
   step_bytes = cfg.num_params() * itemsize + args.batch * (args.prompt + args.new / 2) * kv_bytes
   kind, (_, bandwidth) = common.device_peaks()
-  shape = dict(size=args.size, dtype=args.dtype, batch=args.batch, prompt=args.prompt, new=args.new,
-               devices=len(jax.devices()))
+  shape = dict(
+    size=args.size, dtype=args.dtype, batch=args.batch, prompt=args.prompt, new=args.new, devices=len(jax.devices())
+  )
   common.emit("decode_tokens_per_second", round(tokens_per_s, 1), **shape)
   common.emit("prefill_seconds", round(prefill, 5), **shape)
   if bandwidth:

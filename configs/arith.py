@@ -1,8 +1,8 @@
 """The built-in arithmetic-chain task with its oracle expert: the CPU default for every comparison.
 
-  python -m distil_jax.main --config=configs/arith.py --workdir=/tmp/arith
-  python -m distil_jax.main --config=configs/arith.py:runlocal --workdir=/tmp/arith-smoke   # seconds, for smoke tests
-  --config.loss.kind=grpo|reverse_kl|jsd|tokenwise_fce|sft switches the objective (see configs/README in README.md).
+python -m distil_jax.main --config=configs/arith.py --workdir=/tmp/arith
+python -m distil_jax.main --config=configs/arith.py:runlocal --workdir=/tmp/arith-smoke   # seconds, for smoke tests
+--config.loss.kind=grpo|reverse_kl|jsd|tokenwise_fce|sft switches the objective (see configs/README in README.md).
 """
 
 from distil_jax import config_base

@@ -26,7 +26,7 @@ _CHUNK_ROWS = 16
 def _kvstore(path: str) -> dict:
   """A local folder, or a Cloud Storage path (gs://bucket/...) on TPU VMs."""
   if path.startswith("gs://"):
-    bucket, _, key = path[len("gs://"):].partition("/")
+    bucket, _, key = path[len("gs://") :].partition("/")
     return {"driver": "gcs", "bucket": bucket, "path": key}
   return {"driver": "file", "path": path}
 
@@ -48,7 +48,11 @@ class Buffer:
       arr = ts.open(spec, open=True).result()
     except ValueError:  # not there yet
       arr = ts.open(
-        spec, create=True, dtype=ts.dtype(dtype), shape=[0, *shape], fill_value=fill,
+        spec,
+        create=True,
+        dtype=ts.dtype(dtype),
+        shape=[0, *shape],
+        fill_value=fill,
         chunk_layout=ts.ChunkLayout(chunk_shape=[_CHUNK_ROWS, *shape]),
       ).result()
     if tuple(arr.shape[1:]) != tuple(shape) or arr.dtype.numpy_dtype != np.dtype(dtype):
@@ -97,7 +101,7 @@ class Buffer:
       return
     for name, arr in self._arrays.items():
       fill = np.full((stop - self.released, *self.schema[name][0]), arr.fill_value, arr.dtype.numpy_dtype)
-      arr[self.released:stop].write(fill).result()
+      arr[self.released : stop].write(fill).result()
     self.released = stop
 
   def read(self, start: int, stop: int) -> dict[str, np.ndarray]:

@@ -12,42 +12,100 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.task = dict(
-    name="arith", seed=0, train_path="", eval_size=64, train_size=1_000_000,
-    min_ops=1, max_ops=3, max_operand=9, max_value=60, ops="+-*",  # arithmetic chains (arith, generated math)
+    name="arith",
+    seed=0,
+    train_path="",
+    eval_size=64,
+    train_size=1_000_000,
+    min_ops=1,
+    max_ops=3,
+    max_operand=9,
+    max_value=60,
+    ops="+-*",  # arithmetic chains (arith, generated math)
     prompt_template="{question}\n",  # math / science records
-    timeout_s=5.0, memory_mb=512, include_prompt=True,  # code
+    timeout_s=5.0,
+    memory_mb=512,
+    include_prompt=True,  # code
   )
   c.tokenizer = dict(path="", vocab_size=256, model_type="char", split_digits=True, add_bos=False)
 
   c.model = dict(
-    hf_path="", arch="llama", hidden_size=128, intermediate_size=384, num_hidden_layers=3,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=0, rope_theta=10000.0, tie_word_embeddings=False,
-    dtype="float32", remat=False, vocab_multiple=8,
+    hf_path="",
+    init_from="",  # init_from: a workdir whose latest parameters (and tokenizer) start this run
+    arch="llama",
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=0,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    dtype="float32",
+    remat=False,
+    vocab_multiple=8,
   )
   c.mesh = dict(data=1, fsdp=-1, tensor=1, num_devices=0)  # num_devices 0: all devices of this host/slice
   c.sharding_rules = [
-    ("batch", ("data", "fsdp")), ("embed", "fsdp"), ("vocab", "tensor"), ("heads", "tensor"),
-    ("kv_heads", "tensor"), ("mlp", "tensor"), ("norm", None), ("head_dim", None),
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("norm", None),
+    ("head_dim", None),
   ]
 
-  c.sampling = dict(max_new_tokens=48, max_prompt_tokens=32, prompt_buckets=(16, 32), temperature=1.0, top_k=0,
-                    top_p=1.0)
+  c.sampling = dict(
+    max_new_tokens=48, max_prompt_tokens=32, prompt_buckets=(16, 32), temperature=1.0, top_k=0, top_p=1.0
+  )
   c.expert = dict(
-    kind="oracle", top_k=1, smoothing=1e-3,  # oracle: mass 1 - smoothing on the expert's token (the student learns it)
-    reprompt="{prompt} [{feedback}] ", max_prompt_tokens=128, ema_decay=0.0,  # self / model / http
+    kind="oracle",
+    top_k=1,
+    smoothing=1e-3,  # oracle: mass 1 - smoothing on the expert's token (the student learns it)
+    reprompt="{prompt} [{feedback}] ",
+    max_prompt_tokens=128,
+    ema_decay=0.0,  # self / model / http
     model_path="",  # model
-    url="", model_name="", timeout_s=30.0, max_retries=3, backoff_s=0.5, concurrency=8,  # http
+    url="",
+    model_name="",
+    timeout_s=30.0,
+    max_retries=3,
+    backoff_s=0.5,
+    concurrency=8,  # http
     tokenizer_probe="distil_jax tokenizer probe 12+34=46",
   )
   c.loss = dict(
-    kind="distil", baseline="loo", normalize="sequence", cost="ce", clip_eps=0.2, teacher_temperature=1.0,
-    topk_tail="bucket", jsd_beta=0.5, kl_coef=0.0, std_eps=1e-4, chunk_size=64, terminal="free",
+    kind="distil",
+    baseline="loo",
+    normalize="sequence",
+    cost="ce",
+    clip_eps=0.2,
+    teacher_temperature=1.0,
+    topk_tail="bucket",
+    jsd_beta=0.5,
+    kl_coef=0.0,
+    std_eps=1e-4,
+    chunk_size=64,
+    terminal="free",
   )
-  c.optim = dict(lr=3e-3, warmup_steps=20, schedule="constant", b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
-                 max_grad_norm=1.0)
-  c.train = dict(iterations=100, prompts_per_iteration=16, group_size=8, updates_per_iteration=4,
-                 batch_groups=8, use_behaviour_logprobs=True, score_max_staleness=0,
-                 warmup_steps=0, warmup_batch=64)  # DAgger's round 0: behaviour cloning on expert responses
+  c.optim = dict(
+    lr=1e-3, warmup_steps=20, schedule="constant", b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0
+  )
+  c.train = dict(
+    iterations=100,
+    prompts_per_iteration=16,
+    group_size=8,
+    updates_per_iteration=4,
+    batch_groups=8,
+    use_behaviour_logprobs=True,
+    score_max_staleness=0,
+    warmup_steps=0,
+    warmup_batch=64,
+    warmup_lr=3e-3,  # DAgger's round 0: behaviour cloning,
+    warmup_reprompt_fraction=0.0,
+  )  # with its own optimizer; a fraction of rows may show feedback
   c.buffer = dict(mix=0.5, max_groups=4096)
   c.eval = dict(every=10, num_prompts=64, samples=8, pass_at=(1, 8), temperature=1.0, greedy=True)
   c.checkpoint = dict(every=10, keep=2)

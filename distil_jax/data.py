@@ -43,9 +43,7 @@ def training_batches(fresh: Sequence[dict], old, *, mix: float, seed: int, batch
 
 def to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
   """This process's rows of a batch -> global arrays on the mesh, rows over (data, fsdp)."""
-  return {
-    k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v) for k, v in batch.items()
-  }
+  return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v) for k, v in batch.items()}
 
 
 def split_rows(rows: Sequence[dict]) -> list[dict]:

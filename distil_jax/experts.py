@@ -27,6 +27,8 @@ import numpy as np
 from distil_jax.tasks.base import Problem, Verdict
 from distil_jax.tokenizer import Tokenizer
 
+SIBLING = "A correct solution: "  # how a successful sibling response is put in the re-prompt
+
 
 class ExpertError(RuntimeError):
   """An expert could not label a batch; the message names the expert and the cause."""
@@ -53,8 +55,8 @@ def left_pad_rows(rows: list[list[int]], width: int, pad_id: int):
   for i, r in enumerate(rows):
     r = r[-width:]
     if r:
-      tokens[i, width - len(r):] = r
-      mask[i, width - len(r):] = 1
+      tokens[i, width - len(r) :] = r
+      mask[i, width - len(r) :] = 1
   return tokens, mask
 
 
@@ -65,7 +67,7 @@ def reprompt_texts(rollouts: Rollouts, template: str) -> tuple[list[list[str]], 
     row = []
     for i, verdict in enumerate(verdicts):
       sibling = next((rollouts.texts[g][j] for j, v in enumerate(verdicts) if v.correct and j != i), None)
-      feedback = f"A correct solution: {sibling}" if sibling is not None else verdict.feedback
+      feedback = SIBLING + sibling if sibling is not None else verdict.feedback
       valid[g, i] = bool(feedback)
       row.append(template.format(prompt=problem.prompt, feedback=feedback))
     texts.append(row)
@@ -188,15 +190,21 @@ class HttpExpert:
 
   def _score(self, teacher_ids: list[int], response: list[int]) -> tuple[np.ndarray, np.ndarray]:
     payload = {
-      "model": self.cfg.model_name, "prompt": teacher_ids + response, "max_tokens": 1, "echo": True,
-      "logprobs": self.top_k, "temperature": 1.0, "return_tokens_as_token_ids": True,
+      "model": self.cfg.model_name,
+      "prompt": teacher_ids + response,
+      "max_tokens": 1,
+      "echo": True,
+      "logprobs": self.top_k,
+      "temperature": 1.0,
+      "return_tokens_as_token_ids": True,
     }
     reply = self._post("/v1/completions", payload)
     try:
       top = reply["choices"][0]["logprobs"]["top_logprobs"]
     except (KeyError, IndexError, TypeError):
-      raise ExpertError(f"expert {self.url}: reply has no choices[0].logprobs.top_logprobs: "
-                        f"{json.dumps(reply)[:200]}") from None
+      raise ExpertError(
+        f"expert {self.url}: reply has no choices[0].logprobs.top_logprobs: {json.dumps(reply)[:200]}"
+      ) from None
     n = len(response)
     ids = np.zeros((n, self.top_k), np.int32)
     logq = np.full((n, self.top_k), -np.inf, np.float32)
@@ -207,12 +215,15 @@ class HttpExpert:
       entries = sorted((top[start + t] or {}).items(), key=lambda kv: -kv[1])[: self.top_k]
       for k, (token, lp) in enumerate(entries):
         if not token.startswith("token_id:"):
-          raise ExpertError(f"expert {self.url}: top_logprobs key {token!r} is not 'token_id:N'; "
-                            "the server must support return_tokens_as_token_ids")
+          raise ExpertError(
+            f"expert {self.url}: top_logprobs key {token!r} is not 'token_id:N'; "
+            "the server must support return_tokens_as_token_ids"
+          )
         tid = int(token.split(":", 1)[1])
         if not 0 <= tid < self.tok.vocab_size:
-          raise ExpertError(f"expert {self.url}: token id {tid} outside the student's vocabulary "
-                            f"({self.tok.vocab_size})")
+          raise ExpertError(
+            f"expert {self.url}: token id {tid} outside the student's vocabulary ({self.tok.vocab_size})"
+          )
         ids[t, k], logq[t, k] = tid, lp
     return ids, logq
 

@@ -166,13 +166,13 @@ def load_hf(path: str, *, mesh=None, rules=None, dtype: str = "float32", **overr
 
 def _ordered_keys(tree) -> list[tuple]:
   return [
-    tuple(getattr(k, "key", getattr(k, "idx", k)) for k in p)
-    for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+    tuple(getattr(k, "key", getattr(k, "idx", k)) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
   ]
 
 
-def save_hf(model, config: model_lib.ModelConfig, path: str, *, dtype: str = "bfloat16",
-            max_shard_bytes: int = 4 << 30) -> None:
+def save_hf(
+  model, config: model_lib.ModelConfig, path: str, *, dtype: str = "bfloat16", max_shard_bytes: int = 4 << 30
+) -> None:
   """Write `config.json` and safetensors (sharded with an index above `max_shard_bytes`) that transformers loads."""
   if dtype not in _DTYPES:
     raise ValueError(f"dtype={dtype!r}; expected one of {sorted(_DTYPES)}")
@@ -204,4 +204,3 @@ def save_hf(model, config: model_lib.ModelConfig, path: str, *, dtype: str = "bf
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(config_to_hf(config, dtype), f, indent=2)
-

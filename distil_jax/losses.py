@@ -61,9 +61,12 @@ class LossConfig:
 
   def __post_init__(self):
     for name, value, allowed in [
-      ("kind", self.kind, KINDS), ("baseline", self.baseline, BASELINES),
-      ("normalize", self.normalize, NORMALIZATIONS), ("cost", self.cost, ("ce", "kl")),
-      ("topk_tail", self.topk_tail, ("bucket", "renorm")), ("terminal", self.terminal, ("free", "hold")),
+      ("kind", self.kind, KINDS),
+      ("baseline", self.baseline, BASELINES),
+      ("normalize", self.normalize, NORMALIZATIONS),
+      ("cost", self.cost, ("ce", "kl")),
+      ("topk_tail", self.topk_tail, ("bucket", "renorm")),
+      ("terminal", self.terminal, ("free", "hold")),
     ]:
       if value not in allowed:
         raise ValueError(f"loss.{name}={value!r}; expected one of {allowed}")
@@ -171,8 +174,17 @@ def _grpo(cfg, terms, mask, group_size, rewards_B, behaviour_logprobs, ref_logpr
   return per_token, metrics
 
 
-def loss_from_terms(cfg: LossConfig, terms, mask_BxT, *, group_size: int = 1, rewards=None,
-                    behaviour_logprobs=None, ref_logprobs=None, score_weight=None):
+def loss_from_terms(
+  cfg: LossConfig,
+  terms,
+  mask_BxT,
+  *,
+  group_size: int = 1,
+  rewards=None,
+  behaviour_logprobs=None,
+  ref_logprobs=None,
+  score_weight=None,
+):
   """(scalar loss, metrics) of `cfg.kind` from per-position terms (see `token_terms`).
 
   score_weight [B]: optional per-sequence weight of DistIL's score term (1 on fresh rollouts, 0 on stale ones).
@@ -180,8 +192,9 @@ def loss_from_terms(cfg: LossConfig, terms, mask_BxT, *, group_size: int = 1, re
   mask = mask_BxT.astype(jnp.float32)
   loss_mask = mask
   if cfg.kind in ("distil", "tokenwise_fce"):
-    per_token, metrics, loss_mask = _distil(cfg, terms, mask, group_size, behaviour_logprobs,
-                                            cfg.kind == "distil", score_weight)
+    per_token, metrics, loss_mask = _distil(
+      cfg, terms, mask, group_size, behaviour_logprobs, cfg.kind == "distil", score_weight
+    )
   elif cfg.kind == "reverse_kl":
     per_token, metrics = terms["rkl"], {}
   elif cfg.kind == "jsd":
@@ -203,8 +216,21 @@ def loss_from_terms(cfg: LossConfig, terms, mask_BxT, *, group_size: int = 1, re
   return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
 
 
-def compute_loss(cfg: LossConfig, *, teacher, tokens, mask, logits=None, hidden=None, lm_head=None,
-                 group_size=1, rewards=None, behaviour_logprobs=None, ref_logprobs=None, score_weight=None):
+def compute_loss(
+  cfg: LossConfig,
+  *,
+  teacher,
+  tokens,
+  mask,
+  logits=None,
+  hidden=None,
+  lm_head=None,
+  group_size=1,
+  rewards=None,
+  behaviour_logprobs=None,
+  ref_logprobs=None,
+  score_weight=None,
+):
   """The loss from student logits, or fused from hidden states and the LM head when `hidden` is given."""
   teacher = teacher if cfg.needs_teacher else None
   opts = dict(terms=cfg.terms, topk_tail=cfg.topk_tail, temperature=cfg.teacher_temperature, jsd_beta=cfg.jsd_beta)
@@ -212,8 +238,16 @@ def compute_loss(cfg: LossConfig, *, teacher, tokens, mask, logits=None, hidden=
     terms = tt.fused_token_terms(hidden, lm_head, teacher, tokens, mask=mask, chunk_size=cfg.chunk_size, **opts)
   else:
     terms = tt.token_terms(logits, teacher, tokens, mask=mask, **opts)
-  return loss_from_terms(cfg, terms, mask, group_size=group_size, rewards=rewards,
-                         behaviour_logprobs=behaviour_logprobs, ref_logprobs=ref_logprobs, score_weight=score_weight)
+  return loss_from_terms(
+    cfg,
+    terms,
+    mask,
+    group_size=group_size,
+    rewards=rewards,
+    behaviour_logprobs=behaviour_logprobs,
+    ref_logprobs=ref_logprobs,
+    score_weight=score_weight,
+  )
 
 
 def _public(kind, with_metrics, **kw):
@@ -225,9 +259,23 @@ def _cfg(**kw):
   return {k: v for k, v in kw.items() if v is not None}
 
 
-def distil_loss(student_logits, teacher, tokens, mask, *, group_size=1, baseline="none", behaviour_logprobs=None,
-                normalize="sequence", cost="ce", clip_eps=0.2, temperature=1.0, topk_tail="bucket", terminal="free",
-                with_metrics=False):
+def distil_loss(
+  student_logits,
+  teacher,
+  tokens,
+  mask,
+  *,
+  group_size=1,
+  baseline="none",
+  behaviour_logprobs=None,
+  normalize="sequence",
+  cost="ce",
+  clip_eps=0.2,
+  temperature=1.0,
+  topk_tail="bucket",
+  terminal="free",
+  with_metrics=False,
+):
   """DistIL surrogate: its value estimates J, its gradient is the DistIL estimator (module docstring).
 
   student_logits [B,T,V]: row t is the student's distribution of tokens[:, t]. teacher: dense logits [B,T,V], a
@@ -235,56 +283,157 @@ def distil_loss(student_logits, teacher, tokens, mask, *, group_size=1, baseline
   terminal="hold" charges a response that stopped before the horizon T = tokens.shape[1] its stopping state's cost
   for every remaining step (see `hold_terminal`). Returns the scalar, or (scalar, metrics) with `with_metrics=True`.
   """
-  cfg = _cfg(baseline=baseline, normalize=normalize, cost=cost, clip_eps=clip_eps,
-             teacher_temperature=temperature, topk_tail=topk_tail, terminal=terminal)
-  return _public("distil", with_metrics, cfg=cfg, teacher=teacher, tokens=tokens, mask=mask, logits=student_logits,
-                 group_size=group_size, behaviour_logprobs=behaviour_logprobs)
+  cfg = _cfg(
+    baseline=baseline,
+    normalize=normalize,
+    cost=cost,
+    clip_eps=clip_eps,
+    teacher_temperature=temperature,
+    topk_tail=topk_tail,
+    terminal=terminal,
+  )
+  return _public(
+    "distil",
+    with_metrics,
+    cfg=cfg,
+    teacher=teacher,
+    tokens=tokens,
+    mask=mask,
+    logits=student_logits,
+    group_size=group_size,
+    behaviour_logprobs=behaviour_logprobs,
+  )
 
 
-def fused_distil_loss(hidden, lm_head, teacher, tokens, mask, *, group_size=1, baseline="none", chunk_size=64,
-                      behaviour_logprobs=None, normalize="sequence", cost="ce", clip_eps=0.2, temperature=1.0,
-                      topk_tail="bucket", terminal="free", with_metrics=False):
+def fused_distil_loss(
+  hidden,
+  lm_head,
+  teacher,
+  tokens,
+  mask,
+  *,
+  group_size=1,
+  baseline="none",
+  chunk_size=64,
+  behaviour_logprobs=None,
+  normalize="sequence",
+  cost="ce",
+  clip_eps=0.2,
+  temperature=1.0,
+  topk_tail="bucket",
+  terminal="free",
+  with_metrics=False,
+):
   """`distil_loss(hidden @ lm_head, ...)` in value and gradient, without a [B,T,V] array (chunked, recomputed)."""
-  cfg = _cfg(baseline=baseline, normalize=normalize, cost=cost, clip_eps=clip_eps,
-             teacher_temperature=temperature, topk_tail=topk_tail, chunk_size=chunk_size, terminal=terminal)
-  return _public("distil", with_metrics, cfg=cfg, teacher=teacher, tokens=tokens, mask=mask, hidden=hidden,
-                 lm_head=lm_head, group_size=group_size, behaviour_logprobs=behaviour_logprobs)
+  cfg = _cfg(
+    baseline=baseline,
+    normalize=normalize,
+    cost=cost,
+    clip_eps=clip_eps,
+    teacher_temperature=temperature,
+    topk_tail=topk_tail,
+    chunk_size=chunk_size,
+    terminal=terminal,
+  )
+  return _public(
+    "distil",
+    with_metrics,
+    cfg=cfg,
+    teacher=teacher,
+    tokens=tokens,
+    mask=mask,
+    hidden=hidden,
+    lm_head=lm_head,
+    group_size=group_size,
+    behaviour_logprobs=behaviour_logprobs,
+  )
 
 
-def tokenwise_fce_loss(student_logits, teacher, tokens, mask, *, normalize="sequence", temperature=1.0,
-                       topk_tail="bucket", with_metrics=False):
+def tokenwise_fce_loss(
+  student_logits,
+  teacher,
+  tokens,
+  mask,
+  *,
+  normalize="sequence",
+  temperature=1.0,
+  topk_tail="bucket",
+  with_metrics=False,
+):
   """The local part of DistIL alone: sum_t c_t with no score term (DAgger with a distributional expert)."""
   cfg = _cfg(normalize=normalize, teacher_temperature=temperature, topk_tail=topk_tail)
-  return _public("tokenwise_fce", with_metrics, cfg=cfg, teacher=teacher, tokens=tokens, mask=mask,
-                 logits=student_logits)
+  return _public(
+    "tokenwise_fce", with_metrics, cfg=cfg, teacher=teacher, tokens=tokens, mask=mask, logits=student_logits
+  )
 
 
-def reverse_kl_loss(student_logits, teacher, tokens, mask, *, normalize="sequence", temperature=1.0,
-                    topk_tail="bucket", with_metrics=False):
+def reverse_kl_loss(
+  student_logits,
+  teacher,
+  tokens,
+  mask,
+  *,
+  normalize="sequence",
+  temperature=1.0,
+  topk_tail="bucket",
+  with_metrics=False,
+):
   """Per-token KL(pi_theta || q) at the student's positions (SDPO-style self-distillation), exact over buckets."""
   cfg = _cfg(normalize=normalize, teacher_temperature=temperature, topk_tail=topk_tail)
-  return _public("reverse_kl", with_metrics, cfg=cfg, teacher=teacher, tokens=tokens, mask=mask,
-                 logits=student_logits)
+  return _public("reverse_kl", with_metrics, cfg=cfg, teacher=teacher, tokens=tokens, mask=mask, logits=student_logits)
 
 
-def jsd_loss(student_logits, teacher, tokens, mask, *, beta=0.5, normalize="sequence", temperature=1.0,
-             topk_tail="bucket", with_metrics=False):
+def jsd_loss(
+  student_logits,
+  teacher,
+  tokens,
+  mask,
+  *,
+  beta=0.5,
+  normalize="sequence",
+  temperature=1.0,
+  topk_tail="bucket",
+  with_metrics=False,
+):
   """Generalised JSD (GKD / OPSD): beta KL(q||m) + (1-beta) KL(pi||m), m = beta q + (1-beta) pi, as TRL defines it."""
   cfg = _cfg(jsd_beta=beta, normalize=normalize, teacher_temperature=temperature, topk_tail=topk_tail)
   return _public("jsd", with_metrics, cfg=cfg, teacher=teacher, tokens=tokens, mask=mask, logits=student_logits)
 
 
-def grpo_loss(student_logits, tokens, mask, rewards, *, group_size, behaviour_logprobs=None, clip_eps=0.2,
-              ref_logprobs=None, kl_coef=0.0, normalize="sequence_token_mean", with_metrics=False):
+def grpo_loss(
+  student_logits,
+  tokens,
+  mask,
+  rewards,
+  *,
+  group_size,
+  behaviour_logprobs=None,
+  clip_eps=0.2,
+  ref_logprobs=None,
+  kl_coef=0.0,
+  normalize="sequence_token_mean",
+  with_metrics=False,
+):
   """GRPO: group-normalised advantages (r - mean) / (std + eps) with the unbiased group std, clipped ratio,
   optional k3 KL to a reference policy."""
   cfg = _cfg(clip_eps=clip_eps, kl_coef=kl_coef, normalize=normalize)
-  return _public("grpo", with_metrics, cfg=cfg, teacher=None, tokens=tokens, mask=mask, logits=student_logits,
-                 group_size=group_size, rewards=rewards, behaviour_logprobs=behaviour_logprobs,
-                 ref_logprobs=ref_logprobs)
+  return _public(
+    "grpo",
+    with_metrics,
+    cfg=cfg,
+    teacher=None,
+    tokens=tokens,
+    mask=mask,
+    logits=student_logits,
+    group_size=group_size,
+    rewards=rewards,
+    behaviour_logprobs=behaviour_logprobs,
+    ref_logprobs=ref_logprobs,
+  )
 
 
 def sft_loss(student_logits, tokens, mask, *, normalize="token", with_metrics=False):
   """Cross-entropy on expert-written response tokens."""
-  return _public("sft", with_metrics, cfg=_cfg(normalize=normalize), teacher=None, tokens=tokens, mask=mask,
-                 logits=student_logits)
+  return _public(
+    "sft", with_metrics, cfg=_cfg(normalize=normalize), teacher=None, tokens=tokens, mask=mask, logits=student_logits
+  )

@@ -13,8 +13,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file, optionally with :arg.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "A configs/*.py file, optionally with :arg.", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Where checkpoints, the buffer, metrics and the tokenizer live.")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "export"], "What to run.")
 flags.DEFINE_string("export_dir", None, "Output folder for --mode=export.")

@@ -20,8 +20,16 @@ def _plain(v):
 
 
 class MetricsWriter:
-  def __init__(self, workdir: str, *, resume_iteration: int | None, tensorboard: bool, progress_total: int,
-               show_progress: bool, enabled: bool = True):
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    resume_iteration: int | None,
+    tensorboard: bool,
+    progress_total: int,
+    show_progress: bool,
+    enabled: bool = True,
+  ):
     """`enabled=False` (every process but the first on a multi-host run) makes every method a no-op."""
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._file, self._tb, self._bar = None, None, None

@@ -90,9 +90,7 @@ class ModelConfig:
 
 
 def _init(cfg: ModelConfig, *axes: str):
-  return nnx.with_partitioning(
-    nnx.initializers.normal(cfg.initializer_range), axes, eager_sharding=False
-  )
+  return nnx.with_partitioning(nnx.initializers.normal(cfg.initializer_range), axes, eager_sharding=False)
 
 
 def _linear(cfg, rngs, d_in, d_out, axes, bias=False):
@@ -221,9 +219,7 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(cfg, rngs)
 
   def __call__(self, x, positions, mask, inv_freq, kv_cache=None, cache_index=None):
-    attn, kv_cache = self.self_attn(
-      self.input_layernorm(x), positions, mask, inv_freq, kv_cache, cache_index
-    )
+    attn, kv_cache = self.self_attn(self.input_layernorm(x), positions, mask, inv_freq, kv_cache, cache_index)
     x = x + attn
     x = x + self.mlp(self.post_attention_layernorm(x))
     return sharding.constrain(x, ("batch", None, None)), kv_cache
@@ -278,9 +274,7 @@ def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=None):
   """An empty KV cache: per layer k and v [B,S,K,E], and which slots hold real tokens."""
   dtype = dtype or cfg.compute_dtype
   shape = (batch, slots, cfg.num_key_value_heads, cfg.head_size)
-  layers = [
-    {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_hidden_layers)
-  ]
+  layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_hidden_layers)]
   return {"layers": layers, "valid": jnp.zeros((batch, slots), bool)}
 
 
@@ -304,8 +298,7 @@ class Transformer(nnx.Module):
     logits = jnp.einsum("btd,dv->btv", hidden_BxTxD, kernel, preferred_element_type=jnp.float32)
     return sharding.constrain(logits, ("batch", None, "vocab"))
 
-  def hidden_states(self, tokens_BxT, *, positions_BxT=None, segment_ids_BxT=None, cache=None,
-                    cache_index=None):
+  def hidden_states(self, tokens_BxT, *, positions_BxT=None, segment_ids_BxT=None, cache=None, cache_index=None):
     """Final-norm hidden states [B,T,D] (and the updated cache when one is given).
 
     segment_ids: 0 marks padding, equal positive ids mark one sequence (packing); default: all ones.

@@ -59,8 +59,8 @@ def left_pad(prompts: Sequence[Sequence[int]], buckets: Sequence[int], pad_id: i
   mask = np.zeros((len(prompts), width), np.int32)
   for i, p in enumerate(prompts):
     if len(p):
-      tokens[i, width - len(p):] = p
-      mask[i, width - len(p):] = 1
+      tokens[i, width - len(p) :] = p
+      mask[i, width - len(p) :] = 1
   return tokens, mask
 
 
@@ -114,8 +114,11 @@ def _generate(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, temperature, *
     logprobs = logprobs.at[:, step].set(logprob)
     new_done = done | (token == eos)
     hidden, cache = model.hidden_states(
-      token[:, None], positions_BxT=pos[:, None], segment_ids_BxT=jnp.ones((b, 1), jnp.int32),
-      cache=cache, cache_index=p + step,
+      token[:, None],
+      positions_BxT=pos[:, None],
+      segment_ids_BxT=jnp.ones((b, 1), jnp.int32),
+      cache=cache,
+      cache_index=p + step,
     )
     return step + 1, cache, model.logits(hidden)[:, 0], pos + 1, new_done, tokens, logprobs, rng
 
@@ -123,8 +126,14 @@ def _generate(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, temperature, *
     return (state[0] < n) & ~jnp.all(state[4])
 
   init = (
-    jnp.int32(0), cache, logits, next_pos, jnp.zeros((b,), bool),
-    jnp.full((b, n), cfg.pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32), rng,
+    jnp.int32(0),
+    cache,
+    logits,
+    next_pos,
+    jnp.zeros((b,), bool),
+    jnp.full((b, n), cfg.pad_id, jnp.int32),
+    jnp.zeros((b, n), jnp.float32),
+    rng,
   )
   step, _, _, _, done, tokens, logprobs, _ = jax.lax.while_loop(cond, body, init)
   is_eos = tokens == eos
@@ -136,6 +145,11 @@ def _generate(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, temperature, *
 def generate(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, cfg: SamplingConfig) -> Samples:
   """Sample up to `cfg.max_new_tokens` tokens per row; rows stop at EOS (kept) and are padded after."""
   return _generate(
-    graphdef, params, jnp.asarray(prompt_BxP, jnp.int32), jnp.asarray(prompt_mask_BxP, jnp.int32), rng,
-    jnp.float32(cfg.temperature), cfg=dataclasses.replace(cfg, temperature=1.0),
+    graphdef,
+    params,
+    jnp.asarray(prompt_BxP, jnp.int32),
+    jnp.asarray(prompt_mask_BxP, jnp.int32),
+    rng,
+    jnp.float32(cfg.temperature),
+    cfg=dataclasses.replace(cfg, temperature=1.0),
   )

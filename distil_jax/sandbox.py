@@ -161,14 +161,25 @@ def run(program: str, limits: Limits = Limits(), files: dict[str, str] | None = 
     for name, text in (files or {}).items():
       with open(os.path.join(workdir, name), "w") as f:
         f.write(text)
-    cfg = json.dumps({
-      "dir": workdir, "program": path, "cpu": int(limits.cpu_seconds), "mem": int(limits.memory_bytes),
-      "fsize": int(limits.file_bytes), "nofile": int(limits.open_files), "nproc": int(limits.processes),
-    })
+    cfg = json.dumps(
+      {
+        "dir": workdir,
+        "program": path,
+        "cpu": int(limits.cpu_seconds),
+        "mem": int(limits.memory_bytes),
+        "fsize": int(limits.file_bytes),
+        "nofile": int(limits.open_files),
+        "nproc": int(limits.processes),
+      }
+    )
     proc = subprocess.Popen(
       [sys.executable, "-I", "-S", "-c", _LAUNCHER, cfg],
-      cwd=workdir, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"},
-      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+      cwd=workdir,
+      env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"},
+      stdin=subprocess.DEVNULL,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      start_new_session=True,
     )
     try:
       out, err = proc.communicate(timeout=limits.wall_seconds)

@@ -45,17 +45,16 @@ def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = No
     raise ValueError(f"mesh axes {sorted(unknown)} are not among {MESH_AXES}")
   sizes = [int(axes.get(name, 1)) for name in MESH_AXES]
   if sizes.count(-1) > 1:
-    raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes, strict=True))}")
   known = math.prod(s for s in sizes if s != -1)
+  named = lambda: dict(zip(MESH_AXES, sizes, strict=True))
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(f"{len(devices)} devices do not divide into mesh {dict(zip(MESH_AXES, sizes))}")
+      raise ValueError(f"{len(devices)} devices do not divide into mesh {named()}")
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
-  return jax.make_mesh(
-    tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices
-  )
+    raise ValueError(f"mesh {named()} needs {math.prod(sizes)} devices, have {len(devices)}")
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], rules=None, shape=None, mesh=None) -> P:
@@ -142,6 +141,4 @@ def abstract_params(make_model, mesh, rules=None):
   graphdef, state = nnx.split(abstract, nnx.Param)
   shardings = param_shardings(state, mesh, rules)
   shapes = state.to_pure_dict()
-  return graphdef, jax.tree.map(
-    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
-  )
+  return graphdef, jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)

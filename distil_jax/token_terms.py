@@ -188,20 +188,41 @@ def _check_terms(terms):
   return tuple(sorted(terms))
 
 
-def token_terms(student_logits, teacher, tokens, *, mask=None, terms=("ce",), topk_tail="bucket", temperature=1.0,
-                jsd_beta=0.5):
+def token_terms(
+  student_logits, teacher, tokens, *, mask=None, terms=("ce",), topk_tail="bucket", temperature=1.0, jsd_beta=0.5
+):
   """Per-position terms [B,T] from full student logits [B,T,V] (the unfused reference path).
 
   `teacher` may be None (GRPO, SFT need only log pi(y_t)). Returns a dict with `logp`, `entropy` and `terms`.
   """
   kind, arrays, head = _split_target(teacher)
   kind, arrays = _teacher_logits(kind, arrays, head)
-  return _block_terms(student_logits.astype(jnp.float32), tokens.astype(jnp.int32), kind, arrays,
-                      _check_terms(terms), topk_tail, temperature, jsd_beta, mask)
+  return _block_terms(
+    student_logits.astype(jnp.float32),
+    tokens.astype(jnp.int32),
+    kind,
+    arrays,
+    _check_terms(terms),
+    topk_tail,
+    temperature,
+    jsd_beta,
+    mask,
+  )
 
 
-def fused_token_terms(hidden, lm_head, teacher, tokens, *, mask=None, chunk_size=64, terms=("ce",),
-                      topk_tail="bucket", temperature=1.0, jsd_beta=0.5):
+def fused_token_terms(
+  hidden,
+  lm_head,
+  teacher,
+  tokens,
+  *,
+  mask=None,
+  chunk_size=64,
+  terms=("ce",),
+  topk_tail="bucket",
+  temperature=1.0,
+  jsd_beta=0.5,
+):
   """The same terms as `token_terms(hidden @ lm_head, ...)` without any [B,T,V] array.
 
   hidden [B,T,D] in the compute dtype; lm_head [D,V] is cast to hidden's dtype inside each chunk (float32

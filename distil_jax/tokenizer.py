@@ -88,8 +88,9 @@ class SentencePieceTokenizer(Tokenizer):
     return self._sp.decode([i])
 
 
-def train_sentencepiece(texts: Iterable[str], vocab_size: int = 256, model_type: str = "char",
-                        split_digits: bool = True):
+def train_sentencepiece(
+  texts: Iterable[str], vocab_size: int = 256, model_type: str = "char", split_digits: bool = True
+):
   """Train a SentencePiece model in memory. `char` gives one token per character; `unigram` with `split_digits`
   gives word pieces for prose but one token per digit, so arithmetic stays character-level while prompts shrink."""
   import sentencepiece as spm
@@ -160,8 +161,10 @@ def load_tokenizer(path: str) -> Tokenizer:
   """A `.model` file (SentencePiece) or a folder / file with `tokenizer.json` (Hugging Face)."""
   if path.endswith(".model"):
     return SentencePieceTokenizer.from_file(path)
-  if os.path.isdir(path) and os.path.exists(os.path.join(path, "tokenizer.model")) and not os.path.exists(
-    os.path.join(path, "tokenizer.json")
+  if (
+    os.path.isdir(path)
+    and os.path.exists(os.path.join(path, "tokenizer.model"))
+    and not os.path.exists(os.path.join(path, "tokenizer.json"))
   ):
     return SentencePieceTokenizer.from_file(os.path.join(path, "tokenizer.model"))
   return HFTokenizer(path)

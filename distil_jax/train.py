@@ -37,9 +37,16 @@ def make_tokenizer(config, task, workdir: str) -> tok_lib.Tokenizer:
   saved = os.path.join(workdir, "tokenizer.model")
   if os.path.exists(saved):
     return tok_lib.SentencePieceTokenizer.from_file(saved)
-  extra = [config.expert.reprompt.format(prompt="", feedback="")]
-  tok = tok_lib.train_sentencepiece(list(task.corpus()) + extra, config.tokenizer.vocab_size,
-                                    config.tokenizer.model_type, config.tokenizer.split_digits)
+  if config.model.init_from:  # the run this one starts from trained it; keep a copy so the workdir stands alone
+    tok = tok_lib.SentencePieceTokenizer.from_file(os.path.join(config.model.init_from, "tokenizer.model"))
+  else:
+    extra = [config.expert.reprompt.format(prompt="", feedback=experts.SIBLING)]
+    tok = tok_lib.train_sentencepiece(
+      list(task.corpus()) + extra,
+      config.tokenizer.vocab_size,
+      config.tokenizer.model_type,
+      config.tokenizer.split_digits,
+    )
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     tok.save(saved)
@@ -50,28 +57,44 @@ def model_config(config, vocab_size: int) -> model_lib.ModelConfig:
   m = config.model
   multiple = m.vocab_multiple
   return model_lib.ModelConfig(
-    vocab_size=-(-vocab_size // multiple) * multiple, hidden_size=m.hidden_size,
-    intermediate_size=m.intermediate_size, num_hidden_layers=m.num_hidden_layers,
-    num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_key_value_heads,
-    head_dim=m.head_dim or None, arch=m.arch, rope_theta=m.rope_theta, tie_word_embeddings=m.tie_word_embeddings,
-    dtype=m.dtype, remat=m.remat,
+    vocab_size=-(-vocab_size // multiple) * multiple,
+    hidden_size=m.hidden_size,
+    intermediate_size=m.intermediate_size,
+    num_hidden_layers=m.num_hidden_layers,
+    num_attention_heads=m.num_attention_heads,
+    num_key_value_heads=m.num_key_value_heads,
+    head_dim=m.head_dim or None,
+    arch=m.arch,
+    rope_theta=m.rope_theta,
+    tie_word_embeddings=m.tie_word_embeddings,
+    dtype=m.dtype,
+    remat=m.remat,
   )
 
 
 def make_policy(config, tok, mesh, rules):
   """(graphdef, params, ModelConfig): from a Hugging Face checkpoint, or freshly initialised."""
   if config.model.hf_path:
-    model, cfg = hf.load_hf(config.model.hf_path, mesh=mesh, rules=rules, dtype=config.model.dtype,
-                            remat=config.model.remat)
+    model, cfg = hf.load_hf(
+      config.model.hf_path, mesh=mesh, rules=rules, dtype=config.model.dtype, remat=config.model.remat
+    )
     if tok.vocab_size > cfg.vocab_size:
-      raise ValueError(f"tokenizer has {tok.vocab_size} tokens but {config.model.hf_path} has vocab_size "
-                       f"{cfg.vocab_size}: they do not belong together")
+      raise ValueError(
+        f"tokenizer has {tok.vocab_size} tokens but {config.model.hf_path} has vocab_size "
+        f"{cfg.vocab_size}: they do not belong together"
+      )
     graphdef, params = nnx.split(model, nnx.Param)
     return graphdef, params.to_pure_dict(), cfg
-  cfg = dataclasses.replace(model_config(config, tok.vocab_size), eos_token_id=tok.eos_id,
-                            pad_token_id=tok.pad_id, bos_token_id=tok.bos_id)
-  graphdef, params = sharding.init_params(
-    lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(config.seed)), mesh, rules)
+  cfg = dataclasses.replace(
+    model_config(config, tok.vocab_size), eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, bos_token_id=tok.bos_id
+  )
+  graphdef, params = sharding.init_params(lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(config.seed)), mesh, rules)
+  if config.model.init_from:  # e.g. a behaviour-cloning run shared by several post-training runs
+    with checkpoint.Checkpointer(os.path.join(config.model.init_from, "checkpoints")) as ckpt:
+      step = ckpt.latest_step()
+      if step is None:
+        raise FileNotFoundError(f"model.init_from={config.model.init_from}: no checkpoint there")
+      params = ckpt.restore(step, {"params": checkpoint.abstract_like(params)})[0]["params"]
   return graphdef, params, cfg
 
 
@@ -82,14 +105,17 @@ def load_teacher(config, student_cfg, tok, mesh, rules):
     raise ValueError("expert.kind='model' needs expert.model_path (a Hugging Face checkpoint directory)")
   teacher, tcfg = hf.load_hf(path, mesh=mesh, rules=rules, dtype=config.model.dtype)
   if tcfg.vocab_size != student_cfg.vocab_size:
-    raise ValueError(f"expert vocabulary differs from the student's: {path} has vocab_size {tcfg.vocab_size}, "
-                     f"the student {student_cfg.vocab_size}")
+    raise ValueError(
+      f"expert vocabulary differs from the student's: {path} has vocab_size {tcfg.vocab_size}, "
+      f"the student {student_cfg.vocab_size}"
+    )
   for name in ("tokenizer.json", "tokenizer.model"):
     if os.path.exists(os.path.join(path, name)):
       theirs = tok_lib.load_tokenizer(os.path.join(path, name) if name.endswith(".model") else path)
       if theirs.fingerprint != tok.fingerprint:
-        raise ValueError(f"expert tokenizer ({path}, {theirs.fingerprint}) differs from the student's "
-                         f"({tok.fingerprint})")
+        raise ValueError(
+          f"expert tokenizer ({path}, {theirs.fingerprint}) differs from the student's ({tok.fingerprint})"
+        )
   graphdef, params = nnx.split(teacher, nnx.Param)
   return graphdef, params.to_pure_dict()
 
@@ -98,13 +124,22 @@ def buffer_schema(config, expert) -> dict:
   t, k = config.train, config.expert
   p, n, g = config.sampling.max_prompt_tokens, config.sampling.max_new_tokens, t.group_size
   schema = {
-    "prompt_tokens": ((p,), "int32"), "prompt_mask": ((p,), "int32"), "tokens": ((g, n), "int32"),
-    "mask": ((g, n), "int32"), "logprobs": ((g, n), "float32"), "reward": ((g,), "float32"),
-    "iteration": ((), "int32"), "sft_tokens": ((n,), "int32"), "sft_mask": ((n,), "int32"),
+    "prompt_tokens": ((p,), "int32"),
+    "prompt_mask": ((p,), "int32"),
+    "tokens": ((g, n), "int32"),
+    "mask": ((g, n), "int32"),
+    "logprobs": ((g, n), "float32"),
+    "reward": ((g,), "float32"),
+    "iteration": ((), "int32"),
+    "sft_tokens": ((n,), "int32"),
+    "sft_mask": ((n,), "int32"),
   }
   if expert.on_device:
-    schema.update(teacher_tokens=((g, k.max_prompt_tokens), "int32"),
-                  teacher_mask=((g, k.max_prompt_tokens), "int32"), teacher_valid=((g,), "int32"))
+    schema.update(
+      teacher_tokens=((g, k.max_prompt_tokens), "int32"),
+      teacher_mask=((g, k.max_prompt_tokens), "int32"),
+      teacher_valid=((g,), "int32"),
+    )
   else:
     schema.update(target_ids=((g, n, k.top_k), "int32"), target_logprobs=((g, n, k.top_k), "float32"))
   return schema
@@ -134,9 +169,14 @@ def rollout(graphdef, params, problems, rng, *, config, tok, task, mesh, samples
   texts = [tok.text_of(row[:length]) for row, length in zip(tokens, lengths, strict=True)]
   verdicts = [task.verify(problems[i // g], text) for i, text in enumerate(texts)]
   return experts.Rollouts(
-    problems=list(problems), prompt_tokens=full_prompt, prompt_mask=full_mask,
-    tokens=tokens.reshape(bp, g, n), mask=mask.reshape(bp, g, n), logprobs=logprobs.reshape(bp, g, n),
-    texts=[texts[i * g:(i + 1) * g] for i in range(bp)], verdicts=[verdicts[i * g:(i + 1) * g] for i in range(bp)],
+    problems=list(problems),
+    prompt_tokens=full_prompt,
+    prompt_mask=full_mask,
+    tokens=tokens.reshape(bp, g, n),
+    mask=mask.reshape(bp, g, n),
+    logprobs=logprobs.reshape(bp, g, n),
+    texts=[texts[i * g : (i + 1) * g] for i in range(bp)],
+    verdicts=[verdicts[i * g : (i + 1) * g] for i in range(bp)],
   )
 
 
@@ -144,16 +184,36 @@ def evaluate_policy(graphdef, params, rng, *, config, tok, task, mesh) -> dict[s
   """Pass@k on the held-out prompts (this process's share), and greedy accuracy."""
   e = config.eval
   held_out = task.problems("eval")[: e.num_prompts]
-  mine = held_out[jax.process_index()::jax.process_count()]
+  mine = held_out[jax.process_index() :: jax.process_count()]
   base = sampling_config(config, tok)
   out = {}
-  r = rollout(graphdef, params, mine, rng, config=config, tok=tok, task=task, mesh=mesh,
-              samples_per_prompt=e.samples, sampling_cfg=dataclasses.replace(base, temperature=e.temperature))
+  r = rollout(
+    graphdef,
+    params,
+    mine,
+    rng,
+    config=config,
+    tok=tok,
+    task=task,
+    mesh=mesh,
+    samples_per_prompt=e.samples,
+    sampling_cfg=dataclasses.replace(base, temperature=e.temperature),
+  )
   correct = [[v.correct for v in row] for row in r.verdicts]
   out.update({f"eval/{k}": v for k, v in evaluate.summarize(correct, e.pass_at).items()})
   if e.greedy:
-    r = rollout(graphdef, params, mine, rng, config=config, tok=tok, task=task, mesh=mesh, samples_per_prompt=1,
-                sampling_cfg=dataclasses.replace(base, greedy=True))
+    r = rollout(
+      graphdef,
+      params,
+      mine,
+      rng,
+      config=config,
+      tok=tok,
+      task=task,
+      mesh=mesh,
+      samples_per_prompt=1,
+      sampling_cfg=dataclasses.replace(base, greedy=True),
+    )
     out["eval/greedy_accuracy"] = float(np.mean([row[0].correct for row in r.verdicts]))
     out["eval/greedy_length"] = float(r.mask.sum(-1).mean())
   if jax.process_count() > 1:  # average the per-process figures (equal shares of prompts)
@@ -163,8 +223,15 @@ def evaluate_policy(graphdef, params, rng, *, config, tok, task, mesh) -> dict[s
 
 def sampling_config(config, tok) -> sampler.SamplingConfig:
   s = config.sampling
-  return sampler.SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
-                                top_p=s.top_p, eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_limit=tok.vocab_size)
+  return sampler.SamplingConfig(
+    max_new_tokens=s.max_new_tokens,
+    temperature=s.temperature,
+    top_k=s.top_k,
+    top_p=s.top_p,
+    eos_id=tok.eos_id,
+    pad_id=tok.pad_id,
+    vocab_limit=tok.vocab_size,
+  )
 
 
 def reference_rows(problems, n: int, tok) -> tuple[np.ndarray, np.ndarray]:
@@ -179,8 +246,10 @@ def reference_rows(problems, n: int, tok) -> tuple[np.ndarray, np.ndarray]:
 
 def prompt_rows(problems, *, config, tok) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
   """Prompt ids, and (tokens, mask) left-padded to sampling.max_prompt_tokens."""
-  ids = [([tok.bos_id] if config.tokenizer.add_bos and tok.bos_id is not None else []) + tok.encode(p.prompt)
-         for p in problems]
+  ids = [
+    ([tok.bos_id] if config.tokenizer.add_bos and tok.bos_id is not None else []) + tok.encode(p.prompt)
+    for p in problems
+  ]
   return ids, *experts.left_pad_rows(ids, config.sampling.max_prompt_tokens, tok.pad_id)
 
 
@@ -189,50 +258,97 @@ def group_records(r: experts.Rollouts, labels: dict, iteration: int, *, config, 
   sft_tokens, sft_mask = reference_rows(r.problems, config.sampling.max_new_tokens, tok)
   reward = np.array([[v.reward for v in row] for row in r.verdicts], np.float32)
   return {
-    "prompt_tokens": r.prompt_tokens, "prompt_mask": r.prompt_mask, "tokens": r.tokens, "mask": r.mask,
-    "logprobs": r.logprobs, "reward": reward, "iteration": np.full(len(r.problems), iteration, np.int32),
-    "sft_tokens": sft_tokens, "sft_mask": sft_mask, **labels,
+    "prompt_tokens": r.prompt_tokens,
+    "prompt_mask": r.prompt_mask,
+    "tokens": r.tokens,
+    "mask": r.mask,
+    "logprobs": r.logprobs,
+    "reward": reward,
+    "iteration": np.full(len(r.problems), iteration, np.int32),
+    "sft_tokens": sft_tokens,
+    "sft_mask": sft_mask,
+    **labels,
   }
+
+
+def _corrupt(text: str) -> str:
+  """The reference with its first digit after '=' changed: a wrong solution for the verifier to comment on."""
+  i = text.find("=") + 1
+  if 0 < i < len(text) and text[i].isdigit():
+    return text[:i] + str((int(text[i]) + 1) % 10) + text[i + 1 :]
+  return text[::-1]
+
+
+def with_feedback(problems, fraction: float, *, config, task):
+  """The first `fraction` of `problems` re-prompted as the self expert sees them (half with a correct solution in
+  context, half with the verifier's feedback on a wrong one), so that a small model learns to use feedback."""
+  out = list(problems)
+  n = int(round(fraction * len(out)))
+  for i, p in enumerate(out[:n]):
+    feedback = experts.SIBLING + p.reference if i % 2 == 0 else task.verify(p, _corrupt(p.reference)).feedback
+    out[i] = dataclasses.replace(p, prompt=config.expert.reprompt.format(prompt=p.prompt, feedback=feedback))
+  return out
 
 
 def warmup_batch(problems, *, config, tok) -> dict[str, np.ndarray]:
   """A behaviour-cloning batch: prompts and the expert's responses, as one-response groups."""
+  if config.train.warmup_reprompt_fraction:  # re-prompts are longer: pad every row to the expert's width
+    config = config.copy_and_resolve_references()
+    config.sampling.max_prompt_tokens = max(config.sampling.max_prompt_tokens, config.expert.max_prompt_tokens)
   _, prompt, pmask = prompt_rows(problems, config=config, tok=tok)
   sft_tokens, sft_mask = reference_rows(problems, config.sampling.max_new_tokens, tok)
   b = len(problems)
-  return {"prompt_tokens": prompt, "prompt_mask": pmask, "sft_tokens": sft_tokens, "sft_mask": sft_mask,
-          "tokens": sft_tokens[:, None], "mask": sft_mask[:, None], "reward": np.zeros((b, 1), np.float32),
-          "iteration": np.zeros(b, np.int32)}
+  return {
+    "prompt_tokens": prompt,
+    "prompt_mask": pmask,
+    "sft_tokens": sft_tokens,
+    "sft_mask": sft_mask,
+    "tokens": sft_tokens[:, None],
+    "mask": sft_mask[:, None],
+    "reward": np.zeros((b, 1), np.float32),
+    "iteration": np.zeros(b, np.int32),
+  }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The run
 
 
-def warm_up(state, run, tx, *, config, mesh, shardings):
+def warm_up(params, run, *, config, mesh):
   """DAgger's round 0: `train.warmup_steps` behaviour-cloning updates on the expert's own responses to fresh
-  prompts (no sampling), before the first evaluation. Returns the state and the last step's figures."""
+  prompts (no sampling), with an optimizer of its own at `train.warmup_lr`, as a separate SFT run would be.
+  Returns the parameters and figures."""
   c = config
+  optim = c.optim.copy_and_resolve_references()
+  optim.lr = c.train.warmup_lr
+  tx = update.make_optimizer(optim, c.train.warmup_steps)
+  state = update.init_state(tx, params, mesh)
   spec = update.UpdateSpec(losses.LossConfig(kind="sft", chunk_size=c.loss.chunk_size), teacher="topk")
-  step = update.make_update(run.graphdef, tx, spec, state_shardings=shardings)
+  step = update.make_update(run.graphdef, tx, spec, state_shardings=jax.tree.map(lambda x: x.sharding, state))
   stream = data.prompt_stream(run.task.problems("train"), seed=c.seed + 1, per_iteration=c.train.warmup_batch)
   losses_seen = []
   for k in range(c.train.warmup_steps):
-    batch = warmup_batch(stream[k], config=c, tok=run.tok)
+    problems = with_feedback(stream[k], c.train.warmup_reprompt_fraction, config=c, task=run.task)
+    batch = warmup_batch(problems, config=c, tok=run.tok)
     state, m = step(state, data.to_global(batch, mesh), None, jnp.int32(0))
     losses_seen.append(float(m["loss"]))
     if not np.isfinite(losses_seen[-1]):
       raise FloatingPointError(f"non-finite loss in warm-up step {k + 1}")
-  return state, {"warmup/loss_first": losses_seen[0], "warmup/loss_last": losses_seen[-1],
-                 "warmup/steps": c.train.warmup_steps}
+  return state["params"], {
+    "warmup/loss_first": losses_seen[0],
+    "warmup/loss_last": losses_seen[-1],
+    "warmup/steps": c.train.warmup_steps,
+  }
 
 
 def _check(config, mesh):
   t = config.train
   rows = mesh.shape["data"] * mesh.shape["fsdp"]
-  checks = [("train.prompts_per_iteration * train.group_size", t.prompts_per_iteration * t.group_size),
-            ("train.batch_groups (batches are sharded by prompt group)", t.batch_groups),
-            ("eval.num_prompts * eval.samples", config.eval.num_prompts * config.eval.samples)]
+  checks = [
+    ("train.prompts_per_iteration * train.group_size", t.prompts_per_iteration * t.group_size),
+    ("train.batch_groups (batches are sharded by prompt group)", t.batch_groups),
+    ("eval.num_prompts * eval.samples", config.eval.num_prompts * config.eval.samples),
+  ]
   if config.eval.greedy:
     checks.append(("eval.num_prompts (greedy evaluation)", config.eval.num_prompts))
   if t.warmup_steps:
@@ -292,23 +408,25 @@ def train(config, workdir: str) -> dict:
   teacher_graphdef, teacher_params = None, None
   if c.expert.kind == "model":
     teacher_graphdef, teacher_params = load_teacher(c, run.model_cfg, tok, mesh, run.rules)
-  total_updates = c.train.warmup_steps + c.train.iterations * c.train.updates_per_iteration
+  total_updates = c.train.iterations * c.train.updates_per_iteration
   tx = update.make_optimizer(c.optim, total_updates)
   state = update.init_state(tx, run.params, mesh, ema=_ema(c))
   spec = update.UpdateSpec(
-    losses.LossConfig(**c.loss), teacher="topk" if not expert.on_device else c.expert.kind,
-    ema_decay=c.expert.ema_decay, use_behaviour_logprobs=c.train.use_behaviour_logprobs,
+    losses.LossConfig(**c.loss),
+    teacher="topk" if not expert.on_device else c.expert.kind,
+    ema_decay=c.expert.ema_decay,
+    use_behaviour_logprobs=c.train.use_behaviour_logprobs,
     score_max_staleness=c.train.score_max_staleness,
   )
   if (spec.loss.kind == "sft" or c.train.warmup_steps) and task.problems("train")[0].reference is None:
-    raise ValueError(f"loss.kind='sft' and train.warmup_steps need reference solutions; task "
-                     f"{task.name!r} has none")
+    raise ValueError(f"loss.kind='sft' and train.warmup_steps need reference solutions; task {task.name!r} has none")
   shardings = jax.tree.map(lambda x: x.sharding, state)
   step_fn = update.make_update(run.graphdef, tx, spec, teacher_graphdef=teacher_graphdef, state_shardings=shardings)
 
   # Each process labels its own prompts and keeps its own part of the aggregated data set.
-  buf = buffer_lib.Buffer(os.path.join(workdir, "buffer", f"process_{jax.process_index()}"),
-                          buffer_schema(c, expert), c.buffer.max_groups)
+  buf = buffer_lib.Buffer(
+    os.path.join(workdir, "buffer", f"process_{jax.process_index()}"), buffer_schema(c, expert), c.buffer.max_groups
+  )
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.checkpoint.keep)
 
   # -- Resume ---------------------------------------------------------------------------------------------------------
@@ -323,9 +441,14 @@ def train(config, workdir: str) -> dict:
     rows_at[latest] = meta["buffer_rows"]
   else:
     buf.truncate(0)
-  writer = metrics.MetricsWriter(workdir, resume_iteration=start if latest is not None else None,
-                                 tensorboard=c.log.tensorboard, progress_total=c.train.iterations,
-                                 show_progress=c.log.progress, enabled=jax.process_index() == 0)
+  writer = metrics.MetricsWriter(
+    workdir,
+    resume_iteration=start if latest is not None else None,
+    tensorboard=c.log.tensorboard,
+    progress_total=c.train.iterations,
+    show_progress=c.log.progress,
+    enabled=jax.process_index() == 0,
+  )
   rollout_keys = jax.random.fold_in(jax.random.key(c.seed), 0)  # two streams, indexed by iteration
   eval_keys = jax.random.fold_in(jax.random.key(c.seed), 1)
   eval_fn = functools.partial(evaluate_policy, config=c, tok=tok, task=task, mesh=mesh)
@@ -338,17 +461,32 @@ def train(config, workdir: str) -> dict:
         t0 = time.time()
         figures = {}
         if c.train.warmup_steps:
-          state, figures = warm_up(state, run, tx, config=c, mesh=mesh, shardings=shardings)
-          figures["time/warmup_s"] = time.time() - t0
+          before = eval_fn(run.graphdef, state["params"], jax.random.fold_in(eval_keys, 0))
+          figures = {f"before_warmup/{k}": v for k, v in before.items()}
+          params, warm = warm_up(state["params"], run, config=c, mesh=mesh)
+          state = update.init_state(tx, params, mesh, ema=_ema(c))
+          figures.update(warm, **{"time/warmup_s": time.time() - t0})
         t1 = time.time()
         last = eval_fn(run.graphdef, state["params"], jax.random.fold_in(eval_keys, 0))
         writer.write(0, {**figures, **last, "samples/train_tokens": 0, "time/eval_s": time.time() - t1})
+        if c.train.iterations == 0:  # a warm-up-only run (e.g. a shared start for model.init_from)
+          ckpt.save(0, state, {"iteration": 0, "buffer_rows": 0, "sampled_tokens": 0, "seed": c.seed})
       for it in range(start + 1, c.train.iterations + 1):
         figures = {}
         t0 = time.time()
         # -- Rollouts and feedback --------------------------------------------------------------------------------
-        r = rollout(run.graphdef, state["params"], prompts[it - 1], jax.random.fold_in(rollout_keys, it), config=c,
-                    tok=tok, task=task, mesh=mesh, samples_per_prompt=c.train.group_size, sampling_cfg=sampling_cfg)
+        r = rollout(
+          run.graphdef,
+          state["params"],
+          prompts[it - 1],
+          jax.random.fold_in(rollout_keys, it),
+          config=c,
+          tok=tok,
+          task=task,
+          mesh=mesh,
+          samples_per_prompt=c.train.group_size,
+          sampling_cfg=sampling_cfg,
+        )
         sampled_tokens += int(r.mask.sum()) * jax.process_count()
         t1 = time.time()
         # -- Expert labels, into the buffer -----------------------------------------------------------------------
@@ -358,8 +496,13 @@ def train(config, workdir: str) -> dict:
         t2 = time.time()
         # -- Updates on fresh + aggregated data -------------------------------------------------------------------
         batches = data.training_batches(
-          data.split_rows(groups), buf.source(*old), mix=c.buffer.mix, seed=c.seed * 1_000_003 + it,
-          batch_groups=c.train.batch_groups // jax.process_count(), steps=c.train.updates_per_iteration)
+          data.split_rows(groups),
+          buf.source(*old),
+          mix=c.buffer.mix,
+          seed=c.seed * 1_000_003 + it,
+          batch_groups=c.train.batch_groups // jax.process_count(),
+          steps=c.train.updates_per_iteration,
+        )
         step_figures = []
         for k, batch in enumerate(batches):
           state, m = step_fn(state, data.to_global(batch, mesh), teacher_params, jnp.int32(it))
@@ -368,16 +511,22 @@ def train(config, workdir: str) -> dict:
             raise FloatingPointError(
               f"non-finite loss or gradient at iteration {it}, update {k + 1} (loss={m['loss']}, "
               f"grad_norm={m['grad_norm']}); the update was skipped, the last checkpoint "
-              f"(iteration {ckpt.latest_step()}) and {writer.path} are intact")
+              f"(iteration {ckpt.latest_step()}) and {writer.path} are intact"
+            )
           step_figures.append(m)
         t3 = time.time()
         figures.update({f"train/{k}": float(np.mean([m[k] for m in step_figures])) for k in step_figures[0]})
-        figures.update({
-          "rollout/reward": float(groups["reward"].mean()),
-          "rollout/length": float(r.mask.sum(-1).mean()),
-          "buffer/rows": buf.rows, "samples/train_tokens": sampled_tokens,
-          "time/rollout_s": t1 - t0, "time/label_s": t2 - t1, "time/update_s": t3 - t2,
-        })
+        figures.update(
+          {
+            "rollout/reward": float(groups["reward"].mean()),
+            "rollout/length": float(r.mask.sum(-1).mean()),
+            "buffer/rows": buf.rows,
+            "samples/train_tokens": sampled_tokens,
+            "time/rollout_s": t1 - t0,
+            "time/label_s": t2 - t1,
+            "time/update_s": t3 - t2,
+          }
+        )
         if "teacher_valid" in groups:
           figures["rollout/feedback_valid"] = float(groups["teacher_valid"].mean())
         # -- Evaluation and checkpoint ----------------------------------------------------------------------------
@@ -386,8 +535,9 @@ def train(config, workdir: str) -> dict:
           figures.update(eval_fn(run.graphdef, state["params"], jax.random.fold_in(eval_keys, it)))
           figures["time/eval_s"] = time.time() - t4
         if it % c.checkpoint.every == 0 or it == c.train.iterations:
-          ckpt.save(it, state, {"iteration": it, "buffer_rows": buf.rows, "sampled_tokens": sampled_tokens,
-                                "seed": c.seed})
+          ckpt.save(
+            it, state, {"iteration": it, "buffer_rows": buf.rows, "sampled_tokens": sampled_tokens, "seed": c.seed}
+          )
           rows_at[it] = buf.rows
           kept = [rows_at[s] for s in ckpt.all_steps() if s in rows_at]
           if len(kept) == len(ckpt.all_steps()):
@@ -395,8 +545,9 @@ def train(config, workdir: str) -> dict:
         figures["time/iteration_s"] = time.time() - t0
         writer.write(it, figures)
         last = figures
-        writer.progress(it, {"reward": figures["rollout/reward"], "loss": figures["train/loss"],
-                             "pass@1": last.get("eval/pass@1")})
+        writer.progress(
+          it, {"reward": figures["rollout/reward"], "loss": figures["train/loss"], "pass@1": last.get("eval/pass@1")}
+        )
   finally:
     ckpt.close()
     writer.close()
@@ -408,8 +559,9 @@ def evaluate_only(config, workdir: str) -> dict:
   run = Run.build(config, workdir)
   params, meta = run.restore_params()
   with jax.set_mesh(run.mesh):
-    out = evaluate_policy(run.graphdef, params, jax.random.key(config.seed), config=config, tok=run.tok,
-                          task=run.task, mesh=run.mesh)
+    out = evaluate_policy(
+      run.graphdef, params, jax.random.key(config.seed), config=config, tok=run.tok, task=run.task, mesh=run.mesh
+    )
   out["iteration"] = meta["iteration"]
   if jax.process_index() == 0:
     import json

@@ -41,8 +41,9 @@ def make_optimizer(cfg, total_updates: int) -> optax.GradientTransformation:
   if cfg.schedule == "cosine":
     lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(total_updates, warmup + 1))
   elif cfg.schedule == "constant":  # always a schedule, so the optimizer state has one structure
-    lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, max(warmup, 1)), optax.constant_schedule(cfg.lr)],
-                              [warmup])
+    lr = optax.join_schedules(
+      [optax.linear_schedule(0.0, cfg.lr, max(warmup, 1)), optax.constant_schedule(cfg.lr)], [warmup]
+    )
   else:
     raise ValueError(f"optim.schedule={cfg.schedule!r}; expected constant or cosine")
   return optax.chain(
@@ -70,7 +71,7 @@ def response_hidden(model, prompts_BxP, prompt_mask_BxP, responses_BxN):
   seq = jnp.concatenate([prompts_BxP, responses_BxN], axis=1)
   seg = jnp.concatenate([prompt_mask_BxP, jnp.ones_like(responses_BxN)], axis=1).astype(jnp.int32)
   hidden = model.hidden_states(seq[:, :-1], segment_ids_BxT=seg[:, :-1])
-  return hidden[:, p - 1:]
+  return hidden[:, p - 1 :]
 
 
 def _rows(x, g):
@@ -106,8 +107,15 @@ def loss_fn(params, batch, teacher_params, iteration, *, graphdef, teacher_graph
     behaviour = _rows(batch["logprobs"], g)
   fresh = (iteration - batch["iteration"]) <= spec.score_max_staleness
   return losses.compute_loss(
-    cfg, teacher=teacher, tokens=responses, mask=mask, hidden=hidden, lm_head=model.lm_head_kernel(),
-    group_size=group, rewards=batch["reward"].reshape(-1), behaviour_logprobs=behaviour,
+    cfg,
+    teacher=teacher,
+    tokens=responses,
+    mask=mask,
+    hidden=hidden,
+    lm_head=model.lm_head_kernel(),
+    group_size=group,
+    rewards=batch["reward"].reshape(-1),
+    behaviour_logprobs=behaviour,
     score_weight=jnp.repeat(fresh, group).astype(jnp.float32),
   )
 
@@ -123,8 +131,9 @@ def make_update(graphdef, tx, spec: UpdateSpec, *, teacher_graphdef=None, state_
     if spec.teacher == "self":
       teacher_params = state.get("ema")
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, metrics), grads = grad_fn(state["params"], batch, teacher_params, iteration, graphdef=graphdef,
-                                     teacher_graphdef=teacher_graphdef, spec=spec)
+    (loss, metrics), grads = grad_fn(
+      state["params"], batch, teacher_params, iteration, graphdef=graphdef, teacher_graphdef=teacher_graphdef, spec=spec
+    )
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}

@@ -90,8 +90,11 @@ def sweep(n=2000, seed=0):
         counts[k] += 1
         if k == "forward_ce" and example is None:
           example = {"pi": pi.round(4).tolist(), "q": q.round(4).tolist(), "r": r.tolist(), "dJ": fo[k]["dJ"]}
-  return {"problems": n, "fraction_lowering_J": {k: v / n for k, v in counts.items()},
-          "forward_ce_plain_counterexample": example}
+  return {
+    "problems": n,
+    "fraction_lowering_J": {k: v / n for k, v in counts.items()},
+    "forward_ce_plain_counterexample": example,
+  }
 
 
 def main():
@@ -99,8 +102,16 @@ def main():
   ap.add_argument("--out", default="docs")
   ap.add_argument("--sweep", type=int, default=2000, help="random problems in the sweep")
   args = ap.parse_args()
-  result = {"pi": PI.tolist(), "q": Q.tolist(), "r": R.tolist(), "J": float(PI @ R), "E_q_r": float(Q @ R),
-            "first_order": first_order(PI, Q, R), "trajectory": trajectory(PI, Q, R), "sweep": sweep(args.sweep)}
+  result = {
+    "pi": PI.tolist(),
+    "q": Q.tolist(),
+    "r": R.tolist(),
+    "J": float(PI @ R),
+    "E_q_r": float(Q @ R),
+    "first_order": first_order(PI, Q, R),
+    "trajectory": trajectory(PI, Q, R),
+    "sweep": sweep(args.sweep),
+  }
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "bandit.json"), "w") as f:
     json.dump(result, f, indent=1)
@@ -110,8 +121,12 @@ def main():
   import matplotlib.pyplot as plt
 
   fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-  labels = {"forward_ce": "forward CE (gradient)", "forward_ce_natural": "forward CE (natural / mixture)",
-            "reverse_kl": "reverse KL", "jsd": "JSD, beta = 0.5"}
+  labels = {
+    "forward_ce": "forward CE (gradient)",
+    "forward_ce_natural": "forward CE (natural / mixture)",
+    "reverse_kl": "reverse KL",
+    "jsd": "JSD, beta = 0.5",
+  }
   for name, tr in result["trajectory"].items():
     axes[0].plot(tr["J"], label=labels[name])
     axes[1].plot(tr["pi_worse"], label=labels[name])

@@ -43,8 +43,7 @@ def run(log_q_states, vocab, horizon, *, steps=3000, lr=0.5, seed=0):
   cost = jax.jit(lambda th: tabular.exact_cost(th, log_q_states, seqs_j, states_j, position_only)[0])
   out = {}
   for name, fn in fns.items():
-    grad = jax.jit(lambda th, fn=fn: tabular.expected_gradient(fn, th, log_q_states, seqs_j, states_j,
-                                                               position_only))
+    grad = jax.jit(lambda th, fn=fn: tabular.expected_gradient(fn, th, log_q_states, seqs_j, states_j, position_only))
     theta = jnp.asarray(np.random.default_rng(seed).normal(size=(horizon, vocab)) * 0.1, jnp.float32)
     curve = []
     for k in range(steps):
@@ -52,7 +51,8 @@ def run(log_q_states, vocab, horizon, *, steps=3000, lr=0.5, seed=0):
         curve.append(float(cost(theta)))
       theta = theta - lr * grad(theta)
     out[name] = {
-      "J": float(cost(theta)), "curve": curve,
+      "J": float(cost(theta)),
+      "curve": curve,
       "own_gradient_norm": float(jnp.linalg.norm(grad(theta))),  # ~0: a stationary point of its own dynamics
       "grad_J_norm": float(jnp.linalg.norm(jax.grad(cost)(theta))),
       "policy": np.asarray(jax.nn.softmax(theta, -1)).round(3).tolist(),
@@ -85,10 +85,17 @@ def main():
   worked = run(*worked_case(), steps=args.steps)
   rand = [run(*case, steps=args.steps, seed=i) for i, case in enumerate(random_cases(args.random))]
   gaps = [r["tokenwise_fce"]["J"] - r["distil"]["J"] for r in rand]
-  result = {"worked_case": worked, "random": {
-    "cases": args.random, "distil_lower": int(sum(g > 1e-4 for g in gaps)),
-    "tokenwise_lower": int(sum(g < -1e-4 for g in gaps)), "mean_gap": float(np.mean(gaps)),
-    "max_gap": float(np.max(gaps)), "gaps": gaps}}
+  result = {
+    "worked_case": worked,
+    "random": {
+      "cases": args.random,
+      "distil_lower": int(sum(g > 1e-4 for g in gaps)),
+      "tokenwise_lower": int(sum(g < -1e-4 for g in gaps)),
+      "mean_gap": float(np.mean(gaps)),
+      "max_gap": float(np.max(gaps)),
+      "gaps": gaps,
+    },
+  }
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "credit_assignment.json"), "w") as f:
     json.dump(result, f, indent=1)
@@ -101,19 +108,30 @@ def main():
   for name, label in (("tokenwise_fce", "tokenwise forward CE"), ("distil", "DistIL")):
     curve = worked[name]["curve"]
     axes[0].plot(np.arange(len(curve)) * 25, curve, label=label)
-  axes[0].set(xlabel="gradient step (exact expectation)", ylabel="J = E sum_t CE(q_t, pi_t)",
-              title="worked case (T = 2, V = 2)")
+  axes[0].set(
+    xlabel="gradient step (exact expectation)", ylabel="J = E sum_t CE(q_t, pi_t)", title="worked case (T = 2, V = 2)"
+  )
   axes[0].legend()
   axes[1].hist(gaps, bins=15, color="tab:green")
   axes[1].axvline(0, color="k", lw=0.8)
-  axes[1].set(xlabel="J(tokenwise) - J(DistIL) at convergence", ylabel="random problems",
-              title=f"V = 3, T = 3, {args.random} random experts")
+  axes[1].set(
+    xlabel="J(tokenwise) - J(DistIL) at convergence",
+    ylabel="random problems",
+    title=f"V = 3, T = 3, {args.random} random experts",
+  )
   fig.tight_layout()
   fig.savefig(os.path.join(args.out, "credit_assignment.png"), dpi=120)
-  print(json.dumps({"worked/tokenwise_J": worked["tokenwise_fce"]["J"], "worked/distil_J": worked["distil"]["J"],
-                    "worked/tokenwise_p_first": worked["tokenwise_fce"]["policy"][0],
-                    "worked/distil_p_first": worked["distil"]["policy"][0],
-                    **{f"random/{k}": v for k, v in result["random"].items() if k != "gaps"}}))
+  print(
+    json.dumps(
+      {
+        "worked/tokenwise_J": worked["tokenwise_fce"]["J"],
+        "worked/distil_J": worked["distil"]["J"],
+        "worked/tokenwise_p_first": worked["tokenwise_fce"]["policy"][0],
+        "worked/distil_p_first": worked["distil"]["policy"][0],
+        **{f"random/{k}": v for k, v in result["random"].items() if k != "gaps"},
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

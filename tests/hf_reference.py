@@ -6,18 +6,38 @@ import transformers
 ARCH_CONFIGS = {
   # GQA (4 query heads, 2 KV heads), untied, RoPE theta from config.
   "llama": lambda: transformers.LlamaConfig(
-    vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, rope_theta=500.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rope_theta=500.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
   ),
   # q/k/v bias, tied embeddings.
   "qwen2": lambda: transformers.Qwen2Config(
-    vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=True,
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rope_theta=10000.0,
+    tie_word_embeddings=True,
   ),
   # q/k RMSNorm per head, head_dim != hidden / heads.
   "qwen3": lambda: transformers.Qwen3Config(
-    vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=24, rope_theta=1000000.0, tie_word_embeddings=False,
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=24,
+    rope_theta=1000000.0,
+    tie_word_embeddings=False,
   ),
 }
 

@@ -30,8 +30,14 @@ def run_main(*args, timeout=600, env=None):
   """`python -m distil_jax.main ...` in a fresh process (one CPU device, as on a user's machine)."""
   full_env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   full_env.update(HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", **(env or {}))
-  return subprocess.run([sys.executable, "-m", "distil_jax.main", *args], cwd=ROOT, env=full_env,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", "distil_jax.main", *args],
+    cwd=ROOT,
+    env=full_env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 class FakeExpertServer:

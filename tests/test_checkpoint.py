@@ -9,7 +9,11 @@ from distil_jax import checkpoint, sharding
 from distil_jax import model as model_lib
 
 CFG = model_lib.ModelConfig(
-  vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+  vocab_size=64,
+  hidden_size=32,
+  intermediate_size=64,
+  num_hidden_layers=2,
+  num_attention_heads=4,
   num_key_value_heads=2,
 )
 
@@ -41,7 +45,9 @@ def test_save_restore_bit_identical_and_other_meshes(tmp_path):
     restored, meta = ckpt.restore(7, checkpoint.abstract_like(state))
   assert meta == {"iteration": 7, "buffer_rows": 42}
   _assert_identical(restored, state)
-  assert restored["params"]["model"]["embed_tokens"]["embedding"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+  assert restored["params"]["model"]["embed_tokens"]["embedding"].sharding.spec == jax.sharding.PartitionSpec(
+    "tensor", "fsdp"
+  )
 
   for axes, devices in [({"fsdp": 8}, jax.devices()), ({"fsdp": 1}, jax.devices()[:1])]:
     other = sharding.make_mesh(axes, devices)

@@ -93,7 +93,11 @@ def test_distil_gradient_is_unbiased_baseline_none(with_eos, cost):
   want = jax.grad(lambda th: _exact_J(th, teacher, tokens, mask, cost)[0])(theta)
   got = _expected_surrogate_grad(
     lambda lg, tch, tok, m: losses.distil_loss(lg, tch, tok, m, group_size=1, baseline="none", cost=cost),
-    theta, teacher, tokens, mask, group=1,
+    theta,
+    teacher,
+    tokens,
+    mask,
+    group=1,
   )
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
   assert np.abs(want).max() > 0.05  # the check is not vacuous
@@ -106,7 +110,11 @@ def test_distil_gradient_is_unbiased_leave_one_out(with_eos):
   want = jax.grad(lambda th: _exact_J(th, teacher, tokens, mask, "ce")[0])(theta)
   got = _expected_surrogate_grad(
     lambda lg, tch, tok, m: losses.distil_loss(lg, tch, tok, m, group_size=2, baseline="loo"),
-    theta, teacher, tokens, mask, group=2,
+    theta,
+    teacher,
+    tokens,
+    mask,
+    group=2,
   )
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
@@ -118,9 +126,12 @@ def test_hold_terminal_gradient_is_unbiased(baseline, group):
   tokens, mask = _sequences(with_eos=True)
   want = jax.grad(lambda th: _exact_J(th, teacher, tokens, mask, "ce", "hold")[0])(theta)
   got = _expected_surrogate_grad(
-    lambda lg, tch, tok, m: losses.distil_loss(lg, tch, tok, m, group_size=group, baseline=baseline,
-                                               terminal="hold"),
-    theta, teacher, tokens, mask, group=group,
+    lambda lg, tch, tok, m: losses.distil_loss(lg, tch, tok, m, group_size=group, baseline=baseline, terminal="hold"),
+    theta,
+    teacher,
+    tokens,
+    mask,
+    group=group,
   )
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
   free = jax.grad(lambda th: _exact_J(th, teacher, tokens, mask, "ce")[0])(theta)
@@ -151,6 +162,10 @@ def test_tokenwise_fce_is_biased():
   # The missing part is exactly the expected score term: E[sum_t R_t grad log pi(y_t)].
   score = _expected_surrogate_grad(
     lambda lg, tch, tok, m: losses.distil_loss(lg, tch, tok, m) - losses.tokenwise_fce_loss(lg, tch, tok, m),
-    theta, teacher, tokens, mask, group=1,
+    theta,
+    teacher,
+    tokens,
+    mask,
+    group=1,
   )
   np.testing.assert_allclose(got + score, want, atol=1e-5, rtol=1e-5)

@@ -55,12 +55,14 @@ def test_fused_equals_unfused_float32(kind, loss_kind):
 
   def unfused(h, w):
     logits = jnp.einsum("btd,dv->btv", h, w)
-    return losses.compute_loss(cfg, teacher=_dense_equivalent(targets[kind]), tokens=tokens, mask=mask,
-                               logits=logits, group_size=2)[0]
+    return losses.compute_loss(
+      cfg, teacher=_dense_equivalent(targets[kind]), tokens=tokens, mask=mask, logits=logits, group_size=2
+    )[0]
 
   def fused(h, w):
-    return losses.compute_loss(cfg, teacher=targets[kind], tokens=tokens, mask=mask, hidden=h, lm_head=w,
-                               group_size=2)[0]
+    return losses.compute_loss(cfg, teacher=targets[kind], tokens=tokens, mask=mask, hidden=h, lm_head=w, group_size=2)[
+      0
+    ]
 
   v1, g1 = jax.value_and_grad(unfused, argnums=(0, 1))(hidden, head)
   v2, g2 = jax.jit(jax.value_and_grad(fused, argnums=(0, 1)))(hidden, head)
@@ -81,8 +83,9 @@ def test_fused_bfloat16_close_to_float32():
   """bf16 hidden states and head, float32 accumulation: within 1e-2 relative of the float32 loss of the same values."""
   hidden, head, tokens, mask, targets = _inputs(seed=2, dtype=jnp.bfloat16)
   f32 = lambda x: x.astype(jnp.float32)
-  loss = lambda h, w: losses.fused_distil_loss(h, w, targets["topk"], tokens, mask, group_size=2, baseline="loo",
-                                               chunk_size=4)
+  loss = lambda h, w: losses.fused_distil_loss(
+    h, w, targets["topk"], tokens, mask, group_size=2, baseline="loo", chunk_size=4
+  )
   v16, g16 = jax.value_and_grad(loss, argnums=(0, 1))(hidden, head)
   v32, g32 = jax.value_and_grad(loss, argnums=(0, 1))(f32(hidden), f32(head))
   assert g16[0].dtype == jnp.bfloat16
@@ -116,11 +119,17 @@ def test_topk_tail_bucket_closed_form():
   lq = np.log(np.array([[[0.5, 0.3]]]))
   pi = np.exp(z) / np.exp(z).sum()
   want = -(0.5 * np.log(pi[0, 0, 4]) + 0.3 * np.log(pi[0, 0, 1]) + 0.2 * np.log(1 - pi[0, 0, [4, 1]].sum()))
-  got = losses.tokenwise_fce_loss(jnp.asarray(z), (jnp.asarray(ids), jnp.asarray(lq)), jnp.zeros((1, 1), jnp.int32),
-                                  jnp.ones((1, 1)))
+  got = losses.tokenwise_fce_loss(
+    jnp.asarray(z), (jnp.asarray(ids), jnp.asarray(lq)), jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1))
+  )
   np.testing.assert_allclose(got, want, rtol=1e-6)
-  renorm = losses.tokenwise_fce_loss(jnp.asarray(z), (jnp.asarray(ids), jnp.asarray(lq)),
-                                     jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1)), topk_tail="renorm")
+  renorm = losses.tokenwise_fce_loss(
+    jnp.asarray(z),
+    (jnp.asarray(ids), jnp.asarray(lq)),
+    jnp.zeros((1, 1), jnp.int32),
+    jnp.ones((1, 1)),
+    topk_tail="renorm",
+  )
   np.testing.assert_allclose(renorm, -(0.625 * np.log(pi[0, 0, 4]) + 0.375 * np.log(pi[0, 0, 1])), rtol=1e-6)
 
 
@@ -152,8 +161,14 @@ def test_sharded_equals_unsharded():
   put = lambda x, spec: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
   P = jax.sharding.PartitionSpec
   with jax.set_mesh(mesh):
-    args = (jax.device_put(hidden, rows), put(head, P("fsdp", "tensor")), jax.device_put(ids, rows),
-            jax.device_put(lq, rows), put(tokens, P(("data", "fsdp"))), put(mask, P(("data", "fsdp"))))
+    args = (
+      jax.device_put(hidden, rows),
+      put(head, P("fsdp", "tensor")),
+      jax.device_put(ids, rows),
+      jax.device_put(lq, rows),
+      put(tokens, P(("data", "fsdp"))),
+      put(mask, P(("data", "fsdp"))),
+    )
     v2, g2 = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(*args)
   assert len(g2[0].sharding.device_set) == 8
   np.testing.assert_allclose(v2, v1, rtol=1e-5)
@@ -175,8 +190,11 @@ def test_reverse_kl_closed_form_value_and_gradient():
   mask = np.array([[1, 1, 0], [1, 1, 1]], np.float32)
   lp, lq = _np_logsoftmax(z), _np_logsoftmax(tl)
   kl = (np.exp(lp) * (lp - lq)).sum(-1)  # KL(pi || q)
-  v, g = jax.value_and_grad(lambda z: losses.reverse_kl_loss(z, jnp.asarray(tl), jnp.zeros((2, 3), jnp.int32),
-                                                             jnp.asarray(mask), normalize="token"))(jnp.asarray(z))
+  v, g = jax.value_and_grad(
+    lambda z: losses.reverse_kl_loss(
+      z, jnp.asarray(tl), jnp.zeros((2, 3), jnp.int32), jnp.asarray(mask), normalize="token"
+    )
+  )(jnp.asarray(z))
   np.testing.assert_allclose(v, (kl * mask).sum() / mask.sum(), rtol=1e-6)
   # d KL(pi||q) / dz_j = pi_j (log pi_j - log q_j - KL)
   want = np.exp(lp) * (lp - lq - kl[..., None]) * mask[..., None] / mask.sum()
@@ -192,9 +210,11 @@ def test_jsd_matches_trl(beta):
   labels = torch.tensor(np.where(mask == 1, 1, -100))
   want = GKDTrainer.generalized_jsd_loss(zt, torch.tensor(tl), labels=labels, beta=beta)
   want.backward()
-  v, g = jax.value_and_grad(lambda z: losses.jsd_loss(z, jnp.asarray(tl), jnp.zeros((2, 4), jnp.int32),
-                                                      jnp.asarray(mask), beta=beta, normalize="token"))(
-    jnp.asarray(z, jnp.float32))
+  v, g = jax.value_and_grad(
+    lambda z: losses.jsd_loss(
+      z, jnp.asarray(tl), jnp.zeros((2, 4), jnp.int32), jnp.asarray(mask), beta=beta, normalize="token"
+    )
+  )(jnp.asarray(z, jnp.float32))
   np.testing.assert_allclose(v, want.item(), rtol=1e-5)
   np.testing.assert_allclose(g, zt.grad.numpy(), atol=1e-6)
 
@@ -217,12 +237,21 @@ def test_grpo_closed_form():
   d = ref - lp
   per_tok = per_tok + 0.1 * (np.exp(d) - d - 1)
   want = np.mean((per_tok * mask).sum(1) / mask.sum(1))
-  got = losses.grpo_loss(jnp.asarray(z), jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(rewards), group_size=2,
-                         behaviour_logprobs=jnp.asarray(old), ref_logprobs=jnp.asarray(ref), kl_coef=0.1)
+  got = losses.grpo_loss(
+    jnp.asarray(z),
+    jnp.asarray(tokens),
+    jnp.asarray(mask),
+    jnp.asarray(rewards),
+    group_size=2,
+    behaviour_logprobs=jnp.asarray(old),
+    ref_logprobs=jnp.asarray(ref),
+    kl_coef=0.1,
+  )
   np.testing.assert_allclose(got, want, rtol=1e-5)
   # On-policy gradient: -A (onehot(y) - softmax(z)) / |y| / B per position.
-  g = jax.grad(lambda z: losses.grpo_loss(z, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(rewards),
-                                          group_size=2))(jnp.asarray(z))
+  g = jax.grad(
+    lambda z: losses.grpo_loss(z, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(rewards), group_size=2)
+  )(jnp.asarray(z))
   onehot = np.eye(5)[tokens]
   want_g = -adv[..., None] * (onehot - np.exp(_np_logsoftmax(z))) * (mask / mask.sum(1, keepdims=True))[..., None] / 4
   np.testing.assert_allclose(g, want_g, atol=1e-6)
@@ -235,10 +264,12 @@ def test_tokenwise_fce_and_sft_closed_forms():
   mask = np.array([[1, 1, 0], [1, 1, 1]], np.float32)
   q = np.exp(_np_logsoftmax(tl))
   g = jax.grad(lambda z: losses.tokenwise_fce_loss(z, jnp.asarray(tl), jnp.asarray(tokens), jnp.asarray(mask)))(
-    jnp.asarray(z))
+    jnp.asarray(z)
+  )
   np.testing.assert_allclose(g, (np.exp(_np_logsoftmax(z)) - q) * mask[..., None] / 2, atol=1e-7)
-  want = torch.nn.functional.cross_entropy(torch.tensor(z).reshape(-1, 4), torch.tensor(
-    np.where(mask == 1, tokens, -100)).reshape(-1))
+  want = torch.nn.functional.cross_entropy(
+    torch.tensor(z).reshape(-1, 4), torch.tensor(np.where(mask == 1, tokens, -100)).reshape(-1)
+  )
   got = losses.sft_loss(jnp.asarray(z), jnp.asarray(tokens), jnp.asarray(mask))
   np.testing.assert_allclose(got, want.item(), rtol=1e-6)
 
@@ -270,8 +301,15 @@ def test_bad_arguments_are_named():
   with pytest.raises(ValueError, match="loss.baseline='mean'"):
     losses.LossConfig(baseline="mean")
   with pytest.raises(ValueError, match="group_size >= 2"):
-    losses.distil_loss(jnp.zeros((3, 2, 4)), jnp.zeros((3, 2, 4)), jnp.zeros((3, 2), jnp.int32), jnp.ones((3, 2)),
-                       group_size=2, baseline="loo")
+    losses.distil_loss(
+      jnp.zeros((3, 2, 4)),
+      jnp.zeros((3, 2, 4)),
+      jnp.zeros((3, 2), jnp.int32),
+      jnp.ones((3, 2)),
+      group_size=2,
+      baseline="loo",
+    )
   with pytest.raises(ValueError, match="sampled targets"):
-    losses.reverse_kl_loss(jnp.zeros((1, 2, 4)), tt.Samples(jnp.zeros((1, 2, 3), jnp.int32)),
-                           jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2)))
+    losses.reverse_kl_loss(
+      jnp.zeros((1, 2, 4)), tt.Samples(jnp.zeros((1, 2, 3), jnp.int32)), jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2))
+    )

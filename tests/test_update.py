@@ -11,11 +11,16 @@ from distil_jax import losses, sharding, update
 from distil_jax import model as model_lib
 
 CFG = model_lib.ModelConfig(
-  vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+  vocab_size=48,
+  hidden_size=32,
+  intermediate_size=64,
+  num_hidden_layers=2,
+  num_attention_heads=4,
   num_key_value_heads=2,
 )
-OPTIM = ml_collections.ConfigDict(dict(lr=3e-3, warmup_steps=0, schedule="constant", b1=0.9, b2=0.95, eps=1e-8,
-                                       weight_decay=0.01, max_grad_norm=1.0))
+OPTIM = ml_collections.ConfigDict(
+  dict(lr=3e-3, warmup_steps=0, schedule="constant", b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01, max_grad_norm=1.0)
+)
 BG, G, P, N, K, PT = 4, 2, 6, 7, 3, 9
 
 
@@ -29,13 +34,19 @@ def _batch(seed=0):
   tmask[:, :, :3] = 0
   logq = np.log(rng.dirichlet(np.ones(K + 1), (BG, G, N))[..., :K]).astype(np.float32)
   return {
-    "prompt_tokens": rng.integers(1, 48, (BG, P)).astype(np.int32), "prompt_mask": pmask,
-    "tokens": rng.integers(1, 48, (BG, G, N)).astype(np.int32), "mask": mask,
-    "logprobs": np.full((BG, G, N), -2.0, np.float32), "reward": rng.integers(0, 2, (BG, G)).astype(np.float32),
+    "prompt_tokens": rng.integers(1, 48, (BG, P)).astype(np.int32),
+    "prompt_mask": pmask,
+    "tokens": rng.integers(1, 48, (BG, G, N)).astype(np.int32),
+    "mask": mask,
+    "logprobs": np.full((BG, G, N), -2.0, np.float32),
+    "reward": rng.integers(0, 2, (BG, G)).astype(np.float32),
     "iteration": np.array([3, 3, 2, 3], np.int32),
-    "sft_tokens": rng.integers(1, 48, (BG, N)).astype(np.int32), "sft_mask": np.ones((BG, N), np.int32),
-    "target_ids": rng.integers(0, 48, (BG, G, N, K)).astype(np.int32), "target_logprobs": logq,
-    "teacher_tokens": rng.integers(1, 48, (BG, G, PT)).astype(np.int32), "teacher_mask": tmask,
+    "sft_tokens": rng.integers(1, 48, (BG, N)).astype(np.int32),
+    "sft_mask": np.ones((BG, N), np.int32),
+    "target_ids": rng.integers(0, 48, (BG, G, N, K)).astype(np.int32),
+    "target_logprobs": logq,
+    "teacher_tokens": rng.integers(1, 48, (BG, G, PT)).astype(np.int32),
+    "teacher_mask": tmask,
     "teacher_valid": np.array([[1, 1], [1, 0], [1, 1], [0, 1]], np.int32),
   }
 

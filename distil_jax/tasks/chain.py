@@ -3,11 +3,11 @@
 A problem is a start value and a chain of operations applied left to right. The solution writes one step per
 operation, separated by spaces, then the answer: "7+5=12 12*3=36 36-4=32 #32".
 
-The oracle expert is defined at every state the student can reach, mistakes included. It continues from the
-student's own written values and recovers from them: after "7+5=13" it writes "13-1=12 12*3=36 ..." (a correction
-step, then the rest of the chain); after "7-" (the problem said +5) it finishes "5=2" and then corrects 2 to 12.
-Following it from any state ends with the right answer, so imitating it teaches recovery, which behaviour cloning on
-clean solutions never sees; and an early slip costs later tokens, where sequence-level credit matters.
+The oracle expert is defined at every state the student can reach, mistakes included. It counts the student's
+well-formed steps and continues *correctly from the student's own written values*: after "7+5=13" it writes
+"13*3=39", not "12*3=36"; after "7-" (the problem said +5) it writes "5=2". So the expert is a sensible next-token
+distribution everywhere, and an early slip changes every later target: the situation in which sequence-level credit
+matters.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ class Chain:
     return self.values()[-1]
 
 
-def sample_chain(rng: np.random.Generator, n_ops: int, max_operand: int, max_value: int,
-                 ops: str = "+-*", max_multiplier: int = 3) -> Chain:
+def sample_chain(
+  rng: np.random.Generator, n_ops: int, max_operand: int, max_value: int, ops: str = "+-*", max_multiplier: int = 3
+) -> Chain:
   """A chain whose running values stay in [0, max_value]; multipliers are small (2..max_multiplier)."""
   while True:
     start = int(rng.integers(1, max_operand + 1))
@@ -85,46 +86,28 @@ def solution(chain: Chain, fmt: AnswerFormat) -> str:
 _PARTIAL = re.compile(r"(?P<x>-?\d*)(?P<op>[+\-*]?)(?P<a>\d*)(?P<eq>=?)(?P<y>-?\d*)")
 
 
-def _steps(parts: list[str]) -> list[re.Match]:
-  """The well-formed steps among completed parts, in order."""
-  return [m for m in (_STEP.fullmatch(p) for p in parts) if m]
+def _steps(parts: list[str], n_ops: int) -> list[re.Match]:
+  """The well-formed steps among completed parts, in order, at most one per operation of the chain."""
+  return [m for m in (_STEP.fullmatch(p) for p in parts) if m][:n_ops]
 
 
-def _progress(chain: Chain, steps: list[re.Match]) -> tuple[int, int]:
-  """(operations of the chain attempted, the student's current value). Every well-formed step is an attempt at the
-  next operation (right or wrong), except a correction: a step that lands on the chain's current value from another
-  number, which only moves the value."""
-  values = chain.values()
-  done, value = 0, chain.start
-  for m in steps:
-    x, y = int(m[1]), int(m[4])
-    if done < len(chain.ops) and not (y == values[done] and x != values[done]):
-      done += 1
-    value = y
-  return done, value
-
-
-def _plan(chain: Chain, done: int, value: int, fmt: AnswerFormat) -> list[str]:
-  """The expert's remaining steps: a correction to the chain's value if the student's is wrong, the operations not
-  yet applied, then the answer."""
-  right = chain.values()[done]
-  steps = []
-  if value != right:
-    steps.append(f"{value}{'-' if value > right else '+'}{abs(value - right)}={right}")
-  for op, a in chain.ops[done:]:
-    steps.append(f"{right}{op}{a}={_APPLY[op](right, a)}")
-    right = _APPLY[op](right, a)
-  return steps + [fmt.write(right)]
+def _plan(value: int, ops, fmt: AnswerFormat) -> str:
+  """The rest of a correct solution from `value`: one step per remaining operation, then the answer."""
+  out = []
+  for op, a in ops:
+    nxt = _APPLY[op](value, a)
+    out.append(f"{value}{op}{a}={nxt}")
+    value = nxt
+  return " ".join(out + [fmt.write(value)])
 
 
 class ChainOracle:
   """The expert continuation from any prefix of a response (see the module docstring).
 
-  Inside a step it accepts what the student wrote (a wrong start value, operator or operand is kept and the step
-  finished with the correct result for those numbers); a wrong result, or text that is not a step, is closed with a
-  space. Then, if the student's value is not the chain's, it writes a correction step ("28-1=27") and finishes the
-  chain. Following it from any state ends with the right answer, so recovering from a slip is worth learning, and
-  a slip costs future tokens: the situation in which sequence-level credit matters.
+  It accepts what the student wrote and completes it consistently: a wrong start value, operator or operand in
+  the current step is kept and the step is finished with the correct result for those values; only a wrong result
+  (or text that is not a step) is closed with a space. It never asks the student to undo a step, so imitating it
+  cannot teach a restart loop.
   """
 
   def __init__(self, fmt: AnswerFormat):
@@ -135,26 +118,30 @@ class ChainOracle:
     *parts, current = response.split(" ")
     if any(self.fmt.read(p) is not None for p in parts):
       return ""  # an answer is already written
-    done, value = _progress(chain, _steps(parts))
-    plan = _plan(chain, done, value, self.fmt)
-    target = " ".join(plan)
+    steps = _steps(parts, len(chain.ops))
+    value = int(steps[-1][4]) if steps else chain.start
+    remaining = chain.ops[len(steps) :]
+    if not remaining:  # the answer is due
+      answer = self.fmt.write(value)
+      if answer.startswith(current):
+        return answer[len(current) :]
+      return "" if current.startswith(self.fmt.open) else " " + answer
+    target = _plan(value, remaining, self.fmt)
     if target.startswith(current):
-      return target[len(current):]
-    if len(plan) == 1:  # only the answer is due
-      return "" if current.startswith(self.fmt.open) else " " + target
+      return target[len(current) :]
     m = _PARTIAL.fullmatch(current)
     if not m or m["x"] in ("", "-"):
       return " " + target
-    first = _STEP.fullmatch(plan[0])
-    op = m["op"] or first[2]
-    a = m["a"] if (m["eq"] or not first[3].startswith(m["a"])) else first[3]
-    a = a or first[3]
+    op_k, a_k = remaining[0]
+    op = m["op"] or op_k
+    a = m["a"] if (m["eq"] or not str(a_k).startswith(m["a"])) else str(a_k)
+    if not a:
+      a = str(a_k)
     result = _APPLY[op](int(m["x"]), int(a))
     step = f"{m['x']}{op}{a}={result}"
-    if not step.startswith(current):  # the written result is wrong: close the step
-      return " "
-    after = _progress(chain, _steps(parts + [step]))
-    return step[len(current):] + " " + " ".join(_plan(chain, *after, self.fmt))
+    if not step.startswith(current):  # the written result is wrong: close the step, continue from it next time
+      return " " + _plan(int(m["y"]), remaining[1:], self.fmt) if m["y"] not in ("", "-") else " " + target
+    return step[len(current) :] + " " + _plan(result, remaining[1:], self.fmt)
 
 
 def verify(chain: Chain, fmt: AnswerFormat, response: str) -> Verdict:
@@ -162,7 +149,7 @@ def verify(chain: Chain, fmt: AnswerFormat, response: str) -> Verdict:
   answer = fmt.read(response)
   parts = [p for p in response.split(" ") if p]
   lines = [f"'{p}' is not a step" for p in parts if not _STEP.fullmatch(p) and fmt.read(p) is None]
-  steps = _steps(parts)[: len(chain.ops)]
+  steps = _steps(parts, len(chain.ops))
   expected = chain.values()
   for i, m in enumerate(steps):
     x, op, a, y = int(m[1]), m[2], int(m[3]), int(m[4])

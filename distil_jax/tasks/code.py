@@ -62,8 +62,9 @@ class CodeTask:
 
   def __init__(self, cfg):
     self.cfg = cfg
-    self.limits = sandbox.Limits(wall_seconds=cfg.timeout_s, cpu_seconds=max(1, int(cfg.timeout_s)),
-                                 memory_bytes=int(cfg.memory_mb) << 20)
+    self.limits = sandbox.Limits(
+      wall_seconds=cfg.timeout_s, cpu_seconds=max(1, int(cfg.timeout_s)), memory_bytes=int(cfg.memory_mb) << 20
+    )
     if cfg.train_path:
       records = read_jsonl(cfg.train_path, ["prompt"], {"prompt": str})
       problems = [_problem_from_record(r, f"{cfg.train_path}:{i + 1}") for i, r in enumerate(records)]
@@ -71,7 +72,7 @@ class CodeTask:
     else:
       rng = np.random.default_rng(cfg.seed)
       problems = [self._generated(rng, i) for i in range(cfg.train_size + cfg.eval_size)]
-      self._split = {"train": problems[: cfg.train_size], "eval": problems[cfg.train_size:]}
+      self._split = {"train": problems[: cfg.train_size], "eval": problems[cfg.train_size :]}
 
   @staticmethod
   def _generated(rng, i) -> Problem:
@@ -88,9 +89,10 @@ class CodeTask:
     nonce = "@@result-" + secrets.token_hex(8) + "@@"
     program = (problem.prompt if self.cfg.include_prompt else "") + response
     program += "\n" + _HARNESS.replace("{tests!r}", repr(json.dumps(list(problem.meta)))).replace(
-      "{nonce!r}", repr(nonce))
+      "{nonce!r}", repr(nonce)
+    )
     result = sandbox.run(program, self.limits)
-    report = next((line[len(nonce):] for line in result.stdout.splitlines() if line.startswith(nonce)), None)
+    report = next((line[len(nonce) :] for line in result.stdout.splitlines() if line.startswith(nonce)), None)
     if result.timed_out:
       return Verdict(False, f"timed out after {self.limits.wall_seconds:g}s")
     if report is None:  # the program itself failed before the tests: syntax error, limit, crash

@@ -66,8 +66,10 @@ class MathTask:
     if cfg.train_path:
       records = read_jsonl(cfg.train_path, ["question", "answer"], {"question": str})
       self._records = split_records(
-        [Problem(cfg.prompt_template.format(question=r["question"]), str(r["answer"]), r.get("solution"))
-         for r in records],
+        [
+          Problem(cfg.prompt_template.format(question=r["question"]), str(r["answer"]), r.get("solution"))
+          for r in records
+        ],
         cfg.eval_size,
       )
       self.oracle = None  # a file brings no oracle: use the self, model or http expert
@@ -79,9 +81,7 @@ class MathTask:
   def render(self, chain: chain_lib.Chain) -> Problem:
     rng = np.random.default_rng([self.cfg.seed, chain.start, *[a for _, a in chain.ops]])
     name, item = _NAMES[rng.integers(len(_NAMES))], _ITEMS[rng.integers(len(_ITEMS))]
-    acts = [
-      _MULT[a] if op == "*" else _PHRASES[op][rng.integers(2)].format(a=a) for op, a in chain.ops
-    ]
+    acts = [_MULT[a] if op == "*" else _PHRASES[op][rng.integers(2)].format(a=a) for op, a in chain.ops]
     question = f"{name} has {chain.start} {item}, " + ", ".join(acts) + f". How many {item}?"
     prompt = self.cfg.prompt_template.format(question=question)
     return Problem(prompt, str(chain.answer), chain_lib.solution(chain, FORMAT), chain)
@@ -113,8 +113,12 @@ class MathTask:
     out = []
     for i in range(500):
       p = self._generated.train(i)
-      out += [p.prompt, p.reference, self.verify(p, p.reference.replace("=", "=1", 1)).feedback,
-              self.verify(p, "").feedback]
+      out += [
+        p.prompt,
+        p.reference,
+        self.verify(p, p.reference.replace("=", "=1", 1)).feedback,
+        self.verify(p, "").feedback,
+      ]
     return out
 
   def corpus(self):

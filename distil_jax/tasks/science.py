@@ -46,8 +46,10 @@ class ScienceTask:
     self.cfg = cfg
     if cfg.train_path:
       records = read_jsonl(cfg.train_path, ["question", "choices", "answer"], {"question": str, "choices": list})
-      problems = [self._render(r["question"], r["choices"], _letter(r, f"{cfg.train_path}:{i + 1}"),
-                               r.get("explanation")) for i, r in enumerate(records)]
+      problems = [
+        self._render(r["question"], r["choices"], _letter(r, f"{cfg.train_path}:{i + 1}"), r.get("explanation"))
+        for i, r in enumerate(records)
+      ]
     else:
       rng = np.random.default_rng(cfg.seed)
       problems = [self._generated(rng) for _ in range(cfg.train_size + cfg.eval_size)]
