@@ -14,6 +14,15 @@ def get_config(arg: str | None = None):
   c.sampling.max_prompt_tokens = 24
   c.sampling.prompt_buckets = (24,)
   c.sampling.max_new_tokens = 40
+  if arg in ("compare", "compare_self"):  # the protocol of experiments/arith_comparison.py
+    c.task.eval_size = 256
+    c.eval.update(every=10, num_prompts=256, samples=8)
+    c.train.update(iterations=40, warmup_steps=300)
+    c.checkpoint.every = 40
+    c.log.progress = False
+    if arg == "compare_self":  # the student re-prompted with the verifier's feedback is the expert
+      c.expert.update(kind="self", max_prompt_tokens=96)
+      c.train.warmup_reprompt_fraction = 0.5
   if arg == "runlocal":
     c.model.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
     c.train.update(iterations=2, prompts_per_iteration=4, group_size=2, updates_per_iteration=1, batch_groups=2)
