@@ -24,10 +24,5 @@ def get_config(arg: str | None = None):
       c.expert.update(kind="self", max_prompt_tokens=96)
       c.train.warmup_reprompt_fraction = 0.5
   if arg == "runlocal":
-    c.model.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
-    c.train.update(iterations=2, prompts_per_iteration=4, group_size=2, updates_per_iteration=1, batch_groups=2)
-    c.eval.update(every=1, num_prompts=4, samples=2, pass_at=(1, 2))
-    c.sampling.max_new_tokens = 16
-    c.checkpoint.every = 1
-    c.log.progress = False
+    config_base.runlocal(c)
   return c

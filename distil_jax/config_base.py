@@ -6,6 +6,8 @@ ml_collections refuses an unknown key, and `main.py` turns that into one line na
 
 import ml_collections
 
+from distil_jax import sharding
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -46,16 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
     vocab_multiple=8,
   )
   c.mesh = dict(data=1, fsdp=-1, tensor=1, num_devices=0)  # num_devices 0: all devices of this host/slice
-  c.sharding_rules = [
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("vocab", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("mlp", "tensor"),
-    ("norm", None),
-    ("head_dim", None),
-  ]
+  c.sharding_rules = [list(rule) for rule in sharding.DEFAULT_RULES]  # logical axis -> mesh axes
 
   c.sampling = dict(
     max_new_tokens=48, max_prompt_tokens=32, prompt_buckets=(16, 32), temperature=1.0, top_k=0, top_p=1.0
@@ -112,3 +105,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.log = dict(progress=True, tensorboard=True)
   c.export = dict(dtype="bfloat16")
   return ml_collections.ConfigDict(c)
+
+
+def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The `:runlocal` preset of every config: a one-layer model and two tiny iterations, seconds on a CPU."""
+  c.model.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+  c.train.update(
+    iterations=2, prompts_per_iteration=4, group_size=2, updates_per_iteration=1, batch_groups=2, warmup_steps=0
+  )
+  c.eval.update(every=1, num_prompts=4, samples=2, pass_at=(1, 2))
+  c.sampling.max_new_tokens = 16
+  c.checkpoint.every = 1
+  c.log.progress = False
+  return c

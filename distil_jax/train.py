@@ -186,34 +186,12 @@ def evaluate_policy(graphdef, params, rng, *, config, tok, task, mesh) -> dict[s
   held_out = task.problems("eval")[: e.num_prompts]
   mine = held_out[jax.process_index() :: jax.process_count()]
   base = sampling_config(config, tok)
-  out = {}
-  r = rollout(
-    graphdef,
-    params,
-    mine,
-    rng,
-    config=config,
-    tok=tok,
-    task=task,
-    mesh=mesh,
-    samples_per_prompt=e.samples,
-    sampling_cfg=dataclasses.replace(base, temperature=e.temperature),
-  )
+  sample = functools.partial(rollout, graphdef, params, mine, rng, config=config, tok=tok, task=task, mesh=mesh)
+  r = sample(samples_per_prompt=e.samples, sampling_cfg=dataclasses.replace(base, temperature=e.temperature))
   correct = [[v.correct for v in row] for row in r.verdicts]
-  out.update({f"eval/{k}": v for k, v in evaluate.summarize(correct, e.pass_at).items()})
+  out = {f"eval/{k}": v for k, v in evaluate.summarize(correct, e.pass_at).items()}
   if e.greedy:
-    r = rollout(
-      graphdef,
-      params,
-      mine,
-      rng,
-      config=config,
-      tok=tok,
-      task=task,
-      mesh=mesh,
-      samples_per_prompt=1,
-      sampling_cfg=dataclasses.replace(base, greedy=True),
-    )
+    r = sample(samples_per_prompt=1, sampling_cfg=dataclasses.replace(base, greedy=True))
     out["eval/greedy_accuracy"] = float(np.mean([row[0].correct for row in r.verdicts]))
     out["eval/greedy_length"] = float(r.mask.sum(-1).mean())
   if jax.process_count() > 1:  # average the per-process figures (equal shares of prompts)

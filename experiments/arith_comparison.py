@@ -28,12 +28,25 @@ METHODS = {
   "tokenwise FCE": ["--config.loss.kind=tokenwise_fce"],
   "SFT": ["--config.loss.kind=sft"],
 }
-SMOKE = ["--config.train.iterations=2", "--config.train.warmup_steps=2", "--config.train.warmup_batch=8",
-         "--config.train.prompts_per_iteration=4", "--config.train.group_size=2", "--config.train.batch_groups=2",
-         "--config.train.updates_per_iteration=1", "--config.eval.every=1", "--config.eval.num_prompts=4",
-         "--config.eval.samples=2", "--config.eval.pass_at=(1,2)", "--config.model.hidden_size=32",
-         "--config.model.intermediate_size=64", "--config.model.num_hidden_layers=1",
-         "--config.sampling.max_new_tokens=16", "--config.checkpoint.every=1", "--config.expert.max_prompt_tokens=64"]
+SMOKE = [
+  "--config.train.iterations=2",
+  "--config.train.warmup_steps=2",
+  "--config.train.warmup_batch=8",
+  "--config.train.prompts_per_iteration=4",
+  "--config.train.group_size=2",
+  "--config.train.batch_groups=2",
+  "--config.train.updates_per_iteration=1",
+  "--config.eval.every=1",
+  "--config.eval.num_prompts=4",
+  "--config.eval.samples=2",
+  "--config.eval.pass_at=(1,2)",
+  "--config.model.hidden_size=32",
+  "--config.model.intermediate_size=64",
+  "--config.model.num_hidden_layers=1",
+  "--config.sampling.max_new_tokens=16",
+  "--config.checkpoint.every=1",
+  "--config.expert.max_prompt_tokens=64",
+]
 FINAL_SAMPLES = 32
 
 
@@ -74,14 +87,22 @@ def run_all(expert, seeds, workdir, smoke, methods=tuple(METHODS)):
   for seed in seeds:
     warm = os.path.join(workdir, expert, f"warmup_seed{seed}")
     if not os.path.exists(os.path.join(warm, "checkpoints")):
-      _main([*common, f"--workdir={warm}", f"--config.seed={seed}", "--config.train.iterations=0"],
-            os.path.join(workdir, f"{expert}_warmup_seed{seed}.log"))
+      _main(
+        [*common, f"--workdir={warm}", f"--config.seed={seed}", "--config.train.iterations=0"],
+        os.path.join(workdir, f"{expert}_warmup_seed{seed}.log"),
+      )
     for method in methods:
       flags = METHODS[method]
       name = method.replace(" ", "_")
       wd = os.path.join(workdir, expert, f"{name}_seed{seed}")
-      cmd = [*common, *flags, f"--workdir={wd}", f"--config.seed={seed}", f"--config.model.init_from={warm}",
-             "--config.train.warmup_steps=0"]
+      cmd = [
+        *common,
+        *flags,
+        f"--workdir={wd}",
+        f"--config.seed={seed}",
+        f"--config.model.init_from={warm}",
+        "--config.train.warmup_steps=0",
+      ]
       if expert == "self" and method in ("DistIL", "reverse KL", "tokenwise FCE"):
         cmd.append("--config.expert.kind=self")
       elif expert == "self":
@@ -90,12 +111,28 @@ def run_all(expert, seeds, workdir, smoke, methods=tuple(METHODS)):
       if not _done(wd, iterations):
         seconds = _main(cmd, os.path.join(workdir, f"{expert}_{name}_seed{seed}.log"))
       if not os.path.exists(os.path.join(wd, "eval.jsonl")):
-        _main([*cmd, "--mode=eval", f"--config.eval.samples={final_n}", f"--config.eval.pass_at={final_k}",
-               "--config.eval.greedy=False"], os.path.join(workdir, f"{expert}_{name}_seed{seed}_eval.log"))
+        _main(
+          [
+            *cmd,
+            "--mode=eval",
+            f"--config.eval.samples={final_n}",
+            f"--config.eval.pass_at={final_k}",
+            "--config.eval.greedy=False",
+          ],
+          os.path.join(workdir, f"{expert}_{name}_seed{seed}_eval.log"),
+        )
       with open(os.path.join(wd, "eval.jsonl")) as f:
         final = json.loads(f.readlines()[-1])
-      runs.append({"method": method, "seed": seed, "metrics": _metrics(wd), "final": final,
-                   "wall_seconds": seconds, "command": "python -m distil_jax.main " + " ".join(cmd)})
+      runs.append(
+        {
+          "method": method,
+          "seed": seed,
+          "metrics": _metrics(wd),
+          "final": final,
+          "wall_seconds": seconds,
+          "command": "python -m distil_jax.main " + " ".join(cmd),
+        }
+      )
   return runs
 
 
@@ -149,11 +186,15 @@ def summarize(runs):
     end1 = [r["metrics"][-1]["eval/pass@1"] for r in mine]
     end_top = [r["metrics"][-1][top] for r in mine]
     table[method] = {
-      "seeds": [r["seed"] for r in mine], "pass@1_start": float(np.mean(start)),
-      "pass@1_end_mean": float(np.mean(end1)), "pass@1_end_std": float(np.std(end1)),
-      f"{name}_end_mean": float(np.mean(end_top)), f"{name}_end_std": float(np.std(end_top)),
-      "final_pass@k": {k: float(np.mean([r["final"][k] for r in mine])) for k in mine[0]["final"]
-                       if k.startswith("eval/pass@")},
+      "seeds": [r["seed"] for r in mine],
+      "pass@1_start": float(np.mean(start)),
+      "pass@1_end_mean": float(np.mean(end1)),
+      "pass@1_end_std": float(np.std(end1)),
+      f"{name}_end_mean": float(np.mean(end_top)),
+      f"{name}_end_std": float(np.std(end_top)),
+      "final_pass@k": {
+        k: float(np.mean([r["final"][k] for r in mine])) for k in mine[0]["final"] if k.startswith("eval/pass@")
+      },
       "sampled_tokens": float(np.mean([r["metrics"][-1]["samples/train_tokens"] for r in mine])),
       "wall_seconds_mean": float(np.mean([r["wall_seconds"] for r in mine if r["wall_seconds"]] or [0.0])),
     }

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from distil_jax import losses
+from experiments import tabular
 
 V, L, EOS = 3, 4, 2
 
@@ -40,14 +41,7 @@ def _problem(seed):
 
 def _state_ids(tokens):
   """State index of each prefix y_<t: a distinct id per (length, prefix)."""
-  ids = np.zeros(tokens.shape, np.int32)
-  for row, y in enumerate(tokens):
-    offset, code = 0, 0
-    for t in range(L):
-      ids[row, t] = offset + code
-      offset += V**t
-      code = code * V + int(y[t])
-  return ids
+  return tabular.prefix_ids(np.asarray(tokens), V)
 
 
 def _exact_J(theta, teacher, tokens, mask, cost, terminal="free"):

@@ -55,3 +55,26 @@ def test_experiment_scripts_run(tmp_path, monkeypatch):
   credit_assignment.main()
   assert (tmp_path / "credit_assignment.png").exists()
   jax.clear_caches()
+
+
+def test_comparison_script_smoke(tmp_path, monkeypatch):
+  """The arith comparison end to end on tiny settings, one method: warm-up, run from it, Pass@N sweep, plots."""
+  from experiments import arith_comparison
+
+  argv = [
+    "cmp",
+    "--smoke",
+    "--seeds",
+    "0",
+    "--methods",
+    "DistIL",
+    "--out",
+    str(tmp_path),
+    "--workdir",
+    str(tmp_path / "runs"),
+  ]
+  monkeypatch.setattr("sys.argv", argv)
+  arith_comparison.main()
+  table = json.loads((tmp_path / "arith_oracle.json").read_text())["table"]
+  assert set(table) == {"DistIL"} and 0 <= table["DistIL"]["pass@1_end_mean"] <= 1
+  assert (tmp_path / "arith_oracle_curves.png").exists() and (tmp_path / "arith_oracle_passk.png").exists()

@@ -1,0 +1,60 @@
+"""Every config in configs/ (and each of its presets) loads, names only known keys, and builds its model small."""
+
+import glob
+import os
+import re
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from run_helpers import ROOT, load_config
+
+from distil_jax import config_base, losses, sharding, train
+from distil_jax import model as model_lib
+
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py")))
+
+
+def _presets(name):
+  """None and every `arg` value the file tests for (`arg == "x"` or `arg in ("x", "y")`)."""
+  with open(os.path.join(ROOT, "configs", f"{name}.py")) as f:
+    lines = [line for line in f if re.search(r"\barg (==|in) ", line)]
+  return [None] + sorted({word for line in lines for word in re.findall(r'"(\w+)"', line)})
+
+
+def _keys(cfg, prefix=""):
+  for k, v in cfg.items():
+    if hasattr(v, "items") and not isinstance(v, dict):
+      yield from _keys(v, f"{prefix}{k}.")
+    else:
+      yield prefix + k
+
+
+@pytest.mark.parametrize("name,arg", [(n, a) for n in CONFIGS for a in _presets(n)])
+def test_config_loads_and_builds(name, arg):
+  config = load_config(name, arg)
+  assert set(_keys(config)) == set(_keys(config_base.get_config())), "a config may set only the base's keys"
+  losses.LossConfig(**config.loss)  # a valid loss
+  assert config.expert.kind in ("oracle", "self", "model", "http")
+  train._check(config, sharding.make_mesh({"fsdp": 1}, jax.devices()[:1]))  # batch sizes fit a mesh
+  tiny = train.model_config(config, vocab_size=50)
+  tiny = model_lib.ModelConfig(
+    **{
+      **tiny.__dict__,
+      "hidden_size": 32,
+      "intermediate_size": 64,
+      "num_hidden_layers": 1,
+      "num_attention_heads": 4,
+      "num_key_value_heads": 2,
+    }
+  )
+  mesh = sharding.make_mesh({"fsdp": 1}, jax.devices()[:1])
+  graphdef, params = sharding.init_params(lambda: model_lib.Transformer(tiny, rngs=nnx.Rngs(0)), mesh)
+  logits = nnx.merge(graphdef, params)(np.zeros((1, 5), np.int32))
+  assert logits.shape == (1, 5, tiny.vocab_size) and np.isfinite(np.asarray(logits)).all()
+
+
+def test_all_configs_and_presets_are_covered():
+  assert {"arith", "math", "code", "science"} <= set(CONFIGS)
+  assert {"runlocal", "compare", "compare_self"} <= set(_presets("arith")) and "real" in _presets("math")
