@@ -7,9 +7,15 @@ lower variance than drawing exactly k samples.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Sequence
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
+
+from distil_jax import rollout as rollout_lib
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -26,4 +32,25 @@ def summarize(correct: Sequence[Sequence[bool]], ks: Sequence[int]) -> dict[str,
   out = {}
   for k in ks:
     out[f"pass@{k}"] = float(np.mean([pass_at_k(len(c), int(sum(c)), k) for c in correct]))
+  return out
+
+
+def evaluate_policy(graphdef, params, rng, *, config, tok, task, mesh) -> dict[str, float]:
+  """Pass@k on the held-out prompts (this process's share), and greedy accuracy."""
+  e = config.eval
+  held_out = task.problems("eval")[: e.num_prompts]
+  mine = held_out[jax.process_index() :: jax.process_count()]
+  base = rollout_lib.sampling_config(config, tok)
+  sample = functools.partial(
+    rollout_lib.rollout, graphdef, params, mine, rng, config=config, tok=tok, task=task, mesh=mesh
+  )
+  r = sample(samples_per_prompt=e.samples, sampling_cfg=dataclasses.replace(base, temperature=e.temperature))
+  correct = [[v.correct for v in row] for row in r.verdicts]
+  out = {f"eval/{k}": v for k, v in summarize(correct, e.pass_at).items()}
+  if e.greedy:
+    r = sample(samples_per_prompt=1, sampling_cfg=dataclasses.replace(base, greedy=True))
+    out["eval/greedy_accuracy"] = float(np.mean([row[0].correct for row in r.verdicts]))
+    out["eval/greedy_length"] = float(r.mask.sum(-1).mean())
+  if jax.process_count() > 1:  # average the per-process figures (equal shares of prompts)
+    out = {k: float(np.mean(multihost_utils.process_allgather(np.float32(v)))) for k, v in out.items()}
   return out

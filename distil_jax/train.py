@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from distil_jax import buffer as buffer_lib
-from distil_jax import checkpoint, data, evaluate, experts, hf, losses, metrics, sampler, sharding, tasks, update
+from distil_jax import checkpoint, data, evaluate, experts, hf, losses, metrics, sharding, tasks, update
 from distil_jax import model as model_lib
+from distil_jax import rollout as rollout_lib
 from distil_jax import tokenizer as tok_lib
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -146,149 +146,6 @@ def buffer_schema(config, expert) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Sampling and evaluation
-
-
-def _local(array, mesh):
-  """This process's rows of a batch-sharded global array, as numpy."""
-  spec = sharding.batch_sharding(mesh, array.ndim).spec
-  return np.asarray(multihost_utils.global_array_to_host_local_array(array, mesh, spec))
-
-
-def rollout(graphdef, params, problems, rng, *, config, tok, task, mesh, samples_per_prompt, sampling_cfg):
-  """Sample `samples_per_prompt` responses to each problem, decode them and ask the task for verdicts."""
-  s = config.sampling
-  ids, full_prompt, full_mask = prompt_rows(problems, config=config, tok=tok)
-  prompt, pmask = sampler.left_pad(ids, s.prompt_buckets, tok.pad_id)
-  rows = np.repeat(prompt, samples_per_prompt, 0), np.repeat(pmask, samples_per_prompt, 0)
-  glob = data.to_global({"t": rows[0], "m": rows[1]}, mesh)
-  out = sampler.generate(graphdef, params, glob["t"], glob["m"], rng, sampling_cfg)
-  tokens, logprobs, lengths = (_local(x, mesh) for x in out)
-  bp, g, n = len(problems), samples_per_prompt, s.max_new_tokens
-  mask = (np.arange(n)[None] < lengths[:, None]).astype(np.int32)
-  texts = [tok.text_of(row[:length]) for row, length in zip(tokens, lengths, strict=True)]
-  verdicts = [task.verify(problems[i // g], text) for i, text in enumerate(texts)]
-  return experts.Rollouts(
-    problems=list(problems),
-    prompt_tokens=full_prompt,
-    prompt_mask=full_mask,
-    tokens=tokens.reshape(bp, g, n),
-    mask=mask.reshape(bp, g, n),
-    logprobs=logprobs.reshape(bp, g, n),
-    texts=[texts[i * g : (i + 1) * g] for i in range(bp)],
-    verdicts=[verdicts[i * g : (i + 1) * g] for i in range(bp)],
-  )
-
-
-def evaluate_policy(graphdef, params, rng, *, config, tok, task, mesh) -> dict[str, float]:
-  """Pass@k on the held-out prompts (this process's share), and greedy accuracy."""
-  e = config.eval
-  held_out = task.problems("eval")[: e.num_prompts]
-  mine = held_out[jax.process_index() :: jax.process_count()]
-  base = sampling_config(config, tok)
-  sample = functools.partial(rollout, graphdef, params, mine, rng, config=config, tok=tok, task=task, mesh=mesh)
-  r = sample(samples_per_prompt=e.samples, sampling_cfg=dataclasses.replace(base, temperature=e.temperature))
-  correct = [[v.correct for v in row] for row in r.verdicts]
-  out = {f"eval/{k}": v for k, v in evaluate.summarize(correct, e.pass_at).items()}
-  if e.greedy:
-    r = sample(samples_per_prompt=1, sampling_cfg=dataclasses.replace(base, greedy=True))
-    out["eval/greedy_accuracy"] = float(np.mean([row[0].correct for row in r.verdicts]))
-    out["eval/greedy_length"] = float(r.mask.sum(-1).mean())
-  if jax.process_count() > 1:  # average the per-process figures (equal shares of prompts)
-    out = {k: float(np.mean(multihost_utils.process_allgather(np.float32(v)))) for k, v in out.items()}
-  return out
-
-
-def sampling_config(config, tok) -> sampler.SamplingConfig:
-  s = config.sampling
-  return sampler.SamplingConfig(
-    max_new_tokens=s.max_new_tokens,
-    temperature=s.temperature,
-    top_k=s.top_k,
-    top_p=s.top_p,
-    eos_id=tok.eos_id,
-    pad_id=tok.pad_id,
-    vocab_limit=tok.vocab_size,
-  )
-
-
-def reference_rows(problems, n: int, tok) -> tuple[np.ndarray, np.ndarray]:
-  """(tokens, mask) [len(problems), n] of the expert's own responses (+ EOS), for SFT."""
-  refs = [(tok.encode(p.reference) + [tok.eos_id])[:n] if p.reference else [] for p in problems]
-  tokens = np.full((len(refs), n), tok.pad_id, np.int32)
-  mask = np.zeros((len(refs), n), np.int32)
-  for i, s in enumerate(refs):
-    tokens[i, : len(s)], mask[i, : len(s)] = s, 1
-  return tokens, mask
-
-
-def prompt_rows(problems, *, config, tok) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
-  """Prompt ids, and (tokens, mask) left-padded to sampling.max_prompt_tokens."""
-  ids = [
-    ([tok.bos_id] if config.tokenizer.add_bos and tok.bos_id is not None else []) + tok.encode(p.prompt)
-    for p in problems
-  ]
-  return ids, *experts.left_pad_rows(ids, config.sampling.max_prompt_tokens, tok.pad_id)
-
-
-def group_records(r: experts.Rollouts, labels: dict, iteration: int, *, config, tok) -> dict[str, np.ndarray]:
-  """One buffer row per prompt group: the rollouts, the expert's labels, and the expert's own response (SFT)."""
-  sft_tokens, sft_mask = reference_rows(r.problems, config.sampling.max_new_tokens, tok)
-  reward = np.array([[v.reward for v in row] for row in r.verdicts], np.float32)
-  return {
-    "prompt_tokens": r.prompt_tokens,
-    "prompt_mask": r.prompt_mask,
-    "tokens": r.tokens,
-    "mask": r.mask,
-    "logprobs": r.logprobs,
-    "reward": reward,
-    "iteration": np.full(len(r.problems), iteration, np.int32),
-    "sft_tokens": sft_tokens,
-    "sft_mask": sft_mask,
-    **labels,
-  }
-
-
-def _corrupt(text: str) -> str:
-  """The reference with its first digit after '=' changed: a wrong solution for the verifier to comment on."""
-  i = text.find("=") + 1
-  if 0 < i < len(text) and text[i].isdigit():
-    return text[:i] + str((int(text[i]) + 1) % 10) + text[i + 1 :]
-  return text[::-1]
-
-
-def with_feedback(problems, fraction: float, *, config, task):
-  """The first `fraction` of `problems` re-prompted as the self expert sees them (half with a correct solution in
-  context, half with the verifier's feedback on a wrong one), so that a small model learns to use feedback."""
-  out = list(problems)
-  n = int(round(fraction * len(out)))
-  for i, p in enumerate(out[:n]):
-    feedback = experts.SIBLING + p.reference if i % 2 == 0 else task.verify(p, _corrupt(p.reference)).feedback
-    out[i] = dataclasses.replace(p, prompt=config.expert.reprompt.format(prompt=p.prompt, feedback=feedback))
-  return out
-
-
-def warmup_batch(problems, *, config, tok) -> dict[str, np.ndarray]:
-  """A behaviour-cloning batch: prompts and the expert's responses, as one-response groups."""
-  if config.train.warmup_reprompt_fraction:  # re-prompts are longer: pad every row to the expert's width
-    config = config.copy_and_resolve_references()
-    config.sampling.max_prompt_tokens = max(config.sampling.max_prompt_tokens, config.expert.max_prompt_tokens)
-  _, prompt, pmask = prompt_rows(problems, config=config, tok=tok)
-  sft_tokens, sft_mask = reference_rows(problems, config.sampling.max_new_tokens, tok)
-  b = len(problems)
-  return {
-    "prompt_tokens": prompt,
-    "prompt_mask": pmask,
-    "sft_tokens": sft_tokens,
-    "sft_mask": sft_mask,
-    "tokens": sft_tokens[:, None],
-    "mask": sft_mask[:, None],
-    "reward": np.zeros((b, 1), np.float32),
-    "iteration": np.zeros(b, np.int32),
-  }
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # The run
 
 
@@ -306,8 +163,8 @@ def warm_up(params, run, *, config, mesh):
   stream = data.prompt_stream(run.task.problems("train"), seed=c.seed + 1, per_iteration=c.train.warmup_batch)
   losses_seen = []
   for k in range(c.train.warmup_steps):
-    problems = with_feedback(stream[k], c.train.warmup_reprompt_fraction, config=c, task=run.task)
-    batch = warmup_batch(problems, config=c, tok=run.tok)
+    problems = rollout_lib.with_feedback(stream[k], c.train.warmup_reprompt_fraction, config=c, task=run.task)
+    batch = rollout_lib.warmup_batch(problems, config=c, tok=run.tok)
     state, m = step(state, data.to_global(batch, mesh), None, jnp.int32(0))
     losses_seen.append(float(m["loss"]))
     if not np.isfinite(losses_seen[-1]):
@@ -429,9 +286,9 @@ def train(config, workdir: str) -> dict:
   )
   rollout_keys = jax.random.fold_in(jax.random.key(c.seed), 0)  # two streams, indexed by iteration
   eval_keys = jax.random.fold_in(jax.random.key(c.seed), 1)
-  eval_fn = functools.partial(evaluate_policy, config=c, tok=tok, task=task, mesh=mesh)
+  eval_fn = functools.partial(evaluate.evaluate_policy, config=c, tok=tok, task=task, mesh=mesh)
   prompts = data.prompt_stream(task.problems("train"), seed=c.seed, per_iteration=c.train.prompts_per_iteration)
-  sampling_cfg = sampling_config(c, tok)
+  sampling_cfg = rollout_lib.sampling_config(c, tok)
   last = {}
   try:
     with jax.set_mesh(mesh):
@@ -453,7 +310,7 @@ def train(config, workdir: str) -> dict:
         figures = {}
         t0 = time.time()
         # -- Rollouts and feedback --------------------------------------------------------------------------------
-        r = rollout(
+        r = rollout_lib.rollout(
           run.graphdef,
           state["params"],
           prompts[it - 1],
@@ -468,7 +325,7 @@ def train(config, workdir: str) -> dict:
         sampled_tokens += int(r.mask.sum()) * jax.process_count()
         t1 = time.time()
         # -- Expert labels, into the buffer -----------------------------------------------------------------------
-        groups = group_records(r, expert.label(r), it, config=c, tok=tok)
+        groups = rollout_lib.group_records(r, expert.label(r), it, config=c, tok=tok)
         old = buf.window(before=buf.rows)
         buf.append(groups)
         t2 = time.time()
@@ -537,7 +394,7 @@ def evaluate_only(config, workdir: str) -> dict:
   run = Run.build(config, workdir)
   params, meta = run.restore_params()
   with jax.set_mesh(run.mesh):
-    out = evaluate_policy(
+    out = evaluate.evaluate_policy(
       run.graphdef, params, jax.random.key(config.seed), config=config, tok=run.tok, task=run.task, mesh=run.mesh
     )
   out["iteration"] = meta["iteration"]

@@ -1,0 +1,136 @@
+"""From prompts to labelled data: sampling on the mesh, the task's verdicts, and the rows the buffer and the
+updates read (rollout groups, the expert's own responses, re-prompts with feedback for warm-up).
+
+Rows are numpy on the host; `data.to_global` puts them on the mesh. Prompts are left-padded to the largest bucket
+(`sampling.max_prompt_tokens`) for storage, whatever bucket they were sampled with: positions come from the mask, so
+the extra padding changes nothing the model computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from jax.experimental import multihost_utils
+
+from distil_jax import data, experts, sampler, sharding
+
+
+def _local(array, mesh):
+  """This process's rows of a batch-sharded global array, as numpy."""
+  spec = sharding.batch_sharding(mesh, array.ndim).spec
+  return np.asarray(multihost_utils.global_array_to_host_local_array(array, mesh, spec))
+
+
+def rollout(graphdef, params, problems, rng, *, config, tok, task, mesh, samples_per_prompt, sampling_cfg):
+  """Sample `samples_per_prompt` responses to each problem, decode them and ask the task for verdicts."""
+  s = config.sampling
+  ids, full_prompt, full_mask = prompt_rows(problems, config=config, tok=tok)
+  prompt, pmask = sampler.left_pad(ids, s.prompt_buckets, tok.pad_id)
+  rows = np.repeat(prompt, samples_per_prompt, 0), np.repeat(pmask, samples_per_prompt, 0)
+  glob = data.to_global({"t": rows[0], "m": rows[1]}, mesh)
+  out = sampler.generate(graphdef, params, glob["t"], glob["m"], rng, sampling_cfg)
+  tokens, logprobs, lengths = (_local(x, mesh) for x in out)
+  bp, g, n = len(problems), samples_per_prompt, s.max_new_tokens
+  mask = (np.arange(n)[None] < lengths[:, None]).astype(np.int32)
+  texts = [tok.text_of(row[:length]) for row, length in zip(tokens, lengths, strict=True)]
+  verdicts = [task.verify(problems[i // g], text) for i, text in enumerate(texts)]
+  return experts.Rollouts(
+    problems=list(problems),
+    prompt_tokens=full_prompt,
+    prompt_mask=full_mask,
+    tokens=tokens.reshape(bp, g, n),
+    mask=mask.reshape(bp, g, n),
+    logprobs=logprobs.reshape(bp, g, n),
+    texts=[texts[i * g : (i + 1) * g] for i in range(bp)],
+    verdicts=[verdicts[i * g : (i + 1) * g] for i in range(bp)],
+  )
+
+
+def sampling_config(config, tok) -> sampler.SamplingConfig:
+  s = config.sampling
+  return sampler.SamplingConfig(
+    max_new_tokens=s.max_new_tokens,
+    temperature=s.temperature,
+    top_k=s.top_k,
+    top_p=s.top_p,
+    eos_id=tok.eos_id,
+    pad_id=tok.pad_id,
+    vocab_limit=tok.vocab_size,
+  )
+
+
+def reference_rows(problems, n: int, tok) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens, mask) [len(problems), n] of the expert's own responses (+ EOS), for SFT."""
+  refs = [(tok.encode(p.reference) + [tok.eos_id])[:n] if p.reference else [] for p in problems]
+  tokens = np.full((len(refs), n), tok.pad_id, np.int32)
+  mask = np.zeros((len(refs), n), np.int32)
+  for i, s in enumerate(refs):
+    tokens[i, : len(s)], mask[i, : len(s)] = s, 1
+  return tokens, mask
+
+
+def prompt_rows(problems, *, config, tok) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
+  """Prompt ids, and (tokens, mask) left-padded to sampling.max_prompt_tokens."""
+  ids = [
+    ([tok.bos_id] if config.tokenizer.add_bos and tok.bos_id is not None else []) + tok.encode(p.prompt)
+    for p in problems
+  ]
+  return ids, *experts.left_pad_rows(ids, config.sampling.max_prompt_tokens, tok.pad_id)
+
+
+def group_records(r: experts.Rollouts, labels: dict, iteration: int, *, config, tok) -> dict[str, np.ndarray]:
+  """One buffer row per prompt group: the rollouts, the expert's labels, and the expert's own response (SFT)."""
+  sft_tokens, sft_mask = reference_rows(r.problems, config.sampling.max_new_tokens, tok)
+  reward = np.array([[v.reward for v in row] for row in r.verdicts], np.float32)
+  return {
+    "prompt_tokens": r.prompt_tokens,
+    "prompt_mask": r.prompt_mask,
+    "tokens": r.tokens,
+    "mask": r.mask,
+    "logprobs": r.logprobs,
+    "reward": reward,
+    "iteration": np.full(len(r.problems), iteration, np.int32),
+    "sft_tokens": sft_tokens,
+    "sft_mask": sft_mask,
+    **labels,
+  }
+
+
+def _corrupt(text: str) -> str:
+  """The reference with its first digit after '=' changed: a wrong solution for the verifier to comment on."""
+  i = text.find("=") + 1
+  if 0 < i < len(text) and text[i].isdigit():
+    return text[:i] + str((int(text[i]) + 1) % 10) + text[i + 1 :]
+  return text[::-1]
+
+
+def with_feedback(problems, fraction: float, *, config, task):
+  """The first `fraction` of `problems` re-prompted as the self expert sees them (half with a correct solution in
+  context, half with the verifier's feedback on a wrong one), so that a small model learns to use feedback."""
+  out = list(problems)
+  n = int(round(fraction * len(out)))
+  for i, p in enumerate(out[:n]):
+    feedback = experts.SIBLING + p.reference if i % 2 == 0 else task.verify(p, _corrupt(p.reference)).feedback
+    out[i] = dataclasses.replace(p, prompt=config.expert.reprompt.format(prompt=p.prompt, feedback=feedback))
+  return out
+
+
+def warmup_batch(problems, *, config, tok) -> dict[str, np.ndarray]:
+  """A behaviour-cloning batch: prompts and the expert's responses, as one-response groups."""
+  if config.train.warmup_reprompt_fraction:  # re-prompts are longer: pad every row to the expert's width
+    config = config.copy_and_resolve_references()
+    config.sampling.max_prompt_tokens = max(config.sampling.max_prompt_tokens, config.expert.max_prompt_tokens)
+  _, prompt, pmask = prompt_rows(problems, config=config, tok=tok)
+  sft_tokens, sft_mask = reference_rows(problems, config.sampling.max_new_tokens, tok)
+  b = len(problems)
+  return {
+    "prompt_tokens": prompt,
+    "prompt_mask": pmask,
+    "sft_tokens": sft_tokens,
+    "sft_mask": sft_mask,
+    "tokens": sft_tokens[:, None],
+    "mask": sft_mask[:, None],
+    "reward": np.zeros((b, 1), np.float32),
+    "iteration": np.zeros(b, np.int32),
+  }
