@@ -1,0 +1,45 @@
+"""The benchmarks run and print one JSON line per figure (speed targets live in them, never in tests)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from run_helpers import ROOT
+
+
+@pytest.mark.parametrize(
+  "module,args,figures",
+  [
+    (
+      "bench.train_step",
+      ["--size", "tiny", "--dtype", "float32", "--batch", "4", "--seq", "32"],
+      {"train_step_seconds", "train_tokens_per_second"},
+    ),
+    (
+      "bench.sampler",
+      ["--size", "tiny", "--dtype", "float32", "--batch", "4", "--prompt", "8", "--new", "8"],
+      {"decode_tokens_per_second", "prefill_seconds"},
+    ),
+    (
+      "bench.loss_memory",
+      ["--vocab", "4096", "--tokens", "512", "--dim", "64", "--batch", "4", "--topk", "8"],
+      {"loss_temp_bytes_naive", "loss_temp_bytes_fused", "loss_temp_ratio_fused_over_naive"},
+    ),
+  ],
+)
+def test_benchmark_prints_its_figures(module, args, figures):
+  out = subprocess.run(
+    [sys.executable, "-m", module, *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+  assert figures <= {line["figure"] for line in lines}
+  for line in lines:
+    value = line.get("value", line.get("bytes", line.get("ratio")))
+    assert isinstance(value, int | float) and value > 0, line
