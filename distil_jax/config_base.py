@@ -84,7 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
     terminal="free",
   )
   c.optim = dict(
-    lr=1e-3, warmup_steps=20, schedule="constant", b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0
+    lr=3e-4, warmup_steps=20, schedule="constant", b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0
   )
   c.train = dict(
     iterations=100,

@@ -107,9 +107,13 @@ def run_all(expert, seeds, workdir, smoke, methods=tuple(METHODS)):
         cmd.append("--config.expert.kind=self")
       elif expert == "self":
         cmd.append("--config.expert.kind=oracle")  # GRPO and SFT use no expert distribution
-      seconds = None
+      wall = os.path.join(wd, "wall_seconds.json")
       if not _done(wd, iterations):
         seconds = _main(cmd, os.path.join(workdir, f"{expert}_{name}_seed{seed}.log"))
+        with open(wall, "w") as f:
+          json.dump(seconds, f)
+      with open(wall) as f:
+        seconds = json.load(f)
       if not os.path.exists(os.path.join(wd, "eval.jsonl")):
         _main(
           [
