@@ -5,7 +5,8 @@ shared by every method, which then runs 40 DAgger iterations of 16 prompts x 8 s
 token budget for all), evaluated every 10 iterations on 256 held-out prompts (Pass@1 and Pass@8 from 8 samples,
 unbiased estimator), and at the end with 32 samples for Pass@N against N. `--expert self` (configs/arith.py:
 compare_self) makes the student re-prompted with the verifier's feedback the expert of the distillation methods;
-its warm-up also shows half of its rows with feedback in context, so the small model learns to use it.
+its warm-up also shows half of its rows with feedback in context, so the small model learns to use it, and its teacher
+is an EMA of the student's parameters; `--expert self_live` uses the live parameters (the run that collapses).
 
   python -m experiments.arith_comparison --expert oracle --seeds 0 1 2 --out docs --workdir /tmp/distil-compare
 Writes docs/arith_<expert>.json and docs/arith_<expert>_curves.png, docs/arith_<expert>_passk.png. Reruns skip
@@ -78,7 +79,7 @@ def _top_k(metrics) -> str:
 
 
 def run_all(expert, seeds, workdir, smoke, methods=tuple(METHODS)):
-  preset = "configs/arith.py:" + ("compare_self" if expert == "self" else "compare")
+  preset = "configs/arith.py:" + ("compare" if expert == "oracle" else f"compare_{expert}")
   common = [f"--config={preset}", "--config.log.tensorboard=False"] + (SMOKE if smoke else [])
   iterations = 2 if smoke else 40
   final_k = "(1,2)" if smoke else "(1,2,4,8,16,32)"
@@ -103,9 +104,9 @@ def run_all(expert, seeds, workdir, smoke, methods=tuple(METHODS)):
         f"--config.model.init_from={warm}",
         "--config.train.warmup_steps=0",
       ]
-      if expert == "self" and method in ("DistIL", "reverse KL", "tokenwise FCE"):
+      if expert.startswith("self") and method in ("DistIL", "reverse KL", "tokenwise FCE"):
         cmd.append("--config.expert.kind=self")
-      elif expert == "self":
+      elif expert.startswith("self"):
         cmd.append("--config.expert.kind=oracle")  # GRPO and SFT use no expert distribution
       wall = os.path.join(wd, "wall_seconds.json")
       if not _done(wd, iterations):
@@ -207,7 +208,7 @@ def summarize(runs):
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--expert", choices=("oracle", "self"), default="oracle")
+  ap.add_argument("--expert", choices=("oracle", "self", "self_live"), default="oracle")
   ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   ap.add_argument("--out", default="docs")
   ap.add_argument("--workdir", default="/tmp/distil-compare")
