@@ -14,7 +14,7 @@ def get_config(arg: str | None = None):
   c.sampling.max_prompt_tokens = 24
   c.sampling.prompt_buckets = (24,)
   c.sampling.max_new_tokens = 40
-  if arg in ("compare", "compare_self", "compare_self_live"):  # the protocol of experiments/arith_comparison.py
+  if arg in ("compare", "compare_self", "compare_self_live", "compare_self_sibling"):  # the protocol of experiments/arith_comparison.py
     c.task.eval_size = 256
     c.eval.update(every=10, num_prompts=256, samples=8)
     c.train.update(iterations=40, warmup_steps=300)
@@ -26,6 +26,8 @@ def get_config(arg: str | None = None):
       # A teacher that moves with every update collapses together with the student (README, "Results"); an EMA
       # of the student's parameters (time constant ~100 updates) keeps it anchored. `_live` is the collapsing one.
       c.expert.ema_decay = 0.0 if arg == "compare_self_live" else 0.99
+      if arg == "compare_self_sibling":  # label only responses whose group holds a correct one (teacher_quality.py)
+        c.expert.feedback = "sibling"
   if arg == "runlocal":
     config_base.runlocal(c)
   return c

@@ -59,6 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
     smoothing=1e-3,  # oracle: mass 1 - smoothing on the expert's token (the student learns it)
     reprompt="{prompt} [{feedback}] ",
     max_prompt_tokens=128,
+    feedback="any",  # self / model: "sibling" labels only responses whose group has another, correct one
     ema_decay=0.0,  # self / model / http
     model_path="",  # model
     url="",

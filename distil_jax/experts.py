@@ -60,15 +60,20 @@ def left_pad_rows(rows: list[list[int]], width: int, pad_id: int):
   return tokens, mask
 
 
-def reprompt_texts(rollouts: Rollouts, template: str) -> tuple[list[list[str]], np.ndarray]:
-  """The feedback prompt of every response, and which responses have any feedback at all."""
+def reprompt_texts(rollouts: Rollouts, template: str, sibling_only: bool = False):
+  """(the feedback prompt of every response, [Bp,G] which responses the expert labels).
+
+  The feedback is a correct sibling response when the group has one, else the verifier's own feedback. With
+  `sibling_only`, responses without a correct sibling go unlabelled: a small student re-prompted with a verdict alone
+  can be a worse policy than the student (experiments/teacher_quality.py), and distilling it then does harm.
+  """
   texts, valid = [], np.zeros(rollouts.tokens.shape[:2], np.int32)
   for g, (problem, verdicts) in enumerate(zip(rollouts.problems, rollouts.verdicts, strict=True)):
     row = []
     for i, verdict in enumerate(verdicts):
       sibling = next((rollouts.texts[g][j] for j, v in enumerate(verdicts) if v.correct and j != i), None)
       feedback = SIBLING + sibling if sibling is not None else verdict.feedback
-      valid[g, i] = bool(feedback)
+      valid[g, i] = bool(feedback) and (sibling is not None or not sibling_only)
       row.append(template.format(prompt=problem.prompt, feedback=feedback))
     texts.append(row)
   return texts, valid
@@ -122,11 +127,11 @@ class DeviceExpert:
 
   on_device = True
 
-  def __init__(self, tokenizer: Tokenizer, template: str, max_prompt_tokens: int):
-    self.tok, self.template, self.width = tokenizer, template, max_prompt_tokens
+  def __init__(self, tokenizer: Tokenizer, template: str, max_prompt_tokens: int, sibling_only: bool = False):
+    self.tok, self.template, self.width, self.sibling_only = tokenizer, template, max_prompt_tokens, sibling_only
 
   def label(self, r: Rollouts) -> dict[str, np.ndarray]:
-    texts, valid = reprompt_texts(r, self.template)
+    texts, valid = reprompt_texts(r, self.template, self.sibling_only)
     bp, g = valid.shape
     flat = [self.tok.encode(t) for row in texts for t in row]
     tokens, mask = left_pad_rows(flat, self.width, self.tok.pad_id)
@@ -249,8 +254,12 @@ def make_expert(cfg, task, tokenizer: Tokenizer):
   """The host-side labeller for `cfg.kind` (the config's `expert` section)."""
   if cfg.kind == "oracle":
     return OracleExpert(task.oracle, tokenizer, cfg.top_k, cfg.smoothing)
+  if cfg.feedback not in ("any", "sibling"):
+    raise ValueError(f"expert.feedback={cfg.feedback!r}; expected 'any' or 'sibling'")
   if cfg.kind in ("self", "model"):
-    return DeviceExpert(tokenizer, cfg.reprompt, cfg.max_prompt_tokens)
+    return DeviceExpert(tokenizer, cfg.reprompt, cfg.max_prompt_tokens, cfg.feedback == "sibling")
+  if cfg.feedback == "sibling":
+    raise ValueError(f"expert.feedback='sibling' needs a device expert (self or model), not {cfg.kind!r}")
   if cfg.kind == "http":
     return HttpExpert(tokenizer, cfg)
   raise ValueError(f"expert.kind={cfg.kind!r}; expected one of oracle, self, model, http")

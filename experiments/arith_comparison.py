@@ -6,7 +6,8 @@ token budget for all), evaluated every 10 iterations on 256 held-out prompts (Pa
 unbiased estimator), and at the end with 32 samples for Pass@N against N. `--expert self` (configs/arith.py:
 compare_self) makes the student re-prompted with the verifier's feedback the expert of the distillation methods;
 its warm-up also shows half of its rows with feedback in context, so the small model learns to use it, and its teacher
-is an EMA of the student's parameters; `--expert self_live` uses the live parameters (the run that collapses).
+is an EMA of the student's parameters; `--expert self_live` uses the live parameters (the run that collapses), and
+`--expert self_sibling` labels only responses whose group holds a correct one (see experiments/teacher_quality.py).
 
   python -m experiments.arith_comparison --expert oracle --seeds 0 1 2 --out docs --workdir /tmp/distil-compare
 Writes docs/arith_<expert>.json and docs/arith_<expert>_curves.png, docs/arith_<expert>_passk.png. Reruns skip
@@ -208,7 +209,7 @@ def summarize(runs):
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--expert", choices=("oracle", "self", "self_live"), default="oracle")
+  ap.add_argument("--expert", choices=("oracle", "self", "self_live", "self_sibling"), default="oracle")
   ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   ap.add_argument("--out", default="docs")
   ap.add_argument("--workdir", default="/tmp/distil-compare")

@@ -58,6 +58,34 @@ def test_self_expert_with_ema(tmp_path):
   assert rows[1]["rollout/feedback_valid"] == 1.0  # the verifier always gives feedback
 
 
+def test_feedback_prompts_and_sibling_only_labelling():
+  """Group 0 has one correct response (index 1), group 1 none: by hand, the sibling goes to every response but the
+  correct one itself; with sibling_only, the others go unlabelled."""
+  verdict = lambda ok: experts.Verdict(ok, "correct" if ok else "wrong")
+  r = experts.Rollouts(
+    problems=[experts.Problem("p0", "r0"), experts.Problem("p1", "r1")],
+    prompt_tokens=np.zeros((2, 1)),
+    prompt_mask=np.ones((2, 1)),
+    tokens=np.zeros((2, 3, 1)),
+    mask=np.ones((2, 3, 1)),
+    logprobs=np.zeros((2, 3, 1)),
+    texts=[["a", "b", "c"], ["d", "e", "f"]],
+    verdicts=[[verdict(False), verdict(True), verdict(False)], [verdict(False)] * 3],
+  )
+  texts, valid = experts.reprompt_texts(r, "{prompt}|{feedback}")
+  sib = experts.SIBLING + "b"
+  assert texts == [[f"p0|{sib}", "p0|correct", f"p0|{sib}"], ["p1|wrong"] * 3]
+  assert valid.tolist() == [[1, 1, 1], [1, 1, 1]]
+  _, valid = experts.reprompt_texts(r, "{prompt}|{feedback}", sibling_only=True)
+  assert valid.tolist() == [[1, 0, 1], [0, 0, 0]]
+
+
+def test_self_expert_sibling_only_runs(tmp_path):
+  train.train(load_config("arith", **{"expert.kind": "self", "expert.feedback": "sibling"}), str(tmp_path))
+  rows = _check_run(tmp_path)
+  assert 0.0 <= rows[1]["rollout/feedback_valid"] < 1.0  # an untrained student rarely has a correct sibling
+
+
 def _teacher_dir(config, workdir, path, extra_vocab=0):
   """A random HF checkpoint with the student's vocabulary (+ extra_vocab), and the student's tokenizer beside it."""
   task = train.tasks.make_task(config.task)
