@@ -55,6 +55,7 @@ def main(_):
   keys = jax.random.split(jax.random.key(c.seed), 3)
   with jax.set_mesh(run.mesh):
     student, r = pass_at_1(run, params, problems, keys[0], c)
+
     def reprompt(p, feedback):  # as the expert sees it: its last `expert.max_prompt_tokens` tokens
       ids = run.tok.encode(c.expert.reprompt.format(prompt=p.prompt, feedback=feedback))
       return dataclasses.replace(p, prompt=run.tok.text_of(ids[-c.expert.max_prompt_tokens :]))

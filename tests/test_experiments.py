@@ -1,9 +1,13 @@
 """The evidence experiments: signs of the bandit claim, the credit-assignment claim, and smoke runs of the scripts."""
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
+from run_helpers import ROOT
 
 from experiments import bandit, credit_assignment
 
@@ -78,3 +82,11 @@ def test_comparison_script_smoke(tmp_path, monkeypatch):
   table = json.loads((tmp_path / "arith_oracle.json").read_text())["table"]
   assert set(table) == {"DistIL"} and 0 <= table["DistIL"]["pass@1_end_mean"] <= 1
   assert (tmp_path / "arith_oracle_curves.png").exists() and (tmp_path / "arith_oracle_passk.png").exists()
+  # The self-expert diagnostic on that warm-up (same tiny model flags): four figures, each a probability.
+  out = tmp_path / "teacher.json"
+  cmd = [sys.executable, "-m", "experiments.teacher_quality", "--config=configs/arith.py:compare_self"]
+  cmd += [*arith_comparison.SMOKE, f"--workdir={tmp_path / 'runs' / 'oracle' / 'warmup_seed0'}", f"--out={out}"]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  subprocess.run([*cmd, "--samples=2"], check=True, cwd=ROOT, env=env, capture_output=True)
+  figures = json.loads(out.read_text())
+  assert figures["prompts"] == 4 and all(0 <= v <= 1 for k, v in figures.items() if "pass@1" in k)
