@@ -14,12 +14,8 @@ def get_config(arg: str | None = None):
   c.sampling.max_prompt_tokens = 24
   c.sampling.prompt_buckets = (24,)
   c.sampling.max_new_tokens = 40
-  if arg in (
-    "compare",
-    "compare_self",
-    "compare_self_live",
-    "compare_self_sibling",
-  ):  # the protocol of experiments/arith_comparison.py
+  # The protocol of experiments/arith_comparison.py.
+  if arg in ("compare", "compare_self", "compare_self_live", "compare_self_sibling"):
     c.task.eval_size = 256
     c.eval.update(every=10, num_prompts=256, samples=8)
     c.train.update(iterations=40, warmup_steps=300)
