@@ -46,7 +46,7 @@ class Result:
   returncode: int | None  # None when killed for the wall-clock limit
   stdout: str
   stderr: str
-  timed_out: bool
+  timed_out: bool  # the wall-clock limit or the CPU-time limit (SIGXCPU) was reached; which one comes first is a race
 
   @property
   def signal(self) -> int | None:
@@ -191,6 +191,8 @@ def run(program: str, limits: Limits = Limits(), files: dict[str, str] | None = 
     stderr = err.decode(errors="replace")
     if "SANDBOX-SETUP-FAILED" in stderr:
       raise SandboxUnavailable(stderr.strip().splitlines()[-1])
-    return Result(None if timed_out else proc.returncode, out.decode(errors="replace"), stderr, timed_out)
+    returncode = None if timed_out else proc.returncode
+    timed_out = timed_out or returncode == -signal.SIGXCPU  # a busy loop may spend its CPU seconds before wall time ends
+    return Result(returncode, out.decode(errors="replace"), stderr, timed_out)
   finally:
     shutil.rmtree(workdir, ignore_errors=True)
