@@ -21,19 +21,11 @@ def get_config(arg: str | None = None):
   if arg == "runlocal":
     config_base.runlocal(c)
   elif arg == "real":
+    config_base.real(c)
     c.task.update(eval_size=64, timeout_s=10.0)
     c.tokenizer.add_bos = False
-    c.model.update(dtype="bfloat16", remat=True)
-    c.sampling.update(max_prompt_tokens=512, prompt_buckets=(256, 512), max_new_tokens=512)
-    c.expert.update(max_prompt_tokens=2048, top_k=64)
-    c.optim.update(lr=1e-6, warmup_steps=10)
-    c.train.update(
-      iterations=300,
-      prompts_per_iteration=32,
-      group_size=8,
-      batch_groups=16,
-      warmup_steps=0,
-      warmup_reprompt_fraction=0.0,
-    )
+    c.sampling.update(prompt_buckets=(256, 512), max_new_tokens=512)
+    c.expert.max_prompt_tokens = 2048
+    c.train.update(iterations=300, prompts_per_iteration=32, group_size=8, batch_groups=16)
     c.eval.update(every=25, num_prompts=64, samples=8, pass_at=(1, 8))
   return c

@@ -27,17 +27,15 @@ def get_config(arg: str | None = None):
   if arg == "runlocal":
     config_base.runlocal(c)
   elif arg == "real":  # a pretrained checkpoint and a data file; sizes for one 8-chip host
+    config_base.real(c)
     c.task.update(train_path="", prompt_template="{question}\nPut the final answer in \\boxed{{}}.\n", eval_size=500)
     c.tokenizer.add_bos = True
-    c.model.update(dtype="bfloat16", remat=True)
-    c.sampling.update(max_prompt_tokens=512, prompt_buckets=(128, 256, 512), max_new_tokens=1024)
+    c.sampling.update(prompt_buckets=(128, 256, 512), max_new_tokens=1024)
     c.expert.update(
-      kind="self", max_prompt_tokens=2048, reprompt="{prompt}\nFeedback: {feedback}\nNow solve it again.\n", top_k=64
+      kind="self", max_prompt_tokens=2048, reprompt="{prompt}\nFeedback: {feedback}\nNow solve it again.\n"
     )
-    c.optim.update(lr=1e-6, warmup_steps=10, weight_decay=0.0)
-    c.train.update(
-      iterations=500, prompts_per_iteration=64, group_size=8, updates_per_iteration=2, batch_groups=32, warmup_steps=0
-    )
+    c.optim.weight_decay = 0.0
+    c.train.update(iterations=500, prompts_per_iteration=64, group_size=8, updates_per_iteration=2, batch_groups=32)
     c.eval.update(every=25, num_prompts=500, samples=8)
     c.checkpoint.every = 25
   return c

@@ -119,3 +119,14 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.checkpoint.every = 1
   c.log.progress = False
   return c
+
+
+def real(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """What the `:real` preset of every task shares: a pretrained checkpoint post-trained in bf16 with remat, a small
+  lr, no behaviour-cloning warm-up (the checkpoint already knows the format) and a top-64 expert."""
+  c.model.update(dtype="bfloat16", remat=True)
+  c.sampling.max_prompt_tokens = 512
+  c.expert.top_k = 64
+  c.optim.update(lr=1e-6, warmup_steps=10)
+  c.train.update(warmup_steps=0, warmup_reprompt_fraction=0.0)
+  return c
