@@ -192,7 +192,8 @@ def run(program: str, limits: Limits = Limits(), files: dict[str, str] | None = 
     if "SANDBOX-SETUP-FAILED" in stderr:
       raise SandboxUnavailable(stderr.strip().splitlines()[-1])
     returncode = None if timed_out else proc.returncode
-    timed_out = timed_out or returncode == -signal.SIGXCPU  # a busy loop may spend its CPU seconds before wall time ends
+    # A busy loop may spend its CPU seconds before the wall time ends; either limit is a time-out.
+    timed_out = timed_out or returncode == -signal.SIGXCPU
     return Result(returncode, out.decode(errors="replace"), stderr, timed_out)
   finally:
     shutil.rmtree(workdir, ignore_errors=True)
