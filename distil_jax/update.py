@@ -21,9 +21,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 from distil_jax import losses, sharding
+from distil_jax import model as model_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +80,7 @@ def _rows(x, g):
 
 
 def loss_fn(params, batch, teacher_params, iteration, *, graphdef, teacher_graphdef, spec: UpdateSpec):
-  model = nnx.merge(graphdef, params)
+  model = model_lib.merge_for_compute(graphdef, params)
   cfg = spec.loss
   bg, g, n = batch["tokens"].shape
   if cfg.kind == "sft":
@@ -97,7 +97,7 @@ def loss_fn(params, batch, teacher_params, iteration, *, graphdef, teacher_graph
   elif cfg.needs_teacher:
     if teacher_params is None:
       teacher_params = jax.lax.stop_gradient(params)
-    tmodel = nnx.merge(teacher_graphdef, teacher_params)
+    tmodel = model_lib.merge_for_compute(teacher_graphdef, teacher_params)
     thidden = response_hidden(tmodel, _rows(batch["teacher_tokens"], g), _rows(batch["teacher_mask"], g), responses)
     positions = jnp.broadcast_to(jnp.arange(n), (bg * g, n))
     teacher = losses.HiddenTeacher(thidden, tmodel.lm_head_kernel(), positions)
@@ -135,13 +135,19 @@ def make_update(graphdef, tx, spec: UpdateSpec, *, teacher_graphdef=None, state_
       state["params"], batch, teacher_params, iteration, graphdef=graphdef, teacher_graphdef=teacher_graphdef, spec=spec
     )
     grad_norm = optax.global_norm(grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
-    if "ema" in state:
-      d = spec.ema_decay
-      new["ema"] = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], new["params"])
+
+    def step(state):
+      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+      new = {**state, "params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
+      if "ema" in state:
+        d = spec.ema_decay
+        new["ema"] = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], new["params"])
+      return new
+
+    # A branch, not a select between the new and the old state: that would be one more pass over every parameter
+    # and moment each step. A non-finite gradient has a non-finite norm, so the norm is the whole check.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+    new = jax.lax.cond(finite, step, lambda state: state, state)
     metrics.update(grad_norm=grad_norm, nonfinite=(~finite).astype(jnp.float32))
     return new, metrics
 
