@@ -1,5 +1,7 @@
 """The jitted update: sharded (8 fake CPU devices) equals unsharded; teachers; the non-finite guard."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -118,3 +120,18 @@ def test_nonfinite_step_leaves_state_untouched():
   assert float(metrics["nonfinite"]) == 1.0
   for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(before), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def test_nonfinite_guard_is_a_branch_not_a_pass_over_the_state():
+  """The compiled step keeps or replaces the state in a conditional: no select between old and new parameters or
+  moments outside it (a select would read and write every parameter and both moments once more each step)."""
+  spec = update.UpdateSpec(losses.LossConfig(kind="distil", chunk_size=4), teacher="topk")
+  mesh = sharding.make_mesh({"fsdp": 1}, jax.devices()[:1])
+  graphdef, params = sharding.init_params(lambda: model_lib.Transformer(CFG, rngs=nnx.Rngs(0)), mesh)
+  tx = update.make_optimizer(OPTIM, 10)
+  state = {"params": params, "opt_state": tx.init(params)}
+  hlo = update.make_update(graphdef, tx, spec).lower(state, _batch(0), None, jnp.int32(3)).compile().as_text()
+  assert " conditional(" in hlo
+  shape = "f32[" + ",".join(map(str, params["lm_head"]["kernel"].shape)) + "]"  # a shape only the LM head has
+  selects = [line for line in hlo.splitlines() if re.search(rf"= {re.escape(shape)}\S* select\(", line)]
+  assert all("/cond/" in line for line in selects), selects  # e.g. optax's clipping: inside the update branch
