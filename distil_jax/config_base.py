@@ -44,7 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
     rope_theta=10000.0,
     tie_word_embeddings=False,
     dtype="float32",
-    remat=False,
+    remat="none",  # none | full (recompute each layer) | dots (keep the weight matmuls' outputs)
+    attention="auto",  # auto (cudnn on GPU, splash on TPU, xla on CPU) | cudnn | splash | xla | einsum
     vocab_multiple=8,
   )
   c.mesh = dict(data=1, fsdp=-1, tensor=1, num_devices=0)  # num_devices 0: all devices of this host/slice
@@ -124,7 +125,7 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def real(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """What the `:real` preset of every task shares: a pretrained checkpoint post-trained in bf16 with remat, a small
   lr, no behaviour-cloning warm-up (the checkpoint already knows the format) and a top-64 expert."""
-  c.model.update(dtype="bfloat16", remat=True)
+  c.model.update(dtype="bfloat16", remat="full")
   c.sampling.max_prompt_tokens = 512
   c.expert.top_k = 64
   c.optim.update(lr=1e-6, warmup_steps=10)

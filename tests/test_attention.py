@@ -9,6 +9,7 @@ cuDNN. Tolerances, as a fraction of the largest reference magnitude: float32 1e-
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -239,3 +240,12 @@ def test_resolve_picks_per_backend_and_refuses_what_cannot_run(monkeypatch):
     attention.resolve("cudnn", "float32", 64)
   with pytest.raises(ValueError, match="model.attention='flash'"):
     model_lib.ModelConfig(**{**CFG.__dict__, "attention": "flash"})
+
+
+def test_splash_never_builds_the_score_matrix():
+  """The compiled splash program (interpret mode) holds no [.., T, S] array: scores exist one tile at a time."""
+  t = 1024  # two 512-tiles each way, so a whole score matrix would stand out
+  q, k, v = (jax.ShapeDtypeStruct((1, t, n, E), jnp.bfloat16) for n in (H, K, K))
+  plan = attention.make_plan("splash", jnp.ones((1, t), jnp.int32))
+  hlo = jax.jit(attention.attend).lower(q, k, v, plan).compile().as_text()
+  assert not re.search(rf"\[[\d,]*{t},{t}\]", hlo)

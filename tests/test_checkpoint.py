@@ -55,7 +55,7 @@ def test_save_restore_bit_identical_and_other_meshes(tmp_path):
     with checkpoint.Checkpointer(str(tmp_path)) as ckpt:
       restored, _ = ckpt.restore(7, target)
     _assert_identical(restored, state)
-    leaf = restored["params"]["model"]["layers"][0]["mlp"]["up_proj"]["kernel"]
+    leaf = restored["params"]["model"]["layers"]["mlp"]["up_proj"]["kernel"]
     assert leaf.sharding.mesh.shape == other.shape
 
 
