@@ -206,10 +206,10 @@ class Attention(nnx.Module):
     q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
     if cache is not None:
       start = (cache.layer, 0, cache.index, 0, 0)
-      written = [plan.to_input_order(x) if plan is not None else x for x in (k, v)]  # cache slots keep row order
+      k_new, v_new = (k, v) if plan is None else (plan.to_input_order(k), plan.to_input_order(v))  # slots: row order
       cache = cache._replace(
-        k=jax.lax.dynamic_update_slice(cache.k, written[0][None].astype(cache.k.dtype), start),
-        v=jax.lax.dynamic_update_slice(cache.v, written[1][None].astype(cache.v.dtype), start),
+        k=jax.lax.dynamic_update_slice(cache.k, k_new[None].astype(cache.k.dtype), start),
+        v=jax.lax.dynamic_update_slice(cache.v, v_new[None].astype(cache.v.dtype), start),
       )
       if cache.decode_mask_BxTxS is not None:
         k_layer, v_layer = cache.k[cache.layer].astype(q.dtype), cache.v[cache.layer].astype(q.dtype)
@@ -287,13 +287,6 @@ def default_positions(segment_ids_BxT):
   return jnp.where(segment_ids_BxT > 0, idx - seg_start, 0).astype(jnp.int32)
 
 
-def cache_mask(valid_BxS, cache_index, t):
-  """Queries sit in cache slots [cache_index, cache_index + t); each sees valid slots at or before its own."""
-  s = valid_BxS.shape[1]
-  query_slot = cache_index + jnp.arange(t)
-  return valid_BxS[:, None, :] & (jnp.arange(s)[None, None, :] <= query_slot[None, :, None])
-
-
 def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=None):
   """An empty KV cache: k and v for every layer [L,B,S,K,E], and which slots hold real tokens [B,S]."""
   dtype = dtype or cfg.compute_dtype
@@ -356,11 +349,11 @@ class Transformer(nnx.Module):
     plan, view = None, None
     if cache is None or prefill:
       impl = attention.resolve(cfg.attention, cfg.compute_dtype, cfg.head_size)
-      plan = attention.make_plan(impl, segment_ids_BxT, packed=packed and not prefill)
+      plan = attention.make_plan(impl, segment_ids_BxT, packed=packed)
       tokens_BxT, positions_BxT = plan.to_kernel_order(tokens_BxT), plan.to_kernel_order(positions_BxT)
     if cache is not None:
       valid = jax.lax.dynamic_update_slice(cache["valid"], segment_ids_BxT > 0, (0, cache_index))
-      decode_mask = None if prefill else cache_mask(valid, cache_index, t)
+      decode_mask = None if prefill else attention.cache_mask(valid, cache_index, t)
       view = CacheView(cache["k"], cache["v"], 0, cache_index, decode_mask)
     inv_freq = rope_inverse_frequencies(cfg)
     # Gather the (fsdp / tensor sharded) table before the lookup, as FSDP does for every weight: a lookup into a
