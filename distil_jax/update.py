@@ -52,17 +52,39 @@ def make_optimizer(cfg, total_updates: int) -> optax.GradientTransformation:
   )
 
 
-def init_state(tx, params, mesh, *, ema: bool = False):
-  """The train state on the mesh: optimizer moments sharded like the parameters, scalars replicated."""
-  opt_state = jax.jit(tx.init)(params)
-  state = {"params": params, "opt_state": opt_state}
-  if ema:
-    state["ema"] = jax.tree.map(jnp.copy, params)
+def state_shardings(tx, params, mesh, *, ema: bool = False):
+  """Shardings of the train state: every optimizer leaf shaped like a parameter (Adam's mu and nu) takes that
+  parameter's sharding, everything else (step counts, schedule state) is replicated.
+
+  `tx.init` builds its moments with `zeros_like`, which has no data dependence on the parameters, so a plain
+  `jit(tx.init)` lets XLA place them anywhere (it put them on one device, and they were then replicated: FSDP saved
+  no optimizer memory). The layout is therefore derived from the abstract state, as nanodo does.
+  """
+  param_sh = jax.tree.map(lambda x: x.sharding, params)
+  abstract = jax.eval_shape(tx.init, params)
   everywhere = sharding.replicated(mesh)
-  placed = jax.tree.map(lambda x: x.sharding if len(x.sharding.device_set) == mesh.size else everywhere, state)
-  # Committed arrays from the start: the jitted update and sampler then see the same input layout on every call,
-  # and compile once.
-  return jax.device_put(state, placed)
+  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract, param_sh, transform_non_params=lambda _: everywhere)
+  out = {"params": param_sh, "opt_state": opt_sh}
+  if ema:
+    out["ema"] = param_sh
+  return out
+
+
+def init_state(tx, params, mesh, *, ema: bool = False):
+  """The train state on the mesh, created in place: moments sharded like their parameters, scalars replicated.
+
+  Committed arrays from the start: the jitted update and sampler then see the same input layout on every call, and
+  compile once.
+  """
+  shardings = state_shardings(tx, params, mesh, ema=ema)
+
+  def init(params):
+    state = {"params": params, "opt_state": tx.init(params)}
+    if ema:
+      state["ema"] = jax.tree.map(jnp.copy, params)
+    return state
+
+  return jax.jit(init, out_shardings=shardings)(params)
 
 
 def response_hidden(model, prompts_BxP, prompt_mask_BxP, responses_BxN):
