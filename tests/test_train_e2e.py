@@ -26,12 +26,12 @@ def _metrics(workdir):
     return [json.loads(line) for line in f]
 
 
-def _check_run(workdir, iterations=2):
+def _check_run(workdir, iterations=2, groups_per_iteration=2):
   rows = _metrics(workdir)
   assert [r["iteration"] for r in rows] == list(range(iterations + 1))
   for r in rows[1:]:
     assert np.isfinite(r["train/loss"]) and r["train/nonfinite"] == 0.0
-    assert r["buffer/rows"] == 4 * r["iteration"]  # 4 prompt groups appended per iteration
+    assert r["buffer/rows"] == groups_per_iteration * r["iteration"]  # one buffer row per prompt group
   assert {"eval/pass@1", "eval/pass@2", "eval/greedy_accuracy"} <= set(rows[-1])
   return rows
 
@@ -59,25 +59,26 @@ def test_self_expert_with_ema(tmp_path):
 
 
 def test_feedback_prompts_and_sibling_only_labelling():
-  """Group 0 has one correct response (index 1), group 1 none: by hand, the sibling goes to every response but the
-  correct one itself; with sibling_only, the others go unlabelled."""
+  """Groups of 4 are two halves, {0,1} and {2,3}; a response is shown a correct response of the *other* half.
+  Group 0: only response 1 is correct, so 2 and 3 see it, while 0 and 1 (its own half) get their own verdict.
+  Group 1: nothing correct. With sibling_only, only responses shown a sibling are labelled."""
   verdict = lambda ok: experts.Verdict(ok, "correct" if ok else "wrong")
   r = experts.Rollouts(
     problems=[experts.Problem("p0", "r0"), experts.Problem("p1", "r1")],
     prompt_tokens=np.zeros((2, 1)),
     prompt_mask=np.ones((2, 1)),
-    tokens=np.zeros((2, 3, 1)),
-    mask=np.ones((2, 3, 1)),
-    logprobs=np.zeros((2, 3, 1)),
-    texts=[["a", "b", "c"], ["d", "e", "f"]],
-    verdicts=[[verdict(False), verdict(True), verdict(False)], [verdict(False)] * 3],
+    tokens=np.zeros((2, 4, 1)),
+    mask=np.ones((2, 4, 1)),
+    logprobs=np.zeros((2, 4, 1)),
+    texts=[["a", "b", "c", "d"], ["e", "f", "g", "h"]],
+    verdicts=[[verdict(False), verdict(True), verdict(False), verdict(False)], [verdict(False)] * 4],
   )
   texts, valid = experts.reprompt_texts(r, "{prompt}|{feedback}")
   sib = experts.SIBLING + "b"
-  assert texts == [[f"p0|{sib}", "p0|correct", f"p0|{sib}"], ["p1|wrong"] * 3]
-  assert valid.tolist() == [[1, 1, 1], [1, 1, 1]]
+  assert texts == [["p0|wrong", "p0|correct", f"p0|{sib}", f"p0|{sib}"], ["p1|wrong"] * 4]
+  assert valid.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]]
   _, valid = experts.reprompt_texts(r, "{prompt}|{feedback}", sibling_only=True)
-  assert valid.tolist() == [[1, 0, 1], [0, 0, 0]]
+  assert valid.tolist() == [[0, 0, 1, 1], [0, 0, 0, 0]]
 
 
 def test_self_expert_sibling_only_runs(tmp_path):
