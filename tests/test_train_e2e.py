@@ -259,3 +259,26 @@ def test_warmup_only_run_then_init_from(tmp_path):
   }
   tokenizer = (tmp_path / "post" / "tokenizer.model").read_bytes()  # a copy: the workdir stands alone
   assert tokenizer == (tmp_path / "warm" / "tokenizer.model").read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["distil", "grpo"])
+def test_sampling_temperature_is_the_policy_end_to_end(kind, tmp_path):
+  """As a user runs it: a short behaviour-cloned start (a peaked policy), then rollouts at temperature 0.7. The first
+  update sees its own fresh rollouts: ratio 1, nothing clipped (the loss once used the untempered policy and clipped
+  a quarter of the tokens here). GRPO also keeps its KL reference on device (0 on the first update: ref = policy)."""
+  overrides = {
+    "loss.kind": kind,
+    "sampling.temperature": 0.7,
+    "train.iterations": 1,
+    "train.warmup_steps": 40,
+    "train.warmup_batch": 16,
+  }
+  if kind == "grpo":
+    overrides["loss.kl_coef"] = 0.05
+  train.train(load_config("arith", **overrides), str(tmp_path))
+  rows = _check_run(tmp_path, iterations=1)
+  assert rows[0]["warmup/loss_last"] < 0.7 * rows[0]["warmup/loss_first"]  # 3.9 -> 2.3 nats per token
+  assert rows[1]["train/clip_fraction"] == 0.0
+  np.testing.assert_allclose(rows[1]["train/ratio_mean"], 1.0, atol=1e-4)
+  if kind == "grpo":
+    assert rows[1]["train/kl_ref"] == 0.0
