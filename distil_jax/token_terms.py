@@ -20,9 +20,14 @@ behaviour log-prob on fresh data, and the off-policy ratio would not be 1.
 
 Fusion: the student's logits for T positions would be a float32 [B,T,V] array (4 GB at B*T=8k, V=128k), and the
 teacher's another. `fused_token_terms` instead scans over chunks of `chunk_size` time steps, computes a [B,c,V]
-logits block, reduces it to a few [B,c] numbers, and recomputes the block in the backward pass
-(`jax.checkpoint` on the chunk body). Batch stays on (data, fsdp) and the vocabulary on `tensor` inside each chunk.
-
+logits block, reduces it to a few [B,c] numbers, and keeps nothing of the block. Its backward (a custom VJP) scans
+again: it recomputes the block, takes the block terms' VJP at the incoming per-position cotangents (elementwise and
+vocabulary reductions only), and does the two matmuls dh = dz W^T and dW += h^T dz. The LM head is cast to the
+compute dtype once, and dW is accumulated in float32 over chunks whatever the compute dtype.
+Why not Liger's one-pass form (logits gradient formed in the forward pass, no recomputation): that needs the
+per-position cotangents before the forward ends, and DistIL's score term weights position t by the cost of every
+later position. So the head costs 4 matmuls per step (1 forward, 3 backward), as under plain rematerialisation.
+Batch stays on (data, fsdp) and the vocabulary on `tensor` inside each chunk.
 Dims: B batch, T response positions, S teacher sequence, c chunk, D width, V vocabulary, K top-k or samples.
 """
 
@@ -34,6 +39,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from distil_jax import sharding
 
@@ -233,10 +239,10 @@ def token_terms(student_logits, teacher, tokens, *, mask=None, opts: TermOptions
 def fused_token_terms(hidden, lm_head, teacher, tokens, *, mask=None, chunk_size=64, opts: TermOptions = TermOptions()):
   """The same terms as `token_terms(hidden @ lm_head, ...)` without any [B,T,V] array.
 
-  hidden [B,T,D] in the compute dtype; lm_head [D,V] is cast to hidden's dtype inside each chunk (float32
-  accumulation). Pass the float32 master kernel, not a bf16 copy: the LM head's gradient is summed over chunks in
-  lm_head's dtype.
-  Memory: O(B * chunk_size * V) for the logits block instead of O(B * T * V), plus O(D * V) for the head's gradient.
+  hidden [B,T,D] in the compute dtype; lm_head [D,V] (the float32 master kernel, or any dtype: it is cast to hidden's
+  dtype once, and its gradient is summed in float32 and returned in lm_head's dtype). `entropy` is a metric: no
+  gradient flows through it. Memory: O(B * chunk_size * V) for the logits block, plus O(D * V) for the head's
+  gradient and one compute-dtype copy of the head.
   """
   kind, arrays, teacher_head = _split_target(teacher)
   b, t = tokens.shape
@@ -247,18 +253,67 @@ def fused_token_terms(hidden, lm_head, teacher, tokens, *, mask=None, chunk_size
     x = jnp.pad(x, [(0, 0), (0, n * c - t)] + [(0, 0)] * (x.ndim - 2))
     return jnp.moveaxis(x.reshape(b, n, c, *x.shape[2:]), 1, 0)
 
-  @jax.checkpoint
-  def chunk(h, tok, m, tarrays, head, thead):
-    z = jnp.einsum("bcd,dv->bcv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+  mask = jnp.ones((b, t), jnp.float32) if mask is None else mask.astype(jnp.float32)
+  if teacher_head is not None:
+    teacher_head = teacher_head.astype(arrays[0].dtype)
+  fixed = (split(tokens.astype(jnp.int32)), split(mask), tuple(split(a) for a in arrays), teacher_head)
+  out = _fused_scan(kind, opts, jnp.dtype(lm_head.dtype))(split(hidden), lm_head, fixed)
+  return {k: jnp.moveaxis(v, 0, 1).reshape(b, n * c)[:, :t] for k, v in out.items()}
+
+
+def _fused_scan(kind, opts: TermOptions, head_dtype):
+  """terms(hidden chunks [n,B,c,D], head [D,V], fixed inputs) with the custom VJP described in the module docstring.
+  `fixed` (tokens, mask, teacher arrays, teacher head) gets no gradient: the teacher is a constant."""
+
+  def block(h, head, xs, thead):
+    tok, m, tarrays = xs
+    z = jnp.einsum("bcd,dv->bcv", h, head, preferred_element_type=jnp.float32)
     z = sharding.constrain(z, ("batch", None, "vocab"))
     k, a = _teacher_logits(kind, tarrays, thead)
-    return _block_terms(z, tok, k, a, opts, m)
+    return z, lambda z: _block_terms(z, tok, k, a, opts, m)
 
-  def body(carry, xs):
-    h, tok, m, tarrays = xs
-    return carry, chunk(h, tok, m, tarrays, lm_head, teacher_head)
+  def forward(h_n, lm_head, fixed):
+    tok_n, m_n, tarrays_n, thead = fixed
+    head = lm_head.astype(h_n.dtype)
 
-  mask = jnp.ones((b, t), jnp.float32) if mask is None else mask.astype(jnp.float32)
-  xs = (split(hidden), split(tokens.astype(jnp.int32)), split(mask), tuple(split(a) for a in arrays))
-  _, out = jax.lax.scan(body, None, xs)
-  return {k: jnp.moveaxis(v, 0, 1).reshape(b, n * c)[:, :t] for k, v in out.items()}
+    def body(_, xs):
+      h, *rest = xs
+      z, terms = block(h, head, rest, thead)
+      return None, terms(z)
+
+    return jax.lax.scan(body, None, (h_n, tok_n, m_n, tarrays_n))[1], head
+
+  @jax.custom_vjp
+  def fused(h_n, lm_head, fixed):
+    return forward(h_n, lm_head, fixed)[0]
+
+  def fwd(h_n, lm_head, fixed):
+    out, head = forward(h_n, lm_head, fixed)
+    return out, (h_n, head, fixed)
+
+  def bwd(res, ct):
+    h_n, head, fixed = res
+    tok_n, m_n, tarrays_n, thead = fixed
+    ct = {k: v for k, v in ct.items() if k != "entropy"}  # a metric, under stop_gradient
+
+    def body(dw, xs):
+      h, ct_chunk, *rest = xs
+      z, terms = block(h, head, rest, thead)
+      _, vjp = jax.vjp(lambda z: {k: v for k, v in terms(z).items() if k in ct_chunk}, z)
+      dz = vjp(ct_chunk)[0].astype(h.dtype)
+      dh = jnp.einsum("bcv,dv->bcd", dz, head, preferred_element_type=jnp.float32).astype(h.dtype)
+      dw = dw + jnp.einsum("bcd,bcv->dv", h, dz, preferred_element_type=jnp.float32)
+      return dw, dh
+
+    dw0 = jnp.zeros(head.shape, jnp.float32)
+    dw, dh_n = jax.lax.scan(body, dw0, (h_n, ct, tok_n, m_n, tarrays_n))
+    return dh_n, dw.astype(head_dtype), jax.tree.map(_zero_cotangent, fixed)
+
+  fused.defvjp(fwd, bwd)
+  return fused
+
+
+def _zero_cotangent(x):
+  if jnp.issubdtype(x.dtype, jnp.floating):
+    return jnp.zeros_like(x)
+  return np.zeros(x.shape, jax.dtypes.float0)
