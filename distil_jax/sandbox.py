@@ -114,35 +114,39 @@ class Sandbox:
 
   def __init__(self, program: str, limits: Limits = Limits(), files: dict[str, str] | None = None, channel=False):
     self.limits = limits
+    files = {"main.py": program, **(files or {})}
+    size = sum(len(text.encode()) for text in files.values())
+    if size > limits.dir_bytes // 2:
+      raise ValueError(f"the program's files ({size} bytes) do not fit in Limits.dir_bytes={limits.dir_bytes} // 2")
+    self._proc, self._req_w, self._fds = None, None, {}  # _fds: our read ends, fd -> name of the stream
     self._dir = tempfile.mkdtemp(prefix="distil-sandbox-")
-    self._proc = None
-    self._fds: dict[int, str] = {}  # our read ends: fd -> "stdout" | "stderr" | "channel" | "status"
+    status_r, status_w = os.pipe()
+    self._fds[status_r] = "status"
+    child_fds = [status_w]
+    if channel:
+      req_r, self._req_w = os.pipe()
+      rep_r, rep_w = os.pipe()
+      self._fds[rep_r] = "channel"
+      child_fds += [req_r, rep_w]
+    cfg = {
+      "dir": self._dir,
+      "mode": _mode(),
+      "read": _read_paths(),
+      "hide": _hidden_paths(),
+      "status": status_w,
+      "channel": child_fds[1:],
+      "cpu": int(limits.cpu_seconds),
+      "mem": int(limits.memory_bytes),
+      "fsize": int(limits.file_bytes),
+      "dir_bytes": int(limits.dir_bytes),
+      "nofile": int(limits.open_files),
+      "nproc": int(limits.processes),
+    }
     try:
       os.chmod(self._dir, 0o700)
-      for name, text in {"main.py": program, **(files or {})}.items():
+      for name, text in files.items():
         with open(os.path.join(self._dir, name), "w") as f:
           f.write(text)
-      status_r, status_w = os.pipe()
-      child_fds = [status_w]
-      self._req_w = None
-      if channel:
-        req_r, self._req_w = os.pipe()
-        rep_r, rep_w = os.pipe()
-        child_fds += [req_r, rep_w]
-      cfg = {
-        "dir": self._dir,
-        "mode": _mode(),
-        "read": _read_paths(),
-        "hide": _hidden_paths(),
-        "status": status_w,
-        "channel": child_fds[1:],
-        "cpu": int(limits.cpu_seconds),
-        "mem": int(limits.memory_bytes),
-        "fsize": int(limits.file_bytes),
-        "dir_bytes": int(limits.dir_bytes),
-        "nofile": int(limits.open_files),
-        "nproc": int(limits.processes),
-      }
       self._start = time.monotonic()
       self._proc = subprocess.Popen(
         [sys.executable, "-I", "-S", "-c", sandbox_launcher.SOURCE, json.dumps(cfg)],
@@ -158,14 +162,11 @@ class Sandbox:
       self.close()
       raise
     finally:
-      for fd in locals().get("child_fds", []):
+      for fd in child_fds:
         os.close(fd)
-    self._fds = {self._proc.stdout.fileno(): "stdout", self._proc.stderr.fileno(): "stderr", status_r: "status"}
-    if channel:
-      self._fds[rep_r] = "channel"
+    self._fds.update({self._proc.stdout.fileno(): "stdout", self._proc.stderr.fileno(): "stderr"})
     self._buf = {name: bytearray() for name in ("stdout", "stderr", "channel", "status")}
-    self._dropped = 0
-    self._total = 0
+    self._dropped = self._total = 0
     self._pending = bytearray()  # bytes for the request pipe, written as the child reads them
     self._timed_out = self._flooded = False
     self._sel = selectors.DefaultSelector()
@@ -223,12 +224,14 @@ class Sandbox:
     """Kill the program if it still runs and remove its temp dir."""
     if self._proc is not None:
       if self._proc.returncode is None:
-        self._kill(timed_out=False)
-      self._close_requests()
-      for fd in list(self._fds):
-        self._unwatch(fd)
+        self._kill()
       self._proc.stdout.close()
       self._proc.stderr.close()
+    self._close_requests()
+    for fd, name in list(self._fds.items()):
+      if name in ("channel", "status"):  # stdout and stderr are closed with their Popen file objects
+        os.close(fd)
+    self._fds.clear()
     shutil.rmtree(self._dir, ignore_errors=True)
 
   # -- internals ----------------------------------------------------------------------------------------------------
@@ -237,6 +240,7 @@ class Sandbox:
     return self._timed_out or self._flooded
 
   def _kill(self, *, timed_out: bool = False, flooded: bool = False) -> None:
+    """SIGKILL to the process group; stop reading its output (the status pipe is still read for setup errors)."""
     if self._proc.returncode is None:  # not reaped yet, so the group id cannot have been reused
       try:
         os.killpg(self._proc.pid, signal.SIGKILL)
@@ -253,7 +257,7 @@ class Sandbox:
     name = self._fds.pop(fd, None)
     if name is not None:
       self._sel.unregister(fd)
-      if name in ("channel", "status"):  # stdout and stderr are closed with their Popen file objects
+      if name in ("channel", "status"):
         os.close(fd)
 
   def _close_requests(self) -> None:

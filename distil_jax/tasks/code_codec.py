@@ -30,7 +30,7 @@ def to_json(value, depth=0):
   if kind is complex:
     return {"complex": [value.real, value.imag]}
   raise TypeError(
-    f"a {kind.__name__} is not plain data (None, bool, int, float, complex, str, bytes, list, "
+    f"type {kind.__name__} is not plain data (None, bool, int, float, complex, str, bytes, list, "
     "tuple, set, frozenset, dict)"
   )
 
