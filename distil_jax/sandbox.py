@@ -31,9 +31,10 @@ fd 4 (the grader in tasks/code_grader.py uses it, so that nothing the program pr
 
 from __future__ import annotations
 
+import binascii
 import dataclasses
 import functools
-import json
+import marshal
 import os
 import selectors
 import shutil
@@ -149,7 +150,7 @@ class Sandbox:
           f.write(text)
       self._start = time.monotonic()
       self._proc = subprocess.Popen(
-        [sys.executable, "-I", "-S", "-c", sandbox_launcher.SOURCE, json.dumps(cfg)],
+        [sys.executable, "-I", "-S", "-c", sandbox_launcher.SOURCE, binascii.b2a_base64(marshal.dumps(cfg)).decode()],
         cwd=self._dir,
         env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "HOME": self._dir, "TMPDIR": self._dir},
         stdin=subprocess.DEVNULL,

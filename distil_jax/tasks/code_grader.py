@@ -36,22 +36,33 @@ from distil_jax import sandbox
 from distil_jax.tasks import code_codec, code_suite
 from distil_jax.tasks.base import Verdict
 
-_CODEC = pathlib.Path(code_codec.__file__).read_text()
 _SAFE_BUILTINS = {name: getattr(builtins, name) for name in code_suite.SAFE_CALLS}
 
+# Shared by both sandboxed harnesses (they import nothing that pulls in `re`: each interpreter starts faster).
 _COMMON = (
-  _CODEC
+  pathlib.Path(code_codec.__file__).read_text()
   + r"""
-import os, traceback
+import os
 
 def _send(obj):
-  data = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+  data = (dumps(obj) + "\n").encode()
   while data:
     data = data[os.write(4, data):]
 
-def _error(e):
-  where = ["line %d:" % f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == "solution.py"]
-  return " ".join(where[-1:] + ["".join(traceback.format_exception_only(type(e), e)).strip()])
+def _where(e, filename):
+  line, tb = 0, e.__traceback__
+  while tb is not None:
+    if tb.tb_frame.f_code.co_filename == filename:
+      line = tb.tb_lineno
+    tb = tb.tb_next
+  return line
+
+def _describe(e):
+  try:
+    text = str(e)
+  except BaseException:
+    text = ""
+  return type(e).__name__ + (": " + text if text else "")
 """
 )
 
@@ -61,23 +72,25 @@ _SERVER = (
   + r"""
 _ns = {"__name__": "solution"}
 try:
-  with open("solution.py") as f:
+  with open("solution.py", "rb") as f:
     exec(compile(f.read(), "solution.py", "exec"), _ns)
 except BaseException as e:
-  _send({"loaded": False, "error": _error(e)})
+  _send(["load failed", _describe(e) + ("" if isinstance(e, SyntaxError) else " (line %d)" % _where(e, "solution.py"))])
   raise SystemExit(0)
-_send({"loaded": True})
-with os.fdopen(3, "rb") as _requests:
-  for _line in _requests:
-    try:
-      _req = json.loads(_line)
-      _fn = _ns.get(_req["fn"])
-      if not callable(_fn):
-        raise NameError("name %r is not defined" % _req["fn"])
-      _reply = {"ok": to_json(_fn(*from_json(_req["args"]), **from_json(_req["kwargs"])))}
-    except BaseException as e:
-      _reply = {"raised": _error(e)}
-    _send(_reply)
+_send(["loaded"])
+for _line in os.fdopen(3, "rb"):
+  try:
+    _fn, _args, _kwargs = unpack(_line)
+    _f = _ns.get(_fn)
+    if not callable(_f):
+      raise NameError("name %r is not defined" % _fn)
+    _reply = dumps(["ok", _f(*_args, **_kwargs)])
+  except BaseException as e:
+    _line = _where(e, "solution.py")
+    _reply = dumps(["raised", _describe(e) + (" (line %d)" % _line if _line else "")])
+  _reply = (_reply + "\n").encode()
+  while _reply:
+    _reply = _reply[os.write(4, _reply):]
 """
 )
 
@@ -87,41 +100,39 @@ _RUNNER = (
   + r"""
 import builtins
 _requests = os.fdopen(3, "rb")
-_last = {}
+_last = []
 
 def _proxy(name):
   def call(*args, **kwargs):
-    _send({"fn": name, "args": to_json(list(args)), "kwargs": to_json(dict(kwargs))})
-    reply = json.loads(_requests.readline())
-    _last.update(fn=name, args=to_json(list(args)), reply=reply)
-    if "ok" in reply:
-      return from_json(reply["ok"])
-    kind, _, message = reply["raised"].splitlines()[-1].partition(":")
-    cls = getattr(builtins, kind.strip(), None)
+    _send(["call", name, list(args), dict(kwargs)])
+    kind, value = unpack(_requests.readline())
+    _last[:] = [[name, list(args), [kind, value]]]
+    if kind == "ok":
+      return value
+    cls = getattr(builtins, value.partition(":")[0].partition(" ")[0], None)
     try:
-      error = cls(message.strip()) if isinstance(cls, type) and issubclass(cls, Exception) else None
+      error = cls(value) if isinstance(cls, type) and issubclass(cls, Exception) else None
     except Exception:
       error = None
-    raise error or RuntimeError(reply["raised"].splitlines()[-1])
+    raise error or RuntimeError(value)
   call.__name__ = call.__qualname__ = name
   return call
 
 _ns = {"__name__": "tests"}
-with open("prompt.py") as f:
-  _prompt = f.read()
 try:
-  exec(compile(_prompt, "prompt.py", "exec"), _ns)
+  with open("prompt.py", "rb") as f:
+    exec(compile(f.read(), "prompt.py", "exec"), _ns)
 except BaseException:
   pass  # a prompt that is not a complete program offers no helpers
-for _name in json.load(open("names.json")):
-  _ns[_name] = _proxy(_name)
+with open("names.txt") as f:
+  for _name in f.read().split():
+    _ns[_name] = _proxy(_name)
 try:
-  with open("tests.py") as f:
+  with open("tests.py", "rb") as f:
     exec(compile(f.read(), "tests.py", "exec"), _ns)
-  _send({"passed": True})
+  _send(["passed"])
 except BaseException as e:
-  lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == "tests.py"]
-  _send({"passed": False, "line": lines[-1] if lines else 0, "error": _error(e), "last": _last})
+  _send(["failed", _where(e, "tests.py"), _describe(e), _last[0] if _last else None])
 """
 )
 
@@ -139,25 +150,26 @@ def _call_text(fn: str, args) -> str:
   return f"{fn}({_trim(', '.join(repr(a) for a in args), 300)})"
 
 
-def _message(box: sandbox.Sandbox) -> dict | None:
+def _message(box: sandbox.Sandbox) -> list | None:
+  """One JSON line from a sandboxed process as [kind, ...], or None (closed, dead, or not such a line)."""
   line = box.receive()
   try:
     msg = json.loads(line) if line is not None else None
   except (ValueError, RecursionError):
     return None
-  return msg if isinstance(msg, dict) else None
+  return msg if isinstance(msg, list) and msg and isinstance(msg[0], str) else None
 
 
-def _outcome(msg: dict | None):
+def _outcome(msg: list | None):
   """('ok', value) | ('raised', error text) | None (no valid reply) from one reply of the program's process."""
-  if msg is None:
+  if msg is None or len(msg) != 2 or msg[0] not in ("ok", "raised"):
     return None
-  if "ok" in msg:
-    try:
-      return "ok", code_codec.from_json(msg["ok"])
-    except (ValueError, TypeError, RecursionError, MemoryError) as e:  # a set of lists, a nesting bomb ...
-      return "raised", f"the output is not plain data ({e})"
-  return "raised", _error_lines(msg.get("raised", "an unknown error"), 1)
+  if msg[0] == "raised":
+    return "raised", _error_lines(msg[1], 1, 300)
+  try:
+    return "ok", code_codec.from_json(msg[1])
+  except (ValueError, TypeError, RecursionError, MemoryError) as e:  # a set of lists, a nesting bomb ...
+    return "raised", f"the output is not plain data ({_trim(e, 200)})"
 
 
 def _ended(box: sandbox.Sandbox, why: str) -> Verdict:
@@ -191,15 +203,11 @@ def _check(check: code_suite.Check, outcomes) -> str | None:
   return f"failed test: {_trim(check.source, 300)}\n{outputs}{error}"
 
 
-def _request(fn: str, args, kwargs) -> bytes:
-  return json.dumps({"fn": fn, "args": code_codec.to_json(list(args)), "kwargs": code_codec.to_json(kwargs)}).encode()
-
-
 def _run_checks(suite: code_suite.Suite, server: sandbox.Sandbox) -> Verdict | None:
   """Every check's calls at once, then each condition evaluated here, in order; None when all hold."""
   for check in suite.checks:
     for call in check.calls:
-      server.send(_request(*call))
+      server.send(code_codec.pack(call))
   for check in suite.checks:
     outcomes = [_outcome(_message(server)) for _ in check.calls]
     if None in outcomes:
@@ -215,19 +223,38 @@ def _relay(suite: code_suite.Suite, server: sandbox.Sandbox, runner: sandbox.San
   re-encoded here (only plain data crosses); None when it reports that every test passed."""
   while True:
     msg = _message(runner)
-    if msg is None or "passed" in msg:
-      return None if msg is not None and msg["passed"] is True else _rest_failed(suite, runner, msg)
+    if msg is None or msg[0] != "call":
+      return None if msg == ["passed"] else _rest_failed(suite, runner, msg)
     try:
-      if msg.get("fn") not in suite.names:
-        raise ValueError(f"unknown function {msg.get('fn')!r}")
-      server.send(_request(msg["fn"], code_codec.from_json(msg["args"]), code_codec.from_json(msg["kwargs"])))
-    except (KeyError, ValueError, TypeError, RecursionError) as e:
+      _, fn, args, kwargs = msg
+      args, kwargs = code_codec.from_json(args), code_codec.from_json(kwargs)
+      if fn not in suite.names or type(args) is not list or type(kwargs) is not dict:
+        raise ValueError(f"not a call of the program: {_trim(msg, 200)}")
+    except (ValueError, TypeError, RecursionError) as e:
       return Verdict(False, f"the tests could not call the program: {e}")
+    server.send(code_codec.pack((fn, tuple(args), kwargs)))
     outcome = _outcome(_message(server))
     if outcome is None:
       return _ended(server, "the program stopped answering")
-    kind, value = outcome
-    runner.send(json.dumps({"ok": code_codec.to_json(value)} if kind == "ok" else {"raised": value}).encode())
+    runner.send(code_codec.pack(outcome))
+
+
+def _rest_failed(suite: code_suite.Suite, runner: sandbox.Sandbox, msg: list | None) -> Verdict:
+  if msg is None or msg[0] != "failed" or len(msg) != 4:
+    r = runner.finish()
+    why = f"timed out after {runner.limits.wall_seconds:g}s" if r.timed_out else _error_lines(r.stderr)
+    return Verdict(False, f"the tests did not finish: {why}")
+  _, line, error, last = msg
+  lines = suite.rest.splitlines()
+  source = lines[line - 1].strip() if type(line) is int and 0 < line <= len(lines) else "a test"
+  feedback = f"failed test: {_trim(source, 300)}"
+  try:
+    fn, args, (kind, value) = last
+    shown = f"returned {_trim(repr(code_codec.from_json(value)), 200)}" if kind == "ok" else f"raised {value}"
+    feedback += f"\nlast call: {_call_text(str(fn), code_codec.from_json(args))} {shown}"
+  except (TypeError, ValueError, RecursionError):  # no call yet
+    pass
+  return Verdict(False, f"{feedback}\n{_error_lines(error, 1, 300)}")
 
 
 def grade(suite: code_suite.Suite, program: str, limits: sandbox.Limits) -> Verdict:
@@ -236,40 +263,15 @@ def grade(suite: code_suite.Suite, program: str, limits: sandbox.Limits) -> Verd
     server = stack.enter_context(sandbox.Sandbox(_SERVER, limits, {"solution.py": program}, channel=True))
     runner = None
     if suite.rest is not None:  # started now, so that both interpreters start at once
-      files = {"tests.py": suite.rest, "prompt.py": suite.prompt, "names.json": json.dumps(list(suite.names))}
+      files = {"tests.py": suite.rest, "prompt.py": suite.prompt, "names.txt": " ".join(suite.names)}
       runner = stack.enter_context(sandbox.Sandbox(_RUNNER, limits, files, channel=True))
     loaded = _message(server)
     if loaded is None:
       return _ended(server, "the program did not run")
-    if loaded.get("loaded") is not True:
-      why = _error_lines(loaded.get("error", "")) or "it did not say it had loaded"
+    if loaded != ["loaded"]:
+      why = _error_lines(loaded[1] if len(loaded) == 2 else "") or "it did not say it had loaded"
       return Verdict(False, f"the program did not run: {why}")
     verdict = _run_checks(suite, server) or (_relay(suite, server, runner) if runner is not None else None)
     if verdict is not None:
       return verdict
   return Verdict(True, f"all {len(suite.checks) + (suite.rest is not None)} tests passed")
-
-
-def _rest_failed(suite: code_suite.Suite, runner: sandbox.Sandbox, msg: dict | None) -> Verdict:
-  if msg is None:
-    r = runner.finish()
-    why = f"timed out after {runner.limits.wall_seconds:g}s" if r.timed_out else _error_lines(r.stderr)
-    return Verdict(False, f"the tests did not finish: {why}")
-  lines = suite.rest.splitlines()
-  line = msg.get("line")
-  source = lines[line - 1] if isinstance(line, int) and 0 < line <= len(lines) else "a test"
-  feedback = f"failed test: {_trim(source.strip(), 300)}"
-  last = msg.get("last") or {}
-  if "reply" in last:
-    try:
-      call = _call_text(str(last["fn"]), code_codec.from_json(last["args"]))
-      reply = last["reply"]
-      result = (
-        f"returned {_trim(repr(code_codec.from_json(reply['ok'])), 200)}"
-        if "ok" in reply
-        else f"raised {_error_lines(reply['raised'], 1)}"
-      )
-      feedback += f"\nlast call: {call} {result}"
-    except (KeyError, TypeError, ValueError, RecursionError):
-      pass
-  return Verdict(False, f"{feedback}\n{_error_lines(msg.get('error', ''), 1)}")
