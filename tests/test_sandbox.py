@@ -71,20 +71,20 @@ def test_breaches_fail_inside_the_program(program, error):
 
 
 def test_time_limits():
-  cpu = sandbox.run("while True: pass", dataclasses.replace(LIMITS, wall_seconds=60))
-  assert cpu.signal == signal.SIGXCPU and cpu.timed_out  # the CPU limit (2 s), long before the wall limit
-  wall = sandbox.run("import time; time.sleep(60)", LIMITS)
+  cpu = sandbox.run("while True: pass", dataclasses.replace(LIMITS, wall_seconds=60, cpu_seconds=1))
+  assert cpu.signal == signal.SIGXCPU and cpu.timed_out  # the CPU limit (1 s), long before the wall limit
+  wall = sandbox.run("import time; time.sleep(60)", dataclasses.replace(LIMITS, wall_seconds=1.5))  # no CPU used
   assert wall.timed_out and wall.returncode is None
 
 
 @pytest.fixture
 def outside():
   """A world-searchable directory outside the sandbox, with files the sandbox's own uid owns (so that only the
-  sandbox, not file permissions, stops a change), a root-owned copy of /bin/true and a 0600 secret."""
+  sandbox, not file permissions, stops a change or a read), a 0600 file and a copy of /bin/true of the trainer's."""
   d = tempfile.mkdtemp(prefix="distil-outside-", dir="/tmp")
   os.chmod(d, 0o755)
   shutil.copy("/bin/true", os.path.join(d, "true"))
-  for name, mode in (("secret", 0o600), ("public", 0o644)):
+  for name, mode in (("secret", 0o600), ("root-secret", 0o600), ("public", 0o644)):
     with open(os.path.join(d, name), "w") as f:
       f.write(f"{name}-text")
     os.chmod(os.path.join(d, name), mode)
@@ -150,6 +150,7 @@ def test_reads_are_limited_to_what_python_needs(outside):
     + f"""
 d = {outside!r}
 attempt("0600 file of the sandbox's uid", lambda: open(d + "/secret").read())
+attempt("0600 file of the trainer's uid", lambda: open(d + "/root-secret").read())
 attempt("0644 file", lambda: open(d + "/public").read())
 attempt("list its directory", os.listdir, d)
 attempt("/etc/shadow", lambda: open("/etc/shadow").read())
@@ -163,7 +164,7 @@ print(json.dumps(out))
 """
   )
   out = _attempts(program)
-  assert len(out) == 9 and "done" not in out.values(), out
+  assert len(out) == 10 and "done" not in out.values(), out
 
 
 def _run_measured(program: str, limits: sandbox.Limits) -> dict:

@@ -19,8 +19,11 @@ What it does not guarantee: a program that recognises the tests' inputs (it sees
 memorised answers passes, as it would anywhere; a check only sees return values, so a program that mutates its
 arguments, depends on call order or keeps state between calls is judged on what it returns; outputs that are not
 plain data (a generator, a numpy array, a custom class) fail even where the original test would accept them;
-tests relying on module globals of the program other than its functions fail. Limits of the sandbox itself (CPU,
-memory, wall clock, output) apply to each process; the second process's wall clock includes the program's time.
+tests relying on module globals of the program other than its functions fail, and so do outputs that cannot
+cross the channel (ints past Python's 4300-digit conversion limit, more than `flood_bytes` of data). The sandbox's
+limits (CPU, memory, wall clock, output) apply to each process; the second one's wall clock includes the program's
+time. Conditions evaluated in the trainer are trusted test code on plain data, restricted to operations whose cost
+is about linear in the output's size (`code_suite.py`).
 Feedback carries only the failing test's source (its inputs and expected value), the program's output or
 exception on it, and the last lines of an error, each trimmed; never what the program printed.
 """

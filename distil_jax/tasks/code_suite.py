@@ -34,17 +34,8 @@ _EXPR_NODES = (
   ast.cmpop, ast.boolop, ast.unaryop, ast.operator,
 )  # fmt: skip
 _LITERAL_NODES = (
-  ast.Constant,
-  ast.List,
-  ast.Tuple,
-  ast.Set,
-  ast.Dict,
-  ast.UnaryOp,
-  ast.BinOp,
-  ast.unaryop,
-  ast.operator,
-  ast.Load,
-)
+  ast.Constant, ast.List, ast.Tuple, ast.Set, ast.Dict, ast.UnaryOp, ast.BinOp, ast.unaryop, ast.operator, ast.Load,
+)  # fmt: skip
 _GROWING_OPS = (ast.Mult, ast.Pow, ast.LShift, ast.MatMult)  # results far larger than their operands
 
 
@@ -77,7 +68,7 @@ def _literal(node: ast.AST):
   if not all(isinstance(n, _LITERAL_NODES) for n in ast.walk(node)):
     raise Unsplittable
   value = eval(compile(ast.Expression(node), "<literal>", "eval"), {"__builtins__": {}})  # noqa: S307 (test data)
-  code_codec.dumps(value)  # plain data, or Unsplittable below
+  code_codec.dumps(value)  # TypeError / ValueError (caught by split_check) unless it is plain data
   return value
 
 
