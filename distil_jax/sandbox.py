@@ -5,9 +5,10 @@ Isolation is applied by a small trusted launcher inside the child process *befor
 `preexec_fn`, which is unsafe in a multi-threaded parent such as a JAX process):
   - rlimits: CPU seconds, address space, file size, open files, no core dumps (and processes, when more than one
     is allowed);
-  - a private mount namespace (as root; otherwise inside a new user namespace) in which every mount is read-only
-    and nosuid, so that no metadata outside the temp dir can change: chmod, chown, utime and xattrs fail with
-    EROFS; the temp dir is a fresh tmpfs capped in bytes and inodes as a whole (a disk cannot be filled);
+  - private mount and System V IPC namespaces (as root; otherwise inside a new user namespace) in which every
+    mount is read-only and nosuid, so that no metadata outside the temp dir can change: chmod, chown, utime and
+    xattrs fail with EROFS; the temp dir is a fresh tmpfs capped in bytes and inodes as a whole (a disk cannot be
+    filled);
   - as root, the program runs as the unprivileged uid/gid 65534 with no supplementary groups (directories that
     hide the interpreter from that uid, such as a 0700 /root above a pyenv, are replaced in the namespace by a
     tmpfs holding only the interpreter's bind mount); otherwise as the caller, with no capabilities left;
@@ -64,7 +65,7 @@ class Limits:
   dir_bytes: int = 32 << 20  # the whole temp dir (a tmpfs, so it is also RAM)
   open_files: int = 64
   processes: int = 1  # no fork at all by default
-  output_bytes: int = 1 << 20  # kept of stdout, and of stderr
+  output_bytes: int = 1 << 20  # kept of stdout, and of stderr; the longest channel line
   flood_bytes: int = 16 << 20  # written in all (stdout, stderr, channel): past this the program is killed
 
 
@@ -305,7 +306,9 @@ class Sandbox:
         keep = len(data) if name in ("channel", "status") else max(0, self.limits.output_bytes - len(buf))
         buf += data[:keep]
         self._dropped += len(data) - min(keep, len(data))
-        if self._total > self.limits.flood_bytes:
+        # A reply line longer than output_bytes counts as a flood too: the trainer decodes each line whole.
+        partial = name == "channel" and len(buf) - buf.rfind(b"\n") - 1 > self.limits.output_bytes
+        if self._total > self.limits.flood_bytes or partial:
           self._kill(flooded=True)
           return
     if not done() and not self._fds:

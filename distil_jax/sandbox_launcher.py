@@ -18,7 +18,8 @@ libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 0x1000, 0x4000, 1 << 18
-CLONE_NEWNS, CLONE_NEWUSER, NS_FLAGS, CLONE_THREAD = 0x20000, 0x10000000, 0x7E020000, 0x10000
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER = 0x20000, 0x08000000, 0x10000000
+NS_FLAGS, CLONE_THREAD = 0x7E020000, 0x10000
 ALLOW = 0x7FFF0000
 
 machine = os.uname().machine
@@ -55,12 +56,14 @@ def mount(source, target, fstype, flags, data=None):
 
 def namespaces(uid, gid):
   if cfg["mode"] == "root":
-    check(libc.unshare(CLONE_NEWNS) == 0, "unshare(CLONE_NEWNS) (as root this needs CAP_SYS_ADMIN: in a container, "
-          "allow unshare and mount, or run the trainer as a user with user namespaces)")
+    flags, hint = CLONE_NEWNS | CLONE_NEWIPC, ("as root this needs CAP_SYS_ADMIN: in a container, allow unshare and "
+                                               "mount, or run the trainer as a user with user namespaces")
   else:
-    check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS) == 0, "unshare(CLONE_NEWUSER | CLONE_NEWNS) (unprivileged user "
-          "namespaces are off: sysctl kernel.unprivileged_userns_clone=1 / kernel.apparmor_restrict_unprivileged_"
-          "userns=0, or run as root)")
+    flags, hint = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWIPC, (
+      "unprivileged user namespaces are off: sysctl kernel.unprivileged_userns_clone=1 / "
+      "kernel.apparmor_restrict_unprivileged_userns=0, or run as root")
+  check(libc.unshare(flags) == 0, "unshare (%s)" % hint)
+  if cfg["mode"] != "root":
     for name, text in (("setgroups", "deny"), ("uid_map", "%d %d 1" % (uid, uid)), ("gid_map", "%d %d 1" % (gid, gid))):
       with open("/proc/self/" + name, "w") as f:
         f.write(text)

@@ -253,6 +253,8 @@ def test_channel_lines_and_a_program_that_does_not_read():
       box.send(word)
     assert [box.receive() for _ in range(3)] == [b"A", b"BC", b"DEF"]
     assert box.finish().stdout == "noise" * 3
+  with sandbox.Sandbox("import os; os.write(4, b'x' * (2 << 20))", LIMITS, channel=True) as box:
+    assert box.receive() is None and box.finish().flooded  # one line longer than output_bytes
   deaf = "import time; time.sleep(60)"  # never reads: a large request must not block the trainer
   limits = dataclasses.replace(LIMITS, wall_seconds=1.5)
   with sandbox.Sandbox(deaf, limits, channel=True) as box:

@@ -181,7 +181,8 @@ def _ended(box: sandbox.Sandbox, why: str) -> Verdict:
   if r.timed_out:
     return Verdict(False, f"timed out after {box.limits.wall_seconds:g}s")
   if r.flooded:
-    return Verdict(False, f"killed: wrote more than {box.limits.flood_bytes} bytes of output")
+    lim = box.limits
+    return Verdict(False, f"killed: too much output (over {lim.flood_bytes} bytes, or a reply over {lim.output_bytes})")
   how = f"killed by signal {r.signal}" if r.signal else f"exited with code {r.returncode}"
   tail = _error_lines(r.stderr)
   return Verdict(False, f"{why}: the program {how}" + (f"\n{tail}" if tail else ""))
