@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ast
 import builtins
-import copy
 import dataclasses
 import functools
 
@@ -65,6 +64,8 @@ def compiled(expr: str):
 
 
 def _literal(node: ast.AST):
+  if isinstance(node, ast.Constant):
+    return node.value
   if not all(isinstance(n, _LITERAL_NODES) for n in ast.walk(node)):
     raise Unsplittable
   value = eval(compile(ast.Expression(node), "<literal>", "eval"), {"__builtins__": {}})  # noqa: S307 (test data)
@@ -76,29 +77,42 @@ def _depends(node: ast.AST) -> bool:
   return any(isinstance(n, ast.Name) and n.id.startswith("_o") for n in ast.walk(node))
 
 
+class _Swap(ast.NodeTransformer):
+  """Replaces each call of the program's functions by a placeholder _o{k}, collecting its literal arguments."""
+
+  def __init__(self, functions: dict[str, str]):
+    self.functions, self.calls = functions, []
+
+  def visit_Name(self, node):
+    if node.id.startswith("_o"):  # the test's own name could be mistaken for a placeholder
+      raise Unsplittable
+    return node
+
+  def visit_Call(self, node):
+    if not (isinstance(node.func, ast.Name) and node.func.id in self.functions):
+      return self.generic_visit(node)
+    if any(isinstance(a, ast.Starred) for a in node.args) or any(k.arg is None for k in node.keywords):
+      raise Unsplittable
+    args = tuple(_literal(a) for a in node.args)
+    kwargs = {k.arg: _literal(k.value) for k in node.keywords}
+    self.calls.append((self.functions[node.func.id], args, kwargs))
+    return ast.copy_location(ast.Name(f"_o{len(self.calls) - 1}", ast.Load()), node)
+
+
 def split_check(stmt: ast.stmt, functions: dict[str, str]) -> Check | None:
   """The check that `stmt` is, or None. `functions` maps names in the test to the program's function names."""
   if not isinstance(stmt, ast.Assert):
     return None
-  calls = []
-
-  class Swap(ast.NodeTransformer):
-    def visit_Call(self, node):
-      if isinstance(node.func, ast.Name) and node.func.id in functions:
-        if any(isinstance(a, ast.Starred) for a in node.args) or any(k.arg is None for k in node.keywords):
-          raise Unsplittable
-        args = tuple(_literal(a) for a in node.args)
-        kwargs = {k.arg: _literal(k.value) for k in node.keywords}
-        calls.append((functions[node.func.id], args, kwargs))
-        return ast.copy_location(ast.Name(f"_o{len(calls) - 1}", ast.Load()), node)
-      return self.generic_visit(node)
-
+  source = ast.unparse(stmt)
+  test = ast.parse(source).body[0].test  # a private copy to rewrite (parsing is cheaper than copy.deepcopy)
   try:
-    expr = Swap().visit(ast.Expression(copy.deepcopy(stmt.test)))
+    swap = _Swap(functions)
+    expr = swap.visit(ast.Expression(test))
+    calls = swap.calls
     for node in ast.walk(expr):
       ok = isinstance(node, _EXPR_NODES)
       if isinstance(node, ast.Name):
-        ok = node.id in SAFE_CALLS or node.id.startswith("_o") and node.id[2:].isdigit()
+        ok = node.id in SAFE_CALLS or node.id.startswith("_o")
       elif isinstance(node, ast.Attribute):
         ok = not node.attr.startswith("_")
       elif isinstance(node, ast.BinOp) and isinstance(node.op, _GROWING_OPS):
@@ -108,10 +122,9 @@ def split_check(stmt: ast.stmt, functions: dict[str, str]) -> Check | None:
       if not ok:
         raise Unsplittable
     code_codec.dumps([list(c) for c in calls])
-    compiled(ast.unparse(expr))
   except (Unsplittable, ValueError, TypeError, SyntaxError, RecursionError, OverflowError, ZeroDivisionError):
     return None
-  return Check(ast.unparse(stmt), tuple(calls), ast.unparse(expr))
+  return Check(source, tuple(calls), ast.unparse(expr))
 
 
 def _trivial(stmt: ast.stmt) -> bool:
@@ -156,24 +169,19 @@ def statements(tests: list[str], prompt: str) -> Suite:
 
   Raises SyntaxError when a test does not parse (the caller names the record)."""
   body = [stmt for t in tests for stmt in ast.parse(t).body]
-  bound = {n.id for s in body for n in ast.walk(s) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
-  for s in body:
-    for n in ast.walk(s):
-      if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-        bound.add(n.name)
-      elif isinstance(n, ast.alias):
-        bound.add((n.asname or n.name).split(".")[0])
-      elif isinstance(n, ast.arg):
-        bound.add(n.arg)
-  called = {
-    n.func.id
-    for s in body
-    for n in ast.walk(s)
-    if isinstance(n, ast.Call)
-    and isinstance(n.func, ast.Name)
-    and n.func.id not in bound
-    and not hasattr(builtins, n.func.id)
-  }
+  bound, called = set(), set()
+  for node in (n for stmt in body for n in ast.walk(stmt)):
+    if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+      bound.add(node.id)
+    elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+      bound.add(node.name)
+    elif isinstance(node, ast.alias):
+      bound.add((node.asname or node.name).split(".")[0])
+    elif isinstance(node, ast.arg):
+      bound.add(node.arg)
+    elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not hasattr(builtins, node.func.id):
+      called.add(node.func.id)
+  called -= bound
   checks, rest = _split_body(body, {name: name for name in called})
   source = "\n".join(ast.unparse(s) for s in rest) + "\n" if rest else None
   return Suite(tuple(tests), tuple(checks), source, tuple(sorted(called)), prompt)
