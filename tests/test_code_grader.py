@@ -201,6 +201,10 @@ def test_data_errors_name_the_file_line_and_field(tmp_path):
     ("assert candidate(x) == 1", False),  # not a literal argument
     ("assert candidate(1) * 3 == [1, 1, 1]", False),  # * on an output could grow it without bound
     ("assert 'x'.ljust(candidate(1)) == 'x '", False),  # a method whose argument is an output
+    ("assert candidate(1).format(2) == '2'", False),  # the output would be a format string: '{:>999999999}'
+    ("assert candidate(1) % 2 == '2'", False),
+    ("assert candidate(1) % 2 == 1", False),  # (an int too: the trainer cannot tell them apart before the call)
+    ("assert 7 % candidate(1) == 1", True),
     ("assert math.isclose(candidate(1), 2)", False),  # a name the trainer does not evaluate
     ("assert candidate(1).__class__ is int", False),
     ("assert [candidate(i) for i in (1, 2)] == [1, 2]", False),

@@ -3,8 +3,9 @@
 A *check* is an assertion such as `assert candidate([1, 2]) == 3` or `assert abs(candidate(1.33) - 0.33) < 1e-6`:
 every call of the program's function has literal arguments (constants, containers, arithmetic on them), and the
 rest of the expression is drawn from a whitelist whose cost is at most about linear in the size of what the program
-returns (comparisons, boolean and unary operators, +, -, /, %, indexing, a few built-ins such as abs / len / sorted /
-set / tuple, and method calls whose arguments do not depend on the program). The trainer sends the arguments, gets
+returns (comparisons, boolean and unary operators, +, -, /, % (not with an output as the format), indexing, a few
+built-ins such as abs / len / sorted / set / tuple, and method calls other than format whose arguments do not
+depend on the program). The trainer sends the arguments, gets
 the outputs back as plain data and evaluates the expression on them. Everything else (loops, random inputs,
 helpers, assignments, `*` on outputs) is the *rest*: trusted test code that runs in a second sandboxed process,
 with the program's functions replaced by proxies that return the program's outputs as plain data.
@@ -113,10 +114,12 @@ def split_check(stmt: ast.stmt, functions: dict[str, str]) -> Check | None:
       ok = isinstance(node, _EXPR_NODES)
       if isinstance(node, ast.Name):
         ok = node.id in SAFE_CALLS or node.id.startswith("_o")
-      elif isinstance(node, ast.Attribute):
-        ok = not node.attr.startswith("_")
+      elif isinstance(node, ast.Attribute):  # an output's format string could ask for a gigabyte of padding
+        ok = not node.attr.startswith("_") and node.attr not in ("format", "format_map")
       elif isinstance(node, ast.BinOp) and isinstance(node.op, _GROWING_OPS):
         ok = not _depends(node)
+      elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mod):  # "%s" formatting by the output
+        ok = not _depends(node.left)
       elif isinstance(node, ast.Call) and not isinstance(node.func, ast.Name):  # a method: its arguments are fixed
         ok = not any(_depends(a) for a in [*node.args, *node.keywords])
       if not ok:
