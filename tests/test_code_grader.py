@@ -133,6 +133,19 @@ def test_printing_before_a_correct_solution_passes(problems, task):
   assert task.verify(p, "    print('hi', end='')\n" + p.reference).correct
 
 
+def test_a_whole_program_with_dataclasses_and_a_main_block_passes(problems):
+  """The program is a real module (dataclasses and pickle find it), not __main__ (a main block waiting on input()
+  does not run)."""
+  p = problems[0]
+  header = (
+    "from __future__ import annotations\nimport dataclasses, pickle\n\n@dataclasses.dataclass\nclass P:\n    x: int\n\n"
+  )
+  main = "\nif __name__ == '__main__':\n    print(has_close_elements([float(input())], 0.5))\n"
+  program = header + "assert pickle.loads(pickle.dumps(P(1))) == P(1)\n" + p.prompt + p.reference + main
+  task = tasks.make_task(ml_collections.ConfigDict({**_task().cfg.to_dict(), "include_prompt": False}))
+  assert task.verify(p, program).correct
+
+
 def test_feedback_carries_only_the_test_the_output_and_the_error(problems, task):
   noisy = "    print('PRINTED-BY-THE-PROGRAM')\n    return 'x' * 100000\n"
   v = task.verify(problems[0], noisy)

@@ -73,7 +73,9 @@ def _describe(e):
 _SERVER = (
   _COMMON
   + r"""
-_ns = {"__name__": "solution"}
+import sys
+_module = sys.modules["solution"] = type(sys)("solution")  # a real module: dataclasses, pickle look it up
+_ns = _module.__dict__
 try:
   with open("solution.py", "rb") as f:
     exec(compile(f.read(), "solution.py", "exec"), _ns)
@@ -121,7 +123,8 @@ def _proxy(name):
   call.__name__ = call.__qualname__ = name
   return call
 
-_ns = {"__name__": "tests"}
+import sys
+_ns = (sys.modules.setdefault("tests", type(sys)("tests"))).__dict__
 try:
   with open("prompt.py", "rb") as f:
     exec(compile(f.read(), "prompt.py", "exec"), _ns)
