@@ -27,6 +27,11 @@ from run_helpers import ROOT
       {"loss_temp_bytes_naive", "loss_temp_bytes_fused", "loss_temp_ratio_fused_over_naive"},
     ),
     ("bench.grader", ["--problems", "10"], {"grader_seconds_per_problem"}),
+    (
+      "bench.loss_chunk",
+      ["--vocab", "512", "--tokens", "64", "--dim", "32", "--chunks", "4,16", "--naive"],
+      {"loss_fused_seconds", "loss_naive_seconds", "loss_best_chunk"},
+    ),
   ],
 )
 def test_benchmark_prints_its_figures(module, args, figures):
