@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 from jax.experimental import multihost_utils
 
-from distil_jax import data, experts, sampler, sharding
+from distil_jax import batch, data, experts, sampler, sharding
 
 
 def _local(array, mesh):
@@ -83,11 +83,23 @@ def prompt_rows(problems, *, config, tok, width=None, key="sampling.max_prompt_t
   return ids, *experts.left_pad_rows(ids, width, tok.pad_id)
 
 
-def group_records(r: experts.Rollouts, labels: dict, iteration: int, *, config, tok) -> dict[str, np.ndarray]:
+def layout(config, expert) -> dict:
+  """The rows this run stores and trains on (`batch.fields`)."""
+  return batch.fields(
+    prompt=config.sampling.max_prompt_tokens,
+    new=config.sampling.max_new_tokens,
+    group=config.train.group_size,
+    labels="device" if expert.on_device else "topk",
+    top_k=config.expert.top_k,
+    teacher_prompt=config.expert.max_prompt_tokens,
+  )
+
+
+def group_records(r: experts.Rollouts, labels: dict, iteration: int, *, config, tok, layout) -> dict[str, np.ndarray]:
   """One buffer row per prompt group: the rollouts, the expert's labels, and the expert's own response (SFT)."""
   sft_tokens, sft_mask = reference_rows(r.problems, config.sampling.max_new_tokens, tok)
   reward = np.array([[v.reward for v in row] for row in r.verdicts], np.float32)
-  return {
+  rows = {
     "prompt_tokens": r.prompt_tokens,
     "prompt_mask": r.prompt_mask,
     "tokens": r.tokens,
@@ -99,6 +111,7 @@ def group_records(r: experts.Rollouts, labels: dict, iteration: int, *, config, 
     "sft_mask": sft_mask,
     **labels,
   }
+  return batch.check(rows, layout)
 
 
 def _corrupt(text: str) -> str:
@@ -128,13 +141,16 @@ def warmup_batch(problems, *, config, tok) -> dict[str, np.ndarray]:
   _, prompt, pmask = prompt_rows(problems, config=config, tok=tok, width=width, key=key)
   sft_tokens, sft_mask = reference_rows(problems, config.sampling.max_new_tokens, tok)
   b = len(problems)
-  return {
+  rows = {
     "prompt_tokens": prompt,
     "prompt_mask": pmask,
     "sft_tokens": sft_tokens,
     "sft_mask": sft_mask,
     "tokens": sft_tokens[:, None],
     "mask": sft_mask[:, None],
+    "logprobs": np.zeros(sft_mask[:, None].shape, np.float32),
     "reward": np.zeros((b, 1), np.float32),
     "iteration": np.zeros(b, np.int32),
   }
+  n = config.sampling.max_new_tokens
+  return batch.check(rows, batch.fields(prompt=width, new=n, group=1, labels="none", top_k=0))

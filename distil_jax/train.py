@@ -120,31 +120,6 @@ def load_teacher(config, student_cfg, tok, mesh, rules):
   return graphdef, params.to_pure_dict()
 
 
-def buffer_schema(config, expert) -> dict:
-  t, k = config.train, config.expert
-  p, n, g = config.sampling.max_prompt_tokens, config.sampling.max_new_tokens, t.group_size
-  schema = {
-    "prompt_tokens": ((p,), "int32"),
-    "prompt_mask": ((p,), "int32"),
-    "tokens": ((g, n), "int32"),
-    "mask": ((g, n), "int32"),
-    "logprobs": ((g, n), "float32"),
-    "reward": ((g,), "float32"),
-    "iteration": ((), "int32"),
-    "sft_tokens": ((n,), "int32"),
-    "sft_mask": ((n,), "int32"),
-  }
-  if expert.on_device:
-    schema.update(
-      teacher_tokens=((g, k.max_prompt_tokens), "int32"),
-      teacher_mask=((g, k.max_prompt_tokens), "int32"),
-      teacher_valid=((g,), "int32"),
-    )
-  else:
-    schema.update(target_ids=((g, n, k.top_k), "int32"), target_logprobs=((g, n, k.top_k), "float32"))
-  return schema
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # The run
 
@@ -323,8 +298,9 @@ def train(config, workdir: str) -> dict:
   step_fn = update.make_update(run.graphdef, tx, spec, teacher_graphdef=teacher_graphdef, state_shardings=shardings)
 
   # Each process labels its own prompts and keeps its own part of the aggregated data set.
+  layout = rollout_lib.layout(c, expert)
   buf = buffer_lib.Buffer(
-    os.path.join(workdir, "buffer", f"process_{jax.process_index()}"), buffer_schema(c, expert), c.buffer.max_groups
+    os.path.join(workdir, "buffer", f"process_{jax.process_index()}"), layout, c.buffer.max_groups
   )
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.checkpoint.keep)
 
@@ -391,7 +367,7 @@ def train(config, workdir: str) -> dict:
         # -- Expert labels, into the buffer -----------------------------------------------------------------------
         labels, label_figures = expert.label(r)
         figures.update(label_figures)
-        groups = rollout_lib.group_records(r, labels, it, config=c, tok=tok)
+        groups = rollout_lib.group_records(r, labels, it, config=c, tok=tok, layout=layout)
         old = buf.window(before=buf.rows)
         buf.append(groups)
         t2 = time.time()

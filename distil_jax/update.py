@@ -1,6 +1,6 @@
 """The jitted update: student forward, teacher forward (on-device experts), fused loss, optax step.
 
-A batch holds Bg prompt groups of G responses each (shapes below). The student reads [left-padded prompt | response]
+A batch holds Bg prompt groups of G responses each (`batch.py`). The student reads [left-padded prompt | response]
 with the sampler's exact positions and masks, so on fresh data the recomputed log-probs equal the behaviour ones.
 Only the student is differentiated: a `self` teacher is the student's own parameters under stop_gradient (or an EMA
 copy kept in the train state), a `model` teacher's parameters are passed in and never checkpointed (big_vision's
@@ -9,11 +9,7 @@ checkpointed so that a resumed run has the same reference), evaluated on device.
 not finite leaves the state untouched and says so in its metrics; the host loop stops with an error naming the
 iteration (see train.py).
 
-Batch (numpy on host, global arrays on the mesh):
-  prompt_tokens, prompt_mask [Bg,P]; tokens, mask, logprobs [Bg,G,N]; reward [Bg,G]; iteration [Bg];
-  sft_tokens, sft_mask [Bg,N] (the expert's own response);
-  top-k experts:  target_ids, target_logprobs [Bg,G,N,K];
-  device experts: teacher_tokens, teacher_mask [Bg,G,Pt]; teacher_valid [Bg,G].
+The batch: rows of `batch.fields` (numpy on host, global arrays on the mesh, rows over data x fsdp).
 """
 
 from __future__ import annotations
