@@ -148,3 +148,17 @@ def test_optimizer_state_is_sharded_like_the_parameters():
   device = jax.devices()[0]
   ratio = _bytes_on(state, device) / _bytes_on(params, device)
   assert 2.9 < ratio <= 3.3, ratio
+
+
+def test_batch_rows_are_checked_where_they_are_built():
+  """The layout names every field once; a row builder that drops a field or gets a shape wrong is stopped there."""
+  from distil_jax import batch as batch_lib
+
+  layout = batch_lib.fields(prompt=P, new=N, group=G, labels="topk", top_k=K)
+  rows = {k: v for k, v in _batch().items() if k in layout}
+  checked = batch_lib.check(rows, layout)
+  assert {k: (v.shape[1:], v.dtype.name) for k, v in checked.items()} == layout
+  with pytest.raises(ValueError, match="differ from the layout"):
+    batch_lib.check({k: v for k, v in rows.items() if k != "reward"}, layout)
+  with pytest.raises(ValueError, match="'tokens' has rows of shape"):
+    batch_lib.check({**rows, "tokens": rows["tokens"][:, :, :-1]}, layout)
