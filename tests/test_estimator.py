@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_update import CFG  # noqa: E402  (48 LM-head rows)
 
 from distil_jax import config_base, experts, losses, rollout, sampler, sharding, train, update
 from distil_jax import model as model_lib
@@ -16,14 +17,6 @@ from distil_jax import tokenizer as tok_lib
 from distil_jax.tasks.base import Problem, Verdict
 
 REAL_VOCAB = 43  # the tokenizer's ids; the LM head has 48 rows (padded to a multiple of 8), as train.py builds it
-CFG = model_lib.ModelConfig(
-  vocab_size=48,
-  hidden_size=32,
-  intermediate_size=64,
-  num_hidden_layers=2,
-  num_attention_heads=4,
-  num_key_value_heads=2,
-)
 BG, G, P, N, K = 2, 4, 5, 12, 2
 
 
@@ -154,23 +147,28 @@ def _sp_tokenizer():
   return tok_lib.train_sentencepiece(texts * 20, vocab_size=80)
 
 
+def _one_group(texts, verdicts):
+  """Rollouts of one prompt ("What is 3+4?") with the given responses and verdicts (tokens unused here)."""
+  g = len(texts)
+  return experts.Rollouts(
+    problems=[Problem("What is 3+4?", "3+4=7")],
+    prompt_tokens=np.zeros((1, 1)),
+    prompt_mask=np.ones((1, 1)),
+    tokens=np.zeros((1, g, 1), np.int32),
+    mask=np.ones((1, g, 1)),
+    logprobs=np.zeros((1, g, 1)),
+    texts=[texts],
+    verdicts=[verdicts],
+  )
+
+
 def test_teacher_rows_are_student_rows_of_the_reprompt():
   """With tokenizer.add_bos, the teacher's re-prompt row is token for token the row the student would get for the
   same text: BOS first, then the text, left-padded the same way."""
   tok = _sp_tokenizer()
   config = _loop_config(**{"tokenizer.add_bos": True, "sampling.max_prompt_tokens": 64, "expert.max_prompt_tokens": 64})
   template = config.expert.reprompt
-  problem = Problem("What is 3+4?", "3+4=7")
-  r = experts.Rollouts(
-    problems=[problem],
-    prompt_tokens=np.zeros((1, 1)),
-    prompt_mask=np.ones((1, 1)),
-    tokens=np.zeros((1, 2, 1), np.int32),
-    mask=np.ones((1, 2, 1)),
-    logprobs=np.zeros((1, 2, 1)),
-    texts=[["3+4=7", "3+4=8"]],
-    verdicts=[[Verdict(True, "correct"), Verdict(False, "wrong: 3+4=7")]],
-  )
+  r = _one_group(["3+4=7", "3+4=8"], [Verdict(True, "correct"), Verdict(False, "wrong: 3+4=7")])
   labels, figures = experts.DeviceExpert(tok, template, 64, add_bos=True).label(r)
   texts, _ = experts.reprompt_texts(r, template)
   for j in range(2):
@@ -184,16 +182,7 @@ def test_teacher_rows_are_student_rows_of_the_reprompt():
 
 def test_long_reprompts_are_unlabelled_not_cut():
   tok = _sp_tokenizer()
-  r = experts.Rollouts(
-    problems=[Problem("What is 3+4?", "3+4=7")],
-    prompt_tokens=np.zeros((1, 1)),
-    prompt_mask=np.ones((1, 1)),
-    tokens=np.zeros((1, 2, 1), np.int32),
-    mask=np.ones((1, 2, 1)),
-    logprobs=np.zeros((1, 2, 1)),
-    texts=[["3+4=7", "x"]],
-    verdicts=[[Verdict(False, "short"), Verdict(False, "a much longer verdict " * 8)]],
-  )
+  r = _one_group(["3+4=7", "x"], [Verdict(False, "short"), Verdict(False, "a much longer verdict " * 8)])
   labels, figures = experts.DeviceExpert(tok, "{prompt} [{feedback}] ", 40).label(r)
   assert labels["teacher_valid"].tolist() == [[1, 0]]
   assert labels["teacher_mask"][0, 1].sum() == 0
