@@ -50,12 +50,12 @@ def t_quantile(level: float, df: int) -> float:
 
 
 def mean_ci(values: Sequence[float], level: float = 0.95) -> dict:
-  """Mean and Student-t interval over independent replications; with one value the interval is undefined (nan)."""
+  """Mean and Student-t interval over independent replications; with one value there is no interval (None)."""
   x = np.asarray(values, np.float64)
   n = len(x)
   mean = float(np.mean(x))
   if n < 2:
-    return {"n": n, "mean": mean, "std": float("nan"), "half_width": float("nan"), "ci": [float("nan")] * 2}
+    return {"n": n, "mean": mean, "std": None, "half_width": None, "ci": None}
   std = float(np.std(x, ddof=1))
   half = t_quantile(level, n - 1) * std / math.sqrt(n)
   return {"n": n, "mean": mean, "std": std, "half_width": half, "ci": [mean - half, mean + half]}
