@@ -20,7 +20,6 @@ unlabelled in training (counted). The teacher is the checkpoint's parameters (an
     --workdir=/tmp/distil-compare/self_reference/warmup_seed0 --out docs/arith_self_reference_teacher_seed0.json
 """
 
-import dataclasses
 import json
 
 import jax
@@ -35,16 +34,18 @@ config_flags.DEFINE_config_file("config", None, "Config file (the run's).", lock
 flags.DEFINE_string("workdir", None, "A workdir holding a checkpoint.", required=True)
 flags.DEFINE_string("out", None, "JSON file to write the figures to.")
 flags.DEFINE_integer("samples", 8, "Responses per prompt (even and >= 4 when the expert reads siblings).")
-flags.DEFINE_integer("chunk", 512, "Rows per sampler call for the continuations.")
+flags.DEFINE_integer("chunk", 512, "Rows per sampler call (the last call is padded to it).")
 FLAGS = flags.FLAGS
 
 
 def sample_ids(run, params, id_rows, rng, sampling_cfg):
-  """Responses (token rows, lengths) to prompts given as id lists, in chunks of `--chunk` rows."""
+  """Responses (token rows, lengths) to prompts given as id lists, in chunks of `--chunk` rows, every chunk of one
+  shape [chunk, the expert's prompt width + the response length] (one compilation for the whole script)."""
+  c = run.config
   tokens, lengths = [], []
-  width, n = max(len(r) for r in id_rows), len(id_rows)
-  chunk = min(FLAGS.chunk, n)
-  rows = list(id_rows) + [id_rows[0]] * (-n % chunk)  # one shape for every call: one compilation
+  width = max(c.expert.max_prompt_tokens, c.sampling.max_prompt_tokens) + c.sampling.max_new_tokens
+  n, chunk = len(id_rows), FLAGS.chunk
+  rows = list(id_rows) + [id_rows[0]] * (-n % chunk)
   for i, start in enumerate(range(0, len(rows), chunk)):
     prompt, mask = sampler.left_pad(rows[start : start + chunk], (width,), run.tok.pad_id)
     glob = data.to_global({"t": prompt, "m": mask}, run.mesh)
@@ -99,7 +100,7 @@ def main(_):
       prompts = [template.format(prompt=p.prompt, feedback=f) for p, f in zip(problems, feedback, strict=True)]
       kept = np.array([fits(t) for t in prompts])
       rows = [(p, t) for p, t, k in zip(problems, prompts, kept, strict=True) if k for _ in range(g)]
-      per_prompt = pass_at_1(run, params, *zip(*rows), keys[1 + i], base).reshape(-1, g).mean(1)
+      per_prompt = pass_at_1(run, params, *zip(*rows, strict=True), keys[1 + i], base).reshape(-1, g).mean(1)
       out[f"self_expert_{name}/pass@1"] = float(per_prompt.mean())
       out[f"self_expert_{name}/prompts_left_out"] = int(np.sum(~kept))
       if name == "own_feedback" and np.any(first_wrong[kept]):
@@ -114,7 +115,9 @@ def main(_):
         length = int(r.mask[b, j].sum())
         if valid[b, j] and length and fits(texts[b][j]):
           rows.append((b, p, texts[b][j], r.tokens[b, j, : int(pick.integers(0, length))]))
-    index, probs, teacher_texts, prefixes = zip(*rows)
+    if not rows:
+      raise ValueError("the expert labels none of the student's responses here: nothing to compare")
+    index, probs, teacher_texts, prefixes = zip(*rows, strict=True)
     s_ok = pass_at_1(run, params, probs, [p.prompt for p in probs], keys[4], base, prefixes)
     t_ok = pass_at_1(run, params, probs, teacher_texts, keys[5], base, prefixes)
   index = np.array(index)

@@ -114,7 +114,7 @@ def test_sign_test_exact_binomial():
   assert stats.sign_test([0.0, 0.0])["p_two_sided"] == 1.0
 
 
-# -- Three disjoint prompt sets ------------------------------------------------------------------------------------------
+# -- Three disjoint prompt sets ----------------------------------------------------------------------------------------
 
 
 def test_train_validation_test_are_disjoint_by_problem():
@@ -183,7 +183,7 @@ def test_reference_feedback_keeps_the_whole_group_baseline():
     experts.make_expert(load_config("arith", **{"expert.kind": "http", "expert.feedback": "reference"}).expert, 0, tok)
 
 
-# -- Orchestration of the protocol, with a stand-in trainer --------------------------------------------------------------
+# -- Orchestration of the protocol, with a stand-in trainer ------------------------------------------------------------
 
 PLANTED = {  # validation Pass@1 at the end of each grid run (seed 0); the test figure is 0.1 * seed + method offset
   "DistIL": {1e-4: 0.30, 3e-4: 0.50, 1e-3: 0.40},
@@ -261,7 +261,7 @@ def test_gradient_part_statistics_by_hand():
   assert (s["mean_norm"], s["variance"], s["signal"], s["signal_to_noise"]) == (2.0, 2.0, 3.0, 1.5)
 
 
-# -- The scripts end to end on tiny settings ------------------------------------------------------------------------------
+# -- The scripts end to end on tiny settings ---------------------------------------------------------------------------
 
 
 def _smoke_config(preset):
@@ -286,7 +286,7 @@ def test_scripts_smoke_privileged_feedback(tmp_path, monkeypatch):
   assert run["metrics"][-1]["rollout/feedback_valid"] > 0  # the reference labels responses, right or wrong
   warm = tmp_path / "runs" / "self_reference" / "warmup_seed0"
   cmd = [sys.executable, "-m", "experiments.teacher_quality", "--config=configs/arith.py:compare_self_reference"]
-  cmd += [*arith_comparison.SMOKE, f"--workdir={warm}", f"--out={tmp_path / 'tq.json'}", "--samples=4"]
+  cmd += [*arith_comparison.SMOKE, f"--workdir={warm}", f"--out={tmp_path / 'tq.json'}", "--samples=4", "--chunk=16"]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   subprocess.run(cmd, check=True, cwd=ROOT, env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True)
   tq = json.loads((tmp_path / "tq.json").read_text())
