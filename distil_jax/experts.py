@@ -111,9 +111,9 @@ def reprompt_texts(rollouts: Rollouts, template: str, sibling_only: bool = False
         continue
       others = sibling_half(i, len(verdicts))
       sibling = next((rollouts.texts[g][j] for j in others if verdicts[j].correct), None)
-      feedback = SIBLING + sibling if sibling is not None else verdict.feedback
-      valid[g, i] = bool(feedback) and (sibling is not None or not sibling_only)
-      row.append(template.format(prompt=problem.prompt, feedback=feedback))
+      shown = SIBLING + sibling if sibling is not None else verdict.feedback
+      valid[g, i] = bool(shown) and (sibling is not None or not sibling_only)
+      row.append(template.format(prompt=problem.prompt, feedback=shown))
     texts.append(row)
   return texts, valid
 

@@ -160,6 +160,9 @@ def test_reference_feedback_shows_the_reference_and_the_own_verdict():
   ref = experts.SIBLING + "ref0"
   assert texts[0] == [f"p0|{ref}; wrong", f"p0|{ref}; correct"]
   assert valid.tolist() == [[1, 1], [0, 0]]
+  r = _rollouts()  # the default mode is untouched by a verdict whose text happens to name a mode
+  r.verdicts[1] = [experts.Verdict(False, "reference"), experts.Verdict(False, "wrong")]
+  assert experts.reprompt_texts(r, "{prompt}|{feedback}")[0][1] == ["p1|reference", "p1|wrong"]
   with pytest.raises(ValueError, match="expert.feedback='oracle'"):
     experts.reprompt_texts(_rollouts(), "{prompt}|{feedback}", feedback="oracle")
 
