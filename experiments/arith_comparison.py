@@ -15,6 +15,7 @@ Protocol:
   python -m experiments.arith_comparison --expert oracle --out docs --workdir /tmp/distil-compare
   python -m experiments.arith_comparison --expert self_reference ...   # privileged information (OPSD's setting)
   python -m experiments.arith_comparison --expert self_sibling ...     # a correct sibling (SDPO's setting)
+  python -m experiments.arith_comparison --expert oracle --size 125m ... # experiment 1 at a larger model (a GPU's)
 Writes docs/arith_<expert>.json (every run's command, metrics and final figures; the selection; the statistics) and
 docs/arith_<expert>_curves.png, docs/arith_<expert>_passk.png. Reruns skip finished runs. `--smoke`: tiny settings.
 """
@@ -46,6 +47,17 @@ PRESETS = {
   "self_live": "compare_self_live",
   "self_sibling": "compare_self_sibling",
   "self_reference": "compare_self_reference",
+}
+SIZES = {  # the model: the preset's 0.6M-parameter CPU default, or bench/common.py's 125m shape (an accelerator's)
+  "small": [],
+  "125m": [
+    "--config.model.hidden_size=768",
+    "--config.model.intermediate_size=2048",
+    "--config.model.num_hidden_layers=12",
+    "--config.model.num_attention_heads=12",
+    "--config.model.num_key_value_heads=4",
+    "--config.model.dtype=bfloat16",
+  ],
 }
 LRS = (1e-4, 3e-4, 1e-3)
 SEEDS = (0, 1, 2, 3, 4)
@@ -101,12 +113,13 @@ def check_budget_is_shared():
 class Comparison:
   """The runs of one expert setting under the protocol; every run is a subprocess and skipped if already done."""
 
-  def __init__(self, expert, workdir, smoke=False):
+  def __init__(self, expert, workdir, smoke=False, size="small"):
     check_budget_is_shared()
     self.expert, self.smoke = expert, smoke
-    self.root = os.path.join(workdir, expert)
+    self.name = expert if size == "small" else f"{expert}_{size}"
+    self.root = os.path.join(workdir, self.name)
     os.makedirs(self.root, exist_ok=True)
-    self.common = [f"--config=configs/arith.py:{PRESETS[expert]}", "--config.log.tensorboard=False"]
+    self.common = [f"--config=configs/arith.py:{PRESETS[expert]}", "--config.log.tensorboard=False", *SIZES[size]]
     self.common += SMOKE if smoke else []
     self.iterations = SMOKE_ITERATIONS if smoke else 40
     self.final = SMOKE_FINAL if smoke else FINAL
@@ -263,15 +276,17 @@ def main():
   ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
   ap.add_argument("--out", default="docs")
   ap.add_argument("--workdir", default="/tmp/distil-compare")
+  ap.add_argument("--size", choices=tuple(SIZES), default="small")
   ap.add_argument("--smoke", action="store_true")
   args = ap.parse_args()
   t0 = time.time()
-  cmp = Comparison(args.expert, args.workdir, args.smoke)
+  cmp = Comparison(args.expert, args.workdir, args.smoke, args.size)
   selection, finals = run_protocol(cmp, args.methods, args.seeds, args.lrs, args.select_seed)
   summary = summarize(selection, finals)
   protocol = {
     "expert": args.expert,
     "preset": PRESETS[args.expert],
+    "size": args.size,
     "lrs": args.lrs,
     "select_seed": args.select_seed,
     "seeds": args.seeds,
@@ -281,9 +296,9 @@ def main():
     "wall_seconds_total": time.time() - t0,
   }
   os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, f"arith_{args.expert}.json"), "w") as f:
+  with open(os.path.join(args.out, f"arith_{cmp.name}.json"), "w") as f:
     json.dump({"protocol": protocol, **summary, "runs": finals}, f, indent=1)
-  plot(finals, args.expert, args.out)
+  plot(finals, cmp.name, args.out)
   print(json.dumps(summary, indent=1))
 
 
