@@ -59,7 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
     smoothing=1e-3,  # oracle: mass 1 - smoothing on the expert's token (the student learns it)
     reprompt="{prompt} [{feedback}] ",
     max_prompt_tokens=128,
-    feedback="any",  # self / model: "sibling" labels only responses whose group has another, correct one
+    feedback="any",  # self / model: "sibling" labels only responses whose group has another, correct one;
+    # "reference" shows the reference solution and the verdict (privileged information; reads no sibling)
     ema_decay=0.0,  # self / model / http
     model_path="",  # model
     url="",
@@ -103,7 +104,8 @@ def get_config() -> ml_collections.ConfigDict:
   # mix: the fraction of training groups from the aggregated buffer; unset: 0.5 for DAgger's losses (distil,
   # tokenwise_fce, sft), 0 for the on-policy ones (grpo, reverse_kl, jsd); see train.buffer_mix.
   c.buffer = dict(mix=ml_collections.config_dict.placeholder(float), max_groups=4096)
-  c.eval = dict(every=10, num_prompts=64, samples=8, pass_at=(1, 8), temperature=1.0, greedy=True)
+  # split: "eval" (every held-out prompt), or its disjoint halves "validation" / "test" (evaluate.held_out)
+  c.eval = dict(every=10, num_prompts=64, samples=8, pass_at=(1, 8), temperature=1.0, greedy=True, split="eval")
   c.checkpoint = dict(every=10, keep=2)
   c.log = dict(progress=True, tensorboard=True)
   c.export = dict(dtype="bfloat16")

@@ -8,10 +8,15 @@
 For `self` and `model` the teacher's logits never leave the device: `label` only writes the re-prompt tokens, and the
 train step runs the teacher forward and the fused loss together (`HiddenTeacher`).
 
-The re-prompt carries a successful sibling response when the group has one, the environment's feedback otherwise;
-a sample with neither is masked out of the loss. Siblings come from the *other half* of the group only: the loss's
-leave-one-out baseline for a row is taken within its own half (`losses.leave_one_out(parts=2)`), so no row's
-baseline can depend on the row's own response through the feedback it gave a sibling.
+What the re-prompt carries (`expert.feedback`):
+  any        a successful sibling response when the group has one, the environment's feedback otherwise; a sample
+             with neither is masked out of the loss
+  sibling    the same, but only responses shown a successful sibling are labelled
+  reference  the task's reference solution and the verifier's verdict on this response (privileged information,
+             OPSD's setting); no sibling is read
+Siblings come from the *other half* of the group only: the loss's leave-one-out baseline for a row is taken within
+its own half (`losses.leave_one_out(parts=2)`), so no row's baseline can depend on the row's own response through the
+feedback it gave a sibling. With `reference` feedback no row reads another, and the baseline uses the whole group.
 
 `label(rollouts)` returns (arrays for the buffer, figures for the metrics).
 """
@@ -31,7 +36,8 @@ import numpy as np
 from distil_jax.tasks.base import Problem, Verdict
 from distil_jax.tokenizer import Tokenizer
 
-SIBLING = "A correct solution: "  # how a successful sibling response is put in the re-prompt
+SIBLING = "A correct solution: "  # how a successful sibling response (or a reference solution) is put in the re-prompt
+FEEDBACK = ("any", "sibling", "reference")  # expert.feedback
 
 
 class ExpertError(RuntimeError):
@@ -72,23 +78,42 @@ def sibling_half(i: int, group_size: int) -> range:
   return range(half, group_size) if i < half else range(half)
 
 
-def reprompt_texts(rollouts: Rollouts, template: str, sibling_only: bool = False):
+def reads_siblings(cfg) -> bool:
+  """Whether the expert of one response reads other responses of its group (the config's `expert` section): then the
+  loss's leave-one-out baseline must be split in halves (`train.loss_config`)."""
+  return cfg.kind != "oracle" and cfg.feedback != "reference"
+
+
+def reference_feedback(problem: Problem, verdict: Verdict) -> str:
+  """The privileged feedback of `expert.feedback="reference"`: the reference solution, then the verdict."""
+  return f"{SIBLING}{problem.reference}; {verdict.feedback}"
+
+
+def reprompt_texts(rollouts: Rollouts, template: str, sibling_only: bool = False, feedback: str = "any"):
   """(the feedback prompt of every response, [Bp,G] which responses the expert labels).
 
   The feedback is a correct response from the other half of the group when there is one, else the verifier's own
   feedback. With `sibling_only`, responses without such a sibling go unlabelled: a small student re-prompted with a
   verdict alone can be a worse policy than the student (experiments/teacher_quality.py), and distilling it then does
   harm. Whether row i is labelled, and what it is shown, never depends on the other rows of its own half.
+  With `feedback="reference"` every response is shown the task's reference solution and its own verdict (a problem
+  without a reference leaves its responses unlabelled), and no sibling is read.
   """
+  if feedback not in FEEDBACK:
+    raise ValueError(f"expert.feedback={feedback!r}; expected one of {FEEDBACK}")
   texts, valid = [], np.zeros(rollouts.tokens.shape[:2], np.int32)
   for g, (problem, verdicts) in enumerate(zip(rollouts.problems, rollouts.verdicts, strict=True)):
     row = []
     for i, verdict in enumerate(verdicts):
+      if feedback == "reference":
+        valid[g, i] = bool(problem.reference)
+        row.append(template.format(prompt=problem.prompt, feedback=reference_feedback(problem, verdict)))
+        continue
       others = sibling_half(i, len(verdicts))
       sibling = next((rollouts.texts[g][j] for j in others if verdicts[j].correct), None)
-      feedback = SIBLING + sibling if sibling is not None else verdict.feedback
-      valid[g, i] = bool(feedback) and (sibling is not None or not sibling_only)
-      row.append(template.format(prompt=problem.prompt, feedback=feedback))
+      shown = SIBLING + sibling if sibling is not None else verdict.feedback
+      valid[g, i] = bool(shown) and (sibling is not None or not sibling_only)
+      row.append(template.format(prompt=problem.prompt, feedback=shown))
     texts.append(row)
   return texts, valid
 
@@ -145,14 +170,14 @@ class DeviceExpert:
   """
 
   on_device = True
-  reads_siblings = True
 
-  def __init__(self, tokenizer: Tokenizer, template: str, max_prompt_tokens: int, sibling_only=False, add_bos=False):
-    self.tok, self.template, self.width, self.sibling_only = tokenizer, template, max_prompt_tokens, sibling_only
+  def __init__(self, tokenizer: Tokenizer, template: str, max_prompt_tokens: int, feedback="any", add_bos=False):
+    self.tok, self.template, self.width, self.feedback = tokenizer, template, max_prompt_tokens, feedback
     self.add_bos = add_bos
+    self.reads_siblings = feedback != "reference"
 
   def label(self, r: Rollouts) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    texts, valid = reprompt_texts(r, self.template, self.sibling_only)
+    texts, valid = reprompt_texts(r, self.template, self.feedback == "sibling", self.feedback)
     bp, g = valid.shape
     flat = [self.tok.prompt_ids(t, self.add_bos) for row in texts for t in row]
     fits = np.array([len(ids) <= self.width for ids in flat]).reshape(bp, g)
@@ -279,12 +304,12 @@ def make_expert(cfg, task, tokenizer: Tokenizer, add_bos: bool = False):
   """The host-side labeller for `cfg.kind` (the config's `expert` section); `add_bos` as the student's prompts."""
   if cfg.kind == "oracle":
     return OracleExpert(task.oracle, tokenizer, cfg.top_k, cfg.smoothing)
-  if cfg.feedback not in ("any", "sibling"):
-    raise ValueError(f"expert.feedback={cfg.feedback!r}; expected 'any' or 'sibling'")
+  if cfg.feedback not in FEEDBACK:
+    raise ValueError(f"expert.feedback={cfg.feedback!r}; expected one of {FEEDBACK}")
   if cfg.kind in ("self", "model"):
-    return DeviceExpert(tokenizer, cfg.reprompt, cfg.max_prompt_tokens, cfg.feedback == "sibling", add_bos)
-  if cfg.feedback == "sibling":
-    raise ValueError(f"expert.feedback='sibling' needs a device expert (self or model), not {cfg.kind!r}")
+    return DeviceExpert(tokenizer, cfg.reprompt, cfg.max_prompt_tokens, cfg.feedback, add_bos)
+  if cfg.feedback != "any":
+    raise ValueError(f"expert.feedback={cfg.feedback!r} needs a device expert (self or model), not {cfg.kind!r}")
   if cfg.kind == "http":
     return HttpExpert(tokenizer, cfg, add_bos)
   raise ValueError(f"expert.kind={cfg.kind!r}; expected one of oracle, self, model, http")

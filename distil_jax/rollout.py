@@ -124,11 +124,16 @@ def _corrupt(text: str) -> str:
 
 def with_feedback(problems, fraction: float, *, config, task):
   """The first `fraction` of `problems` re-prompted as the self expert sees them (half with a correct solution in
-  context, half with the verifier's feedback on a wrong one), so that a small model learns to use feedback."""
+  context, half with the verifier's feedback on a wrong one; with `expert.feedback="reference"`, the reference and
+  the verdict on a right or a wrong solution), so that a small model learns to use feedback."""
   out = list(problems)
   n = int(round(fraction * len(out)))
   for i, p in enumerate(out[:n]):
-    feedback = experts.SIBLING + p.reference if i % 2 == 0 else task.verify(p, _corrupt(p.reference)).feedback
+    verdict = task.verify(p, p.reference if i % 2 == 0 else _corrupt(p.reference))
+    if config.expert.feedback == "reference":
+      feedback = experts.reference_feedback(p, verdict)
+    else:
+      feedback = experts.SIBLING + p.reference if i % 2 == 0 else verdict.feedback
     out[i] = dataclasses.replace(p, prompt=config.expert.reprompt.format(prompt=p.prompt, feedback=feedback))
   return out
 

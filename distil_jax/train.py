@@ -210,12 +210,12 @@ def _check_estimator(config):
     raise ValueError(f"loss.kind='grpo' needs train.group_size >= 2 (group-relative advantages); got {t.group_size}")
   if loss.kind == "grpo" and buffer_mix(config) > 0:
     raise ValueError(f"buffer.mix={config.buffer.mix}: GRPO is on-policy; stale buffer rows would bias it (set 0)")
-  reads_siblings = config.expert.kind != "oracle"
   if loss.kind == "distil" and loss.baseline == "loo":
-    if reads_siblings and (t.group_size < 4 or t.group_size % 2):
+    if experts.reads_siblings(config.expert) and (t.group_size < 4 or t.group_size % 2):
       raise ValueError(
-        f"loss.baseline='loo' with expert.kind={config.expert.kind!r} needs an even train.group_size >= 4 (the "
-        f"baseline is taken within each half of a group, the feedback from the other); got {t.group_size}"
+        f"loss.baseline='loo' with expert.kind={config.expert.kind!r}, expert.feedback={config.expert.feedback!r} "
+        "needs an even train.group_size >= 4 (the baseline is taken within each half of a group, the feedback from "
+        f"the other; expert.feedback='reference' reads no sibling); got {t.group_size}"
       )
     if t.group_size < 2:
       raise ValueError("loss.baseline='loo' needs train.group_size >= 2")
