@@ -1,16 +1,29 @@
-"""Where figures go: `workdir/metrics.jsonl` (one JSON object per line), TensorBoard, and a console progress bar.
+"""Where figures and log lines go: `workdir/metrics.jsonl` (one JSON object per line), TensorBoard, a progress bar on
+the console, and the log file.
 
 Every line carries its `iteration`. On resume the file is cut back to the checkpoint's iteration before the run
 replays, so the file of an interrupted-and-resumed run equals that of an uninterrupted one (wall-clock figures,
-under `time/`, aside).
+under `time/`, aside); TensorBoard purges its events past that iteration the same way. Both are flushed at each
+write, so a killed run loses nothing it reported.
+
+Figures are global: on a multi-process run each process computes its share and `global_mean` / `global_sum` combine
+them (every process must call them, with the same keys, at the same point).
+
+The console shows the config, the progress bar, warnings and errors. INFO lines (ours, orbax's asynchronous save
+machinery, jax's) go to `workdir/logs/distil_jax.process_<i>.log`, or to absl's `--log_dir`; absl's `--logtostderr`
+and `--alsologtostderr` put them back on the terminal. Until the workdir is known to be valid they are held in
+memory, so that input refused at start leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import collections
 import json
+import logging
 import math
 import os
 
+import jax
 import numpy as np
 
 
@@ -40,7 +53,9 @@ class MetricsWriter:
     if tensorboard:
       from tensorboardX import SummaryWriter
 
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      # purge_step: events a killed run wrote past the checkpoint it resumes from are dropped, as in the JSONL file
+      purge = None if resume_iteration is None else resume_iteration + 1
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
     if show_progress:
       from tqdm import tqdm
 
@@ -68,6 +83,7 @@ class MetricsWriter:
       for k, v in record.items():
         if k != "iteration" and isinstance(v, int | float) and not isinstance(v, bool):
           self._tb.add_scalar(k, v, iteration)
+      self._tb.flush()
 
   def progress(self, iteration: int, shown: dict) -> None:
     if self._bar is not None:
@@ -81,3 +97,85 @@ class MetricsWriter:
       self._tb.close()
     if self._bar is not None:
       self._bar.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Figures from every process
+
+
+def global_mean(figures: dict[str, float]) -> dict[str, float]:
+  """Means over processes of per-process means (every process holds an equal share of the prompts)."""
+  if jax.process_count() == 1 or not figures:
+    return dict(figures)
+  from jax.experimental import multihost_utils
+
+  keys = sorted(figures)
+  table = multihost_utils.process_allgather(np.asarray([figures[k] for k in keys], np.float32))
+  return {k: float(v) for k, v in zip(keys, np.mean(np.asarray(table, np.float64), axis=0), strict=True)}
+
+
+def global_sum(count: int) -> int:
+  """The sum over processes of a per-process count (each below 2^31)."""
+  if jax.process_count() == 1:
+    return int(count)
+  from jax.experimental import multihost_utils
+
+  return int(np.sum(np.asarray(multihost_utils.process_allgather(np.int32(count)), np.int64)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The console and the log file
+
+
+class _Held(logging.Handler):
+  """Log records kept in memory (the last 10k) until the log file's folder is known to be wanted."""
+
+  def __init__(self):
+    super().__init__(logging.DEBUG)
+    self.records = collections.deque(maxlen=10_000)
+
+  def emit(self, record):
+    self.records.append(record)
+
+
+_held: _Held | None = None
+
+
+def _file_handler(folder: str) -> logging.Handler:
+  from absl import logging as absl_logging
+
+  os.makedirs(folder, exist_ok=True)
+  handler = logging.FileHandler(os.path.join(folder, f"distil_jax.process_{jax.process_index()}.log"))
+  handler.setFormatter(absl_logging.PythonFormatter())
+  handler.setLevel(logging.DEBUG)
+  return handler
+
+
+def quiet_console() -> None:
+  """Send INFO lines to the log file instead of the terminal (warnings and errors stay on it); call once, after
+  flags are parsed. Honours absl's `--logtostderr`, `--alsologtostderr` and `--log_dir`."""
+  global _held
+  from absl import flags
+  from absl import logging as absl_logging
+
+  f = flags.FLAGS
+  if f.logtostderr or f.alsologtostderr:
+    return
+  absl_logging.get_absl_handler().setLevel(logging.WARNING)
+  handler = _file_handler(f.log_dir) if f.log_dir else _Held()
+  _held = handler if isinstance(handler, _Held) else None
+  logging.getLogger().addHandler(handler)
+
+
+def log_to_workdir(workdir: str) -> None:
+  """Write the held INFO lines, and all later ones, to `workdir/logs` (a no-op unless `quiet_console` held them)."""
+  global _held
+  if _held is None:
+    return
+  root = logging.getLogger()
+  handler = _file_handler(os.path.join(workdir, "logs"))
+  for record in _held.records:
+    handler.handle(record)
+  root.addHandler(handler)
+  root.removeHandler(_held)
+  _held = None

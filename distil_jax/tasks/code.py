@@ -15,6 +15,7 @@ import secrets
 import numpy as np
 
 from distil_jax import sandbox
+from distil_jax.tasks.base import MAX_RECORD_BYTES as MAX_BYTES
 from distil_jax.tasks.base import DataError, Problem, Verdict, read_jsonl, split_records
 
 _HARNESS = """
@@ -53,7 +54,8 @@ def _problem_from_record(record, path_hint) -> Problem:
     tests = [tests]
   if not isinstance(tests, list) or not all(isinstance(t, str) for t in tests):
     raise DataError(f"{path_hint}: field 'tests' should be a string or a list of strings")
-  return Problem(record["prompt"], "", record.get("canonical_solution") or record.get("solution"), tuple(tests))
+  solution = record.get("canonical_solution") or record.get("solution")
+  return Problem(record["prompt"], "", solution, tuple(tests), source=f"{path_hint}:prompt")
 
 
 class CodeTask:
@@ -66,8 +68,10 @@ class CodeTask:
       wall_seconds=cfg.timeout_s, cpu_seconds=max(1, int(cfg.timeout_s)), memory_bytes=int(cfg.memory_mb) << 20
     )
     if cfg.train_path:
-      records = read_jsonl(cfg.train_path, ["prompt"], {"prompt": str})
-      problems = [_problem_from_record(r, f"{cfg.train_path}:{i + 1}") for i, r in enumerate(records)]
+      records = read_jsonl(
+        cfg.train_path, ["prompt"], {"prompt": str}, max_bytes=cfg.get("max_record_bytes", MAX_BYTES)
+      )
+      problems = [_problem_from_record(r, r.where) for r in records]
       self._split = split_records(problems, cfg.eval_size)
     else:
       rng = np.random.default_rng(cfg.seed)

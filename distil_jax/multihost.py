@@ -1,0 +1,141 @@
+"""Multi-process start-up from the launcher's variables, and a watchdog that stops every process when one dies.
+
+Where the processes meet: `--coordinator_address`, `--num_processes`, `--process_id`, else the variables
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID (this jax reads only the first of them itself), else
+jax's own cluster detection (Cloud TPU metadata, SLURM, Open MPI).
+
+Why a watchdog: when a process dies, its peers block in the next collective. jax's coordination service notices
+the missing heartbeats only after its timeout (100 s by default) and then aborts with a C++ stack trace; a gloo
+collective may instead fail at once with "Connection reset by peer", which names no process. Each process here
+publishes a counter in the coordination service's key-value store every second and reads everyone else's: a
+counter that stops for `timeout_s`, a peer that reports it stopped with an error, or a coordinator that no longer
+answers, ends this process within seconds with one line naming the culprit. jax's own heartbeat timeout is set
+above ours, so that ours speaks first.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+from distil_jax.errors import InputError
+
+ENV = {"address": "JAX_COORDINATOR_ADDRESS", "count": "JAX_NUM_PROCESSES", "index": "JAX_PROCESS_ID"}
+_PREFIX = "distil_jax/alive/"
+_DONE, _FAILED = "done", "failed"
+_watchdog: _Watchdog | None = None
+
+
+def _from_env(name: str, environ) -> int | None:
+  raw = environ.get(name)
+  if raw in (None, ""):
+    return None
+  try:
+    return int(raw)
+  except ValueError:
+    raise InputError(f"{name}={raw!r} is not an integer") from None
+
+
+def settings(address=None, count=None, index=None, environ=os.environ) -> dict:
+  """Arguments for `jax.distributed.initialize`: flags first, then the environment; what is still None is left to
+  jax's cluster detection."""
+  return {
+    "coordinator_address": address or environ.get(ENV["address"]) or None,
+    "num_processes": count if count is not None else _from_env(ENV["count"], environ),
+    "process_id": index if index is not None else _from_env(ENV["index"], environ),
+  }
+
+
+def initialize(address=None, count=None, index=None, *, timeout_s: float = 10.0) -> None:
+  """Join the other processes and start the watchdog (`timeout_s`: how long a silent peer is given)."""
+  import jax
+
+  kwargs = settings(address, count, index)
+  try:
+    jax.distributed.initialize(**kwargs, heartbeat_timeout_seconds=int(timeout_s) + 30)
+  except (ValueError, TypeError) as e:  # jax's own checks of the three settings
+    given = ", ".join(f"{k}={v}" for k, v in kwargs.items() if v is not None) or "nothing"
+    raise InputError(
+      f"--distributed: {e} (given: {given}). Pass --coordinator_address, --num_processes and --process_id, or set "
+      f"{', '.join(ENV.values())}, or run where jax detects the cluster (Cloud TPU, SLURM, Open MPI)"
+    ) from None
+  from jax._src import distributed  # the coordination client: jax has no public handle on it
+
+  global _watchdog
+  _watchdog = _Watchdog(distributed.global_state.client, jax.process_index(), jax.process_count(), timeout_s)
+  _watchdog.start()
+
+
+def finish(ok: bool) -> None:
+  """Tell the peers this process is done (or failed) and stop watching them; call before exiting."""
+  if _watchdog is not None:
+    _watchdog.stop(_DONE if ok else _FAILED)
+
+
+def blame_peer_or_return(grace_s: float | None = None) -> None:
+  """After an unexpected error in a multi-process run: give the watchdog time to find a dead peer (it then ends the
+  process with one line naming it); return when every peer is still alive (the error is this process's own)."""
+  if _watchdog is not None:
+    deadline = time.monotonic() + (grace_s if grace_s is not None else _watchdog.timeout_s + 2 * _watchdog.interval_s)
+    while time.monotonic() < deadline and _watchdog.is_alive():
+      time.sleep(0.1)
+
+
+def exit_now(message: str, code: int = 1) -> None:
+  """Print one line and leave at once: a normal exit would wait in jax's shutdown barrier for peers that are gone,
+  then print pages of C++ logs."""
+  sys.stdout.flush()
+  print(message, file=sys.stderr, flush=True)
+  import logging
+
+  for handler in logging.getLogger().handlers:
+    handler.flush()
+  os._exit(code)
+
+
+class _Watchdog(threading.Thread):
+  def __init__(self, client, index: int, count: int, timeout_s: float, interval_s: float = 1.0):
+    super().__init__(name="distil_jax-watchdog", daemon=True)
+    self.client, self.index, self.count = client, index, count
+    self.timeout_s, self.interval_s = timeout_s, interval_s
+    self._stopped = threading.Event()
+
+  def stop(self, state: str) -> None:
+    self._stopped.set()
+    self.join()
+    try:
+      self.client.key_value_set(_PREFIX + str(self.index), state, allow_overwrite=True)
+    except Exception:  # the coordinator is gone too; nobody is left to tell
+      pass
+
+  def _stop_all(self, why: str) -> None:
+    exit_now(f"distil_jax: {why}; stopping process {self.index} too")
+
+  def run(self) -> None:
+    seen = {p: (None, time.monotonic()) for p in range(self.count) if p != self.index}
+    beat = 0
+    while not self._stopped.wait(self.interval_s):
+      beat += 1
+      try:
+        self.client.key_value_set(_PREFIX + str(self.index), str(beat), allow_overwrite=True)
+        values = dict(self.client.key_value_dir_get(_PREFIX))
+      except Exception as e:  # the coordination service (process 0) no longer answers
+        if self._stopped.is_set():
+          return
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        self._stop_all(f"the coordinator (process 0) does not answer ({first})")
+      now = time.monotonic()
+      for peer, (last, since) in seen.items():
+        value = values.get(_PREFIX + str(peer))
+        if value == _FAILED:
+          self._stop_all(f"process {peer} of {self.count} stopped with an error (see its output)")
+        if value == _DONE:
+          continue
+        if value != last:
+          seen[peer] = (value, now)
+        elif now - since > self.timeout_s:
+          self._stop_all(
+            f"process {peer} of {self.count} stopped responding (no sign of life for {self.timeout_s:g} s)"
+          )
