@@ -94,8 +94,9 @@ def _leaf_sum(x):
 
 
 @functools.cache
-def _sums_fn(out_sharding):
-  return jax.jit(lambda tree: jax.tree.map(_leaf_sum, tree), out_shardings=out_sharding)
+def _sum_fn(out_sharding):
+  """One jitted hash per leaf: jax compiles it once per (shape, dtype, layout), which the layers of a model share."""
+  return jax.jit(_leaf_sum, out_shardings=out_sharding)
 
 
 def content_sums(tree) -> dict[str, list]:
@@ -108,7 +109,7 @@ def content_sums(tree) -> dict[str, list]:
     return {}
   mesh = next((x.sharding.mesh for _, x in leaves if isinstance(getattr(x, "sharding", None), jax.NamedSharding)), None)
   out = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None else None
-  sums = _sums_fn(out)([x for _, x in leaves])
+  sums = jax.device_get([_sum_fn(out)(x) for _, x in leaves])  # dispatched together, fetched once
   return {
     path: ["".join(f"{int(v):08x}" for v in np.asarray(s)), *shape_dtype]
     for (path, shape_dtype), s in zip(_layout(tree).items(), sums, strict=True)

@@ -11,11 +11,18 @@ publishes a counter in the coordination service's key-value store every second a
 counter that stops for `timeout_s`, a peer that reports it stopped with an error, or a coordinator that no longer
 answers, ends this process within seconds with one line naming the culprit. jax's own heartbeat timeout is set
 above ours, so that ours speaks first.
+
+One case is jax's alone: when the coordinator (process 0) dies, the coordination client in every other process
+aborts at once from C++ (a fatal log line and a stack trace; a Python callback for it is not usable in this jax).
+So that this too reads as one line, a small child process forwards stderr and folds that report into one line.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import select
+import signal
 import sys
 import threading
 import time
@@ -53,6 +60,7 @@ def initialize(address=None, count=None, index=None, *, timeout_s: float = 10.0)
   import jax
 
   kwargs = settings(address, count, index)
+  _fold_fatal_reports(kwargs["process_id"])
   try:
     jax.distributed.initialize(**kwargs, heartbeat_timeout_seconds=int(timeout_s) + 30)
   except (ValueError, TypeError) as e:  # jax's own checks of the three settings
@@ -139,3 +147,70 @@ class _Watchdog(threading.Thread):
           self._stop_all(
             f"process {peer} of {self.count} stopped responding (no sign of life for {self.timeout_s:g} s)"
           )
+
+
+_FATAL = b"Terminating process because the JAX distributed service detected fatal errors"
+_COORDINATION = re.compile(rb"coordination|preemption_sync")
+_C_LOG = re.compile(rb"^[IWEF]\d{4} ")  # glog's line prefix: such a line is written whole, wait for its end
+
+
+def _fold_fatal_reports(index) -> None:
+  """Route this process's stderr through a child that passes everything on at once, except jax's fatal coordination
+  report, which becomes one line (and the stack trace after it, nothing)."""
+  read_fd, write_fd = os.pipe()
+  if os.fork() == 0:  # the filter: only os.read / os.write, safe in a forked child
+    try:
+      os.close(write_fd)
+      signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the trainer; the filter drains its last words
+      _filter(read_fd, 2, "?" if index is None else index)
+    finally:
+      os._exit(0)
+  os.close(read_fd)
+  os.dup2(write_fd, 2)
+  os.close(write_fd)
+
+
+def fatal_line(report: bytes, index) -> bytes:
+  """The one line that replaces jax's fatal report (`report`: its first line)."""
+  status = report.split(b"absl::Status:", 1)[-1].decode(errors="replace").strip()
+  task = re.search(r"Task (\d+) heartbeat timeout|stopped sending heartbeats\):\s*(\d+)", status)
+  if task:
+    what = f"process {task[1] or task[2]} stopped responding (jax's heartbeat timeout)"
+  elif "leader" in status or "coordination service" in status:
+    what = "the coordinator (process 0) stopped responding"
+  else:
+    what = f"jax's coordination service reported a fatal error ({status[:200]})"
+  return f"distil_jax: {what}; stopping process {index} too\n".encode()
+
+
+def _filter(src: int, dst: int, index, hold_s: float = 2.0) -> None:
+  """Copy `src` to `dst` as it comes. A C++ log line from the coordination machinery (they precede jax's fatal report:
+  failed RPCs, preemption notices) and whatever follows it are held for `hold_s`: dropped if the fatal report comes,
+  passed on otherwise."""
+  pending, held, deadline = b"", [], None
+  while True:
+    wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+    if not select.select([src], [], [], wait)[0]:  # the hold expired without a fatal report
+      os.write(dst, b"".join(held))
+      held, deadline = [], None
+      continue
+    chunk = os.read(src, 1 << 16)
+    if not chunk:
+      break
+    *lines, pending = (pending + chunk).split(b"\n")
+    out = []
+    for line in lines:
+      if _FATAL in line:
+        os.write(dst, b"".join(out) + fatal_line(line, index))
+        while os.read(src, 1 << 16):  # the rest is the C++ stack trace
+          pass
+        return
+      if deadline is None and _C_LOG.match(line) and _COORDINATION.search(line):
+        deadline = time.monotonic() + hold_s
+      (held if deadline is not None else out).append(line + b"\n")
+    if pending and not _C_LOG.match(pending):  # e.g. a progress bar's "\r..." update
+      (held if deadline is not None else out).append(pending)
+      pending = b""
+    if out:
+      os.write(dst, b"".join(out))
+  os.write(dst, b"".join(held) + pending)
