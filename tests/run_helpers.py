@@ -26,6 +26,19 @@ def load_config(name: str, arg: str | None = "runlocal", **overrides):
   return config
 
 
+def rot_one_bit(item_folder, name: str, index) -> None:
+  """Flip one bit of one stored float32 element of an orbax item through tensorstore: the bytes on disk change and
+  still decode (orbax compresses its chunks, so a raw flip would mostly garble the stream instead); the damage
+  only a content checksum sees. `name` is orbax's key ("model.layers.0.mlp.down_proj.kernel")."""
+  import numpy as np
+  import tensorstore as ts
+
+  spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{item_folder}/"}, "path": name}
+  arr = ts.open(spec).result()
+  bits = np.asarray(arr[index].read().result()).view(np.uint32) ^ np.uint32(1 << 20)
+  arr[index].write(bits.view(np.float32)).result()
+
+
 def run_main(*args, timeout=600, env=None):
   """`python -m distil_jax.main ...` in a fresh process (one CPU device, as on a user's machine)."""
   full_env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

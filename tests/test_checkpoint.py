@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from run_helpers import rot_one_bit
 
 from distil_jax import checkpoint, sharding
 from distil_jax import model as model_lib
@@ -160,17 +161,6 @@ def _data_files(folder):
   return [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if os.path.basename(d) == "d"]
 
 
-def _rot_one_bit(item_folder, name: str, index):
-  """Flip one bit of one stored element through tensorstore: the bytes on disk change and still decode (orbax
-  compresses its chunks, so a raw flip would mostly garble the stream instead) - the damage only a checksum sees."""
-  import tensorstore as ts
-
-  spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{item_folder}/"}, "path": name}
-  arr = ts.open(spec).result()
-  bits = np.asarray(arr[index].read().result()).view(np.uint32) ^ np.uint32(1 << 20)
-  arr[index].write(bits.view(np.float32)).result()
-
-
 def _flip_byte(path):
   data = bytearray(open(path, "rb").read())
   data[len(data) // 2] ^= 0x04
@@ -184,7 +174,7 @@ def _truncate(path):
 
 DAMAGE = {
   "bit rot": (
-    lambda d: _rot_one_bit(d / "2" / "params", "model.layers.0.mlp.down_proj.kernel", (5, 7)),
+    lambda d: rot_one_bit(d / "2" / "params", "model.layers.0.mlp.down_proj.kernel", (5, 7)),
     r"content checksum differs for params/model/layers/0/mlp/down_proj/kernel \(bytes changed on disk\)",
   ),
   "flipped byte": (  # in a compressed chunk: a read error or a checksum mismatch, either way unusable
@@ -224,7 +214,7 @@ def test_a_damaged_latest_checkpoint_falls_back_with_one_warning(damage, tmp_pat
 
 def test_no_usable_checkpoint_is_one_error_naming_each(tmp_path):
   state, _ = _two_checkpoints(tmp_path)
-  _rot_one_bit(tmp_path / "2" / "opt_state", "mu", (0, 0))
+  rot_one_bit(tmp_path / "2" / "opt_state", "mu", (0, 0))
   shutil.rmtree(tmp_path / "1" / "params")
   with checkpoint.Checkpointer(str(tmp_path)) as ckpt:
     with pytest.raises(
