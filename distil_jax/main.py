@@ -60,6 +60,8 @@ def main(argv):
       )
     import jax
 
+    if FLAGS.log_dir:  # absl's flag: the log file goes there from the start (else to workdir/logs, once it is valid)
+      metrics.log_to_file(FLAGS.log_dir)
     config = _CONFIG.value
     logging.info("config:\n%s", config)
     if jax.process_index() == 0:

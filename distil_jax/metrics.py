@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import time
 
 import jax
 import numpy as np
@@ -51,11 +52,9 @@ class MetricsWriter:
     self._truncate(resume_iteration)
     self._file = open(self.path, "a")
     if tensorboard:
-      from tensorboardX import SummaryWriter
-
-      # purge_step: events a killed run wrote past the checkpoint it resumes from are dropped, as in the JSONL file
+      # events a killed run wrote past the checkpoint it resumes from are dropped, as in the JSONL file
       purge = None if resume_iteration is None else resume_iteration + 1
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
+      self._tb = _Events(os.path.join(workdir, "tensorboard"), purge_step=purge)
     if show_progress:
       from tqdm import tqdm
 
@@ -80,10 +79,8 @@ class MetricsWriter:
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
     if self._tb is not None:
-      for k, v in record.items():
-        if k != "iteration" and isinstance(v, int | float) and not isinstance(v, bool):
-          self._tb.add_scalar(k, v, iteration)
-      self._tb.flush()
+      numbers = {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+      self._tb.scalars(iteration, {k: v for k, v in numbers.items() if k != "iteration"})
 
   def progress(self, iteration: int, shown: dict) -> None:
     if self._bar is not None:
@@ -97,6 +94,34 @@ class MetricsWriter:
       self._tb.close()
     if self._bar is not None:
       self._bar.close()
+
+
+class _Events:
+  """TensorBoard's event file, written synchronously: tensorboardX's SummaryWriter queues events for a background
+  thread, so its flush() does not mean they are on disk, and a killed run lost them (0-byte files)."""
+
+  def __init__(self, folder: str, *, purge_step: int | None):
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto import event_pb2
+
+    self._pb = event_pb2
+    os.makedirs(folder, exist_ok=True)
+    # a suffix of its own: the file name holds only the second, and a resume within it would overwrite the last file
+    self._writer = EventsWriter(os.path.join(folder, "events"), filename_suffix=f".{time.time_ns()}")
+    if purge_step is not None:  # TensorBoard drops earlier events at steps >= this one
+      start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+      self._writer.write_event(event_pb2.Event(step=purge_step, wall_time=time.time(), session_log=start))
+      self._writer.flush()
+
+  def scalars(self, step: int, values: dict) -> None:
+    from tensorboardX.summary import scalar
+
+    for tag, value in values.items():
+      self._writer.write_event(self._pb.Event(step=step, wall_time=time.time(), summary=scalar(tag, value)))
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -141,41 +166,34 @@ class _Held(logging.Handler):
 _held: _Held | None = None
 
 
-def _file_handler(folder: str) -> logging.Handler:
+def quiet_console() -> None:
+  """Keep INFO lines off the terminal (warnings and errors stay on it), held in memory until `log_to_file`; call
+  once, after flags are parsed. absl's `--logtostderr` / `--alsologtostderr` leave everything on the terminal."""
+  global _held
+  from absl import flags
+  from absl import logging as absl_logging
+
+  if flags.FLAGS.logtostderr or flags.FLAGS.alsologtostderr:
+    return
+  absl_logging.get_absl_handler().setLevel(logging.WARNING)
+  _held = _Held()
+  logging.getLogger().addHandler(_held)
+
+
+def log_to_file(folder: str) -> None:
+  """Write the held INFO lines, and all later ones, to `folder/distil_jax.process_<i>.log` (once the process index
+  is known; a no-op after the first call, or unless `quiet_console` held them)."""
+  global _held
+  if _held is None:
+    return
   from absl import logging as absl_logging
 
   os.makedirs(folder, exist_ok=True)
   handler = logging.FileHandler(os.path.join(folder, f"distil_jax.process_{jax.process_index()}.log"))
   handler.setFormatter(absl_logging.PythonFormatter())
-  handler.setLevel(logging.DEBUG)
-  return handler
-
-
-def quiet_console() -> None:
-  """Send INFO lines to the log file instead of the terminal (warnings and errors stay on it); call once, after
-  flags are parsed. Honours absl's `--logtostderr`, `--alsologtostderr` and `--log_dir`."""
-  global _held
-  from absl import flags
-  from absl import logging as absl_logging
-
-  f = flags.FLAGS
-  if f.logtostderr or f.alsologtostderr:
-    return
-  absl_logging.get_absl_handler().setLevel(logging.WARNING)
-  handler = _file_handler(f.log_dir) if f.log_dir else _Held()
-  _held = handler if isinstance(handler, _Held) else None
-  logging.getLogger().addHandler(handler)
-
-
-def log_to_workdir(workdir: str) -> None:
-  """Write the held INFO lines, and all later ones, to `workdir/logs` (a no-op unless `quiet_console` held them)."""
-  global _held
-  if _held is None:
-    return
-  root = logging.getLogger()
-  handler = _file_handler(os.path.join(workdir, "logs"))
   for record in _held.records:
     handler.handle(record)
+  root = logging.getLogger()
   root.addHandler(handler)
   root.removeHandler(_held)
   _held = None

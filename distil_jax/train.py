@@ -231,7 +231,7 @@ class Run:
   def write_workdir(self):
     """The workdir, its log file and the tokenizer: the first writes of a run."""
     os.makedirs(self.workdir, exist_ok=True)
-    metrics.log_to_workdir(self.workdir)
+    metrics.log_to_file(os.path.join(self.workdir, "logs"))
     keep_tokenizer(self.config, self.tok, self.workdir)
 
   def restore_params(self):
