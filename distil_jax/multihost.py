@@ -7,10 +7,11 @@ jax's own cluster detection (Cloud TPU metadata, SLURM, Open MPI).
 Why a watchdog: when a process dies, its peers block in the next collective. jax's coordination service notices
 the missing heartbeats only after its timeout (100 s by default) and then aborts with a C++ stack trace; a gloo
 collective may instead fail at once with "Connection reset by peer", which names no process. Each process here
-publishes a counter in the coordination service's key-value store every second and reads everyone else's: a
-counter that stops for `timeout_s`, a peer that reports it stopped with an error, or a coordinator that no longer
-answers, ends this process within seconds with one line naming the culprit. jax's own heartbeat timeout is set
-above ours, so that ours speaks first.
+publishes a counter in the coordination service's key-value store every second and reads those of its two
+neighbours on a ring (a constant load per process at any scale): a counter that stops for `timeout_s`, or a
+neighbour that reports it stopped with an error, is posted under one stop key that every process reads at each beat;
+that, or a coordinator that no longer answers, ends every process within seconds with one line naming the culprit.
+jax's own heartbeat timeout is set above ours, so that ours speaks first.
 
 One case is jax's alone: when the coordinator (process 0) dies, the coordination client in every other process
 aborts at once from C++ (a fatal log line and a stack trace; a Python callback for it is not usable in this jax).
@@ -31,6 +32,7 @@ from distil_jax.errors import InputError
 
 ENV = {"address": "JAX_COORDINATOR_ADDRESS", "count": "JAX_NUM_PROCESSES", "index": "JAX_PROCESS_ID"}
 _PREFIX = "distil_jax/alive/"
+_STOP = "distil_jax/stop"
 _DONE, _FAILED = "done", "failed"
 _watchdog: _Watchdog | None = None
 
@@ -104,10 +106,15 @@ def exit_now(message: str, code: int = 1) -> None:
 
 
 class _Watchdog(threading.Thread):
+  """Beats once a second in the key-value store and watches two neighbours on a ring of the processes (O(1) reads
+  per process, whatever the process count); whoever finds a neighbour dead or failed posts the reason under one stop
+  key, which every process reads at each beat."""
+
   def __init__(self, client, index: int, count: int, timeout_s: float, interval_s: float = 1.0):
     super().__init__(name="distil_jax-watchdog", daemon=True)
     self.client, self.index, self.count = client, index, count
     self.timeout_s, self.interval_s = timeout_s, interval_s
+    self.neighbours = sorted({(index + d) % count for d in (1, 2)} - {index})
     self._stopped = threading.Event()
 
   def stop(self, state: str) -> None:
@@ -115,33 +122,54 @@ class _Watchdog(threading.Thread):
     self.join()
     try:
       self.client.key_value_set(_PREFIX + str(self.index), state, allow_overwrite=True)
+      if state == _FAILED:
+        self._post(f"process {self.index} of {self.count} stopped with an error (see its output)")
     except Exception:  # the coordinator is gone too; nobody is left to tell
       pass
 
-  def _stop_all(self, why: str) -> None:
+  def _post(self, why: str) -> None:
+    self.client.key_value_set(_STOP, why, allow_overwrite=False)
+
+  def _get(self, key: str):
+    try:
+      return self.client.key_value_try_get(key)
+    except Exception as e:
+      if "NOT_FOUND" in str(e):
+        return None
+      raise
+
+  def _stop_all(self, why: str, *, post: bool = True) -> None:
+    if post:
+      try:
+        self._post(why)
+      except Exception:  # another process posted first, or the coordinator is gone: this process still stops
+        pass
     exit_now(f"distil_jax: {why}; stopping process {self.index} too")
 
   def run(self) -> None:
-    seen = {p: (None, time.monotonic()) for p in range(self.count) if p != self.index}
+    seen = {p: (None, time.monotonic()) for p in self.neighbours}
     beat = 0
     while not self._stopped.wait(self.interval_s):
       beat += 1
       try:
         self.client.key_value_set(_PREFIX + str(self.index), str(beat), allow_overwrite=True)
-        values = dict(self.client.key_value_dir_get(_PREFIX))
+        posted = self._get(_STOP)
+        values = {p: self._get(_PREFIX + str(p)) for p in self.neighbours}
       except Exception as e:  # the coordination service (process 0) no longer answers
         if self._stopped.is_set():
           return
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        self._stop_all(f"the coordinator (process 0) does not answer ({first})")
+        self._stop_all(f"the coordinator (process 0) does not answer ({first})", post=False)
+      if posted is not None and not self._stopped.is_set():
+        self._stop_all(posted, post=False)
       now = time.monotonic()
-      for peer, (last, since) in seen.items():
-        value = values.get(_PREFIX + str(peer))
+      for peer, value in values.items():
+        last, since = seen[peer]
         if value == _FAILED:
           self._stop_all(f"process {peer} of {self.count} stopped with an error (see its output)")
-        if value == _DONE:
+        elif value == _DONE:
           continue
-        if value != last:
+        elif value != last:
           seen[peer] = (value, now)
         elif now - since > self.timeout_s:
           self._stop_all(

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -153,3 +154,48 @@ def test_a_dead_peer_stops_the_other_within_seconds_naming_it(tmp_path):
   last = err.strip().splitlines()[-1]
   assert rc != 0 and "process 1 of 2 stopped responding" in last and "stopping process 0 too" in last, err[-3000:]
   assert took < 5 + 10, took  # the peer timeout, plus a watchdog beat and the exit
+
+
+class _FakeCoordinator:
+  """The coordination service's key-value store, in memory, with its error for a missing key."""
+
+  def __init__(self):
+    self.store, self.lock = {}, threading.Lock()
+
+  def key_value_set(self, key, value, allow_overwrite=False):
+    with self.lock:
+      if key in self.store and not allow_overwrite:
+        raise RuntimeError(f"ALREADY_EXISTS: {key}")
+      self.store[key] = value
+
+  def key_value_try_get(self, key):
+    with self.lock:
+      if key not in self.store:
+        raise RuntimeError(f"NOT_FOUND: Config key {key} not found.")
+      return self.store[key]
+
+
+def test_watchdogs_of_many_processes_all_stop_naming_the_dead_one(monkeypatch):
+  """Six processes, each watching two neighbours on a ring: process 4 stops beating; all five others stop within
+  the timeout and a few beats, each naming process 4 (most learn it from the stop key, not from watching it)."""
+  said = {}
+  monkeypatch.setattr(
+    multihost, "exit_now", lambda message, code=1: said.setdefault(threading.current_thread().name, message)
+  )
+  coordinator = _FakeCoordinator()
+  dogs = [multihost._Watchdog(coordinator, i, 6, timeout_s=0.3, interval_s=0.02) for i in range(6)]
+  for i, dog in enumerate(dogs):
+    dog.name = f"process {i}"
+    dog.start()
+  time.sleep(0.1)
+  dogs[4]._stopped.set()  # killed: it beats no more (and says nothing)
+  alive = [d for i, d in enumerate(dogs) if i != 4]
+  deadline = time.time() + 5
+  while time.time() < deadline and len(said) < 5:
+    time.sleep(0.02)
+  for dog in alive:  # exit_now was replaced, so the threads go on: stop them
+    dog._stopped.set()
+  assert sorted(said) == [f"process {i}" for i in (0, 1, 2, 3, 5)]
+  for name, message in said.items():
+    assert message == f"distil_jax: process 4 of 6 stopped responding (no sign of life for 0.3 s); stopping {name} too"
+  assert coordinator.store["distil_jax/stop"].startswith("process 4 of 6 stopped responding")
