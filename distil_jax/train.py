@@ -248,7 +248,8 @@ def _ema(config) -> bool:
 
 
 def _meta(config, iteration: int, buffer_rows: int, sampled_tokens: int) -> dict:
-  """The host-side state a checkpoint carries (`buffer_rows`: this process's rows)."""
+  """The host-side state a checkpoint carries (`buffer_rows`: this process's rows, as many on every process: each
+  labels an equal share of the prompts)."""
   return {
     "iteration": iteration,
     "buffer_rows": buffer_rows,

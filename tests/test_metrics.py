@@ -37,11 +37,11 @@ def test_tensorboard_is_flushed_at_each_write_and_purged_on_resume(tmp_path):
     writer.write(it, {"train/loss": float(it), "time/x": 0.5})
     (events,) = _events(tmp_path / "tensorboard")  # read while the writer is still open, as after a kill -9
     assert ("train/loss", float(it)) in [(tag, v) for step, tag, v in _scalars(events) if step == it]
-  del writer  # killed: never closed
-
+  # killed here: never closed (the test closes it at the end only to release the file)
   resumed = metrics.MetricsWriter(str(tmp_path), resume_iteration=1, **kw)  # the checkpoint was at iteration 1
   resumed.write(2, {"train/loss": 20.0})
   resumed.close()
+  writer.close()
   first, second = _events(tmp_path / "tensorboard")
   # TensorBoard drops earlier events at steps >= a SessionLog.START's step: iterations 2 and 3 of the killed run.
   starts = [e.step for e in second if e.HasField("session_log") and e.session_log.status == e.session_log.START]
