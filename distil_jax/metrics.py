@@ -168,14 +168,16 @@ _held: _Held | None = None
 
 def quiet_console() -> None:
   """Keep INFO lines off the terminal (warnings and errors stay on it), held in memory until `log_to_file`; call
-  once, after flags are parsed. absl's `--logtostderr` / `--alsologtostderr` leave everything on the terminal."""
+  once, after flags are parsed. absl's `--alsologtostderr` keeps them on the terminal too, `--logtostderr` only
+  there (no log file)."""
   global _held
   from absl import flags
   from absl import logging as absl_logging
 
-  if flags.FLAGS.logtostderr or flags.FLAGS.alsologtostderr:
+  if flags.FLAGS.logtostderr:
     return
-  absl_logging.get_absl_handler().setLevel(logging.WARNING)
+  if not flags.FLAGS.alsologtostderr:
+    absl_logging.get_absl_handler().setLevel(logging.WARNING)
   _held = _Held()
   logging.getLogger().addHandler(_held)
 
