@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     timeout_s=5.0,
     memory_mb=512,
     include_prompt=True,  # code
+    max_record_bytes=1 << 20,  # data files: a longer line is refused at load (with its file and line)
   )
   c.tokenizer = dict(path="", vocab_size=256, model_type="char", split_digits=True, add_bos=False)
 

@@ -33,15 +33,12 @@ import urllib.request
 
 import numpy as np
 
+from distil_jax.errors import ExpertError  # noqa: F401  (re-exported: experts.ExpertError)
 from distil_jax.tasks.base import Problem, Verdict
 from distil_jax.tokenizer import Tokenizer
 
 SIBLING = "A correct solution: "  # how a successful sibling response (or a reference solution) is put in the re-prompt
 FEEDBACK = ("any", "sibling", "reference")  # expert.feedback
-
-
-class ExpertError(RuntimeError):
-  """An expert could not label a batch; the message names the expert and the cause."""
 
 
 @dataclasses.dataclass
@@ -196,10 +193,17 @@ class HttpExpert:
 
   Requests send token ids (vLLM accepts them as the prompt) and ask for `return_tokens_as_token_ids`, so no text
   round trip can shift positions. At start, `/tokenize` on a probe text must give our tokenizer's ids.
+
+  Every reply is checked for content, not only form, before anything reaches the buffer: the echoed tokens must be
+  the ones sent (a server that adds its own BOS shifts every label by one position, silently), and each position's
+  log-probs must be finite, <= 0 and their probabilities sum to at most 1 + `SUM_TOL` (NaN or positive log-probs
+  from a broken server otherwise train the student on garbage: loss 0.0 or 753).
   """
 
   on_device = False
   reads_siblings = True
+  SUM_TOL = 1e-3  # top-k probabilities of one position may exceed 1 by this much (float rounding on the server)
+  LOGPROB_TOL = 1e-6  # a log-prob up to this much above 0 is rounding, not a probability above 1
 
   def __init__(self, tokenizer: Tokenizer, cfg, add_bos: bool = False):
     self.tok, self.cfg, self.add_bos = tokenizer, cfg, add_bos
@@ -252,35 +256,72 @@ class HttpExpert:
       "logprobs": self.top_k,
       "temperature": 1.0,
       "return_tokens_as_token_ids": True,
+      "add_special_tokens": False,  # vLLM: no BOS of its own in front of ours
     }
     reply = self._post("/v1/completions", payload)
     try:
-      top = reply["choices"][0]["logprobs"]["top_logprobs"]
+      logprobs = reply["choices"][0]["logprobs"]
+      top, echoed = logprobs["top_logprobs"], logprobs["tokens"]
     except (KeyError, IndexError, TypeError):
       raise ExpertError(
-        f"expert {self.url}: reply has no choices[0].logprobs.top_logprobs: {json.dumps(reply)[:200]}"
+        f"expert {self.url}: reply has no choices[0].logprobs.top_logprobs and .tokens: {json.dumps(reply)[:200]}"
       ) from None
-    n = len(response)
-    ids = np.zeros((n, self.top_k), np.int32)
-    logq = np.full((n, self.top_k), -np.inf, np.float32)
-    start = len(teacher_ids)
+    sent = teacher_ids + response
+    self._check_echo(sent, echoed)
+    n, start = len(response), len(teacher_ids)
     if len(top) < start + n:
       raise ExpertError(f"expert {self.url}: {len(top)} positions scored, expected at least {start + n}")
+    ids = np.zeros((n, self.top_k), np.int32)
+    logq = np.full((n, self.top_k), -np.inf, np.float32)
     for t in range(n):
       entries = sorted((top[start + t] or {}).items(), key=lambda kv: -kv[1])[: self.top_k]
+      if not entries:
+        raise ExpertError(f"expert {self.url}: no log-probs for response position {t}")
       for k, (token, lp) in enumerate(entries):
-        if not token.startswith("token_id:"):
-          raise ExpertError(
-            f"expert {self.url}: top_logprobs key {token!r} is not 'token_id:N'; "
-            "the server must support return_tokens_as_token_ids"
-          )
-        tid = int(token.split(":", 1)[1])
-        if not 0 <= tid < self.tok.vocab_size:
-          raise ExpertError(
-            f"expert {self.url}: token id {tid} outside the student's vocabulary ({self.tok.vocab_size})"
-          )
-        ids[t, k], logq[t, k] = tid, lp
+        ids[t, k], logq[t, k] = self._token_id(token), self._logprob(lp, t, token)
+      mass = float(np.sum(np.exp(logq[t].astype(np.float64))))
+      if mass > 1 + self.SUM_TOL:
+        raise ExpertError(
+          f"expert {self.url}: the top-{len(entries)} probabilities of response position {t} sum to {mass:.6g} > 1 "
+          f"(log-probs {[round(float(v), 4) for v in logq[t, : len(entries)]]}): not a distribution"
+        )
     return ids, logq
+
+  def _token_id(self, token) -> int:
+    if not isinstance(token, str) or not token.startswith("token_id:"):
+      raise ExpertError(
+        f"expert {self.url}: token {token!r} is not 'token_id:N'; the server must support return_tokens_as_token_ids"
+      )
+    try:
+      tid = int(token.split(":", 1)[1])
+    except ValueError:
+      raise ExpertError(f"expert {self.url}: token {token!r} is not 'token_id:N'") from None
+    if not 0 <= tid < self.tok.vocab_size:
+      raise ExpertError(f"expert {self.url}: token id {tid} outside the student's vocabulary ({self.tok.vocab_size})")
+    return tid
+
+  def _logprob(self, lp, t: int, token: str) -> float:
+    ok = isinstance(lp, int | float) and not isinstance(lp, bool) and math.isfinite(lp) and lp <= self.LOGPROB_TOL
+    if not ok:
+      raise ExpertError(
+        f"expert {self.url}: log-prob {lp!r} of {token} at response position {t} is not a finite number <= 0"
+      )
+    return min(float(lp), 0.0)
+
+  def _check_echo(self, sent: list[int], echoed) -> None:
+    """The server scored exactly the tokens sent, at the same positions (else every label would be shifted)."""
+    got = [self._token_id(t) for t in echoed[: len(sent) + 1]] if isinstance(echoed, list) else None
+    if got is None or got[: len(sent)] != sent:
+      if got is None:
+        where = f"reply's tokens are {type(echoed).__name__}, not a list"
+      else:
+        k = next((i for i, (a, b) in enumerate(zip(sent, got, strict=False)) if a != b), min(len(sent), len(got)))
+        seen = got[k] if k < len(got) else "nothing"
+        where = f"first difference at position {k}: sent {sent[k] if k < len(sent) else 'nothing'}, echoed {seen}"
+      raise ExpertError(
+        f"expert {self.url}: the echoed tokens differ from the {len(sent)} sent ({where}); a server that adds "
+        "tokens of its own (e.g. a BOS) shifts every label"
+      )
 
   def label(self, r: Rollouts) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     texts, _ = reprompt_texts(r, self.cfg.reprompt)
@@ -294,9 +335,13 @@ class HttpExpert:
           length = int(r.mask[b, j].sum())
           teacher = self.tok.prompt_ids(texts[b][j], self.add_bos)
           jobs[pool.submit(self._score, teacher, r.tokens[b, j, :length].tolist())] = (b, j, length)
-      for fut in concurrent.futures.as_completed(jobs):
-        b, j, length = jobs[fut]
-        ids[b, j, :length], logq[b, j, :length] = fut.result()
+      try:
+        for fut in concurrent.futures.as_completed(jobs):
+          b, j, length = jobs[fut]
+          ids[b, j, :length], logq[b, j, :length] = fut.result()
+      except ExpertError:  # the first bad reply ends the batch: nothing of it reaches the buffer
+        pool.shutdown(cancel_futures=True)
+        raise
     return {"target_ids": ids, "target_logprobs": logq}, {}
 
 

@@ -20,6 +20,7 @@ from safetensors.numpy import save_file
 
 from distil_jax import model as model_lib
 from distil_jax import sharding
+from distil_jax.errors import InputError
 
 _ARCH_TO_HF = {
   "llama": "LlamaForCausalLM",
@@ -35,12 +36,12 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> model_lib.ModelConfig:
   archs = hf.get("architectures") or []
   arch = next((_HF_TO_ARCH[a] for a in archs if a in _HF_TO_ARCH), hf.get("model_type"))
   if arch not in model_lib.ARCHS:
-    raise ValueError(
+    raise InputError(
       f"config.json: architectures={archs}, model_type={hf.get('model_type')!r} is not supported "
       f"(supported: {sorted(_HF_TO_ARCH)})"
     )
   if hf.get("hidden_act", "silu") != "silu":
-    raise ValueError(f"config.json: hidden_act={hf['hidden_act']!r}; only silu (SwiGLU) is supported")
+    raise InputError(f"config.json: hidden_act={hf['hidden_act']!r}; only silu (SwiGLU) is supported")
   rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
   theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
   if rope.get("rope_type", rope.get("type", "default")) == "default":
@@ -147,17 +148,17 @@ def load_hf(path: str, *, mesh=None, rules=None, dtype: str = "float32", **overr
         if name not in wanted:
           if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # some exporters write the tied head too
-          raise ValueError(f"{file}: unexpected tensor {name!r} for {cfg.arch}")
+          raise InputError(f"{file}: unexpected tensor {name!r} for {cfg.arch}")
         keys, target = wanted[name]
         array = f.get_tensor(name)
         if _hf_name(keys)[1]:
           array = array.T
         if array.shape != target.shape:
-          raise ValueError(f"{file}: {name} has shape {array.shape}, config says {target.shape}")
+          raise InputError(f"{file}: {name} has shape {array.shape}, config says {target.shape}")
         loaded[keys] = jax.device_put(np.asarray(array, np.float32), target.sharding)
   missing = sorted(n for n, (k, _) in wanted.items() if k not in loaded)
   if missing:
-    raise ValueError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    raise InputError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
   params = jax.tree_util.tree_unflatten(
     jax.tree_util.tree_structure(targets), [loaded[k] for k in _ordered_keys(targets)]
   )

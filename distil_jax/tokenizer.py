@@ -15,6 +15,8 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 
+from distil_jax.errors import InputError
+
 
 class Tokenizer:
   """What the rest of the library needs from a tokenizer."""
@@ -70,7 +72,7 @@ class SentencePieceTokenizer(Tokenizer):
     self.eos_id = self._sp.eos_id()
     self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
     if self.eos_id < 0:
-      raise ValueError("SentencePiece model has no EOS piece; train it with eos_id >= 0")
+      raise InputError("SentencePiece model has no EOS piece; train it with eos_id >= 0")
 
   @classmethod
   def from_file(cls, path: str) -> SentencePieceTokenizer:
@@ -146,7 +148,7 @@ class HFTokenizer(Tokenizer):
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     eos = token_id("eos_token")
     if eos is None:
-      raise ValueError(f"{folder}: no eos_token in tokenizer_config.json / special_tokens_map.json")
+      raise InputError(f"{folder}: no eos_token in tokenizer_config.json / special_tokens_map.json")
     self.eos_id = eos
     self.bos_id = token_id("bos_token")
     pad = token_id("pad_token")

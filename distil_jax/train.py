@@ -16,20 +16,23 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from distil_jax import buffer as buffer_lib
-from distil_jax import checkpoint, data, evaluate, experts, hf, losses, metrics, sharding, tasks, update
+from distil_jax import checkpoint, data, evaluate, experts, hf, losses, metrics, sharding, tasks, update, validate
 from distil_jax import model as model_lib
 from distil_jax import rollout as rollout_lib
 from distil_jax import tokenizer as tok_lib
+from distil_jax.errors import CheckpointError, ConfigError, InputError
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Set-up
 
 
-def make_tokenizer(config, task, workdir: str) -> tok_lib.Tokenizer:
-  """The configured tokenizer, the checkpoint's, or one trained on the task's text (saved in the workdir)."""
+def make_tokenizer(config, task, workdir: str, *, save: bool = True) -> tok_lib.Tokenizer:
+  """The configured tokenizer, the checkpoint's, or one trained on the task's text (saved in the workdir unless
+  `save` is False: `keep_tokenizer` does it once the run's input has been checked)."""
   if config.tokenizer.path:
     return tok_lib.load_tokenizer(config.tokenizer.path)
   if config.model.hf_path:
@@ -47,10 +50,18 @@ def make_tokenizer(config, task, workdir: str) -> tok_lib.Tokenizer:
       config.tokenizer.model_type,
       config.tokenizer.split_digits,
     )
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    tok.save(saved)
+  if save:
+    keep_tokenizer(config, tok, workdir)
   return tok
+
+
+def keep_tokenizer(config, tok, workdir: str) -> None:
+  """A trained (or `init_from`'s) tokenizer saved in the workdir, so that the workdir stands alone."""
+  saved = os.path.join(workdir, "tokenizer.model")
+  if config.tokenizer.path or config.model.hf_path or os.path.exists(saved) or jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  tok.save(saved)
 
 
 def model_config(config, vocab_size: int) -> model_lib.ModelConfig:
@@ -79,7 +90,7 @@ def make_policy(config, tok, mesh, rules):
       config.model.hf_path, mesh=mesh, rules=rules, dtype=config.model.dtype, remat=config.model.remat
     )
     if tok.vocab_size > cfg.vocab_size:
-      raise ValueError(
+      raise InputError(
         f"tokenizer has {tok.vocab_size} tokens but {config.model.hf_path} has vocab_size "
         f"{cfg.vocab_size}: they do not belong together"
       )
@@ -91,10 +102,10 @@ def make_policy(config, tok, mesh, rules):
   graphdef, params = sharding.init_params(lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(config.seed)), mesh, rules)
   if config.model.init_from:  # e.g. a behaviour-cloning run shared by several post-training runs
     with checkpoint.Checkpointer(os.path.join(config.model.init_from, "checkpoints")) as ckpt:
-      step = ckpt.latest_step()
-      if step is None:
-        raise FileNotFoundError(f"model.init_from={config.model.init_from}: no checkpoint there")
-      params = ckpt.restore(step, {"params": checkpoint.abstract_like(params)})[0]["params"]
+      found = ckpt.restore_latest({"params": checkpoint.abstract_like(params)})
+    if found is None:
+      raise CheckpointError(f"model.init_from={config.model.init_from}: no checkpoint there")
+    params = found[1]["params"]
   return graphdef, params, cfg
 
 
@@ -102,18 +113,27 @@ def load_teacher(config, student_cfg, tok, mesh, rules):
   """The `model` expert: a frozen teacher on the mesh, checked to share the student's vocabulary."""
   path = config.expert.model_path
   if not path:
-    raise ValueError("expert.kind='model' needs expert.model_path (a Hugging Face checkpoint directory)")
+    raise ConfigError("expert.kind='model' needs expert.model_path (a Hugging Face checkpoint directory)")
   teacher, tcfg = hf.load_hf(path, mesh=mesh, rules=rules, dtype=config.model.dtype)
   if tcfg.vocab_size != student_cfg.vocab_size:
-    raise ValueError(
+    raise InputError(
       f"expert vocabulary differs from the student's: {path} has vocab_size {tcfg.vocab_size}, "
       f"the student {student_cfg.vocab_size}"
+    )
+  if not any(os.path.exists(os.path.join(path, n)) for n in ("tokenizer.json", "tokenizer.model")):
+    logging.warning(
+      "expert.model_path=%s has no tokenizer.json or tokenizer.model: assuming it reads the student's tokenizer "
+      "(%d tokens, fingerprint %s); only the vocabulary size (%d) was checked",
+      path,
+      tok.vocab_size,
+      tok.fingerprint,
+      tcfg.vocab_size,
     )
   for name in ("tokenizer.json", "tokenizer.model"):
     if os.path.exists(os.path.join(path, name)):
       theirs = tok_lib.load_tokenizer(os.path.join(path, name) if name.endswith(".model") else path)
       if theirs.fingerprint != tok.fingerprint:
-        raise ValueError(
+        raise InputError(
           f"expert tokenizer ({path}, {theirs.fingerprint}) differs from the student's ({tok.fingerprint})"
         )
   graphdef, params = nnx.split(teacher, nnx.Param)
@@ -173,52 +193,9 @@ def loss_config(config, tok, expert) -> losses.LossConfig:
   )
 
 
-def _check(config, mesh):
-  t, s = config.train, config.sampling
-  rows = mesh.shape["data"] * mesh.shape["fsdp"]
-  checks = [
-    ("train.prompts_per_iteration * train.group_size", t.prompts_per_iteration * t.group_size),
-    ("train.batch_groups (batches are sharded by prompt group)", t.batch_groups),
-    ("eval.num_prompts * eval.samples", config.eval.num_prompts * config.eval.samples),
-  ]
-  if config.eval.greedy:
-    checks.append(("eval.num_prompts (greedy evaluation)", config.eval.num_prompts))
-  if t.warmup_steps:
-    checks.append(("train.warmup_batch", t.warmup_batch))
-  for name, value in checks:
-    if value % rows:
-      raise ValueError(f"{name} = {value} is not divisible by the data x fsdp mesh size {rows}")
-  _check_estimator(config)
-  if max(s.prompt_buckets) > s.max_prompt_tokens:
-    raise ValueError(
-      f"sampling.prompt_buckets goes up to {max(s.prompt_buckets)} tokens but sampling.max_prompt_tokens="
-      f"{s.max_prompt_tokens}: a prompt could be sampled in full and trained cut"
-    )
-
-
-def _check_estimator(config):
-  """Settings under which a loss's estimator would be biased, or would silently do nothing."""
-  t, s, loss = config.train, config.sampling, config.loss
-  if not s.temperature > 0:
-    raise ValueError(f"sampling.temperature={s.temperature} must be > 0 (the policy is softmax(logits / temperature))")
-  if loss.kind in losses.USES_RATIO and (s.top_k or s.top_p < 1.0):
-    raise ValueError(
-      f"sampling.top_k={s.top_k} / sampling.top_p={s.top_p} truncate the sampled policy; loss.kind={loss.kind!r} "
-      "compares log pi with the sampler's log-probs and would be biased: sample with a temperature alone"
-    )
-  if loss.kind == "grpo" and t.group_size < 2:
-    raise ValueError(f"loss.kind='grpo' needs train.group_size >= 2 (group-relative advantages); got {t.group_size}")
-  if loss.kind == "grpo" and buffer_mix(config) > 0:
-    raise ValueError(f"buffer.mix={config.buffer.mix}: GRPO is on-policy; stale buffer rows would bias it (set 0)")
-  if loss.kind == "distil" and loss.baseline == "loo":
-    if experts.reads_siblings(config.expert) and (t.group_size < 4 or t.group_size % 2):
-      raise ValueError(
-        f"loss.baseline='loo' with expert.kind={config.expert.kind!r}, expert.feedback={config.expert.feedback!r} "
-        "needs an even train.group_size >= 4 (the baseline is taken within each half of a group, the feedback from "
-        f"the other; expert.feedback='reference' reads no sibling); got {t.group_size}"
-      )
-    if t.group_size < 2:
-      raise ValueError("loss.baseline='loo' needs train.group_size >= 2")
+def _check(config, mode: str = "train"):
+  """Every config value in range, every divisibility, every enum (`validate.py`); raises before any work."""
+  validate.config(config, mode=mode)
 
 
 @dataclasses.dataclass
@@ -237,23 +214,30 @@ class Run:
 
   @classmethod
   def build(cls, config, workdir):
-    os.makedirs(workdir, exist_ok=True)
+    """Reads and checks everything (data records, prompt lengths, the model) and writes nothing: `write_workdir`
+    does, once the rest of the input has been checked too."""
     axes = {k: v for k, v in config.mesh.items() if k != "num_devices"}
     mesh = sharding.make_mesh(axes, jax.devices()[: config.mesh.num_devices or None])
     rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.sharding_rules)
     task = tasks.make_task(config.task)
-    tok = make_tokenizer(config, task, workdir)
+    tok = make_tokenizer(config, task, workdir, save=False)
+    validate.prompts(task, tok, config)
     graphdef, params, model_cfg = make_policy(config, tok, mesh, rules)
     return cls(config, workdir, mesh, rules, task, tok, graphdef, params, model_cfg)
 
+  def write_workdir(self):
+    """The workdir, its log file and the tokenizer: the first writes of a run."""
+    os.makedirs(self.workdir, exist_ok=True)
+    metrics.log_to_file(os.path.join(self.workdir, "logs"))
+    keep_tokenizer(self.config, self.tok, self.workdir)
+
   def restore_params(self):
-    """The latest checkpoint's parameters (export, eval)."""
+    """The newest usable checkpoint's parameters (export, eval)."""
     with checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints")) as ckpt:
-      step = ckpt.latest_step()
-      if step is None:
-        raise FileNotFoundError(f"{self.workdir}/checkpoints holds no checkpoint")
-      state, meta = ckpt.restore(step, {"params": checkpoint.abstract_like(self.params)})
-    return state["params"], meta
+      found = ckpt.restore_latest({"params": checkpoint.abstract_like(self.params)})
+    if found is None:
+      raise CheckpointError(f"{self.workdir}/checkpoints holds no checkpoint")
+    return found[1]["params"], found[2]
 
 
 def _finite_or_raise(m, it, k, ckpt, writer):
@@ -270,11 +254,23 @@ def _ema(config) -> bool:
   return config.expert.kind == "self" and config.expert.ema_decay > 0
 
 
+def _meta(config, iteration: int, buffer_rows: int, sampled_tokens: int) -> dict:
+  """The host-side state a checkpoint carries (`buffer_rows`: this process's rows, as many on every process: each
+  labels an equal share of the prompts)."""
+  return {
+    "iteration": iteration,
+    "buffer_rows": buffer_rows,
+    "sampled_tokens": sampled_tokens,
+    "seed": config.seed,
+    "processes": jax.process_count(),
+  }
+
+
 def train(config, workdir: str) -> dict:
   """Run (or resume) the DAgger loop; returns the last iteration's figures."""
+  _check(config, "train")
   run = Run.build(config, workdir)
   c, mesh, tok, task = config, run.mesh, run.tok, run.task
-  _check(c, mesh)
   expert = experts.make_expert(c.expert, task, tok, c.tokenizer.add_bos)
   teacher_graphdef, teacher_params = None, None
   if c.expert.kind == "model":
@@ -293,24 +289,35 @@ def train(config, workdir: str) -> dict:
     score_max_staleness=c.train.score_max_staleness,
   )
   if (spec.loss.kind == "sft" or c.train.warmup_steps) and task.problems("train")[0].reference is None:
-    raise ValueError(f"loss.kind='sft' and train.warmup_steps need reference solutions; task {task.name!r} has none")
+    raise ConfigError(f"loss.kind='sft' and train.warmup_steps need reference solutions; task {task.name!r} has none")
   shardings = jax.tree.map(lambda x: x.sharding, state)
   step_fn = update.make_update(run.graphdef, tx, spec, teacher_graphdef=teacher_graphdef, state_shardings=shardings)
 
+  # -- Resume (read and checked before anything is written) -----------------------------------------------------------
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.checkpoint.keep)
+  start, sampled_tokens, rows_at, latest = 0, 0, {}, None
+  try:
+    found = ckpt.restore_latest(checkpoint.abstract_like(state))
+    if found is not None:
+      latest, state, meta = found
+      if meta["seed"] != c.seed:  # every random stream is fold_in(key(seed), iteration): a new seed breaks replay
+        raise ConfigError(f"{workdir} was trained with seed {meta['seed']}, this config has seed {c.seed}")
+      if meta.get("processes", 1) != jax.process_count():  # the buffer is split by process: rows would be lost
+        raise CheckpointError(
+          f"{workdir} was written by {meta.get('processes', 1)} processes, this run has {jax.process_count()}; "
+          "resume it with the same process count"
+        )
+  except BaseException:
+    ckpt.close()
+    raise
+  run.write_workdir()
+  ckpt.set_aside_unusable()
   # Each process labels its own prompts and keeps its own part of the aggregated data set.
   layout = rollout_lib.layout(c, expert)
   buf = buffer_lib.Buffer(
     os.path.join(workdir, "buffer", f"process_{jax.process_index()}"), layout, c.buffer.max_groups
   )
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.checkpoint.keep)
-
-  # -- Resume ---------------------------------------------------------------------------------------------------------
-  start, sampled_tokens, rows_at = 0, 0, {}
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state, meta = ckpt.restore(latest, checkpoint.abstract_like(state))
-    if meta["seed"] != c.seed:  # every random stream is fold_in(key(seed), iteration): a new seed breaks replay
-      raise ValueError(f"{workdir} was trained with seed {meta['seed']}, this config has seed {c.seed}")
+  if found is not None:
     start, sampled_tokens = meta["iteration"], meta["sampled_tokens"]
     buf.truncate(meta["buffer_rows"])
     rows_at[latest] = meta["buffer_rows"]
@@ -345,7 +352,7 @@ def train(config, workdir: str) -> dict:
         last = eval_fn(run.graphdef, state["params"], jax.random.fold_in(eval_keys, 0))
         writer.write(0, {**figures, **last, "samples/train_tokens": 0, "time/eval_s": time.time() - t1})
         if c.train.iterations == 0:  # a warm-up-only run (e.g. a shared start for model.init_from)
-          ckpt.save(0, state, {"iteration": 0, "buffer_rows": 0, "sampled_tokens": 0, "seed": c.seed})
+          ckpt.save(0, state, _meta(c, 0, 0, 0))
       for it in range(start + 1, c.train.iterations + 1):
         figures = {}
         t0 = time.time()
@@ -362,7 +369,7 @@ def train(config, workdir: str) -> dict:
           samples_per_prompt=c.train.group_size,
           sampling_cfg=sampling_cfg,
         )
-        sampled_tokens += int(r.mask.sum()) * jax.process_count()
+        sampled_tokens += metrics.global_sum(int(r.mask.sum()))
         t1 = time.time()
         # -- Expert labels, into the buffer -----------------------------------------------------------------------
         labels, label_figures = expert.label(r)
@@ -390,35 +397,34 @@ def train(config, workdir: str) -> dict:
           pending = m if batch is not None else None
         t3 = time.time()
         figures.update({f"train/{k}": float(np.mean([m[k] for m in step_figures])) for k in step_figures[0]})
+        shares = {"rollout/reward": float(groups["reward"].mean()), "rollout/length": float(r.mask.sum(-1).mean())}
+        if "teacher_valid" in groups:
+          shares["rollout/feedback_valid"] = float(groups["teacher_valid"].mean())
+        figures.update(metrics.global_mean(shares))
         figures.update(
           {
-            "rollout/reward": float(groups["reward"].mean()),
-            "rollout/length": float(r.mask.sum(-1).mean()),
-            "buffer/rows": buf.rows,
+            "buffer/rows": metrics.global_sum(buf.rows),
             "samples/train_tokens": sampled_tokens,
             "time/rollout_s": t1 - t0,
             "time/label_s": t2 - t1,
             "time/update_s": t3 - t2,
           }
         )
-        if "teacher_valid" in groups:
-          figures["rollout/feedback_valid"] = float(groups["teacher_valid"].mean())
         # -- Evaluation and checkpoint ----------------------------------------------------------------------------
         if it % c.eval.every == 0 or it == c.train.iterations:
           t4 = time.time()
           figures.update(eval_fn(run.graphdef, state["params"], jax.random.fold_in(eval_keys, it)))
           figures["time/eval_s"] = time.time() - t4
+        # The figures of iteration `it` are on disk before its checkpoint can commit: a resume never lacks them.
+        figures["time/iteration_s"] = time.time() - t0
+        writer.write(it, figures)
+        last = figures
         if it % c.checkpoint.every == 0 or it == c.train.iterations:
-          ckpt.save(
-            it, state, {"iteration": it, "buffer_rows": buf.rows, "sampled_tokens": sampled_tokens, "seed": c.seed}
-          )
+          ckpt.save(it, state, _meta(c, it, buf.rows, sampled_tokens))
           rows_at[it] = buf.rows
           kept = [rows_at[s] for s in ckpt.all_steps() if s in rows_at]
           if len(kept) == len(ckpt.all_steps()):
             buf.release(min(kept) - c.buffer.max_groups)
-        figures["time/iteration_s"] = time.time() - t0
-        writer.write(it, figures)
-        last = figures
         writer.progress(
           it, {"reward": figures["rollout/reward"], "loss": figures["train/loss"], "pass@1": last.get("eval/pass@1")}
         )
@@ -430,8 +436,10 @@ def train(config, workdir: str) -> dict:
 
 def evaluate_only(config, workdir: str) -> dict:
   """Pass@k of the latest checkpoint, printed and appended to `workdir/eval.jsonl`."""
+  _check(config, "eval")
   run = Run.build(config, workdir)
   params, meta = run.restore_params()
+  run.write_workdir()
   with jax.set_mesh(run.mesh):
     out = evaluate.evaluate_policy(
       run.graphdef, params, jax.random.key(config.seed), config=config, tok=run.tok, task=run.task, mesh=run.mesh
@@ -447,6 +455,7 @@ def evaluate_only(config, workdir: str) -> dict:
 
 def export(config, workdir: str, export_dir: str) -> str:
   """Write the latest checkpoint as a Hugging Face checkpoint (safetensors + config.json + tokenizer)."""
+  _check(config, "export")
   run = Run.build(config, workdir)
   params, _ = run.restore_params()
   model = nnx.merge(run.graphdef, params)

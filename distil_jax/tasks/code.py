@@ -14,6 +14,7 @@ import numpy as np
 
 from distil_jax import sandbox
 from distil_jax.tasks import code_grader, code_suite
+from distil_jax.tasks.base import MAX_RECORD_BYTES as MAX_BYTES
 from distil_jax.tasks.base import DataError, Problem, Verdict, read_jsonl, split_records
 
 _GENERATED = [
@@ -38,7 +39,8 @@ def _problem_from_record(record, path_hint) -> Problem:
   except (SyntaxError, ValueError) as e:
     field = "test" if tests is None else "tests"
     raise DataError(f"{path_hint}: field {field!r}: {type(e).__name__}: {e}") from None
-  return Problem(prompt, "", record.get("canonical_solution") or record.get("solution"), suite)
+  solution = record.get("canonical_solution") or record.get("solution")
+  return Problem(prompt, "", solution, suite, source=f"{path_hint}:prompt")
 
 
 class CodeTask:
@@ -51,8 +53,10 @@ class CodeTask:
       wall_seconds=cfg.timeout_s, cpu_seconds=max(1, int(cfg.timeout_s)), memory_bytes=int(cfg.memory_mb) << 20
     )
     if cfg.train_path:
-      records = read_jsonl(cfg.train_path, ["prompt"], {"prompt": str})
-      problems = [_problem_from_record(r, f"{cfg.train_path}:{i + 1}") for i, r in enumerate(records)]
+      records = read_jsonl(
+        cfg.train_path, ["prompt"], {"prompt": str}, max_bytes=cfg.get("max_record_bytes", MAX_BYTES)
+      )
+      problems = [_problem_from_record(r, r.where) for r in records]
       self._split = split_records(problems, cfg.eval_size)
     else:
       rng = np.random.default_rng(cfg.seed)
