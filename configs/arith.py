@@ -14,10 +14,11 @@ def get_config(arg: str | None = None):
   c.sampling.max_prompt_tokens = 24
   c.sampling.prompt_buckets = (24,)
   c.sampling.max_new_tokens = 40
-  # The protocol of experiments/arith_comparison.py.
-  if arg in ("compare", "compare_self", "compare_self_live", "compare_self_sibling"):
-    c.task.eval_size = 256
-    c.eval.update(every=10, num_prompts=256, samples=8)
+  # The protocol of experiments/arith_comparison.py: 640 held-out prompts, split by identity into validation (the
+  # curves and the choice of learning rate) and test (reported once, by `--mode=eval --config.eval.split=test`).
+  if arg in ("compare", "compare_self", "compare_self_live", "compare_self_sibling", "compare_self_reference"):
+    c.task.eval_size = 640
+    c.eval.update(every=10, num_prompts=256, samples=8, split="validation")
     c.train.update(iterations=40, warmup_steps=300)
     c.checkpoint.every = 40
     c.log.progress = False
@@ -29,6 +30,8 @@ def get_config(arg: str | None = None):
       c.expert.ema_decay = 0.0 if arg == "compare_self_live" else 0.99
       if arg == "compare_self_sibling":  # label only responses whose group holds a correct one (teacher_quality.py)
         c.expert.feedback = "sibling"
+      if arg == "compare_self_reference":  # privileged information (OPSD): the reference solution and the verdict
+        c.expert.update(feedback="reference", max_prompt_tokens=192)
   if arg == "runlocal":
     config_base.runlocal(c)
   return c

@@ -20,6 +20,8 @@ from collections.abc import Mapping
 import numpy as np
 import tensorstore as ts
 
+from distil_jax.errors import InputError
+
 _CHUNK_ROWS = 16
 
 
@@ -56,7 +58,7 @@ class Buffer:
         chunk_layout=ts.ChunkLayout(chunk_shape=[_CHUNK_ROWS, *shape]),
       ).result()
     if tuple(arr.shape[1:]) != tuple(shape) or arr.dtype.numpy_dtype != np.dtype(dtype):
-      raise ValueError(
+      raise InputError(
         f"{self.directory}/{name}: stored rows are {tuple(arr.shape[1:])} {arr.dtype.numpy_dtype}, this run "
         f"writes {tuple(shape)} {dtype}; the workdir belongs to a run with another configuration"
       )
@@ -84,7 +86,7 @@ class Buffer:
   def truncate(self, rows: int) -> None:
     """Forget rows >= `rows` (those written after the checkpoint a run resumes from)."""
     if rows > self.rows:
-      raise ValueError(f"checkpoint expects {rows} buffer rows, {self.directory} holds only {self.rows}")
+      raise InputError(f"checkpoint expects {rows} buffer rows, {self.directory} holds only {self.rows}")
     for name, arr in self._arrays.items():
       self._arrays[name] = arr.resize(exclusive_max=[rows, *self.schema[name][0]]).result()
     self.rows = rows

@@ -23,7 +23,9 @@ def prompt_stream(problems: Sequence, *, seed: int, per_iteration: int) -> grain
   if per_iteration % count:
     raise ValueError(f"train.prompts_per_iteration={per_iteration} is not divisible by {count} processes")
   ds = grain.MapDataset.source(problems).shuffle(seed=seed).repeat()
-  return ds[index::count].batch(per_iteration // count, batch_fn=list)
+  # drop_remainder: the stream is endless anyway, and grain computes its length with float ceil otherwise (an
+  # OverflowError for batches of 1)
+  return ds[index::count].batch(per_iteration // count, batch_fn=list, drop_remainder=True)
 
 
 def _stack(rows: Sequence[dict]) -> dict[str, np.ndarray]:
@@ -37,7 +39,7 @@ def training_batches(fresh: Sequence[dict], old, *, mix: float, seed: int, batch
   if old is not None and len(old) and mix > 0:
     old_ds = grain.MapDataset.source(old).shuffle(seed=seed + 1).repeat()
     ds = grain.MapDataset.mix([ds, old_ds], weights=[1.0 - mix, mix])
-  ds = ds.batch(batch_groups, batch_fn=_stack)[:steps]
+  ds = ds.batch(batch_groups, batch_fn=_stack, drop_remainder=True)[:steps]  # see prompt_stream
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 from collections.abc import Sequence
 
 import jax
@@ -35,11 +36,37 @@ def summarize(correct: Sequence[Sequence[bool]], ks: Sequence[int]) -> dict[str,
   return out
 
 
+SPLITS = ("eval", "validation", "test")  # eval.split
+
+
+def in_test_split(prompt: str) -> bool:
+  """Whether a held-out prompt belongs to the test half: a fixed function of the prompt's text (not Python's salted
+  `hash`), so a prompt is in exactly one of validation and test, whatever the order or size of the held-out list."""
+  return hashlib.sha256(prompt.encode()).digest()[0] % 2 == 1
+
+
+def held_out(task, split: str) -> list:
+  """The task's held-out problems of `split` (config `eval.split`): "eval" all of them; "validation" and "test" the
+  two halves by prompt identity (`in_test_split`), so hyper-parameters chosen on one are reported on a disjoint
+  other. Training never sees a held-out prompt (each task keeps its eval set out of its training stream)."""
+  if split not in SPLITS:
+    raise ValueError(f"eval.split={split!r}; expected one of {SPLITS}")
+  problems = list(task.problems("eval"))
+  if split == "eval":
+    return problems
+  return [p for p in problems if in_test_split(p.prompt) == (split == "test")]
+
+
 def evaluate_policy(graphdef, params, rng, *, config, tok, task, mesh) -> dict[str, float]:
   """Pass@k on the held-out prompts (this process's share), and greedy accuracy."""
   e = config.eval
-  held_out = task.problems("eval")[: e.num_prompts]
-  mine = held_out[jax.process_index() :: jax.process_count()]
+  prompts = held_out(task, e.split)
+  if e.split != "eval" and len(prompts) < e.num_prompts:  # a protocol's split must be the size it says
+    raise ValueError(
+      f"eval.num_prompts={e.num_prompts} but eval.split={e.split!r} holds {len(prompts)} prompts (raise task.eval_size)"
+    )
+  prompts = prompts[: e.num_prompts]
+  mine = prompts[jax.process_index() :: jax.process_count()]
   base = rollout_lib.sampling_config(config, tok)
   sample = functools.partial(
     rollout_lib.rollout, graphdef, params, mine, rng, config=config, tok=tok, task=task, mesh=mesh

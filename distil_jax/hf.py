@@ -22,6 +22,7 @@ from safetensors.numpy import save_file
 
 from distil_jax import model as model_lib
 from distil_jax import sharding
+from distil_jax.errors import InputError
 
 _ARCH_TO_HF = {
   "llama": "LlamaForCausalLM",
@@ -37,12 +38,12 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> model_lib.ModelConfig:
   archs = hf.get("architectures") or []
   arch = next((_HF_TO_ARCH[a] for a in archs if a in _HF_TO_ARCH), hf.get("model_type"))
   if arch not in model_lib.ARCHS:
-    raise ValueError(
+    raise InputError(
       f"config.json: architectures={archs}, model_type={hf.get('model_type')!r} is not supported "
       f"(supported: {sorted(_HF_TO_ARCH)})"
     )
   if hf.get("hidden_act", "silu") != "silu":
-    raise ValueError(f"config.json: hidden_act={hf['hidden_act']!r}; only silu (SwiGLU) is supported")
+    raise InputError(f"config.json: hidden_act={hf['hidden_act']!r}; only silu (SwiGLU) is supported")
   rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
   theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
   if rope.get("rope_type", rope.get("type", "default")) == "default":
@@ -149,7 +150,7 @@ def load_hf(path: str, *, mesh=None, rules=None, dtype: str = "float32", **overr
         if name not in wanted:
           if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # some exporters write the tied head too
-          raise ValueError(f"{file}: unexpected tensor {name!r} for {cfg.arch}")
+          raise InputError(f"{file}: unexpected tensor {name!r} for {cfg.arch}")
         keys, layer, transpose = wanted[name]
         target = keyed[keys]
         array = f.get_tensor(name)
@@ -157,7 +158,7 @@ def load_hf(path: str, *, mesh=None, rules=None, dtype: str = "float32", **overr
           array = array.T
         shape = target.shape if layer is None else target.shape[1:]
         if array.shape != shape:
-          raise ValueError(f"{file}: {name} has shape {array.shape}, config says {shape}")
+          raise InputError(f"{file}: {name} has shape {array.shape}, config says {shape}")
         found.add(name)
         if layer is None:
           loaded[keys] = jax.device_put(np.asarray(array, np.float32), target.sharding)
@@ -170,7 +171,7 @@ def load_hf(path: str, *, mesh=None, rules=None, dtype: str = "float32", **overr
           loaded[keys] = jax.device_put(stacks.pop(keys)[0], target.sharding)
   missing = sorted(set(wanted) - found)
   if missing:
-    raise ValueError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    raise InputError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
   params = jax.tree_util.tree_unflatten(
     jax.tree_util.tree_structure(targets), [loaded[k] for k in _ordered_keys(targets)]
   )

@@ -3,8 +3,14 @@
 --mode=train   run or resume the DAgger loop (resumes when the workdir holds a checkpoint)
 --mode=eval    pass@k of the latest checkpoint
 --mode=export  the latest checkpoint as a Hugging Face checkpoint in --export_dir
+--distributed  join the other processes of a multi-host run first (see `multihost.py` for where it finds them)
 Config files follow big_vision: `get_config(arg)` returns an ml_collections ConfigDict; `configs/x.py:runlocal`
 passes "runlocal" as `arg`.
+
+The console shows the config, a progress bar, warnings and errors; INFO lines go to `workdir/logs/` (absl's
+`--log_dir`, `--alsologtostderr` and `--logtostderr` apply). The library's own errors (`errors.Error`: bad config
+values, data records, checkpoints, experts) end the run with one line; anything else is a bug and keeps its
+traceback.
 """
 
 import json
@@ -16,42 +22,65 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "A configs/*.py file, optionally with :arg.", lock_config=True
 )
-flags.DEFINE_string("workdir", None, "Where checkpoints, the buffer, metrics and the tokenizer live.")
+flags.DEFINE_string("workdir", None, "Where checkpoints, the buffer, metrics, logs and the tokenizer live.")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "export"], "What to run.")
 flags.DEFINE_string("export_dir", None, "Output folder for --mode=export.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host TPU / GPU).")
+flags.DEFINE_bool("distributed", False, "Join a multi-process run first (jax.distributed).")
+flags.DEFINE_string("coordinator_address", None, "--distributed: process 0's host:port (else JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("num_processes", None, "--distributed: how many processes (else JAX_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None, "--distributed: this process's index (else JAX_PROCESS_ID).")
+flags.DEFINE_float("peer_timeout_s", 10.0, "--distributed: a peer silent this long is taken as dead; all stop.")
 FLAGS = flags.FLAGS
+
+
+def _run(config):
+  from distil_jax import train
+
+  if FLAGS.mode == "train":
+    return train.train(config, FLAGS.workdir)
+  if FLAGS.mode == "eval":
+    return train.evaluate_only(config, FLAGS.workdir)
+  return {"exported": train.export(config, FLAGS.workdir, FLAGS.export_dir)}
 
 
 def main(argv):
   del argv
-  import jax
+  from distil_jax import errors, metrics, multihost
+  from distil_jax.sandbox import SandboxUnavailable
 
-  if FLAGS.distributed:
-    jax.distributed.initialize()
-  from distil_jax import train
-
-  config = _CONFIG.value
   if FLAGS.workdir is None:
     raise app.UsageError("--workdir is required")
-  logging.info("config:\n%s", config)
   if FLAGS.mode == "export" and not FLAGS.export_dir:
     raise app.UsageError("--mode=export needs --export_dir")
-  from distil_jax.experts import ExpertError
-  from distil_jax.sandbox import SandboxUnavailable
-  from distil_jax.tasks import DataError
-
+  metrics.quiet_console()
   try:
-    if FLAGS.mode == "train":
-      out = train.train(config, FLAGS.workdir)
-    elif FLAGS.mode == "eval":
-      out = train.evaluate_only(config, FLAGS.workdir)
-    else:
-      out = {"exported": train.export(config, FLAGS.workdir, FLAGS.export_dir)}
-  except (DataError, ExpertError, SandboxUnavailable, FloatingPointError, FileNotFoundError, ValueError) as e:
-    # Bad input: one line naming the cause (the traceback stays in the log at debug level).
-    logging.debug("failed", exc_info=True)
-    sys.exit(f"distil_jax: {type(e).__name__}: {e}")
+    if FLAGS.distributed:
+      multihost.initialize(
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, timeout_s=FLAGS.peer_timeout_s
+      )
+    import jax
+
+    if FLAGS.log_dir:  # absl's flag: the log file goes there from the start (else to workdir/logs, once it is valid)
+      metrics.log_to_file(FLAGS.log_dir)
+    config = _CONFIG.value
+    logging.info("config:\n%s", config)
+    if jax.process_index() == 0:
+      print(f"config:\n{config}", file=sys.stderr, flush=True)
+    out = _run(config)
+  except (errors.Error, SandboxUnavailable, FloatingPointError) as e:
+    # The library's own message: one line naming the cause (the traceback goes to the log file).
+    logging.info("stopped", exc_info=True)
+    multihost.finish(ok=False)
+    message = f"distil_jax: {type(e).__name__}: " + "\n  ".join(str(e).splitlines())
+    if FLAGS.distributed:
+      multihost.exit_now(message)
+    sys.exit(message)
+  except Exception:
+    if FLAGS.distributed:  # a collective that failed because a peer died: the watchdog names it and ends the run
+      multihost.blame_peer_or_return()
+      multihost.finish(ok=False)
+    raise
+  multihost.finish(ok=True)
   if jax.process_index() == 0:
     print(json.dumps({k: v for k, v in out.items() if not k.startswith("time/")}, sort_keys=True))
 

@@ -1,16 +1,30 @@
-"""Where figures go: `workdir/metrics.jsonl` (one JSON object per line), TensorBoard, and a console progress bar.
+"""Where figures and log lines go: `workdir/metrics.jsonl` (one JSON object per line), TensorBoard, a progress bar on
+the console, and the log file.
 
 Every line carries its `iteration`. On resume the file is cut back to the checkpoint's iteration before the run
 replays, so the file of an interrupted-and-resumed run equals that of an uninterrupted one (wall-clock figures,
-under `time/`, aside).
+under `time/`, aside); TensorBoard purges its events past that iteration the same way. Both are flushed at each
+write, so a killed run loses nothing it reported.
+
+Figures are global: on a multi-process run each process computes its share and `global_mean` / `global_sum` combine
+them (every process must call them, with the same keys, at the same point).
+
+The console shows the config, the progress bar, warnings and errors. INFO lines (ours, orbax's asynchronous save
+machinery, jax's) go to `workdir/logs/distil_jax.process_<i>.log`, or to absl's `--log_dir`; absl's `--logtostderr`
+and `--alsologtostderr` put them back on the terminal. Until the workdir is known to be valid they are held in
+memory, so that input refused at start leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import collections
 import json
+import logging
 import math
 import os
+import time
 
+import jax
 import numpy as np
 
 
@@ -38,9 +52,9 @@ class MetricsWriter:
     self._truncate(resume_iteration)
     self._file = open(self.path, "a")
     if tensorboard:
-      from tensorboardX import SummaryWriter
-
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      # events a killed run wrote past the checkpoint it resumes from are dropped, as in the JSONL file
+      purge = None if resume_iteration is None else resume_iteration + 1
+      self._tb = _Events(os.path.join(workdir, "tensorboard"), purge_step=purge)
     if show_progress:
       from tqdm import tqdm
 
@@ -65,9 +79,8 @@ class MetricsWriter:
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
     if self._tb is not None:
-      for k, v in record.items():
-        if k != "iteration" and isinstance(v, int | float) and not isinstance(v, bool):
-          self._tb.add_scalar(k, v, iteration)
+      numbers = {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+      self._tb.scalars(iteration, {k: v for k, v in numbers.items() if k != "iteration"})
 
   def progress(self, iteration: int, shown: dict) -> None:
     if self._bar is not None:
@@ -81,3 +94,108 @@ class MetricsWriter:
       self._tb.close()
     if self._bar is not None:
       self._bar.close()
+
+
+class _Events:
+  """TensorBoard's event file, written synchronously: tensorboardX's SummaryWriter queues events for a background
+  thread, so its flush() does not mean they are on disk, and a killed run lost them (0-byte files)."""
+
+  def __init__(self, folder: str, *, purge_step: int | None):
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto import event_pb2
+
+    self._pb = event_pb2
+    os.makedirs(folder, exist_ok=True)
+    # a suffix of its own: the file name holds only the second, and a resume within it would overwrite the last file
+    self._writer = EventsWriter(os.path.join(folder, "events"), filename_suffix=f".{time.time_ns()}")
+    if purge_step is not None:  # TensorBoard drops earlier events at steps >= this one
+      start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+      self._writer.write_event(event_pb2.Event(step=purge_step, wall_time=time.time(), session_log=start))
+      self._writer.flush()
+
+  def scalars(self, step: int, values: dict) -> None:
+    from tensorboardX.summary import scalar
+
+    for tag, value in values.items():
+      self._writer.write_event(self._pb.Event(step=step, wall_time=time.time(), summary=scalar(tag, value)))
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Figures from every process
+
+
+def global_mean(figures: dict[str, float]) -> dict[str, float]:
+  """Means over processes of per-process means (every process holds an equal share of the prompts)."""
+  if jax.process_count() == 1 or not figures:
+    return dict(figures)
+  from jax.experimental import multihost_utils
+
+  keys = sorted(figures)
+  table = multihost_utils.process_allgather(np.asarray([figures[k] for k in keys], np.float32))
+  return {k: float(v) for k, v in zip(keys, np.mean(np.asarray(table, np.float64), axis=0), strict=True)}
+
+
+def global_sum(count: int) -> int:
+  """The sum over processes of a per-process count (each below 2^31)."""
+  if jax.process_count() == 1:
+    return int(count)
+  from jax.experimental import multihost_utils
+
+  return int(np.sum(np.asarray(multihost_utils.process_allgather(np.int32(count)), np.int64)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The console and the log file
+
+
+class _Held(logging.Handler):
+  """Log records kept in memory (the last 10k) until the log file's folder is known to be wanted."""
+
+  def __init__(self):
+    super().__init__(logging.DEBUG)
+    self.records = collections.deque(maxlen=10_000)
+
+  def emit(self, record):
+    self.records.append(record)
+
+
+_held: _Held | None = None
+
+
+def quiet_console() -> None:
+  """Keep INFO lines off the terminal (warnings and errors stay on it), held in memory until `log_to_file`; call
+  once, after flags are parsed. absl's `--alsologtostderr` keeps them on the terminal too, `--logtostderr` only
+  there (no log file)."""
+  global _held
+  from absl import flags
+  from absl import logging as absl_logging
+
+  if flags.FLAGS.logtostderr:
+    return
+  if not flags.FLAGS.alsologtostderr:
+    absl_logging.get_absl_handler().setLevel(logging.WARNING)
+  _held = _Held()
+  logging.getLogger().addHandler(_held)
+
+
+def log_to_file(folder: str) -> None:
+  """Write the held INFO lines, and all later ones, to `folder/distil_jax.process_<i>.log` (once the process index
+  is known; a no-op after the first call, or unless `quiet_console` held them)."""
+  global _held
+  if _held is None:
+    return
+  from absl import logging as absl_logging
+
+  os.makedirs(folder, exist_ok=True)
+  handler = logging.FileHandler(os.path.join(folder, f"distil_jax.process_{jax.process_index()}.log"))
+  handler.setFormatter(absl_logging.PythonFormatter())
+  for record in _held.records:
+    handler.handle(record)
+  root = logging.getLogger()
+  root.addHandler(handler)
+  root.removeHandler(_held)
+  _held = None

@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 from jax.experimental import multihost_utils
 
-from distil_jax import data, experts, sampler, sharding
+from distil_jax import batch, data, experts, sampler, sharding
 
 
 def _local(array, mesh):
@@ -70,20 +70,36 @@ def reference_rows(problems, n: int, tok) -> tuple[np.ndarray, np.ndarray]:
   return tokens, mask
 
 
-def prompt_rows(problems, *, config, tok) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
-  """Prompt ids, and (tokens, mask) left-padded to sampling.max_prompt_tokens."""
-  ids = [
-    ([tok.bos_id] if config.tokenizer.add_bos and tok.bos_id is not None else []) + tok.encode(p.prompt)
-    for p in problems
-  ]
-  return ids, *experts.left_pad_rows(ids, config.sampling.max_prompt_tokens, tok.pad_id)
+def prompt_rows(problems, *, config, tok, width=None, key="sampling.max_prompt_tokens"):
+  """Prompt ids, and (tokens, mask) left-padded to `width` (default: sampling.max_prompt_tokens, the buffer's).
+
+  A prompt longer than `width` is an error naming the config key `key`: the loop never trains on a cut prompt.
+  """
+  width = width or config.sampling.max_prompt_tokens
+  ids = [tok.prompt_ids(p.prompt, config.tokenizer.add_bos) for p in problems]
+  longest = max(len(i) for i in ids)
+  if longest > width:
+    raise ValueError(f"a prompt of {longest} tokens does not fit {key}={width}")
+  return ids, *experts.left_pad_rows(ids, width, tok.pad_id)
 
 
-def group_records(r: experts.Rollouts, labels: dict, iteration: int, *, config, tok) -> dict[str, np.ndarray]:
+def layout(config, expert) -> dict:
+  """The rows this run stores and trains on (`batch.fields`)."""
+  return batch.fields(
+    prompt=config.sampling.max_prompt_tokens,
+    new=config.sampling.max_new_tokens,
+    group=config.train.group_size,
+    labels="device" if expert.on_device else "topk",
+    top_k=config.expert.top_k,
+    teacher_prompt=config.expert.max_prompt_tokens,
+  )
+
+
+def group_records(r: experts.Rollouts, labels: dict, iteration: int, *, config, tok, layout) -> dict[str, np.ndarray]:
   """One buffer row per prompt group: the rollouts, the expert's labels, and the expert's own response (SFT)."""
   sft_tokens, sft_mask = reference_rows(r.problems, config.sampling.max_new_tokens, tok)
   reward = np.array([[v.reward for v in row] for row in r.verdicts], np.float32)
-  return {
+  rows = {
     "prompt_tokens": r.prompt_tokens,
     "prompt_mask": r.prompt_mask,
     "tokens": r.tokens,
@@ -95,6 +111,7 @@ def group_records(r: experts.Rollouts, labels: dict, iteration: int, *, config, 
     "sft_mask": sft_mask,
     **labels,
   }
+  return batch.check(rows, layout)
 
 
 def _corrupt(text: str) -> str:
@@ -107,30 +124,38 @@ def _corrupt(text: str) -> str:
 
 def with_feedback(problems, fraction: float, *, config, task):
   """The first `fraction` of `problems` re-prompted as the self expert sees them (half with a correct solution in
-  context, half with the verifier's feedback on a wrong one), so that a small model learns to use feedback."""
+  context, half with the verifier's feedback on a wrong one; with `expert.feedback="reference"`, the reference and
+  the verdict on a right or a wrong solution), so that a small model learns to use feedback."""
   out = list(problems)
   n = int(round(fraction * len(out)))
   for i, p in enumerate(out[:n]):
-    feedback = experts.SIBLING + p.reference if i % 2 == 0 else task.verify(p, _corrupt(p.reference)).feedback
+    verdict = task.verify(p, p.reference if i % 2 == 0 else _corrupt(p.reference))
+    if config.expert.feedback == "reference":
+      feedback = experts.reference_feedback(p, verdict)
+    else:
+      feedback = experts.SIBLING + p.reference if i % 2 == 0 else verdict.feedback
     out[i] = dataclasses.replace(p, prompt=config.expert.reprompt.format(prompt=p.prompt, feedback=feedback))
   return out
 
 
 def warmup_batch(problems, *, config, tok) -> dict[str, np.ndarray]:
   """A behaviour-cloning batch: prompts and the expert's responses, as one-response groups."""
+  width, key = config.sampling.max_prompt_tokens, "sampling.max_prompt_tokens"
   if config.train.warmup_reprompt_fraction:  # re-prompts are longer: pad every row to the expert's width
-    config = config.copy_and_resolve_references()
-    config.sampling.max_prompt_tokens = max(config.sampling.max_prompt_tokens, config.expert.max_prompt_tokens)
-  _, prompt, pmask = prompt_rows(problems, config=config, tok=tok)
+    width, key = max(width, config.expert.max_prompt_tokens), "expert.max_prompt_tokens (warm-up re-prompts)"
+  _, prompt, pmask = prompt_rows(problems, config=config, tok=tok, width=width, key=key)
   sft_tokens, sft_mask = reference_rows(problems, config.sampling.max_new_tokens, tok)
   b = len(problems)
-  return {
+  rows = {
     "prompt_tokens": prompt,
     "prompt_mask": pmask,
     "sft_tokens": sft_tokens,
     "sft_mask": sft_mask,
     "tokens": sft_tokens[:, None],
     "mask": sft_mask[:, None],
+    "logprobs": np.zeros(sft_mask[:, None].shape, np.float32),
     "reward": np.zeros((b, 1), np.float32),
     "iteration": np.zeros(b, np.int32),
   }
+  n = config.sampling.max_new_tokens
+  return batch.check(rows, batch.fields(prompt=width, new=n, group=1, labels="none", top_k=0))

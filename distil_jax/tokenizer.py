@@ -15,6 +15,8 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 
+from distil_jax.errors import InputError
+
 
 class Tokenizer:
   """What the rest of the library needs from a tokenizer."""
@@ -44,6 +46,11 @@ class Tokenizer:
     digest = hashlib.sha256("\x00".join(self.surfaces).encode()).hexdigest()[:16]
     return f"{self.vocab_size}:{digest}"
 
+  def prompt_ids(self, text: str, add_bos: bool) -> list[int]:
+    """The ids of a prompt row, the student's or a teacher's re-prompt: the one place BOS is added, so that the
+    expert reads the same format as the student (config `tokenizer.add_bos`)."""
+    return ([self.bos_id] if add_bos and self.bos_id is not None else []) + self.encode(text)
+
   def text_of(self, ids: Sequence[int]) -> str:
     """Text of a sampled response: the surfaces concatenated, stopping at EOS."""
     out = []
@@ -65,7 +72,7 @@ class SentencePieceTokenizer(Tokenizer):
     self.eos_id = self._sp.eos_id()
     self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
     if self.eos_id < 0:
-      raise ValueError("SentencePiece model has no EOS piece; train it with eos_id >= 0")
+      raise InputError("SentencePiece model has no EOS piece; train it with eos_id >= 0")
 
   @classmethod
   def from_file(cls, path: str) -> SentencePieceTokenizer:
@@ -141,7 +148,7 @@ class HFTokenizer(Tokenizer):
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     eos = token_id("eos_token")
     if eos is None:
-      raise ValueError(f"{folder}: no eos_token in tokenizer_config.json / special_tokens_map.json")
+      raise InputError(f"{folder}: no eos_token in tokenizer_config.json / special_tokens_map.json")
     self.eos_id = eos
     self.bos_id = token_id("bos_token")
     pad = token_id("pad_token")

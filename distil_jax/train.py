@@ -16,20 +16,23 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from distil_jax import buffer as buffer_lib
-from distil_jax import checkpoint, data, evaluate, experts, hf, losses, metrics, sharding, tasks, update
+from distil_jax import checkpoint, data, evaluate, experts, hf, losses, metrics, sharding, tasks, update, validate
 from distil_jax import model as model_lib
 from distil_jax import rollout as rollout_lib
 from distil_jax import tokenizer as tok_lib
+from distil_jax.errors import CheckpointError, ConfigError, InputError
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Set-up
 
 
-def make_tokenizer(config, task, workdir: str) -> tok_lib.Tokenizer:
-  """The configured tokenizer, the checkpoint's, or one trained on the task's text (saved in the workdir)."""
+def make_tokenizer(config, task, workdir: str, *, save: bool = True) -> tok_lib.Tokenizer:
+  """The configured tokenizer, the checkpoint's, or one trained on the task's text (saved in the workdir unless
+  `save` is False: `keep_tokenizer` does it once the run's input has been checked)."""
   if config.tokenizer.path:
     return tok_lib.load_tokenizer(config.tokenizer.path)
   if config.model.hf_path:
@@ -47,10 +50,18 @@ def make_tokenizer(config, task, workdir: str) -> tok_lib.Tokenizer:
       config.tokenizer.model_type,
       config.tokenizer.split_digits,
     )
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    tok.save(saved)
+  if save:
+    keep_tokenizer(config, tok, workdir)
   return tok
+
+
+def keep_tokenizer(config, tok, workdir: str) -> None:
+  """A trained (or `init_from`'s) tokenizer saved in the workdir, so that the workdir stands alone."""
+  saved = os.path.join(workdir, "tokenizer.model")
+  if config.tokenizer.path or config.model.hf_path or os.path.exists(saved) or jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  tok.save(saved)
 
 
 def model_config(config, vocab_size: int) -> model_lib.ModelConfig:
@@ -79,7 +90,7 @@ def make_policy(config, tok, mesh, rules):
       config.model.hf_path, mesh=mesh, rules=rules, dtype=config.model.dtype, remat=config.model.remat
     )
     if tok.vocab_size > cfg.vocab_size:
-      raise ValueError(
+      raise InputError(
         f"tokenizer has {tok.vocab_size} tokens but {config.model.hf_path} has vocab_size "
         f"{cfg.vocab_size}: they do not belong together"
       )
@@ -91,10 +102,10 @@ def make_policy(config, tok, mesh, rules):
   graphdef, params = sharding.init_params(lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(config.seed)), mesh, rules)
   if config.model.init_from:  # e.g. a behaviour-cloning run shared by several post-training runs
     with checkpoint.Checkpointer(os.path.join(config.model.init_from, "checkpoints")) as ckpt:
-      step = ckpt.latest_step()
-      if step is None:
-        raise FileNotFoundError(f"model.init_from={config.model.init_from}: no checkpoint there")
-      params = ckpt.restore(step, {"params": checkpoint.abstract_like(params)})[0]["params"]
+      found = ckpt.restore_latest({"params": checkpoint.abstract_like(params)})
+    if found is None:
+      raise CheckpointError(f"model.init_from={config.model.init_from}: no checkpoint there")
+    params = found[1]["params"]
   return graphdef, params, cfg
 
 
@@ -102,47 +113,31 @@ def load_teacher(config, student_cfg, tok, mesh, rules):
   """The `model` expert: a frozen teacher on the mesh, checked to share the student's vocabulary."""
   path = config.expert.model_path
   if not path:
-    raise ValueError("expert.kind='model' needs expert.model_path (a Hugging Face checkpoint directory)")
+    raise ConfigError("expert.kind='model' needs expert.model_path (a Hugging Face checkpoint directory)")
   teacher, tcfg = hf.load_hf(path, mesh=mesh, rules=rules, dtype=config.model.dtype)
   if tcfg.vocab_size != student_cfg.vocab_size:
-    raise ValueError(
+    raise InputError(
       f"expert vocabulary differs from the student's: {path} has vocab_size {tcfg.vocab_size}, "
       f"the student {student_cfg.vocab_size}"
+    )
+  if not any(os.path.exists(os.path.join(path, n)) for n in ("tokenizer.json", "tokenizer.model")):
+    logging.warning(
+      "expert.model_path=%s has no tokenizer.json or tokenizer.model: assuming it reads the student's tokenizer "
+      "(%d tokens, fingerprint %s); only the vocabulary size (%d) was checked",
+      path,
+      tok.vocab_size,
+      tok.fingerprint,
+      tcfg.vocab_size,
     )
   for name in ("tokenizer.json", "tokenizer.model"):
     if os.path.exists(os.path.join(path, name)):
       theirs = tok_lib.load_tokenizer(os.path.join(path, name) if name.endswith(".model") else path)
       if theirs.fingerprint != tok.fingerprint:
-        raise ValueError(
+        raise InputError(
           f"expert tokenizer ({path}, {theirs.fingerprint}) differs from the student's ({tok.fingerprint})"
         )
   graphdef, params = nnx.split(teacher, nnx.Param)
   return graphdef, params.to_pure_dict()
-
-
-def buffer_schema(config, expert) -> dict:
-  t, k = config.train, config.expert
-  p, n, g = config.sampling.max_prompt_tokens, config.sampling.max_new_tokens, t.group_size
-  schema = {
-    "prompt_tokens": ((p,), "int32"),
-    "prompt_mask": ((p,), "int32"),
-    "tokens": ((g, n), "int32"),
-    "mask": ((g, n), "int32"),
-    "logprobs": ((g, n), "float32"),
-    "reward": ((g,), "float32"),
-    "iteration": ((), "int32"),
-    "sft_tokens": ((n,), "int32"),
-    "sft_mask": ((n,), "int32"),
-  }
-  if expert.on_device:
-    schema.update(
-      teacher_tokens=((g, k.max_prompt_tokens), "int32"),
-      teacher_mask=((g, k.max_prompt_tokens), "int32"),
-      teacher_valid=((g,), "int32"),
-    )
-  else:
-    schema.update(target_ids=((g, n, k.top_k), "int32"), target_logprobs=((g, n, k.top_k), "float32"))
-  return schema
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -176,23 +171,31 @@ def warm_up(params, run, *, config, mesh):
   }
 
 
-def _check(config, mesh):
-  t = config.train
-  rows = mesh.shape["data"] * mesh.shape["fsdp"]
-  checks = [
-    ("train.prompts_per_iteration * train.group_size", t.prompts_per_iteration * t.group_size),
-    ("train.batch_groups (batches are sharded by prompt group)", t.batch_groups),
-    ("eval.num_prompts * eval.samples", config.eval.num_prompts * config.eval.samples),
-  ]
-  if config.eval.greedy:
-    checks.append(("eval.num_prompts (greedy evaluation)", config.eval.num_prompts))
-  if t.warmup_steps:
-    checks.append(("train.warmup_batch", t.warmup_batch))
-  for name, value in checks:
-    if value % rows:
-      raise ValueError(f"{name} = {value} is not divisible by the data x fsdp mesh size {rows}")
-  if config.loss.kind == "distil" and config.loss.baseline == "loo" and t.group_size < 2:
-    raise ValueError("loss.baseline='loo' needs train.group_size >= 2")
+ON_POLICY = ("grpo", "reverse_kl", "jsd")  # trained on this iteration's rollouts unless buffer.mix says otherwise
+
+
+def buffer_mix(config) -> float:
+  """The fraction of training groups drawn from the aggregated buffer: DAgger's losses aggregate (0.5), the on-policy
+  ones train on this iteration's rollouts (0), unless `buffer.mix` is set."""
+  if config.buffer.mix is not None:
+    return config.buffer.mix
+  return 0.0 if config.loss.kind in ON_POLICY else 0.5
+
+
+def loss_config(config, tok, expert) -> losses.LossConfig:
+  """The loss as the loop runs it: the config's `loss` section, plus what the rest of the run decides: the policy is
+  the sampler's (its temperature, the tokenizer's ids), and an expert that shows siblings splits the baseline."""
+  return losses.LossConfig(
+    **config.loss,
+    policy_temperature=config.sampling.temperature,
+    vocab_size=tok.vocab_size,
+    baseline_parts=2 if expert.reads_siblings else 1,
+  )
+
+
+def _check(config, mode: str = "train"):
+  """Every config value in range, every divisibility, every enum (`validate.py`); raises before any work."""
+  validate.config(config, mode=mode)
 
 
 @dataclasses.dataclass
@@ -211,66 +214,110 @@ class Run:
 
   @classmethod
   def build(cls, config, workdir):
-    os.makedirs(workdir, exist_ok=True)
+    """Reads and checks everything (data records, prompt lengths, the model) and writes nothing: `write_workdir`
+    does, once the rest of the input has been checked too."""
     axes = {k: v for k, v in config.mesh.items() if k != "num_devices"}
     mesh = sharding.make_mesh(axes, jax.devices()[: config.mesh.num_devices or None])
     rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.sharding_rules)
     task = tasks.make_task(config.task)
-    tok = make_tokenizer(config, task, workdir)
+    tok = make_tokenizer(config, task, workdir, save=False)
+    validate.prompts(task, tok, config)
     graphdef, params, model_cfg = make_policy(config, tok, mesh, rules)
     return cls(config, workdir, mesh, rules, task, tok, graphdef, params, model_cfg)
 
+  def write_workdir(self):
+    """The workdir, its log file and the tokenizer: the first writes of a run."""
+    os.makedirs(self.workdir, exist_ok=True)
+    metrics.log_to_file(os.path.join(self.workdir, "logs"))
+    keep_tokenizer(self.config, self.tok, self.workdir)
+
   def restore_params(self):
-    """The latest checkpoint's parameters (export, eval)."""
+    """The newest usable checkpoint's parameters (export, eval)."""
     with checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints")) as ckpt:
-      step = ckpt.latest_step()
-      if step is None:
-        raise FileNotFoundError(f"{self.workdir}/checkpoints holds no checkpoint")
-      state, meta = ckpt.restore(step, {"params": checkpoint.abstract_like(self.params)})
-    return state["params"], meta
+      found = ckpt.restore_latest({"params": checkpoint.abstract_like(self.params)})
+    if found is None:
+      raise CheckpointError(f"{self.workdir}/checkpoints holds no checkpoint")
+    return found[1]["params"], found[2]
+
+
+def _finite_or_raise(m, it, k, ckpt, writer):
+  """Update k's figures, or the error that stops the run when it was skipped for a non-finite loss or gradient."""
+  if m["nonfinite"]:
+    raise FloatingPointError(
+      f"non-finite loss or gradient at iteration {it}, update {k} (loss={m['loss']}, grad_norm={m['grad_norm']}); "
+      f"the update was skipped, the last checkpoint (iteration {ckpt.latest_step()}) and {writer.path} are intact"
+    )
+  return m
 
 
 def _ema(config) -> bool:
   return config.expert.kind == "self" and config.expert.ema_decay > 0
 
 
+def _meta(config, iteration: int, buffer_rows: int, sampled_tokens: int) -> dict:
+  """The host-side state a checkpoint carries (`buffer_rows`: this process's rows, as many on every process: each
+  labels an equal share of the prompts)."""
+  return {
+    "iteration": iteration,
+    "buffer_rows": buffer_rows,
+    "sampled_tokens": sampled_tokens,
+    "seed": config.seed,
+    "processes": jax.process_count(),
+  }
+
+
 def train(config, workdir: str) -> dict:
   """Run (or resume) the DAgger loop; returns the last iteration's figures."""
+  _check(config, "train")
   run = Run.build(config, workdir)
   c, mesh, tok, task = config, run.mesh, run.tok, run.task
-  _check(c, mesh)
-  expert = experts.make_expert(c.expert, task, tok)
+  expert = experts.make_expert(c.expert, task, tok, c.tokenizer.add_bos)
   teacher_graphdef, teacher_params = None, None
   if c.expert.kind == "model":
     teacher_graphdef, teacher_params = load_teacher(c, run.model_cfg, tok, mesh, run.rules)
   total_updates = c.train.iterations * c.train.updates_per_iteration
   tx = update.make_optimizer(c.optim, total_updates)
-  state = update.init_state(tx, run.params, mesh, ema=_ema(c))
+  loss_cfg = loss_config(c, tok, expert)
+  reference = loss_cfg.kind == "grpo" and loss_cfg.kl_coef > 0
+  state = update.init_state(tx, run.params, mesh, ema=_ema(c), ref=reference)
   spec = update.UpdateSpec(
-    losses.LossConfig(**c.loss),
+    loss_cfg,
     teacher="topk" if not expert.on_device else c.expert.kind,
     ema_decay=c.expert.ema_decay,
+    reference=reference,
     use_behaviour_logprobs=c.train.use_behaviour_logprobs,
     score_max_staleness=c.train.score_max_staleness,
   )
   if (spec.loss.kind == "sft" or c.train.warmup_steps) and task.problems("train")[0].reference is None:
-    raise ValueError(f"loss.kind='sft' and train.warmup_steps need reference solutions; task {task.name!r} has none")
+    raise ConfigError(f"loss.kind='sft' and train.warmup_steps need reference solutions; task {task.name!r} has none")
   shardings = jax.tree.map(lambda x: x.sharding, state)
   step_fn = update.make_update(run.graphdef, tx, spec, teacher_graphdef=teacher_graphdef, state_shardings=shardings)
 
-  # Each process labels its own prompts and keeps its own part of the aggregated data set.
-  buf = buffer_lib.Buffer(
-    os.path.join(workdir, "buffer", f"process_{jax.process_index()}"), buffer_schema(c, expert), c.buffer.max_groups
-  )
+  # -- Resume (read and checked before anything is written) -----------------------------------------------------------
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.checkpoint.keep)
-
-  # -- Resume ---------------------------------------------------------------------------------------------------------
-  start, sampled_tokens, rows_at = 0, 0, {}
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state, meta = ckpt.restore(latest, checkpoint.abstract_like(state))
-    if meta["seed"] != c.seed:  # every random stream is fold_in(key(seed), iteration): a new seed breaks replay
-      raise ValueError(f"{workdir} was trained with seed {meta['seed']}, this config has seed {c.seed}")
+  start, sampled_tokens, rows_at, latest = 0, 0, {}, None
+  try:
+    found = ckpt.restore_latest(checkpoint.abstract_like(state))
+    if found is not None:
+      latest, state, meta = found
+      if meta["seed"] != c.seed:  # every random stream is fold_in(key(seed), iteration): a new seed breaks replay
+        raise ConfigError(f"{workdir} was trained with seed {meta['seed']}, this config has seed {c.seed}")
+      if meta.get("processes", 1) != jax.process_count():  # the buffer is split by process: rows would be lost
+        raise CheckpointError(
+          f"{workdir} was written by {meta.get('processes', 1)} processes, this run has {jax.process_count()}; "
+          "resume it with the same process count"
+        )
+  except BaseException:
+    ckpt.close()
+    raise
+  run.write_workdir()
+  ckpt.set_aside_unusable()
+  # Each process labels its own prompts and keeps its own part of the aggregated data set.
+  layout = rollout_lib.layout(c, expert)
+  buf = buffer_lib.Buffer(
+    os.path.join(workdir, "buffer", f"process_{jax.process_index()}"), layout, c.buffer.max_groups
+  )
+  if found is not None:
     start, sampled_tokens = meta["iteration"], meta["sampled_tokens"]
     buf.truncate(meta["buffer_rows"])
     rows_at[latest] = meta["buffer_rows"]
@@ -299,13 +346,13 @@ def train(config, workdir: str) -> dict:
           before = eval_fn(run.graphdef, state["params"], jax.random.fold_in(eval_keys, 0))
           figures = {f"before_warmup/{k}": v for k, v in before.items()}
           params, warm = warm_up(state["params"], run, config=c, mesh=mesh)
-          state = update.init_state(tx, params, mesh, ema=_ema(c))
+          state = update.init_state(tx, params, mesh, ema=_ema(c), ref=reference)
           figures.update(warm, **{"time/warmup_s": time.time() - t0})
         t1 = time.time()
         last = eval_fn(run.graphdef, state["params"], jax.random.fold_in(eval_keys, 0))
         writer.write(0, {**figures, **last, "samples/train_tokens": 0, "time/eval_s": time.time() - t1})
         if c.train.iterations == 0:  # a warm-up-only run (e.g. a shared start for model.init_from)
-          ckpt.save(0, state, {"iteration": 0, "buffer_rows": 0, "sampled_tokens": 0, "seed": c.seed})
+          ckpt.save(0, state, _meta(c, 0, 0, 0))
       for it in range(start + 1, c.train.iterations + 1):
         figures = {}
         t0 = time.time()
@@ -322,10 +369,12 @@ def train(config, workdir: str) -> dict:
           samples_per_prompt=c.train.group_size,
           sampling_cfg=sampling_cfg,
         )
-        sampled_tokens += int(r.mask.sum()) * jax.process_count()
+        sampled_tokens += metrics.global_sum(int(r.mask.sum()))
         t1 = time.time()
         # -- Expert labels, into the buffer -----------------------------------------------------------------------
-        groups = rollout_lib.group_records(r, expert.label(r), it, config=c, tok=tok)
+        labels, label_figures = expert.label(r)
+        figures.update(label_figures)
+        groups = rollout_lib.group_records(r, labels, it, config=c, tok=tok, layout=layout)
         old = buf.window(before=buf.rows)
         buf.append(groups)
         t2 = time.time()
@@ -333,53 +382,49 @@ def train(config, workdir: str) -> dict:
         batches = data.training_batches(
           data.split_rows(groups),
           buf.source(*old),
-          mix=c.buffer.mix,
+          mix=buffer_mix(c),
           seed=c.seed * 1_000_003 + it,
           batch_groups=c.train.batch_groups // jax.process_count(),
           steps=c.train.updates_per_iteration,
         )
-        step_figures = []
-        for k, batch in enumerate(batches):
-          state, m = step_fn(state, data.to_global(batch, mesh), teacher_params, jnp.int32(it))
-          m = jax.device_get(m)
-          if m["nonfinite"]:
-            raise FloatingPointError(
-              f"non-finite loss or gradient at iteration {it}, update {k + 1} (loss={m['loss']}, "
-              f"grad_norm={m['grad_norm']}); the update was skipped, the last checkpoint "
-              f"(iteration {ckpt.latest_step()}) and {writer.path} are intact"
-            )
-          step_figures.append(m)
+        # Metrics of update k are read after update k+1 is dispatched, so the host never waits on the device.
+        step_figures, pending = [], None
+        for k, batch in enumerate([*batches, None]):
+          if batch is not None:
+            state, m = step_fn(state, data.to_global(batch, mesh), teacher_params, jnp.int32(it))
+          if pending is not None:
+            step_figures.append(_finite_or_raise(jax.device_get(pending), it, k, ckpt, writer))
+          pending = m if batch is not None else None
         t3 = time.time()
         figures.update({f"train/{k}": float(np.mean([m[k] for m in step_figures])) for k in step_figures[0]})
+        shares = {"rollout/reward": float(groups["reward"].mean()), "rollout/length": float(r.mask.sum(-1).mean())}
+        if "teacher_valid" in groups:
+          shares["rollout/feedback_valid"] = float(groups["teacher_valid"].mean())
+        figures.update(metrics.global_mean(shares))
         figures.update(
           {
-            "rollout/reward": float(groups["reward"].mean()),
-            "rollout/length": float(r.mask.sum(-1).mean()),
-            "buffer/rows": buf.rows,
+            "buffer/rows": metrics.global_sum(buf.rows),
             "samples/train_tokens": sampled_tokens,
             "time/rollout_s": t1 - t0,
             "time/label_s": t2 - t1,
             "time/update_s": t3 - t2,
           }
         )
-        if "teacher_valid" in groups:
-          figures["rollout/feedback_valid"] = float(groups["teacher_valid"].mean())
         # -- Evaluation and checkpoint ----------------------------------------------------------------------------
         if it % c.eval.every == 0 or it == c.train.iterations:
           t4 = time.time()
           figures.update(eval_fn(run.graphdef, state["params"], jax.random.fold_in(eval_keys, it)))
           figures["time/eval_s"] = time.time() - t4
+        # The figures of iteration `it` are on disk before its checkpoint can commit: a resume never lacks them.
+        figures["time/iteration_s"] = time.time() - t0
+        writer.write(it, figures)
+        last = figures
         if it % c.checkpoint.every == 0 or it == c.train.iterations:
-          ckpt.save(
-            it, state, {"iteration": it, "buffer_rows": buf.rows, "sampled_tokens": sampled_tokens, "seed": c.seed}
-          )
+          ckpt.save(it, state, _meta(c, it, buf.rows, sampled_tokens))
           rows_at[it] = buf.rows
           kept = [rows_at[s] for s in ckpt.all_steps() if s in rows_at]
           if len(kept) == len(ckpt.all_steps()):
             buf.release(min(kept) - c.buffer.max_groups)
-        figures["time/iteration_s"] = time.time() - t0
-        writer.write(it, figures)
-        last = figures
         writer.progress(
           it, {"reward": figures["rollout/reward"], "loss": figures["train/loss"], "pass@1": last.get("eval/pass@1")}
         )
@@ -391,8 +436,10 @@ def train(config, workdir: str) -> dict:
 
 def evaluate_only(config, workdir: str) -> dict:
   """Pass@k of the latest checkpoint, printed and appended to `workdir/eval.jsonl`."""
+  _check(config, "eval")
   run = Run.build(config, workdir)
   params, meta = run.restore_params()
+  run.write_workdir()
   with jax.set_mesh(run.mesh):
     out = evaluate.evaluate_policy(
       run.graphdef, params, jax.random.key(config.seed), config=config, tok=run.tok, task=run.task, mesh=run.mesh
@@ -408,6 +455,7 @@ def evaluate_only(config, workdir: str) -> dict:
 
 def export(config, workdir: str, export_dir: str) -> str:
   """Write the latest checkpoint as a Hugging Face checkpoint (safetensors + config.json + tokenizer)."""
+  _check(config, "export")
   run = Run.build(config, workdir)
   params, _ = run.restore_params()
   model = nnx.merge(run.graphdef, params)

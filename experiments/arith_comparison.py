@@ -1,17 +1,23 @@
-"""Claim 3 / 4: DistIL vs GRPO vs reverse KL vs tokenwise forward CE vs SFT on the built-in `arith` task.
+"""DistIL against its rivals on the built-in `arith` task, under the protocol of the README ("Results").
 
-Protocol (configs/arith.py:compare): per seed, one behaviour-cloning warm-up (300 steps on reference solutions) is
-shared by every method, which then runs 40 DAgger iterations of 16 prompts x 8 samples from it (the same sampled-
-token budget for all), evaluated every 10 iterations on 256 held-out prompts (Pass@1 and Pass@8 from 8 samples,
-unbiased estimator), and at the end with 32 samples for Pass@N against N. `--expert self` (configs/arith.py:
-compare_self) makes the student re-prompted with the verifier's feedback the expert of the distillation methods;
-its warm-up also shows half of its rows with feedback in context, so the small model learns to use it, and its teacher
-is an EMA of the student's parameters; `--expert self_live` uses the live parameters (the run that collapses), and
-`--expert self_sibling` labels only responses whose group holds a correct one (see experiments/teacher_quality.py).
+Protocol:
+  1. Three disjoint prompt sets. Training draws from the task's stream, which excludes every held-out prompt; the
+     held-out prompts are split by identity into validation and test (`evaluate.held_out`, `eval.split`).
+  2. Per seed, one behaviour-cloning warm-up (300 steps on reference solutions) shared by every method and rate.
+  3. Per method, the learning rate is chosen from `--lrs` (>= 3 values) by the final validation Pass@1 of one seed
+     (`--select_seed`); ties go to the smaller rate.
+  4. Every seed (`--seeds`, default five) runs each method at its chosen rate: 40 DAgger iterations of 16 prompts x 8
+     samples and 4 updates each, identical for all methods (method flags may not touch `train.*` or `sampling.*`).
+  5. The test set is evaluated once per final run, 32 samples per prompt (Pass@1/8/32, unbiased estimator), and
+     reported as the mean with a 95% Student-t interval over seeds, and as per-seed paired differences DistIL minus
+     each baseline with the exact sign test (experiments/stats.py says why these statistics).
 
-  python -m experiments.arith_comparison --expert oracle --seeds 0 1 2 --out docs --workdir /tmp/distil-compare
-Writes docs/arith_<expert>.json and docs/arith_<expert>_curves.png, docs/arith_<expert>_passk.png. Reruns skip
-finished runs. `--smoke` runs one seed of tiny settings (seconds), for the test suite.
+  python -m experiments.arith_comparison --expert oracle --out docs --workdir /tmp/distil-compare
+  python -m experiments.arith_comparison --expert self_reference ...   # privileged information (OPSD's setting)
+  python -m experiments.arith_comparison --expert self_sibling ...     # a correct sibling (SDPO's setting)
+  python -m experiments.arith_comparison --expert oracle --size 125m ... # experiment 1 at a larger model (a GPU's)
+Writes docs/arith_<expert>.json (every run's command, metrics and final figures; the selection; the statistics) and
+docs/arith_<expert>_curves.png, docs/arith_<expert>_passk.png. Reruns skip finished runs. `--smoke`: tiny settings.
 """
 
 import argparse
@@ -23,19 +29,45 @@ import time
 
 import numpy as np
 
+from experiments import stats
+
 METHODS = {
   "DistIL": ["--config.loss.kind=distil"],
-  "GRPO": ["--config.loss.kind=grpo", "--config.loss.normalize=sequence_token_mean", "--config.buffer.mix=0.0"],
-  "reverse KL": ["--config.loss.kind=reverse_kl"],
   "tokenwise FCE": ["--config.loss.kind=tokenwise_fce"],
+  "reverse KL": ["--config.loss.kind=reverse_kl"],  # SDPO-style
+  "JSD": ["--config.loss.kind=jsd", "--config.loss.jsd_beta=0.5"],  # OPSD-style
+  "GRPO": ["--config.loss.kind=grpo"],  # as published: normalize="auto", on-policy (buffer.mix 0)
   "SFT": ["--config.loss.kind=sft"],
 }
+USES_EXPERT = ("DistIL", "tokenwise FCE", "reverse KL", "JSD")  # GRPO and SFT read no expert distribution
+KEEP_CHECKPOINTS = ("DistIL", "tokenwise FCE")  # every 10 iterations, for experiments/gradient_variance.py
+PRESETS = {
+  "oracle": "compare",
+  "self": "compare_self",
+  "self_live": "compare_self_live",
+  "self_sibling": "compare_self_sibling",
+  "self_reference": "compare_self_reference",
+}
+SIZES = {  # the model: the preset's 0.6M-parameter CPU default, or bench/common.py's 125m shape (an accelerator's)
+  "small": [],
+  "125m": [
+    "--config.model.hidden_size=768",
+    "--config.model.intermediate_size=2048",
+    "--config.model.num_hidden_layers=12",
+    "--config.model.num_attention_heads=12",
+    "--config.model.num_key_value_heads=4",
+    "--config.model.dtype=bfloat16",
+  ],
+}
+LRS = (1e-4, 3e-4, 1e-3)
+SEEDS = (0, 1, 2, 3, 4)
+FINAL = {"samples": 32, "pass_at": "(1,2,4,8,16,32)"}
 SMOKE = [
   "--config.train.iterations=2",
   "--config.train.warmup_steps=2",
   "--config.train.warmup_batch=8",
-  "--config.train.prompts_per_iteration=4",
-  "--config.train.group_size=2",
+  "--config.train.prompts_per_iteration=2",
+  "--config.train.group_size=4",  # a sibling-reading expert's LOO baseline needs an even group of >= 4
   "--config.train.batch_groups=2",
   "--config.train.updates_per_iteration=1",
   "--config.eval.every=1",
@@ -47,12 +79,13 @@ SMOKE = [
   "--config.model.num_hidden_layers=1",
   "--config.sampling.max_new_tokens=16",
   "--config.checkpoint.every=1",
-  "--config.expert.max_prompt_tokens=64",
 ]
-FINAL_SAMPLES = 32
+SMOKE_FINAL = {"samples": 2, "pass_at": "(1,2)"}
+SMOKE_ITERATIONS = 2
 
 
-def _main(args, log):
+def main_process(args, log):
+  """`python -m distil_jax.main ARGS` in a fresh process, its output in `log`; the wall time in seconds."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.setdefault("JAX_PLATFORMS", "cpu")
   t = time.time()
@@ -60,169 +93,213 @@ def _main(args, log):
   with open(log, "w") as f:
     f.write(out.stdout + out.stderr)
   if out.returncode:
-    raise RuntimeError(f"run failed ({log}): {out.stderr.strip().splitlines()[-1]}")
+    raise RuntimeError(f"run failed ({log}): {(out.stderr.strip().splitlines() or ['?'])[-1]}")
   return time.time() - t
 
 
-def _metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+def read_jsonl(path):
+  with open(path) as f:
     return [json.loads(line) for line in f]
 
 
-def _done(workdir, iterations):
-  path = os.path.join(workdir, "metrics.jsonl")
-  return os.path.exists(path) and _metrics(workdir)[-1]["iteration"] == iterations
+def check_budget_is_shared():
+  """The comparison is fair only if every method samples and updates alike: method flags set the objective alone."""
+  for method, flags in METHODS.items():
+    for flag in flags:
+      if flag.startswith(("--config.train.", "--config.sampling.", "--config.eval.", "--config.optim.")):
+        raise ValueError(f"{method}: {flag} would change the budget or the evaluation of one method only")
 
 
-def _top_k(metrics) -> str:
-  """The largest Pass@k key a run evaluates ("eval/pass@8" in the protocol)."""
-  return max((k for k in metrics[-1] if k.startswith("eval/pass@")), key=lambda k: int(k.split("@")[1]))
+class Comparison:
+  """The runs of one expert setting under the protocol; every run is a subprocess and skipped if already done."""
 
+  def __init__(self, expert, workdir, smoke=False, size="small"):
+    check_budget_is_shared()
+    self.expert, self.smoke = expert, smoke
+    self.name = expert if size == "small" else f"{expert}_{size}"
+    self.root = os.path.join(workdir, self.name)
+    os.makedirs(self.root, exist_ok=True)
+    self.common = [f"--config=configs/arith.py:{PRESETS[expert]}", "--config.log.tensorboard=False", *SIZES[size]]
+    self.common += SMOKE if smoke else []
+    self.iterations = SMOKE_ITERATIONS if smoke else 40
+    self.final = SMOKE_FINAL if smoke else FINAL
 
-def run_all(expert, seeds, workdir, smoke, methods=tuple(METHODS)):
-  preset = "configs/arith.py:" + ("compare" if expert == "oracle" else f"compare_{expert}")
-  common = [f"--config={preset}", "--config.log.tensorboard=False"] + (SMOKE if smoke else [])
-  iterations = 2 if smoke else 40
-  final_k = "(1,2)" if smoke else "(1,2,4,8,16,32)"
-  final_n = 2 if smoke else FINAL_SAMPLES
-  runs = []
-  for seed in seeds:
-    warm = os.path.join(workdir, expert, f"warmup_seed{seed}")
+  def warmup(self, seed):
+    warm = os.path.join(self.root, f"warmup_seed{seed}")
     if not os.path.exists(os.path.join(warm, "checkpoints")):
-      _main(
-        [*common, f"--workdir={warm}", f"--config.seed={seed}", "--config.train.iterations=0"],
-        os.path.join(workdir, f"{expert}_warmup_seed{seed}.log"),
-      )
-    for method in methods:
-      flags = METHODS[method]
-      name = method.replace(" ", "_")
-      wd = os.path.join(workdir, expert, f"{name}_seed{seed}")
-      cmd = [
-        *common,
-        *flags,
-        f"--workdir={wd}",
-        f"--config.seed={seed}",
-        f"--config.model.init_from={warm}",
-        "--config.train.warmup_steps=0",
-      ]
-      if expert.startswith("self") and method in ("DistIL", "reverse KL", "tokenwise FCE"):
-        cmd.append("--config.expert.kind=self")
-      elif expert.startswith("self"):
-        cmd.append("--config.expert.kind=oracle")  # GRPO and SFT use no expert distribution
-      wall = os.path.join(wd, "wall_seconds.json")
-      if not _done(wd, iterations):
-        seconds = _main(cmd, os.path.join(workdir, f"{expert}_{name}_seed{seed}.log"))
-        with open(wall, "w") as f:
-          json.dump(seconds, f)
-      with open(wall) as f:
-        seconds = json.load(f)
-      if not os.path.exists(os.path.join(wd, "eval.jsonl")):
-        _main(
-          [
-            *cmd,
-            "--mode=eval",
-            f"--config.eval.samples={final_n}",
-            f"--config.eval.pass_at={final_k}",
-            "--config.eval.greedy=False",
-          ],
-          os.path.join(workdir, f"{expert}_{name}_seed{seed}_eval.log"),
-        )
-      with open(os.path.join(wd, "eval.jsonl")) as f:
-        final = json.loads(f.readlines()[-1])
-      runs.append(
-        {
-          "method": method,
-          "seed": seed,
-          "metrics": _metrics(wd),
-          "final": final,
-          "wall_seconds": seconds,
-          "command": "python -m distil_jax.main " + " ".join(cmd),
+      cmd = [*self.common, f"--workdir={warm}", f"--config.seed={seed}", "--config.train.iterations=0"]
+      main_process(cmd, os.path.join(self.root, f"warmup_seed{seed}.log"))
+    return warm
+
+  def command(self, method, seed, lr):
+    name = f"{method.replace(' ', '_')}_lr{lr:g}_seed{seed}"
+    wd = os.path.join(self.root, name)
+    cmd = [*self.common, *METHODS[method], f"--workdir={wd}", f"--config.seed={seed}", f"--config.optim.lr={lr!r}"]
+    cmd += [f"--config.model.init_from={self.warmup(seed)}", "--config.train.warmup_steps=0"]
+    if self.expert != "oracle":
+      cmd.append("--config.expert.kind=" + ("self" if method in USES_EXPERT else "oracle"))
+    if method in KEEP_CHECKPOINTS and not self.smoke:
+      cmd += ["--config.checkpoint.every=10", "--config.checkpoint.keep=100"]
+    return name, wd, cmd
+
+  def train(self, method, seed, lr) -> dict:
+    """Train (or find trained) one run; its validation curve."""
+    name, wd, cmd = self.command(method, seed, lr)
+    metrics_path, wall = os.path.join(wd, "metrics.jsonl"), os.path.join(wd, "wall_seconds.json")
+    if not (os.path.exists(metrics_path) and read_jsonl(metrics_path)[-1]["iteration"] == self.iterations):
+      seconds = main_process(cmd, os.path.join(self.root, f"{name}.log"))
+      with open(wall, "w") as f:
+        json.dump(seconds, f)
+    with open(wall) as f:
+      seconds = json.load(f)
+    run = {"method": method, "seed": seed, "lr": lr, "wall_seconds": seconds, "workdir": wd}
+    return {**run, "command": "python -m distil_jax.main " + " ".join(cmd), "metrics": read_jsonl(metrics_path)}
+
+  def test(self, run) -> dict:
+    """The test figures of a final run: evaluated once, then read back."""
+    _, wd, cmd = self.command(run["method"], run["seed"], run["lr"])
+    path = os.path.join(wd, "eval.jsonl")
+    flags = ["--mode=eval", "--config.eval.split=test", "--config.eval.greedy=False"]
+    flags += [f"--config.eval.samples={self.final['samples']}", f"--config.eval.pass_at={self.final['pass_at']}"]
+    if not os.path.exists(path):
+      main_process([*cmd, *flags], os.path.join(self.root, f"{os.path.basename(wd)}_test.log"))
+    return {**run, "test": read_jsonl(path)[-1], "test_command": "python -m distil_jax.main " + " ".join(cmd + flags)}
+
+
+def select_lr(grid_runs) -> tuple[float, dict]:
+  """The rate with the best final validation Pass@1 (ties: the smaller rate), and every rate's figure."""
+  scores = {r["lr"]: r["metrics"][-1]["eval/pass@1"] for r in grid_runs}
+  return max(scores, key=lambda lr: (scores[lr], -lr)), scores
+
+
+def run_protocol(cmp: Comparison, methods, seeds, lrs, select_seed):
+  if len(lrs) < 3 and not cmp.smoke:
+    raise ValueError(f"--lrs {lrs}: the protocol chooses each method's rate from at least three values")
+  selection, finals = {}, []
+  for method in methods:
+    grid = [cmp.train(method, select_seed, lr) for lr in lrs]
+    lr, scores = select_lr(grid)
+    selection[method] = {
+      "chosen_lr": lr,
+      "validation_pass@1": {f"{k:g}": v for k, v in scores.items()},
+      "grid_commands": {f"{r['lr']:g}": r["command"] for r in grid},
+    }
+    for seed in seeds:
+      finals.append(cmp.test(cmp.train(method, seed, lr)))
+  return selection, finals
+
+
+def pass_keys(run):
+  return sorted((k for k in run["test"] if k.startswith("eval/pass@")), key=lambda k: int(k.split("@")[1]))
+
+
+def summarize(selection, finals, reference="DistIL"):
+  """Per method: test Pass@k means with 95% t-intervals over seeds; paired differences `reference` minus each."""
+  keys = pass_keys(finals[0])
+  by = {}
+  for r in finals:
+    by.setdefault(r["method"], {})[r["seed"]] = r
+  table = {}
+  for method, runs in by.items():
+    rows = [runs[s] for s in sorted(runs)]
+    table[method] = {
+      **selection[method],
+      "seeds": sorted(runs),
+      "validation_pass@1_start": stats.mean_ci([r["metrics"][0]["eval/pass@1"] for r in rows]),
+      "test": {k.split("/")[1]: stats.mean_ci([r["test"][k] for r in rows]) for k in keys},
+      "sampled_tokens_mean": float(np.mean([r["metrics"][-1]["samples/train_tokens"] for r in rows])),
+      "wall_seconds_mean": float(np.mean([r["wall_seconds"] for r in rows])),
+    }
+  differences = {}
+  if reference in by:
+    for method in by:
+      if method != reference:
+        differences[method] = {
+          k.split("/")[1]: stats.paired(
+            {s: r["test"][k] for s, r in by[reference].items()}, {s: r["test"][k] for s, r in by[method].items()}
+          )
+          for k in keys
         }
-      )
-  return runs
+  return {"table": table, f"paired_{reference}_minus": differences}
 
 
-def plot(runs, expert, out):
+def _band(ax, xs, rows, label):
+  """Mean over seeds with its 95% t-interval as a band (the band is omitted with one seed)."""
+  cis = [stats.mean_ci(col) for col in np.asarray(rows).T]
+  mean = np.array([c["mean"] for c in cis])
+  (line,) = ax.plot(xs, mean, marker="o", ms=3, label=label)
+  if cis[0]["ci"] is not None:
+    ax.fill_between(xs, [c["ci"][0] for c in cis], [c["ci"][1] for c in cis], color=line.get_color(), alpha=0.15)
+
+
+def plot(finals, expert, out):
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  methods = list(dict.fromkeys(r["method"] for r in finals))
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-  methods = list(dict.fromkeys(r["method"] for r in runs))
-  top = _top_k(runs[0]["metrics"])
+  top = max((k for k in finals[0]["metrics"][-1] if k.startswith("eval/pass@")), key=lambda k: int(k.split("@")[1]))
   for method in methods:
-    mine = [r for r in runs if r["method"] == method]
+    mine = [r["metrics"] for r in finals if r["method"] == method]
     for ax, key in zip(axes, ("eval/pass@1", top), strict=True):
-      rows = [[(m["samples/train_tokens"], m[key]) for m in r["metrics"] if key in m] for r in mine]
+      rows = [[(m["samples/train_tokens"], m[key]) for m in run if key in m] for run in mine]
       n = min(len(x) for x in rows)
-      xs = np.mean([[p[0] for p in x[:n]] for x in rows], 0)
-      ys = np.array([[p[1] for p in x[:n]] for x in rows])
-      (line,) = ax.plot(xs, ys.mean(0), marker="o", ms=3, label=method)
-      ax.fill_between(xs, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15)
+      _band(ax, np.mean([[p[0] for p in x[:n]] for x in rows], 0), [[p[1] for p in x[:n]] for x in rows], method)
   for ax, key in zip(axes, ("Pass@1", top.split("/")[1].replace("pass", "Pass")), strict=True):
-    ax.set(xlabel="sampled training tokens", ylabel=f"held-out {key}", title=key)
+    ax.set(xlabel="sampled training tokens", ylabel=f"validation {key}", title=key)
   axes[0].legend(fontsize=8)
-  seeds = sorted({r["seed"] for r in runs})
-  fig.suptitle(f"arith, {expert} expert: mean over seeds {seeds}, band = min..max", fontsize=9)
+  seeds = sorted({r["seed"] for r in finals})
+  fig.suptitle(f"arith, {expert} expert, chosen rates: mean over seeds {seeds}, band = 95% t-interval", fontsize=9)
   fig.tight_layout()
   fig.savefig(os.path.join(out, f"arith_{expert}_curves.png"), dpi=120)
 
   fig, ax = plt.subplots(figsize=(5, 3.8))
+  keys = pass_keys(finals[0])
+  ks = [int(k.split("@")[1]) for k in keys]
   for method in methods:
-    mine = [r["final"] for r in runs if r["method"] == method]
-    ks = sorted(int(k.split("@")[1]) for k in mine[0] if k.startswith("eval/pass@"))
-    ys = np.array([[f[f"eval/pass@{k}"] for k in ks] for f in mine])
-    (line,) = ax.plot(ks, ys.mean(0), marker="o", ms=3, label=method)
-    ax.fill_between(ks, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15)
-  ax.set(xscale="log", xlabel="N (samples per prompt)", ylabel="held-out Pass@N", title="Pass@N at the end")
+    _band(ax, ks, [[r["test"][k] for k in keys] for r in finals if r["method"] == method], method)
+  ax.set(xscale="log", xlabel="N (samples per prompt)", ylabel="test Pass@N", title="Pass@N at the end (test)")
   ax.set_xticks(ks, [str(k) for k in ks])
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(os.path.join(out, f"arith_{expert}_passk.png"), dpi=120)
 
 
-def summarize(runs):
-  table = {}
-  top = _top_k(runs[0]["metrics"])
-  name = top.split("/")[1]
-  for method in dict.fromkeys(r["method"] for r in runs):
-    mine = [r for r in runs if r["method"] == method]
-    start = [r["metrics"][0]["eval/pass@1"] for r in mine]
-    end1 = [r["metrics"][-1]["eval/pass@1"] for r in mine]
-    end_top = [r["metrics"][-1][top] for r in mine]
-    table[method] = {
-      "seeds": [r["seed"] for r in mine],
-      "pass@1_start": float(np.mean(start)),
-      "pass@1_end_mean": float(np.mean(end1)),
-      "pass@1_end_std": float(np.std(end1)),
-      f"{name}_end_mean": float(np.mean(end_top)),
-      f"{name}_end_std": float(np.std(end_top)),
-      "final_pass@k": {
-        k: float(np.mean([r["final"][k] for r in mine])) for k in mine[0]["final"] if k.startswith("eval/pass@")
-      },
-      "sampled_tokens": float(np.mean([r["metrics"][-1]["samples/train_tokens"] for r in mine])),
-      "wall_seconds_mean": float(np.mean([r["wall_seconds"] for r in mine if r["wall_seconds"]] or [0.0])),
-    }
-  return table
-
-
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--expert", choices=("oracle", "self", "self_live", "self_sibling"), default="oracle")
-  ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+  ap.add_argument("--expert", choices=tuple(PRESETS), default="oracle")
+  ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+  ap.add_argument("--lrs", type=float, nargs="+", default=list(LRS))
+  ap.add_argument("--select_seed", type=int, default=0)
+  ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
   ap.add_argument("--out", default="docs")
   ap.add_argument("--workdir", default="/tmp/distil-compare")
-  ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+  ap.add_argument("--size", choices=tuple(SIZES), default="small")
   ap.add_argument("--smoke", action="store_true")
   args = ap.parse_args()
-  runs = run_all(args.expert, args.seeds, args.workdir, args.smoke, args.methods)
+  t0 = time.time()
+  cmp = Comparison(args.expert, args.workdir, args.smoke, args.size)
+  selection, finals = run_protocol(cmp, args.methods, args.seeds, args.lrs, args.select_seed)
+  summary = summarize(selection, finals)
+  protocol = {
+    "expert": args.expert,
+    "preset": PRESETS[args.expert],
+    "size": args.size,
+    "lrs": args.lrs,
+    "select_seed": args.select_seed,
+    "seeds": args.seeds,
+    "final_eval": cmp.final,
+    "interval": "95% Student-t over seeds; paired differences seed by seed with the exact sign test",
+    "smoke": args.smoke,
+    "wall_seconds_total": time.time() - t0,
+  }
   os.makedirs(args.out, exist_ok=True)
-  table = summarize(runs)
-  with open(os.path.join(args.out, f"arith_{args.expert}.json"), "w") as f:
-    json.dump({"table": table, "runs": runs}, f, indent=1)
-  plot(runs, args.expert, args.out)
-  print(json.dumps(table, indent=1))
+  with open(os.path.join(args.out, f"arith_{cmp.name}.json"), "w") as f:
+    json.dump({"protocol": protocol, **summary, "runs": finals}, f, indent=1)
+  plot(finals, cmp.name, args.out)
+  print(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,17 +1,25 @@
 """Is the `self` expert a better policy than the student? Self-distillation can only help if it is.
 
-For a checkpoint (e.g. the comparison's warm-up), on held-out prompts: the student's Pass@1 from the plain prompt,
-and the Pass@1 of the same parameters re-prompted the way the `self` expert is (`expert.reprompt`), with
-  - own feedback: the verifier's feedback on one of the student's own responses (the expert's view of a failure);
-  - sibling: a correct solution in context (the expert's view when a sibling response in the group succeeded;
-    here the reference solution).
-Samples at temperature 1; Pass@1 from `samples` responses per prompt.
+For a checkpoint (e.g. the comparison's warm-up) and held-out prompts (`eval.split`), with the same parameters:
+  from the prompt   Pass@1 of the student, and of the re-prompted student (as the `self` expert is) shown
+                    - own:       the verifier's feedback on one of the student's own responses;
+                    - sibling:   a correct solution (what it sees when a sibling succeeded; here the reference);
+                    - reference: the reference solution and the verdict on the student's response
+                                 (`expert.feedback="reference"`, privileged information as in OPSD);
+  at the student's states   DistIL labels the states the student visits, so the question that matters is whether
+                    the teacher finishes better than the student *from the student's own prefixes*. For every
+                    response the expert would label (the config's `expert.feedback`, exactly `experts.reprompt_texts`),
+                    one state y_<t is drawn with t uniform over the response's positions; the student (plain prompt)
+                    and the teacher (its re-prompt) each continue from it once, and the completed response is
+                    verified. Reported: both success rates, their difference with a 95% t-interval over prompts, and
+                    whether the teacher is better (the interval's lower end above 0).
+Samples at temperature 1. A re-prompt longer than `expert.max_prompt_tokens` is left out, as the expert leaves it
+unlabelled in training (counted). The teacher is the checkpoint's parameters (an EMA teacher equals them at a warm-up).
 
-  python -m experiments.teacher_quality --config=configs/arith.py:compare_self \\
-    --workdir=/tmp/distil-compare/self/warmup_seed0 --out docs/arith_self_teacher.json
+  python -m experiments.teacher_quality --config=configs/arith.py:compare_self_reference \\
+    --workdir=/tmp/distil-compare/self_reference/warmup_seed0 --out docs/arith_self_reference_teacher_seed0.json
 """
 
-import dataclasses
 import json
 
 import jax
@@ -19,61 +27,125 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from distil_jax import evaluate, experts, rollout, train
+from distil_jax import data, evaluate, experts, rollout, sampler, train
+from experiments import stats
 
 config_flags.DEFINE_config_file("config", None, "Config file (the run's).", lock_config=True)
 flags.DEFINE_string("workdir", None, "A workdir holding a checkpoint.", required=True)
 flags.DEFINE_string("out", None, "JSON file to write the figures to.")
-flags.DEFINE_integer("samples", 8, "Responses per prompt.")
+flags.DEFINE_integer("samples", 8, "Responses per prompt (even and >= 4 when the expert reads siblings).")
+flags.DEFINE_integer("chunk", 512, "Rows per sampler call (the last call is padded to it).")
 FLAGS = flags.FLAGS
 
 
-def pass_at_1(run, params, problems, rng, config):
-  """(Pass@1, the rollouts) of `params` on `problems`."""
-  r = rollout.rollout(
-    run.graphdef,
-    params,
-    problems,
-    rng,
-    config=config,
-    tok=run.tok,
-    task=run.task,
-    mesh=run.mesh,
-    samples_per_prompt=FLAGS.samples,
-    sampling_cfg=rollout.sampling_config(config, run.tok),
+def sample_ids(run, params, id_rows, rng, sampling_cfg):
+  """Responses (token rows, lengths) to prompts given as id lists, in chunks of `--chunk` rows, every chunk of one
+  shape [chunk, the expert's prompt width + the response length] (one compilation for the whole script)."""
+  c = run.config
+  tokens, lengths = [], []
+  width = max(c.expert.max_prompt_tokens, c.sampling.max_prompt_tokens) + c.sampling.max_new_tokens
+  n, chunk = len(id_rows), FLAGS.chunk
+  rows = list(id_rows) + [id_rows[0]] * (-n % chunk)
+  for i, start in enumerate(range(0, len(rows), chunk)):
+    prompt, mask = sampler.left_pad(rows[start : start + chunk], (width,), run.tok.pad_id)
+    glob = data.to_global({"t": prompt, "m": mask}, run.mesh)
+    out = sampler.generate(run.graphdef, params, glob["t"], glob["m"], jax.random.fold_in(rng, i), sampling_cfg)
+    tokens.append(np.asarray(jax.device_get(out.tokens)))
+    lengths.append(np.asarray(jax.device_get(out.lengths)))
+  return np.concatenate(tokens)[:n], np.concatenate(lengths)[:n]
+
+
+def pass_at_1(run, params, problems, prompts, rng, sampling_cfg, prefixes=None):
+  """[rows] 1.0 where the response to `prompts[i]` (text), appended to `prefixes[i]`, solves `problems[i]`."""
+  ids = [run.tok.prompt_ids(text, run.config.tokenizer.add_bos) for text in prompts]
+  if prefixes is not None:
+    ids = [i + list(p) for i, p in zip(ids, prefixes, strict=True)]
+  tokens, lengths = sample_ids(run, params, ids, rng, sampling_cfg)
+  prefix_texts = [run.tok.text_of(p) for p in prefixes] if prefixes is not None else [""] * len(prompts)
+  return np.array(
+    [
+      run.task.verify(p, before + run.tok.text_of(row[:n])).correct
+      for p, before, row, n in zip(problems, prefix_texts, tokens, lengths, strict=True)
+    ],
+    np.float64,
   )
-  return evaluate.summarize([[v.correct for v in row] for row in r.verdicts], (1,))["pass@1"], r
 
 
 def main(_):
   c = FLAGS.config
   run = train.Run.build(c, FLAGS.workdir)
-  params, _ = run.restore_params()
-  problems = run.task.problems("eval")[: c.eval.num_prompts]
-  wide = c.copy_and_resolve_references()  # re-prompts are longer: sample them with the expert's prompt width
-  wide.sampling.update(max_prompt_tokens=c.expert.max_prompt_tokens, prompt_buckets=(c.expert.max_prompt_tokens,))
-  keys = jax.random.split(jax.random.key(c.seed), 3)
+  params, meta = run.restore_params()
+  problems = evaluate.held_out(run.task, c.eval.split)[: c.eval.num_prompts]
+  g = FLAGS.samples
+  base = rollout.sampling_config(c, run.tok)
+  template, width = c.expert.reprompt, c.expert.max_prompt_tokens
+  fits = lambda text: len(run.tok.prompt_ids(text, c.tokenizer.add_bos)) <= width
+  keys = jax.random.split(jax.random.key(c.seed), 6)
   with jax.set_mesh(run.mesh):
-    student, r = pass_at_1(run, params, problems, keys[0], c)
+    r = rollout.rollout(
+      run.graphdef, params, problems, keys[0], config=c, tok=run.tok, task=run.task, mesh=run.mesh,
+      samples_per_prompt=g, sampling_cfg=base,
+    )  # fmt: skip
+    student = np.array([[v.correct for v in row] for row in r.verdicts], np.float64)
+    out = {"student/pass@1": float(student.mean())}
 
-    def reprompt(p, feedback):  # as the expert sees it: its last `expert.max_prompt_tokens` tokens
-      ids = run.tok.encode(c.expert.reprompt.format(prompt=p.prompt, feedback=feedback))
-      return dataclasses.replace(p, prompt=run.tok.text_of(ids[-c.expert.max_prompt_tokens :]))
-
-    own = [reprompt(p, v[0].feedback) for p, v in zip(problems, r.verdicts, strict=True)]
-    sibling = [reprompt(p, experts.SIBLING + p.reference) for p in problems]
-    wrong = np.array([not v[0].correct for v in r.verdicts])
-    own_all, r_own = pass_at_1(run, params, own, keys[1], wide)
-    own_wrong = float(np.mean([np.mean([v.correct for v in row]) for row, w in zip(r_own.verdicts, wrong) if w]))
-    out = {
-      "student/pass@1": student,
-      "self_expert_own_feedback/pass@1": own_all,
-      "self_expert_own_feedback/pass@1_after_a_wrong_response": own_wrong,
-      "self_expert_sibling/pass@1": pass_at_1(run, params, sibling, keys[2], wide)[0],
-      "prompts": len(problems),
-      "samples": FLAGS.samples,
+    # -- From the prompt: the re-prompted student's own solutions ---------------------------------------------------
+    shown = {
+      "own_feedback": [v[0].feedback for v in r.verdicts],
+      "sibling": [experts.SIBLING + p.reference for p in problems],
+      "reference": [experts.reference_feedback(p, v[0]) for p, v in zip(problems, r.verdicts, strict=True)],
     }
+    first_wrong = np.array([not v[0].correct for v in r.verdicts])
+    for i, (name, feedback) in enumerate(shown.items()):
+      prompts = [template.format(prompt=p.prompt, feedback=f) for p, f in zip(problems, feedback, strict=True)]
+      kept = np.array([fits(t) for t in prompts])
+      rows = [(p, t) for p, t, k in zip(problems, prompts, kept, strict=True) if k for _ in range(g)]
+      per_prompt = pass_at_1(run, params, *zip(*rows, strict=True), keys[1 + i], base).reshape(-1, g).mean(1)
+      out[f"self_expert_{name}/pass@1"] = float(per_prompt.mean())
+      out[f"self_expert_{name}/prompts_left_out"] = int(np.sum(~kept))
+      if name == "own_feedback" and np.any(first_wrong[kept]):
+        out["self_expert_own_feedback/pass@1_after_a_wrong_response"] = float(per_prompt[first_wrong[kept]].mean())
+
+    # -- At the student's states ------------------------------------------------------------------------------------
+    texts, valid = experts.reprompt_texts(r, template, c.expert.feedback == "sibling", c.expert.feedback)
+    pick = np.random.default_rng(c.seed)
+    rows = []  # (prompt index, problem, teacher text, prefix ids)
+    for b, p in enumerate(problems):
+      for j in range(g):
+        length = int(r.mask[b, j].sum())
+        if valid[b, j] and length and fits(texts[b][j]):
+          rows.append((b, p, texts[b][j], r.tokens[b, j, : int(pick.integers(0, length))]))
+    if not rows:
+      raise ValueError("the expert labels none of the student's responses here: nothing to compare")
+    index, probs, teacher_texts, prefixes = zip(*rows, strict=True)
+    s_ok = pass_at_1(run, params, probs, [p.prompt for p in probs], keys[4], base, prefixes)
+    t_ok = pass_at_1(run, params, probs, teacher_texts, keys[5], base, prefixes)
+  index = np.array(index)
+  per_prompt = [float(np.mean(t_ok[index == b] - s_ok[index == b])) for b in sorted(set(index.tolist()))]
+  diff = stats.mean_ci(per_prompt)
+  better = diff["ci"] is not None and diff["ci"][0] > 0
+  out.update(
+    {
+      "at_student_states/feedback": c.expert.feedback,
+      "at_student_states/student_pass": float(s_ok.mean()),
+      "at_student_states/teacher_pass": float(t_ok.mean()),
+      "at_student_states/teacher_minus_student": diff,
+      "at_student_states/states": len(rows),
+      "at_student_states/responses_unlabelled": int(np.sum(valid == 0)),
+      "teacher_better_at_student_states": bool(better),
+      "checkpoint_iteration": meta["iteration"],
+      "split": c.eval.split,
+      "prompts": len(problems),
+      "samples": g,
+    }
+  )
   print(json.dumps(out))
+  verdict = "IS" if better else "is NOT (95% interval of the difference reaches 0 or below)"
+  print(
+    f"The self expert (feedback={c.expert.feedback!r}) {verdict} a better policy than the student at the student's "
+    f"own states: it completes {out['at_student_states/teacher_pass']:.3f} of {len(rows)} states, the student "
+    f"{out['at_student_states/student_pass']:.3f}."
+  )
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
       json.dump(out, f, indent=1)

@@ -6,7 +6,8 @@
 #
 # Creates the VM if it does not exist (set TPU_VERSION for the runtime image), copies this repository's committed
 # tree to all workers, installs it with jax[tpu], and starts the same command on every worker with
-# --distributed (jax.distributed.initialize() finds the other workers from the TPU metadata).
+# --distributed (jax.distributed.initialize() finds the other workers from the TPU metadata; JAX_COORDINATOR_ADDRESS,
+# JAX_NUM_PROCESSES and JAX_PROCESS_ID override it). A worker that dies stops the others within --peer_timeout_s.
 set -euo pipefail
 if [[ $# -lt 2 ]]; then
   sed -n '2,10p' "$0"; exit 2

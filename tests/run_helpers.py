@@ -26,6 +26,19 @@ def load_config(name: str, arg: str | None = "runlocal", **overrides):
   return config
 
 
+def rot_one_bit(item_folder, name: str, index) -> None:
+  """Flip one bit of one stored float32 element of an orbax item through tensorstore: the bytes on disk change and
+  still decode (orbax compresses its chunks, so a raw flip would mostly garble the stream instead); the damage
+  only a content checksum sees. `name` is orbax's key ("model.layers.0.mlp.down_proj.kernel")."""
+  import numpy as np
+  import tensorstore as ts
+
+  spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{item_folder}/"}, "path": name}
+  arr = ts.open(spec).result()
+  bits = np.asarray(arr[index].read().result()).view(np.uint32) ^ np.uint32(1 << 20)
+  arr[index].write(bits.view(np.float32)).result()
+
+
 def run_main(*args, timeout=600, env=None):
   """`python -m distil_jax.main ...` in a fresh process (one CPU device, as on a user's machine)."""
   full_env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -41,9 +54,11 @@ def run_main(*args, timeout=600, env=None):
 
 
 class FakeExpertServer:
-  """A local OpenAI-compatible endpoint: /tokenize with a given tokenizer, /v1/completions with echo + top-k
-  logprobs keyed "token_id:N" (the true next token gets log 0.6, the next ids 0.1 each). `mode="garbage"` answers
-  with HTML instead of JSON."""
+  """A local OpenAI-compatible endpoint: /tokenize with a given tokenizer, /v1/completions with echo (the prompt's
+  tokens, then one generated) + top-k logprobs keyed "token_id:N" (the true next token gets log 0.6, the next ids
+  0.1 each), as vLLM answers with `return_tokens_as_token_ids`. Broken servers: `mode="garbage"` answers with HTML
+  instead of JSON; "nan" and "positive" put NaN or +3.0 at one position; "bos" scores its own BOS in front of the
+  prompt (every position shifted by one); "overfull" gives one position k probabilities of 0.5 each."""
 
   def __init__(self, tokenizer, mode="ok"):
     server = self
@@ -61,13 +76,25 @@ class FakeExpertServer:
           payload = json.dumps({"tokens": server.tokenizer.encode(body["prompt"])}).encode()
         else:
           ids, k, vocab = body["prompt"], body["logprobs"], server.tokenizer.vocab_size
+          if server.mode == "bos":
+            ids = [server.tokenizer.bos_id, *ids]
           top = [None]
           for tid in ids[1:]:
             entry = {f"token_id:{tid}": math.log(0.6)}
             for j in range(1, k):
               entry[f"token_id:{(tid + j) % vocab}"] = math.log(0.1)
             top.append(entry)
-          payload = json.dumps({"choices": [{"text": "", "logprobs": {"top_logprobs": top}}]}).encode()
+          last = f"token_id:{ids[-1]}"
+          if server.mode == "nan":
+            top[-1][last] = float("nan")
+          elif server.mode == "positive":
+            top[-1][last] = 3.0
+          elif server.mode == "overfull":  # each a probability, together k / 2 > 1
+            top[-1] = {key: math.log(0.5) for key in top[-1]}
+          tokens = [f"token_id:{t}" for t in ids] + [f"token_id:{server.tokenizer.eos_id}"]
+          top.append({tokens[-1]: 0.0})
+          logprobs = {"tokens": tokens, "top_logprobs": top}
+          payload = json.dumps({"choices": [{"text": "", "logprobs": logprobs}]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))

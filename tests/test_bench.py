@@ -43,6 +43,12 @@ from run_helpers import ROOT
       ["--vocab", "4096", "--tokens", "512", "--dim", "64", "--batch", "4", "--topk", "8"],
       {"loss_temp_bytes_naive", "loss_temp_bytes_fused", "loss_temp_ratio_fused_over_naive"},
     ),
+    ("bench.grader", ["--problems", "10"], {"grader_seconds_per_problem"}),
+    (
+      "bench.loss_chunk",
+      ["--vocab", "512", "--tokens", "64", "--dim", "32", "--chunks", "4,16", "--naive"],
+      {"loss_fused_seconds", "loss_naive_seconds", "loss_best_chunk"},
+    ),
   ],
 )
 def test_benchmark_prints_its_figures(module, args, figures):

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from run_helpers import ROOT, load_config
 
-from distil_jax import config_base, losses, sharding, train
+from distil_jax import config_base, losses, sharding, train, validate
 from distil_jax import model as model_lib
 
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -37,7 +37,7 @@ def test_config_loads_and_builds(name, arg):
   assert set(_keys(config)) == set(_keys(config_base.get_config())), "a config may set only the base's keys"
   losses.LossConfig(**config.loss)  # a valid loss
   assert config.expert.kind in ("oracle", "self", "model", "http")
-  train._check(config, sharding.make_mesh({"fsdp": 1}, jax.devices()[:1]))  # batch sizes fit a mesh
+  validate.config(config, devices=1, processes=1)  # every value in range, batch sizes fit a mesh
   tiny = train.model_config(config, vocab_size=50)
   tiny = model_lib.ModelConfig(
     **{

@@ -1,15 +1,22 @@
-"""The evidence experiments: signs of the bandit claim, the credit-assignment claim, and smoke runs of the scripts."""
+"""The evidence experiments: signs of the bandit claim, the credit-assignment claim, the protocol's statistics and
+prompt split, privileged (`reference`) feedback, and smoke runs of the scripts."""
 
+import ast
 import json
+import math
 import os
+import re
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
-from run_helpers import ROOT
+import pytest
+from run_helpers import ROOT, load_config
 
-from experiments import bandit, credit_assignment
+from distil_jax import evaluate, experts, tasks, train
+from experiments import arith_comparison, bandit, credit_assignment, gradient_variance, stats
 
 
 def test_bandit_worked_case_signs():
@@ -61,32 +68,238 @@ def test_experiment_scripts_run(tmp_path, monkeypatch):
   jax.clear_caches()
 
 
-def test_comparison_script_smoke(tmp_path, monkeypatch):
-  """The arith comparison end to end on tiny settings, one method: warm-up, run from it, Pass@N sweep, plots."""
-  from experiments import arith_comparison
+# -- The protocol's statistics -----------------------------------------------------------------------------------------
 
-  argv = [
-    "cmp",
-    "--smoke",
-    "--seeds",
-    "0",
-    "--methods",
-    "DistIL",
-    "--out",
-    str(tmp_path),
-    "--workdir",
-    str(tmp_path / "runs"),
-  ]
-  monkeypatch.setattr("sys.argv", argv)
+
+def _t_mass_by_integration(t, df):
+  """P(|T| <= t) by the trapezoid rule on Student's density: independent of the closed form under test."""
+  x = np.linspace(0.0, t, 200_001)
+  log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+  density = np.exp(log_c - (df + 1) / 2 * np.log1p(x**2 / df))
+  return 2 * float(np.sum((density[1:] + density[:-1]) / 2 * np.diff(x)))
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 4, 5, 8, 9])
+def test_t_distribution_against_integration_and_closed_forms(df):
+  for t in (0.3, 1.0, 2.5, 6.0):
+    np.testing.assert_allclose(stats.t_two_sided_mass(t, df), _t_mass_by_integration(t, df), atol=1e-8)
+  q = stats.t_quantile(0.95, df)
+  np.testing.assert_allclose(_t_mass_by_integration(q, df), 0.95, atol=1e-8)
+  if df == 1:  # Cauchy: the 97.5% quantile is tan(0.475 pi)
+    np.testing.assert_allclose(q, math.tan(0.475 * math.pi), rtol=1e-10)
+  if df == 2:  # t_p = (2p - 1) / sqrt(2 p (1 - p))
+    np.testing.assert_allclose(q, 0.95 / math.sqrt(2 * 0.975 * 0.025), rtol=1e-10)
+
+
+def test_mean_ci_and_paired_differences_by_hand():
+  """[1..5]: mean 3, sd sqrt(2.5), half width t_{0.975,4} sqrt(2.5 / 5) with t_{0.975,4} = 2.776445105 (tables)."""
+  ci = stats.mean_ci([1, 2, 3, 4, 5])
+  np.testing.assert_allclose(ci["half_width"], 2.776445105 * math.sqrt(0.5), rtol=1e-8)
+  np.testing.assert_allclose(ci["ci"], [3 - ci["half_width"], 3 + ci["half_width"]])
+  assert stats.mean_ci([0.4])["ci"] is None  # one seed: no interval, not a zero-width one
+  p = stats.paired({0: 0.5, 1: 0.7, 2: 0.6, 3: 0.9}, {0: 0.4, 1: 0.7, 2: 0.8})  # seed 3 has no partner
+  assert p["seeds"] == [0, 1, 2]
+  np.testing.assert_allclose(p["diffs"], [0.1, 0.0, -0.2], atol=1e-12)
+  assert (p["sign_test"]["n"], p["sign_test"]["ties"]) == (2, 1)
+
+
+def test_sign_test_exact_binomial():
+  """Zeros dropped; n = 5 all positive: two-sided 2/32, one-sided 1/32; 4 of 5: 2 (1 + 5)/32 and (5 + 1)/32."""
+  t = stats.sign_test([0.1, 0.2, 0.3, 0.05, 0.4])
+  assert (t["p_two_sided"], t["p_greater"]) == (2 / 32, 1 / 32)
+  t = stats.sign_test([0.1, 0.2, 0.3, 0.05, -0.4, 0.0])
+  assert (t["n"], t["ties"], t["p_two_sided"], t["p_greater"]) == (5, 1, 12 / 32, 6 / 32)
+  t = stats.sign_test([-1, -2, -3])
+  assert (t["p_two_sided"], t["p_greater"]) == (2 / 8, 1.0)
+  assert stats.sign_test([0.0, 0.0])["p_two_sided"] == 1.0
+
+
+# -- Three disjoint prompt sets ----------------------------------------------------------------------------------------
+
+
+def test_train_validation_test_are_disjoint_by_problem():
+  """Validation and test partition the held-out prompts by identity (no prompt in both, duplicates included), each
+  holds the protocol's 256, and the training stream never draws a held-out prompt."""
+  config = load_config("arith", "compare")
+  task = tasks.make_task(config.task)
+  val, test = evaluate.held_out(task, "validation"), evaluate.held_out(task, "test")
+  held = [p.prompt for p in task.problems("eval")]
+  assert not {p.prompt for p in val} & {p.prompt for p in test}
+  assert sorted(p.prompt for p in val + test) == sorted(held)  # a partition of the held-out list
+  assert min(len(val), len(test)) >= config.eval.num_prompts == 256
+  train_stream = task.problems("train")
+  assert not {train_stream[i].prompt for i in range(3000)} & set(held)
+  # membership is a function of the prompt alone: a smaller held-out list splits the same way
+  small = tasks.make_task(types.SimpleNamespace(**{**config.task.to_dict(), "eval_size": 100}))
+  assert {p.prompt for p in evaluate.held_out(small, "test")} <= {p.prompt for p in test}
+  with pytest.raises(ValueError, match="eval.split='dev'"):
+    evaluate.held_out(task, "dev")
+
+
+# -- Privileged feedback (expert.feedback="reference") -----------------------------------------------------------------
+
+
+def _rollouts():
+  verdict = lambda ok: experts.Verdict(ok, "correct" if ok else "wrong")
+  return experts.Rollouts(
+    problems=[experts.Problem("p0", "1", "ref0"), experts.Problem("p1", "2", None)],
+    prompt_tokens=np.zeros((2, 1)),
+    prompt_mask=np.ones((2, 1)),
+    tokens=np.zeros((2, 2, 1)),
+    mask=np.ones((2, 2, 1)),
+    logprobs=np.zeros((2, 2, 1)),
+    texts=[["a", "b"], ["c", "d"]],
+    verdicts=[[verdict(False), verdict(True)], [verdict(False), verdict(False)]],
+  )
+
+
+def test_reference_feedback_shows_the_reference_and_the_own_verdict():
+  """Groups of 2 (no halves needed: no sibling is read). Response 0 of prompt 0 is wrong, 1 correct; each is shown the
+  reference solution and its *own* verdict, never a sibling's text. Prompt 1 has no reference: unlabelled."""
+  texts, valid = experts.reprompt_texts(_rollouts(), "{prompt}|{feedback}", feedback="reference")
+  ref = experts.SIBLING + "ref0"
+  assert texts[0] == [f"p0|{ref}; wrong", f"p0|{ref}; correct"]
+  assert valid.tolist() == [[1, 1], [0, 0]]
+  r = _rollouts()  # the default mode is untouched by a verdict whose text happens to name a mode
+  r.verdicts[1] = [experts.Verdict(False, "reference"), experts.Verdict(False, "wrong")]
+  assert experts.reprompt_texts(r, "{prompt}|{feedback}")[0][1] == ["p1|reference", "p1|wrong"]
+  with pytest.raises(ValueError, match="expert.feedback='oracle'"):
+    experts.reprompt_texts(_rollouts(), "{prompt}|{feedback}", feedback="oracle")
+
+
+def test_reference_feedback_keeps_the_whole_group_baseline():
+  """A reference expert reads no sibling: LOO over the whole group (parts 1), and groups of 2 are allowed; the
+  sibling-reading default still needs halves and refuses groups of 2."""
+  tok = types.SimpleNamespace(vocab_size=64)
+  for feedback, parts in (("reference", 1), ("any", 2), ("sibling", 2)):
+    config = load_config("arith", **{"expert.kind": "self", "expert.feedback": feedback})
+    expert = experts.make_expert(config.expert, None, tok)
+    assert expert.reads_siblings == experts.reads_siblings(config.expert) == (parts == 2)
+    assert train.loss_config(config, tok, expert).baseline_parts == parts
+    config.train.group_size = 2
+    if parts == 1:
+      train._check_estimator(config)
+    else:
+      with pytest.raises(ValueError, match="even train.group_size >= 4"):
+        train._check_estimator(config)
+  with pytest.raises(ValueError, match="needs a device expert"):
+    experts.make_expert(load_config("arith", **{"expert.kind": "http", "expert.feedback": "reference"}).expert, 0, tok)
+
+
+# -- Orchestration of the protocol, with a stand-in trainer ------------------------------------------------------------
+
+PLANTED = {  # validation Pass@1 at the end of each grid run (seed 0); the test figure is 0.1 * seed + method offset
+  "DistIL": {1e-4: 0.30, 3e-4: 0.50, 1e-3: 0.40},
+  "GRPO": {1e-4: 0.45, 3e-4: 0.45, 1e-3: 0.20},  # a tie: the smaller rate wins
+  "SFT": {1e-4: 0.10, 3e-4: 0.20, 1e-3: 0.60},
+}
+OFFSET = {"DistIL": 0.3, "GRPO": 0.1, "SFT": 0.35}
+
+
+def _fake_main(calls):
+  def fake(args, log):
+    calls.append(args)
+    flag = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if "=" in a}
+    wd, seed = flag["--workdir"], int(flag["--config.seed"])
+    os.makedirs(os.path.join(wd, "checkpoints"), exist_ok=True)
+    if flag.get("--config.train.iterations") == "0":
+      return 1.0
+    method = next(m for m, f in arith_comparison.METHODS.items() if f[0] in args)
+    lr = float(flag["--config.optim.lr"])
+    if flag.get("--mode") == "eval":
+      assert flag["--config.eval.split"] == "test"
+      figure = OFFSET[method] + 0.1 * seed
+      with open(os.path.join(wd, "eval.jsonl"), "a") as f:
+        f.write(json.dumps({"eval/pass@1": figure, "eval/pass@2": figure + 0.05, "iteration": 2}) + "\n")
+      return 1.0
+    val = PLANTED[method][lr] if seed == 0 else 0.5
+    with open(os.path.join(wd, "metrics.jsonl"), "w") as f:
+      for it in range(3):
+        f.write(json.dumps({"iteration": it, "eval/pass@1": val, "eval/pass@2": val, "samples/train_tokens": it}))
+        f.write("\n")
+    return 2.0
+
+  return fake
+
+
+def test_protocol_selects_on_validation_and_reports_test_once(tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setattr(arith_comparison, "main_process", _fake_main(calls))
+  argv = ["cmp", "--smoke", "--seeds", "0", "1", "2", "--methods", "DistIL", "GRPO", "SFT"]
+  monkeypatch.setattr("sys.argv", [*argv, "--out", str(tmp_path), "--workdir", str(tmp_path / "runs")])
   arith_comparison.main()
-  table = json.loads((tmp_path / "arith_oracle.json").read_text())["table"]
-  assert set(table) == {"DistIL"} and 0 <= table["DistIL"]["pass@1_end_mean"] <= 1
+  out = json.loads((tmp_path / "arith_oracle.json").read_text())
+  assert {m: out["table"][m]["chosen_lr"] for m in PLANTED} == {"DistIL": 3e-4, "GRPO": 1e-4, "SFT": 1e-3}
+  tests = [a for a in calls if "--mode=eval" in a]
+  assert len(tests) == 9  # once per method and seed, at the chosen rate only
+  for args in tests:
+    method = next(m for m in PLANTED if arith_comparison.METHODS[m][0] in args)
+    assert f"--config.optim.lr={out['table'][method]['chosen_lr']!r}" in args
+  trains = [a for a in calls if "--mode=eval" not in a and "--config.train.iterations=0" not in a]
+  assert len(trains) == 3 * 3 + 3 * 2  # the grid on seed 0, then seeds 1 and 2
+  for args in trains:  # every run starts from its own seed's warm-up
+    seed = next(a for a in args if a.startswith("--config.seed=")).split("=")[1]
+    assert any(a.startswith("--config.model.init_from=") and a.endswith(f"warmup_seed{seed}") for a in args)
+  varying = r"--(workdir|config\.(seed|optim\.lr|loss\.|model\.init_from))"
+  shared = {tuple(a for a in args if not re.match(varying, a)) for args in trains}
+  assert len(shared) == 1  # same budget, data and evaluation flags for every method, rate and seed
+  np.testing.assert_allclose(out["table"]["DistIL"]["test"]["pass@1"]["mean"], 0.4)
+  np.testing.assert_allclose(out["table"]["DistIL"]["test"]["pass@1"]["half_width"], 4.302652729749 * 0.1 / 3**0.5 * 1)
+  paired = out["paired_DistIL_minus"]
+  np.testing.assert_allclose(paired["GRPO"]["pass@1"]["diffs"], [0.2, 0.2, 0.2], atol=1e-12)
+  assert paired["GRPO"]["pass@1"]["sign_test"]["p_two_sided"] == 2 / 8
+  assert paired["SFT"]["pass@1"]["sign_test"]["negative"] == 3
   assert (tmp_path / "arith_oracle_curves.png").exists() and (tmp_path / "arith_oracle_passk.png").exists()
-  # The self-expert diagnostic on that warm-up (same tiny model flags): four figures, each a probability.
-  out = tmp_path / "teacher.json"
-  cmd = [sys.executable, "-m", "experiments.teacher_quality", "--config=configs/arith.py:compare_self"]
-  cmd += [*arith_comparison.SMOKE, f"--workdir={tmp_path / 'runs' / 'oracle' / 'warmup_seed0'}", f"--out={out}"]
+
+
+def test_method_flags_cannot_change_the_budget(monkeypatch):
+  monkeypatch.setitem(arith_comparison.METHODS, "cheat", ["--config.loss.kind=sft", "--config.train.iterations=80"])
+  with pytest.raises(ValueError, match="cheat: --config.train.iterations=80"):
+    arith_comparison.check_budget_is_shared()
+
+
+def test_gradient_part_statistics_by_hand():
+  """Rows (1, 0), (3, 0): mean (2, 0); variance ((1)^2 + (1)^2) / 1 = 2; |E g|^2 estimate 4 - 2 / 2 = 3."""
+  s = gradient_variance.part_stats(np.array([[1.0, 0.0], [3.0, 0.0]]))
+  assert (s["mean_norm"], s["variance"], s["signal"], s["signal_to_noise"]) == (2.0, 2.0, 3.0, 1.5)
+
+
+# -- The scripts end to end on tiny settings ---------------------------------------------------------------------------
+
+
+def _smoke_config(preset):
+  config = load_config("arith", preset)
+  for flag in arith_comparison.SMOKE:
+    key, value = flag.removeprefix("--config.").split("=", 1)
+    section, field = key.split(".")
+    config[section][field] = ast.literal_eval(value)
+  return config
+
+
+def test_scripts_smoke_privileged_feedback(tmp_path, monkeypatch):
+  """The protocol on tiny settings with the reference-feedback self expert (warm-up with re-prompts, a DistIL run
+  whose teacher reads the reference, the test evaluation), then the teacher-quality check on the warm-up and the
+  gradient-variance measurement on the run."""
+  argv = ["cmp", "--smoke", "--expert", "self_reference", "--seeds", "0", "--lrs", "1e-3", "--methods", "DistIL"]
+  monkeypatch.setattr("sys.argv", [*argv, "--out", str(tmp_path), "--workdir", str(tmp_path / "runs")])
+  arith_comparison.main()
+  out = json.loads((tmp_path / "arith_self_reference.json").read_text())
+  run = out["runs"][0]
+  assert "--config.expert.kind=self" in run["command"] and 0 <= run["test"]["eval/pass@1"] <= 1
+  assert run["metrics"][-1]["rollout/feedback_valid"] > 0  # the reference labels responses, right or wrong
+  warm = tmp_path / "runs" / "self_reference" / "warmup_seed0"
+  cmd = [sys.executable, "-m", "experiments.teacher_quality", "--config=configs/arith.py:compare_self_reference"]
+  cmd += [*arith_comparison.SMOKE, f"--workdir={warm}", f"--out={tmp_path / 'tq.json'}", "--samples=4", "--chunk=16"]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  subprocess.run([*cmd, "--samples=2"], check=True, cwd=ROOT, env=env, capture_output=True)
-  figures = json.loads(out.read_text())
-  assert figures["prompts"] == 4 and all(0 <= v <= 1 for k, v in figures.items() if "pass@1" in k)
+  subprocess.run(cmd, check=True, cwd=ROOT, env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True)
+  tq = json.loads((tmp_path / "tq.json").read_text())
+  assert tq["prompts"] == 4 and tq["at_student_states/feedback"] == "reference"
+  assert all(0 <= v <= 1 for k, v in tq.items() if k.endswith(("pass@1", "_pass")))
+  assert isinstance(tq["teacher_better_at_student_states"], bool)
+  config = _smoke_config("compare_self_reference")
+  config.update_from_flattened_dict({"expert.kind": "self", "mesh.num_devices": 1})
+  figures = gradient_variance.measure(config, run["workdir"], minibatches=2)
+  assert sorted(figures) == [1, 2]  # every kept checkpoint (smoke: one per iteration, two kept)
+  for f in figures.values():
+    assert f["local"]["variance"] > 0 and f["score"]["variance"] > 0 and -1 <= f["cosine_local_score"] <= 1
+  jax.clear_caches()

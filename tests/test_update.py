@@ -135,3 +135,49 @@ def test_nonfinite_guard_is_a_branch_not_a_pass_over_the_state():
   shape = "f32[" + ",".join(map(str, params["lm_head"]["kernel"].shape)) + "]"  # a shape only the LM head has
   selects = [line for line in hlo.splitlines() if re.search(rf"= {re.escape(shape)}\S* select\(", line)]
   assert all("/cond/" in line for line in selects), selects  # e.g. optax's clipping: inside the update branch
+
+
+def _bytes_on(tree, device):
+  return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == device)
+
+
+def test_optimizer_state_is_sharded_like_the_parameters():
+  """fsdp=8: Adam's mu and nu carry their parameter's sharding, and a device holds about 3x its parameter bytes.
+
+  The bound (<= 3.3x) is params + mu + nu (3x) plus replicated scalars; moments replicated on every device (the bug
+  this guards) give ~15x at this shape.
+  """
+  mesh = sharding.make_mesh({"fsdp": 8})
+  _, params = sharding.init_params(lambda: model_lib.Transformer(CFG, rngs=nnx.Rngs(0)), mesh)
+  tx = update.make_optimizer(OPTIM, 10)
+  state = update.init_state(tx, params, mesh)
+  flat_params = dict(jax.tree_util.tree_leaves_with_path(params))
+  moments = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state["opt_state"]):
+    names = [getattr(k, "name", None) for k in path]
+    if "mu" in names or "nu" in names:
+      moments += 1
+      param_path = path[names.index("mu" if "mu" in names else "nu") + 1 :]
+      assert leaf.sharding.is_equivalent_to(flat_params[param_path].sharding, leaf.ndim), jax.tree_util.keystr(path)
+    else:
+      assert leaf.sharding.is_fully_replicated, jax.tree_util.keystr(path)
+  assert moments == 2 * len(flat_params)
+  sharded = [x for x in flat_params.values() if not x.sharding.is_fully_replicated]
+  assert sharded, "the test model must have fsdp-sharded parameters"
+  device = jax.devices()[0]
+  ratio = _bytes_on(state, device) / _bytes_on(params, device)
+  assert 2.9 < ratio <= 3.3, ratio
+
+
+def test_batch_rows_are_checked_where_they_are_built():
+  """The layout names every field once; a row builder that drops a field or gets a shape wrong is stopped there."""
+  from distil_jax import batch as batch_lib
+
+  layout = batch_lib.fields(prompt=P, new=N, group=G, labels="topk", top_k=K)
+  rows = {k: v for k, v in _batch().items() if k in layout}
+  checked = batch_lib.check(rows, layout)
+  assert {k: (v.shape[1:], v.dtype.name) for k, v in checked.items()} == layout
+  with pytest.raises(ValueError, match="differ from the layout"):
+    batch_lib.check({k: v for k, v in rows.items() if k != "reward"}, layout)
+  with pytest.raises(ValueError, match="'tokens' has rows of shape"):
+    batch_lib.check({**rows, "tokens": rows["tokens"][:, :, :-1]}, layout)

@@ -1,5 +1,6 @@
 """Tasks: prompts, a verifier with rich feedback, and (built-in tasks) an oracle expert."""
 
+from distil_jax.errors import ConfigError
 from distil_jax.tasks.arith import ArithTask
 from distil_jax.tasks.base import DataError, Problem, Task, Verdict
 from distil_jax.tasks.code import CodeTask
@@ -12,7 +13,7 @@ TASKS = {"arith": ArithTask, "math": MathTask, "code": CodeTask, "science": Scie
 def make_task(cfg) -> Task:
   """The task named `cfg.name`, configured by `cfg` (the config's `task` section)."""
   if cfg.name not in TASKS:
-    raise ValueError(f"task.name={cfg.name!r}; expected one of {sorted(TASKS)}")
+    raise ConfigError(f"task.name={cfg.name!r}: expected one of {sorted(TASKS)}")
   return TASKS[cfg.name](cfg)
 
 

@@ -16,6 +16,7 @@ from sympy.parsing.sympy_parser import parse_expr, standard_transformations
 
 from distil_jax.tasks import chain as chain_lib
 from distil_jax.tasks.arith import ChainProblems, _LazyList
+from distil_jax.tasks.base import MAX_RECORD_BYTES as MAX_BYTES
 from distil_jax.tasks.base import Problem, Verdict, read_jsonl, split_records
 
 FORMAT = chain_lib.AnswerFormat("\\boxed{", "}")
@@ -64,10 +65,17 @@ class MathTask:
   def __init__(self, cfg):
     self.cfg = cfg
     if cfg.train_path:
-      records = read_jsonl(cfg.train_path, ["question", "answer"], {"question": str})
+      records = read_jsonl(
+        cfg.train_path, ["question", "answer"], {"question": str}, max_bytes=cfg.get("max_record_bytes", MAX_BYTES)
+      )
       self._records = split_records(
         [
-          Problem(cfg.prompt_template.format(question=r["question"]), str(r["answer"]), r.get("solution"))
+          Problem(
+            cfg.prompt_template.format(question=r["question"]),
+            str(r["answer"]),
+            r.get("solution"),
+            source=f"{r.where}:question",
+          )
           for r in records
         ],
         cfg.eval_size,

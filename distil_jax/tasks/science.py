@@ -13,6 +13,7 @@ import string
 import numpy as np
 
 from distil_jax.tasks import chain as chain_lib
+from distil_jax.tasks.base import MAX_RECORD_BYTES as MAX_BYTES
 from distil_jax.tasks.base import DataError, Problem, Verdict, read_jsonl, split_records
 
 LETTERS = string.ascii_uppercase
@@ -45,21 +46,28 @@ class ScienceTask:
   def __init__(self, cfg):
     self.cfg = cfg
     if cfg.train_path:
-      records = read_jsonl(cfg.train_path, ["question", "choices", "answer"], {"question": str, "choices": list})
+      records = read_jsonl(
+        cfg.train_path,
+        ["question", "choices", "answer"],
+        {"question": str, "choices": list},
+        max_bytes=cfg.get("max_record_bytes", MAX_BYTES),
+      )
       problems = [
-        self._render(r["question"], r["choices"], _letter(r, f"{cfg.train_path}:{i + 1}"), r.get("explanation"))
-        for i, r in enumerate(records)
+        self._render(
+          r["question"], r["choices"], _letter(r, r.where), r.get("explanation"), f"{r.where}:question,choices"
+        )
+        for r in records
       ]
     else:
       rng = np.random.default_rng(cfg.seed)
       problems = [self._generated(rng) for _ in range(cfg.train_size + cfg.eval_size)]
     self._split = split_records(problems, cfg.eval_size)
 
-  def _render(self, question, choices, letter, explanation):
+  def _render(self, question, choices, letter, explanation, source=""):
     lines = [question] + [f"{LETTERS[i]}) {c}" for i, c in enumerate(choices)]
     prompt = self.cfg.prompt_template.format(question="\n".join(lines))
     reference = (explanation + " " if explanation else "") + f"Answer: {letter}"
-    return Problem(prompt, letter, reference, {"n": len(choices), "explanation": explanation})
+    return Problem(prompt, letter, reference, {"n": len(choices), "explanation": explanation}, source)
 
   def _generated(self, rng):
     chain = chain_lib.sample_chain(rng, 2, 9, 60)

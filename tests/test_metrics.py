@@ -1,0 +1,50 @@
+"""What a killed run leaves behind: TensorBoard events on disk at each write, and a resume that purges the events
+a killed run wrote past its checkpoint (as metrics.jsonl is cut back)."""
+
+import glob
+import json
+import os
+import struct
+
+from tensorboardX.proto import event_pb2
+
+from distil_jax import metrics
+
+
+def _events(folder):
+  """Every event in the folder's TFRecord files (8-byte length, 4-byte CRC, payload, 4-byte CRC), by file."""
+  out = []
+  for path in sorted(glob.glob(os.path.join(folder, "events.out.tfevents.*")), key=os.path.getmtime):
+    data, at, events = open(path, "rb").read(), 0, []
+    while at < len(data):
+      (length,) = struct.unpack("<Q", data[at : at + 8])
+      event = event_pb2.Event()
+      event.ParseFromString(data[at + 12 : at + 12 + length])
+      events.append(event)
+      at += 12 + length + 4
+    out.append(events)
+  return out
+
+
+def _scalars(events):
+  return [(e.step, v.tag, v.simple_value) for e in events for v in e.summary.value]
+
+
+def test_tensorboard_is_flushed_at_each_write_and_purged_on_resume(tmp_path):
+  kw = dict(tensorboard=True, progress_total=5, show_progress=False)
+  writer = metrics.MetricsWriter(str(tmp_path), resume_iteration=None, **kw)
+  for it in (1, 2, 3):
+    writer.write(it, {"train/loss": float(it), "time/x": 0.5})
+    (events,) = _events(tmp_path / "tensorboard")  # read while the writer is still open, as after a kill -9
+    assert ("train/loss", float(it)) in [(tag, v) for step, tag, v in _scalars(events) if step == it]
+  # killed here: never closed (the test closes it at the end only to release the file)
+  resumed = metrics.MetricsWriter(str(tmp_path), resume_iteration=1, **kw)  # the checkpoint was at iteration 1
+  resumed.write(2, {"train/loss": 20.0})
+  resumed.close()
+  writer.close()
+  first, second = _events(tmp_path / "tensorboard")
+  # TensorBoard drops earlier events at steps >= a SessionLog.START's step: iterations 2 and 3 of the killed run.
+  starts = [e.step for e in second if e.HasField("session_log") and e.session_log.status == e.session_log.START]
+  assert starts == [2] and (2, "train/loss", 20.0) in _scalars(second)
+  with open(tmp_path / "metrics.jsonl") as f:
+    assert [json.loads(line)["iteration"] for line in f] == [1, 2]

@@ -1,0 +1,201 @@
+"""Two CPU processes on 127.0.0.1: a short training started from the launcher's variables, global figures, a resume
+with another process count refused, and a dead peer that stops the other within seconds, named in one line."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from run_helpers import ROOT
+
+from distil_jax import multihost
+
+ARGS = [
+  "--config=configs/arith.py:runlocal",
+  "--config.log.tensorboard=False",
+  "--config.eval.greedy=False",  # one sampler shape fewer to compile
+]
+
+
+def _port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _start(workdir, *args, processes=2, port=None, peer_timeout_s=5):
+  """`processes` copies of main, told where they are only through JAX_* variables; stderr to files."""
+  port = port or _port()
+  procs = []
+  for index in range(processes):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+    flags = []
+    if processes > 1:
+      env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes))
+      env["JAX_PROCESS_ID"] = str(index)
+      flags = ["--distributed", f"--peer_timeout_s={peer_timeout_s}"]
+    err = open(os.path.join(workdir.parent, f"{workdir.name}.{processes}.{index}.err"), "w")
+    cmd = [sys.executable, "-m", "distil_jax.main", *flags, *ARGS, *args, f"--workdir={workdir}"]
+    procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err), err))
+  return procs
+
+
+def _finish(procs, timeout=400):
+  out = []
+  for proc, err in procs:
+    proc.wait(timeout=timeout)
+    err.close()
+    with open(err.name) as f:
+      out.append((proc.returncode, f.read()))
+  return out
+
+
+def _metrics(workdir):
+  with open(workdir / "metrics.jsonl") as f:
+    return [json.loads(line) for line in f]
+
+
+def _buffer(workdir, process):
+  import tensorstore as ts
+
+  folder = workdir / "buffer" / f"process_{process}"
+  spec = lambda name: {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(folder / name)}}
+  return {name: ts.open(spec(name), open=True).result().read().result() for name in ("mask", "reward", "iteration")}
+
+
+def test_settings_come_from_flags_then_the_launchers_variables():
+  env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+  assert multihost.settings(environ=env) == {
+    "coordinator_address": "10.0.0.1:1234",
+    "num_processes": 4,
+    "process_id": 3,
+  }
+  flags = multihost.settings("h:1", 2, 0, environ=env)
+  assert flags == {"coordinator_address": "h:1", "num_processes": 2, "process_id": 0}
+  assert multihost.settings(environ={}) == {"coordinator_address": None, "num_processes": None, "process_id": None}
+  with pytest.raises(multihost.InputError, match="JAX_NUM_PROCESSES='two' is not an integer"):
+    multihost.settings(environ={"JAX_NUM_PROCESSES": "two"})
+
+
+def test_fatal_coordination_report_folds_into_one_line():
+  """jax's C++ abort when the coordinator dies (text as this jax prints it), fed through the stderr filter."""
+  report = (
+    b"I1124 03:49:12.000000 1 other.cc:1] kept\n"
+    b"\rprogress 3/10"
+    b"\nW1124 03:49:13.076129 3417 preemption_sync_manager.cc:147] Failed to retrieve preemption notice from "
+    b"coordination service: UNAVAILABLE: Socket closed\nAdditional GRPC error information\n"
+    b"F1124 03:49:13.570414 1 client.h:80] Terminating process because the JAX distributed service detected fatal "
+    b"errors. This most likely indicates that another task died. absl::Status: UNAVAILABLE: Failed to send RPC to "
+    b"coordination service. Either the leader task was preempted/died/restarted unexpectedly\n"
+    b"*** Check failure stack trace: ***\n    @     0x7fb737840634  absl::LogMessage::SendToLog()\n"
+  )
+  src_r, src_w = os.pipe()
+  dst_r, dst_w = os.pipe()
+  os.write(src_w, report)
+  os.close(src_w)
+  multihost._filter(src_r, dst_w, 1)
+  os.close(dst_w)
+  out = os.read(dst_r, 1 << 16).decode()
+  assert out == (
+    "I1124 03:49:12.000000 1 other.cc:1] kept\n\rprogress 3/10\n"
+    "distil_jax: the coordinator (process 0) stopped responding; stopping process 1 too\n"
+  )
+  heartbeat = b"F1 client.h:80] " + multihost._FATAL + b" absl::Status: UNAVAILABLE: Task 3 heartbeat timeout."
+  assert multihost.fatal_line(heartbeat, 0).decode().startswith("distil_jax: process 3 stopped responding")
+
+
+def test_two_processes_train_with_global_figures_and_refuse_another_count(tmp_path):
+  workdir = tmp_path / "run"
+  results = _finish(_start(workdir, "--config.eval.every=2"))
+  for rc, err in results:
+    assert rc == 0, err[-3000:]
+    assert "Traceback" not in err and "INFO" not in err and not any(line.startswith("I1") for line in err.splitlines())
+  rows = _metrics(workdir)
+  assert [r["iteration"] for r in rows] == [0, 1, 2]
+  # The figures are those of both processes' rows, read back from their buffers.
+  buffers = [_buffer(workdir, p) for p in (0, 1)]
+  tokens = 0
+  for r in rows[1:]:
+    mine = [{k: v[b["iteration"] == r["iteration"]] for k, v in b.items()} for b in buffers]
+    assert [len(m["mask"]) for m in mine] == [2, 2]  # runlocal: 4 prompts per iteration, 2 on each process
+    mask = np.concatenate([m["mask"] for m in mine])
+    reward = np.concatenate([m["reward"] for m in mine])
+    tokens += int(mask.sum())
+    assert r["buffer/rows"] == 4 * r["iteration"]
+    assert r["samples/train_tokens"] == tokens
+    np.testing.assert_allclose(r["rollout/length"], mask.sum(-1).mean(), rtol=1e-6)
+    np.testing.assert_allclose(r["rollout/reward"], reward.mean(), rtol=1e-6)
+  assert sorted(os.listdir(workdir / "logs")) == ["distil_jax.process_0.log", "distil_jax.process_1.log"]
+
+  ((rc, err),) = _finish(_start(workdir, "--config.train.iterations=3", processes=1))
+  last = err.strip().splitlines()[-1]
+  assert rc != 0 and "was written by 2 processes, this run has 1" in last, last
+  assert _metrics(workdir) == rows  # nothing written
+
+
+def test_a_dead_peer_stops_the_other_within_seconds_naming_it(tmp_path):
+  workdir = tmp_path / "run"
+  procs = _start(workdir, "--config.train.iterations=50", "--config.eval.every=100", peer_timeout_s=5)
+  deadline = time.time() + 300
+  while time.time() < deadline and not ((workdir / "metrics.jsonl").exists() and len(_metrics(workdir)) >= 2):
+    assert all(p.poll() is None for p, _ in procs), _finish(procs)
+    time.sleep(0.1)
+  procs[1][0].kill()
+  killed = time.time()
+  procs[0][0].wait(timeout=60)
+  took = time.time() - killed
+  (rc, err), _ = _finish(procs)
+  last = err.strip().splitlines()[-1]
+  assert rc != 0 and "process 1 of 2 stopped responding" in last and "stopping process 0 too" in last, err[-3000:]
+  assert took < 5 + 10, took  # the peer timeout, plus a watchdog beat and the exit
+
+
+class _FakeCoordinator:
+  """The coordination service's key-value store, in memory, with its error for a missing key."""
+
+  def __init__(self):
+    self.store, self.lock = {}, threading.Lock()
+
+  def key_value_set(self, key, value, allow_overwrite=False):
+    with self.lock:
+      if key in self.store and not allow_overwrite:
+        raise RuntimeError(f"ALREADY_EXISTS: {key}")
+      self.store[key] = value
+
+  def key_value_try_get(self, key):
+    with self.lock:
+      if key not in self.store:
+        raise RuntimeError(f"NOT_FOUND: Config key {key} not found.")
+      return self.store[key]
+
+
+def test_watchdogs_of_many_processes_all_stop_naming_the_dead_one(monkeypatch):
+  """Six processes, each watching two neighbours on a ring: process 4 stops beating; all five others stop within
+  the timeout and a few beats, each naming process 4 (most learn it from the stop key, not from watching it)."""
+  said = {}
+  monkeypatch.setattr(
+    multihost, "exit_now", lambda message, code=1: said.setdefault(threading.current_thread().name, message)
+  )
+  coordinator = _FakeCoordinator()
+  dogs = [multihost._Watchdog(coordinator, i, 6, timeout_s=0.3, interval_s=0.02) for i in range(6)]
+  for i, dog in enumerate(dogs):
+    dog.name = f"process {i}"
+    dog.start()
+  time.sleep(0.1)
+  dogs[4]._stopped.set()  # killed: it beats no more (and says nothing)
+  alive = [d for i, d in enumerate(dogs) if i != 4]
+  deadline = time.time() + 5
+  while time.time() < deadline and len(said) < 5:
+    time.sleep(0.02)
+  for dog in alive:  # exit_now was replaced, so the threads go on: stop them
+    dog._stopped.set()
+  assert sorted(said) == [f"process {i}" for i in (0, 1, 2, 3, 5)]
+  for name, message in said.items():
+    assert message == f"distil_jax: process 4 of 6 stopped responding (no sign of life for 0.3 s); stopping {name} too"
+  assert coordinator.store["distil_jax/stop"].startswith("process 4 of 6 stopped responding")
