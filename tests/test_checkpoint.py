@@ -228,10 +228,10 @@ def test_no_usable_checkpoint_is_one_error_naming_each(tmp_path):
 def test_a_changed_model_shape_names_the_parameter_and_both_shapes(tmp_path):
   state, _ = _two_checkpoints(tmp_path)
   wider = jax.tree.map(lambda x: x, state)
-  kernel = wider["params"]["model"]["layers"]["mlp"]["down_proj"]
-  kernel["kernel"] = jax.device_put(np.zeros((2, 96, 32), np.float32), kernel["kernel"].sharding)
+  kernel = wider["params"]["model"]["layers"][0]["mlp"]["down_proj"]
+  kernel["kernel"] = jax.device_put(np.zeros((96, 32), np.float32), kernel["kernel"].sharding)
   with checkpoint.Checkpointer(str(tmp_path)) as ckpt:
-    names = r"params/model/layers/mlp/down_proj/kernel is \(2, 64, 32\) float32 there, \(2, 96, 32\) float32 in"
+    names = r"params/model/layers/0/mlp/down_proj/kernel is \(64, 32\) float32 there, \(96, 32\) float32 in this config"
     with pytest.raises(CheckpointError, match=names):
       ckpt.restore_latest(checkpoint.abstract_like(wider))
     with pytest.raises(CheckpointError, match=r"holds no item 'ema'"):
