@@ -73,7 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss = dict(
     kind="distil",
     baseline="loo",
-    normalize="sequence",
+    normalize="auto",  # the kind's published convention (losses.py)
     cost="ce",
     clip_eps=0.2,
     teacher_temperature=1.0,
@@ -100,7 +100,9 @@ def get_config() -> ml_collections.ConfigDict:
     warmup_lr=3e-3,  # DAgger's round 0: behaviour cloning,
     warmup_reprompt_fraction=0.0,
   )  # with its own optimizer; a fraction of rows may show feedback
-  c.buffer = dict(mix=0.5, max_groups=4096)
+  # mix: the fraction of training groups from the aggregated buffer; unset: 0.5 for DAgger's losses (distil,
+  # tokenwise_fce, sft), 0 for the on-policy ones (grpo, reverse_kl, jsd); see train.buffer_mix.
+  c.buffer = dict(mix=ml_collections.config_dict.placeholder(float), max_groups=4096)
   c.eval = dict(every=10, num_prompts=64, samples=8, pass_at=(1, 8), temperature=1.0, greedy=True)
   c.checkpoint = dict(every=10, keep=2)
   c.log = dict(progress=True, tensorboard=True)
@@ -112,7 +114,7 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The `:runlocal` preset of every config: a one-layer model and two tiny iterations, seconds on a CPU."""
   c.model.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
   c.train.update(
-    iterations=2, prompts_per_iteration=4, group_size=2, updates_per_iteration=1, batch_groups=2, warmup_steps=0
+    iterations=2, prompts_per_iteration=2, group_size=4, updates_per_iteration=1, batch_groups=2, warmup_steps=0
   )
   c.eval.update(every=1, num_prompts=4, samples=2, pass_at=(1, 2))
   c.sampling.max_new_tokens = 16

@@ -9,7 +9,11 @@ For `self` and `model` the teacher's logits never leave the device: `label` only
 train step runs the teacher forward and the fused loss together (`HiddenTeacher`).
 
 The re-prompt carries a successful sibling response when the group has one, the environment's feedback otherwise;
-a sample with neither is masked out of the loss.
+a sample with neither is masked out of the loss. Siblings come from the *other half* of the group only: the loss's
+leave-one-out baseline for a row is taken within its own half (`losses.leave_one_out(parts=2)`), so no row's
+baseline can depend on the row's own response through the feedback it gave a sibling.
+
+`label(rollouts)` returns (arrays for the buffer, figures for the metrics).
 """
 
 from __future__ import annotations
@@ -49,29 +53,39 @@ class Rollouts:
 
 
 def left_pad_rows(rows: list[list[int]], width: int, pad_id: int):
-  """(tokens, mask) [len(rows), width], each row flush right; longer rows keep their last `width` tokens."""
+  """(tokens, mask) [len(rows), width], each row flush right. A row longer than `width` is an error: cutting its
+  beginning would train on a prompt other than the one sampled (callers that can drop a row check first)."""
   tokens = np.full((len(rows), width), pad_id, np.int32)
   mask = np.zeros((len(rows), width), np.int32)
   for i, r in enumerate(rows):
-    r = r[-width:]
+    if len(r) > width:
+      raise ValueError(f"a prompt row of {len(r)} tokens does not fit the {width} reserved for it")
     if r:
       tokens[i, width - len(r) :] = r
       mask[i, width - len(r) :] = 1
   return tokens, mask
 
 
+def sibling_half(i: int, group_size: int) -> range:
+  """The rows whose responses row i may be shown: the other half of its group (see the module docstring)."""
+  half = group_size // 2
+  return range(half, group_size) if i < half else range(half)
+
+
 def reprompt_texts(rollouts: Rollouts, template: str, sibling_only: bool = False):
   """(the feedback prompt of every response, [Bp,G] which responses the expert labels).
 
-  The feedback is a correct sibling response when the group has one, else the verifier's own feedback. With
-  `sibling_only`, responses without a correct sibling go unlabelled: a small student re-prompted with a verdict alone
-  can be a worse policy than the student (experiments/teacher_quality.py), and distilling it then does harm.
+  The feedback is a correct response from the other half of the group when there is one, else the verifier's own
+  feedback. With `sibling_only`, responses without such a sibling go unlabelled: a small student re-prompted with a
+  verdict alone can be a worse policy than the student (experiments/teacher_quality.py), and distilling it then does
+  harm. Whether row i is labelled, and what it is shown, never depends on the other rows of its own half.
   """
   texts, valid = [], np.zeros(rollouts.tokens.shape[:2], np.int32)
   for g, (problem, verdicts) in enumerate(zip(rollouts.problems, rollouts.verdicts, strict=True)):
     row = []
     for i, verdict in enumerate(verdicts):
-      sibling = next((rollouts.texts[g][j] for j, v in enumerate(verdicts) if v.correct and j != i), None)
+      others = sibling_half(i, len(verdicts))
+      sibling = next((rollouts.texts[g][j] for j in others if verdicts[j].correct), None)
       feedback = SIBLING + sibling if sibling is not None else verdict.feedback
       valid[g, i] = bool(feedback) and (sibling is not None or not sibling_only)
       row.append(template.format(prompt=problem.prompt, feedback=feedback))
@@ -84,6 +98,7 @@ class OracleExpert:
   (the longest vocabulary piece that is a prefix of it, or EOS when the oracle says stop), the rest in the tail."""
 
   on_device = False
+  reads_siblings = False
 
   def __init__(self, oracle, tokenizer: Tokenizer, top_k: int, smoothing: float):
     if oracle is None:
@@ -107,7 +122,7 @@ class OracleExpert:
         return self.piece[cont[:n]]
     raise ExpertError(f"oracle continuation {cont[:20]!r} starts with a character the tokenizer cannot write")
 
-  def label(self, r: Rollouts) -> dict[str, np.ndarray]:
+  def label(self, r: Rollouts) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     bp, g, n = r.tokens.shape
     ids = np.zeros((bp, g, n, self.top_k), np.int32)
     logq = np.full((bp, g, n, self.top_k), -np.inf, np.float32)
@@ -119,27 +134,36 @@ class OracleExpert:
           ids[b, j, t, 0] = self.next_token(r.problems[b], prefix)
           logq[b, j, t, 0] = self.logq
           prefix += surfaces[r.tokens[b, j, t]]
-    return {"target_ids": ids, "target_logprobs": logq}
+    return {"target_ids": ids, "target_logprobs": logq}, {}
 
 
 class DeviceExpert:
-  """`self` and `model`: only the re-prompt tokens are stored; the teacher runs inside the train step."""
+  """`self` and `model`: only the re-prompt tokens are stored; the teacher runs inside the train step.
+
+  A re-prompt longer than `max_prompt_tokens` is not cut (that would hide the question from the teacher): the
+  response goes unlabelled and is counted in `rollout/teacher_truncated`.
+  """
 
   on_device = True
+  reads_siblings = True
 
-  def __init__(self, tokenizer: Tokenizer, template: str, max_prompt_tokens: int, sibling_only: bool = False):
+  def __init__(self, tokenizer: Tokenizer, template: str, max_prompt_tokens: int, sibling_only=False, add_bos=False):
     self.tok, self.template, self.width, self.sibling_only = tokenizer, template, max_prompt_tokens, sibling_only
+    self.add_bos = add_bos
 
-  def label(self, r: Rollouts) -> dict[str, np.ndarray]:
+  def label(self, r: Rollouts) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     texts, valid = reprompt_texts(r, self.template, self.sibling_only)
     bp, g = valid.shape
-    flat = [self.tok.encode(t) for row in texts for t in row]
-    tokens, mask = left_pad_rows(flat, self.width, self.tok.pad_id)
-    return {
+    flat = [self.tok.prompt_ids(t, self.add_bos) for row in texts for t in row]
+    fits = np.array([len(ids) <= self.width for ids in flat]).reshape(bp, g)
+    tokens, mask = left_pad_rows([ids if ok else [] for ids, ok in zip(flat, fits.flat, strict=True)], self.width, 0)
+    tokens[mask == 0] = self.tok.pad_id
+    labels = {
       "teacher_tokens": tokens.reshape(bp, g, -1),
       "teacher_mask": mask.reshape(bp, g, -1),
-      "teacher_valid": valid,
+      "teacher_valid": (valid * fits).astype(np.int32),
     }
+    return labels, {"rollout/teacher_truncated": float(np.mean(~fits))}
 
 
 class HttpExpert:
@@ -150,9 +174,10 @@ class HttpExpert:
   """
 
   on_device = False
+  reads_siblings = True
 
-  def __init__(self, tokenizer: Tokenizer, cfg):
-    self.tok, self.cfg = tokenizer, cfg
+  def __init__(self, tokenizer: Tokenizer, cfg, add_bos: bool = False):
+    self.tok, self.cfg, self.add_bos = tokenizer, cfg, add_bos
     self.url = cfg.url.rstrip("/")
     self.top_k = cfg.top_k
     self._check_tokenizer()
@@ -232,7 +257,7 @@ class HttpExpert:
         ids[t, k], logq[t, k] = tid, lp
     return ids, logq
 
-  def label(self, r: Rollouts) -> dict[str, np.ndarray]:
+  def label(self, r: Rollouts) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     texts, _ = reprompt_texts(r, self.cfg.reprompt)
     bp, g, n = r.tokens.shape
     ids = np.zeros((bp, g, n, self.top_k), np.int32)
@@ -242,24 +267,24 @@ class HttpExpert:
       for b in range(bp):
         for j in range(g):
           length = int(r.mask[b, j].sum())
-          teacher = self.tok.encode(texts[b][j])
+          teacher = self.tok.prompt_ids(texts[b][j], self.add_bos)
           jobs[pool.submit(self._score, teacher, r.tokens[b, j, :length].tolist())] = (b, j, length)
       for fut in concurrent.futures.as_completed(jobs):
         b, j, length = jobs[fut]
         ids[b, j, :length], logq[b, j, :length] = fut.result()
-    return {"target_ids": ids, "target_logprobs": logq}
+    return {"target_ids": ids, "target_logprobs": logq}, {}
 
 
-def make_expert(cfg, task, tokenizer: Tokenizer):
-  """The host-side labeller for `cfg.kind` (the config's `expert` section)."""
+def make_expert(cfg, task, tokenizer: Tokenizer, add_bos: bool = False):
+  """The host-side labeller for `cfg.kind` (the config's `expert` section); `add_bos` as the student's prompts."""
   if cfg.kind == "oracle":
     return OracleExpert(task.oracle, tokenizer, cfg.top_k, cfg.smoothing)
   if cfg.feedback not in ("any", "sibling"):
     raise ValueError(f"expert.feedback={cfg.feedback!r}; expected 'any' or 'sibling'")
   if cfg.kind in ("self", "model"):
-    return DeviceExpert(tokenizer, cfg.reprompt, cfg.max_prompt_tokens, cfg.feedback == "sibling")
+    return DeviceExpert(tokenizer, cfg.reprompt, cfg.max_prompt_tokens, cfg.feedback == "sibling", add_bos)
   if cfg.feedback == "sibling":
     raise ValueError(f"expert.feedback='sibling' needs a device expert (self or model), not {cfg.kind!r}")
   if cfg.kind == "http":
-    return HttpExpert(tokenizer, cfg)
+    return HttpExpert(tokenizer, cfg, add_bos)
   raise ValueError(f"expert.kind={cfg.kind!r}; expected one of oracle, self, model, http")

@@ -23,8 +23,21 @@ Normalisation (`normalize`):
                          in expectation it follows E[sum_t c_t] / E[|y|] with the normaliser held fixed.
   "sequence_token_mean"  token mean within each sequence, then mean over sequences (original GRPO): weighs every
                          sequence equally whatever its length, i.e. optimises E[(1/|y|) sum_t c_t], not J.
+  "auto"                 the kind's published convention: "sequence" for the distillation losses, "token" for SFT,
+                         "sequence_token_mean" for GRPO (DeepSeekMath; DAPO's token-level mean is "token").
 Off-policy reuse: with `behaviour_logprobs` (from the sampler), the score term uses the clipped ratio
 rho = pi_theta / pi_behaviour as PPO does, pessimistically for a cost: max(rho A, clip(rho, 1 +- eps) A).
+
+Which policy: pi_theta is the distribution the sampler draws from, softmax(logits / policy_temperature) over the
+tokenizer's ids (as verl does), so on fresh rollouts the ratio is exactly 1 at any sampling temperature. Top-k and
+top-p truncation would make the sampled policy a different, non-smooth function of theta (and give the expert's
+mass outside the nucleus an infinite cost); the loop refuses them for the losses that use the ratio.
+
+Baseline: b_t must not depend on y_t. The leave-one-out mean over a group is such a baseline when the expert of row
+j does not read row i; an expert that shows row j a correct sibling does. With `baseline_parts=2` each group is two
+halves, the expert of a row reads only the other half (`experts.reprompt_texts`), and the baseline of a row is the
+mean over the other *valid* rows of its own half, so it is a function of rows that are independent of y_i. Rows
+with no tokens in `mask` (an expert that could not label them) do not enter anyone's baseline.
 
 Dims: B sequences (groups of `group_size` consecutive rows share a prompt), T positions, V vocabulary.
 """
@@ -41,20 +54,27 @@ from distil_jax.token_terms import HiddenTeacher, Samples, TopK  # noqa: F401  (
 
 KINDS = ("distil", "tokenwise_fce", "reverse_kl", "jsd", "grpo", "sft")
 BASELINES = ("none", "loo")
-NORMALIZATIONS = ("sequence", "token", "sequence_token_mean")
+NORMALIZATIONS = ("auto", "sequence", "token", "sequence_token_mean")
+_PUBLISHED_NORMALIZATION = {"grpo": "sequence_token_mean", "sft": "token"}  # every other kind: "sequence"
+USES_RATIO = ("distil", "grpo")  # the losses whose estimator compares log pi with the sampler's log-probs
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
+  """Every option of every loss; the public functions below are thin entries into this one path."""
+
   kind: str = "distil"
-  baseline: str = "loo"  # distil: "none" or leave-one-out over the group
-  normalize: str = "sequence"
+  baseline: str = "none"  # distil: "none" or "loo" (leave-one-out over the group)
+  baseline_parts: int = 1  # distil, loo: the baseline is taken within each of this many equal parts of a group
+  normalize: str = "auto"
   cost: str = "ce"  # distil / tokenwise_fce: "ce" (the paper) or "kl" (CE minus the expert's entropy)
   clip_eps: float = 0.2  # PPO ratio clipping for the score term (distil, grpo)
-  teacher_temperature: float = 1.0  # dense teachers: q = softmax(logits / temperature)
+  teacher_temperature: float = 1.0  # dense teachers: q = softmax(logits / teacher_temperature)
+  policy_temperature: float = 1.0  # the student: pi = softmax(logits / policy_temperature) (sampling temperature)
+  vocab_size: int = 0  # ids >= vocab_size (LM-head padding) have probability 0; 0: all rows are real ids
   topk_tail: str = "bucket"  # top-k teachers: "bucket" (coarsened, tail mass kept) or "renorm"
   jsd_beta: float = 0.5
-  kl_coef: float = 0.0  # grpo: weight of the k3 KL estimate to a reference policy
+  kl_coef: float = 0.0  # grpo: weight of the k3 KL estimate to a frozen reference policy
   std_eps: float = 1e-4  # grpo: advantage = (r - mean) / (std + eps)
   chunk_size: int = 64  # fused path: time steps per logits block (block = per-device batch x chunk x V)
   terminal: str = "free"  # distil / tokenwise_fce: "free" (costs end at EOS, the paper's J) or "hold"
@@ -70,6 +90,15 @@ class LossConfig:
     ]:
       if value not in allowed:
         raise ValueError(f"loss.{name}={value!r}; expected one of {allowed}")
+    for name in ("policy_temperature", "teacher_temperature"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"loss.{name}={getattr(self, name)} must be > 0")
+
+  @property
+  def normalization(self) -> str:
+    if self.normalize != "auto":
+      return self.normalize
+    return _PUBLISHED_NORMALIZATION.get(self.kind, "sequence")
 
   @property
   def terms(self) -> tuple[str, ...]:
@@ -77,6 +106,17 @@ class LossConfig:
     if self.kind in ("distil", "tokenwise_fce"):
       return ("ce", "teacher_entropy") if self.cost == "kl" else ("ce",)
     return {"reverse_kl": ("rkl",), "jsd": ("jsd",)}.get(self.kind, ())
+
+  @property
+  def term_options(self) -> tt.TermOptions:
+    return tt.TermOptions(
+      terms=self.terms,
+      topk_tail=self.topk_tail,
+      teacher_temperature=self.teacher_temperature,
+      jsd_beta=self.jsd_beta,
+      policy_temperature=self.policy_temperature,
+      vocab_size=self.vocab_size,
+    )
 
   @property
   def needs_teacher(self) -> bool:
@@ -99,13 +139,26 @@ def cost_to_go(c_BxT):
   return jnp.cumsum(c_BxT[:, ::-1], axis=1)[:, ::-1] - c_BxT
 
 
-def leave_one_out(x_BxT, group_size: int):
-  """For each row, the mean of x over the other rows of its group (same prompt); independent of the row itself."""
+def leave_one_out(x_BxT, group_size: int, *, parts: int = 1, valid_B=None):
+  """For each row, the mean of x over the other valid rows of its part of its group; 0 where there is none.
+
+  A group is `group_size` consecutive rows (one prompt); its parts are `parts` equal runs of consecutive rows. The
+  value for row i never reads row i, nor whether row i is valid.
+  """
   b = x_BxT.shape[0]
-  if group_size < 2 or b % group_size:
-    raise ValueError(f"leave-one-out needs group_size >= 2 dividing the batch; got {group_size} for {b} rows")
-  g = x_BxT.reshape(b // group_size, group_size, *x_BxT.shape[1:])
-  return ((jnp.sum(g, axis=1, keepdims=True) - g) / (group_size - 1)).reshape(x_BxT.shape)
+  size = group_size // parts if parts > 0 else 0
+  if size < 2 or group_size % parts or b % group_size:
+    raise ValueError(
+      f"leave-one-out needs group_size >= 2 rows per part (parts={parts}) and group_size dividing the batch; "
+      f"got group_size={group_size} for {b} rows"
+    )
+  valid = jnp.ones((b,), jnp.float32) if valid_B is None else valid_B.astype(jnp.float32)
+  shape = (b // size, size) + (1,) * (x_BxT.ndim - 1)
+  v = valid.reshape(shape)
+  x = x_BxT.reshape(b // size, size, *x_BxT.shape[1:]) * v
+  others = jnp.sum(x, axis=1, keepdims=True) - x
+  count = jnp.sum(v, axis=1, keepdims=True) - v
+  return jnp.where(count > 0, others / jnp.maximum(count, 1.0), 0.0).reshape(x_BxT.shape)
 
 
 def _ratio(logp_BxT, behaviour_logprobs):
@@ -139,38 +192,54 @@ def _distil(cfg, terms, mask, group_size, behaviour_logprobs, sequence_term, sco
   if not sequence_term:
     return c, metrics, cost_mask
   r = cost_to_go(jax.lax.stop_gradient(c))
-  b = leave_one_out(r, group_size) if cfg.baseline == "loo" else jnp.zeros_like(r)
+  if cfg.baseline == "loo":
+    b = leave_one_out(r, group_size, parts=cfg.baseline_parts, valid_B=jnp.any(m > 0, axis=1))
+  else:
+    b = jnp.zeros_like(r)
   adv = r - b
   ratio = _ratio(terms["logp"], behaviour_logprobs)
   clipped = jnp.clip(ratio, 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps)
   score = jnp.maximum(ratio * adv, clipped * adv) * m
   if score_weight is not None:  # e.g. 0 for stale buffer rows: their states still get the local (DAgger) term
     score = score * score_weight[:, None]
-  metrics.update(
-    advantage_abs=jnp.sum(jnp.abs(adv) * m) / jnp.maximum(jnp.sum(m), 1.0),
-    clip_fraction=jnp.sum((jnp.abs(ratio - 1.0) > cfg.clip_eps) * m) / jnp.maximum(jnp.sum(m), 1.0),
-  )
+  metrics.update(_ratio_metrics(ratio, m, cfg.clip_eps), advantage_abs=_token_mean(jnp.abs(adv), m))
   # value: the cost alone (an estimate of J); gradient: local part + score part
   return c + score - jax.lax.stop_gradient(score), metrics, cost_mask
 
 
+def _token_mean(x_BxT, m_BxT):
+  return jnp.sum(x_BxT * m_BxT) / jnp.maximum(jnp.sum(m_BxT), 1.0)
+
+
+def _ratio_metrics(ratio, m, clip_eps):
+  """How far the policy has moved from the sampler's: exactly 1 and 0 on fresh rollouts."""
+  return {
+    "ratio_mean": _token_mean(ratio, m),
+    "clip_fraction": _token_mean((jnp.abs(ratio - 1.0) > clip_eps).astype(jnp.float32), m),
+  }
+
+
 def _grpo(cfg, terms, mask, group_size, rewards_B, behaviour_logprobs, ref_logprobs):
+  """GRPO (Shao et al. 2024, DeepSeekMath): advantage (r - mean_group r) / (std_group r + eps) on every token of a
+  response, PPO-clipped ratio to the sampler's policy, optional k3 estimate of KL(pi || reference) per token."""
   if rewards_B is None:
     raise ValueError("grpo needs scalar rewards per sequence")
+  if group_size < 2:
+    raise ValueError(f"grpo needs group_size >= 2 (the advantage is relative to the group); got {group_size}")
   r = rewards_B.astype(jnp.float32).reshape(-1, group_size)
-  std = jnp.std(r, axis=1, keepdims=True, ddof=1) if group_size > 1 else jnp.ones_like(r[:, :1])
+  std = jnp.std(r, axis=1, keepdims=True, ddof=1)
   adv = ((r - jnp.mean(r, axis=1, keepdims=True)) / (std + cfg.std_eps)).reshape(-1, 1)
   ratio = _ratio(terms["logp"], behaviour_logprobs)
   clipped = jnp.clip(ratio, 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps)
   per_token = -jnp.minimum(ratio * adv, clipped * adv)
-  metrics = {"reward": jnp.mean(r)}
+  metrics = {"reward": jnp.mean(r), **_ratio_metrics(ratio, mask, cfg.clip_eps)}
   if cfg.kl_coef:
     if ref_logprobs is None:
-      raise ValueError("grpo with kl_coef > 0 needs ref_logprobs")
+      raise ValueError("grpo with kl_coef > 0 needs ref_logprobs (the frozen reference policy's log pi(y_t))")
     delta = ref_logprobs - terms["logp"]
     k3 = jnp.exp(delta) - delta - 1.0  # unbiased, non-negative estimate of KL(pi || ref)
     per_token = per_token + cfg.kl_coef * k3
-    metrics["kl_ref"] = jnp.sum(k3 * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    metrics["kl_ref"] = _token_mean(k3, mask)
   return per_token, metrics
 
 
@@ -203,16 +272,15 @@ def loss_from_terms(
     per_token, metrics = _grpo(cfg, terms, mask, group_size, rewards, behaviour_logprobs, ref_logprobs)
   else:  # sft: the tokens are the expert's own response
     per_token, metrics = -terms["logp"], {}
-  loss = normalize(per_token, loss_mask, cfg.normalize)
-  n_tok = jnp.maximum(jnp.sum(mask), 1.0)
+  loss = normalize(per_token, loss_mask, cfg.normalization)
   metrics.update(
     loss=loss,
-    entropy=jnp.sum(terms["entropy"] * mask) / n_tok,
-    logp=jnp.sum(terms["logp"] * mask) / n_tok,
+    entropy=_token_mean(terms["entropy"], mask),
+    logp=_token_mean(terms["logp"], mask),
     length=jnp.mean(jnp.sum(mask, axis=1)),
   )
   for name in cfg.terms:
-    metrics[f"{name}_per_token"] = jnp.sum(jnp.where(mask > 0, terms[name], 0.0)) / n_tok
+    metrics[f"{name}_per_token"] = _token_mean(jnp.where(mask > 0, terms[name], 0.0), mask)
   return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
 
 
@@ -233,11 +301,12 @@ def compute_loss(
 ):
   """The loss from student logits, or fused from hidden states and the LM head when `hidden` is given."""
   teacher = teacher if cfg.needs_teacher else None
-  opts = dict(terms=cfg.terms, topk_tail=cfg.topk_tail, temperature=cfg.teacher_temperature, jsd_beta=cfg.jsd_beta)
   if hidden is not None:
-    terms = tt.fused_token_terms(hidden, lm_head, teacher, tokens, mask=mask, chunk_size=cfg.chunk_size, **opts)
+    terms = tt.fused_token_terms(
+      hidden, lm_head, teacher, tokens, mask=mask, chunk_size=cfg.chunk_size, opts=cfg.term_options
+    )
   else:
-    terms = tt.token_terms(logits, teacher, tokens, mask=mask, **opts)
+    terms = tt.token_terms(logits, teacher, tokens, mask=mask, opts=cfg.term_options)
   return loss_from_terms(
     cfg,
     terms,
@@ -250,52 +319,29 @@ def compute_loss(
   )
 
 
-def _public(kind, with_metrics, **kw):
-  out = compute_loss(LossConfig(kind=kind, **kw.pop("cfg")), **kw)
+# -- Public entry points: each is `compute_loss(LossConfig(kind=..., **options), ...)`, with LossConfig's names and
+# defaults for every option (an unknown option is a TypeError naming it).
+
+
+def _entry(kind, options, with_metrics, **inputs):
+  out = compute_loss(LossConfig(kind=kind, **options), **inputs)
   return out if with_metrics else out[0]
 
 
-def _cfg(**kw):
-  return {k: v for k, v in kw.items() if v is not None}
-
-
 def distil_loss(
-  student_logits,
-  teacher,
-  tokens,
-  mask,
-  *,
-  group_size=1,
-  baseline="none",
-  behaviour_logprobs=None,
-  normalize="sequence",
-  cost="ce",
-  clip_eps=0.2,
-  temperature=1.0,
-  topk_tail="bucket",
-  terminal="free",
-  with_metrics=False,
+  student_logits, teacher, tokens, mask, *, group_size=1, behaviour_logprobs=None, with_metrics=False, **options
 ):
   """DistIL surrogate: its value estimates J, its gradient is the DistIL estimator (module docstring).
 
   student_logits [B,T,V]: row t is the student's distribution of tokens[:, t]. teacher: dense logits [B,T,V], a
   top-k pair (ids [B,T,K], logprobs [B,T,K]), `Samples(ids)` or `HiddenTeacher`. mask [B,T]: response positions.
-  terminal="hold" charges a response that stopped before the horizon T = tokens.shape[1] its stopping state's cost
-  for every remaining step (see `hold_terminal`). Returns the scalar, or (scalar, metrics) with `with_metrics=True`.
+  options: any LossConfig field, e.g. baseline="loo", cost="kl", terminal="hold", policy_temperature=0.7.
+  Returns the scalar, or (scalar, metrics) with `with_metrics=True`.
   """
-  cfg = _cfg(
-    baseline=baseline,
-    normalize=normalize,
-    cost=cost,
-    clip_eps=clip_eps,
-    teacher_temperature=temperature,
-    topk_tail=topk_tail,
-    terminal=terminal,
-  )
-  return _public(
+  return _entry(
     "distil",
+    options,
     with_metrics,
-    cfg=cfg,
     teacher=teacher,
     tokens=tokens,
     mask=mask,
@@ -306,39 +352,13 @@ def distil_loss(
 
 
 def fused_distil_loss(
-  hidden,
-  lm_head,
-  teacher,
-  tokens,
-  mask,
-  *,
-  group_size=1,
-  baseline="none",
-  chunk_size=64,
-  behaviour_logprobs=None,
-  normalize="sequence",
-  cost="ce",
-  clip_eps=0.2,
-  temperature=1.0,
-  topk_tail="bucket",
-  terminal="free",
-  with_metrics=False,
+  hidden, lm_head, teacher, tokens, mask, *, group_size=1, behaviour_logprobs=None, with_metrics=False, **options
 ):
   """`distil_loss(hidden @ lm_head, ...)` in value and gradient, without a [B,T,V] array (chunked, recomputed)."""
-  cfg = _cfg(
-    baseline=baseline,
-    normalize=normalize,
-    cost=cost,
-    clip_eps=clip_eps,
-    teacher_temperature=temperature,
-    topk_tail=topk_tail,
-    chunk_size=chunk_size,
-    terminal=terminal,
-  )
-  return _public(
+  return _entry(
     "distil",
+    options,
     with_metrics,
-    cfg=cfg,
     teacher=teacher,
     tokens=tokens,
     mask=mask,
@@ -349,55 +369,22 @@ def fused_distil_loss(
   )
 
 
-def tokenwise_fce_loss(
-  student_logits,
-  teacher,
-  tokens,
-  mask,
-  *,
-  normalize="sequence",
-  temperature=1.0,
-  topk_tail="bucket",
-  with_metrics=False,
-):
+def tokenwise_fce_loss(student_logits, teacher, tokens, mask, *, with_metrics=False, **options):
   """The local part of DistIL alone: sum_t c_t with no score term (DAgger with a distributional expert)."""
-  cfg = _cfg(normalize=normalize, teacher_temperature=temperature, topk_tail=topk_tail)
-  return _public(
-    "tokenwise_fce", with_metrics, cfg=cfg, teacher=teacher, tokens=tokens, mask=mask, logits=student_logits
+  return _entry(
+    "tokenwise_fce", options, with_metrics, teacher=teacher, tokens=tokens, mask=mask, logits=student_logits
   )
 
 
-def reverse_kl_loss(
-  student_logits,
-  teacher,
-  tokens,
-  mask,
-  *,
-  normalize="sequence",
-  temperature=1.0,
-  topk_tail="bucket",
-  with_metrics=False,
-):
+def reverse_kl_loss(student_logits, teacher, tokens, mask, *, with_metrics=False, **options):
   """Per-token KL(pi_theta || q) at the student's positions (SDPO-style self-distillation), exact over buckets."""
-  cfg = _cfg(normalize=normalize, teacher_temperature=temperature, topk_tail=topk_tail)
-  return _public("reverse_kl", with_metrics, cfg=cfg, teacher=teacher, tokens=tokens, mask=mask, logits=student_logits)
+  return _entry("reverse_kl", options, with_metrics, teacher=teacher, tokens=tokens, mask=mask, logits=student_logits)
 
 
-def jsd_loss(
-  student_logits,
-  teacher,
-  tokens,
-  mask,
-  *,
-  beta=0.5,
-  normalize="sequence",
-  temperature=1.0,
-  topk_tail="bucket",
-  with_metrics=False,
-):
-  """Generalised JSD (GKD / OPSD): beta KL(q||m) + (1-beta) KL(pi||m), m = beta q + (1-beta) pi, as TRL defines it."""
-  cfg = _cfg(jsd_beta=beta, normalize=normalize, teacher_temperature=temperature, topk_tail=topk_tail)
-  return _public("jsd", with_metrics, cfg=cfg, teacher=teacher, tokens=tokens, mask=mask, logits=student_logits)
+def jsd_loss(student_logits, teacher, tokens, mask, *, with_metrics=False, **options):
+  """Generalised JSD (GKD / OPSD): beta KL(q||m) + (1-beta) KL(pi||m), m = beta q + (1-beta) pi, as TRL defines it
+  (beta is `jsd_beta`)."""
+  return _entry("jsd", options, with_metrics, teacher=teacher, tokens=tokens, mask=mask, logits=student_logits)
 
 
 def grpo_loss(
@@ -408,19 +395,17 @@ def grpo_loss(
   *,
   group_size,
   behaviour_logprobs=None,
-  clip_eps=0.2,
   ref_logprobs=None,
-  kl_coef=0.0,
-  normalize="sequence_token_mean",
   with_metrics=False,
+  **options,
 ):
-  """GRPO: group-normalised advantages (r - mean) / (std + eps) with the unbiased group std, clipped ratio,
-  optional k3 KL to a reference policy."""
-  cfg = _cfg(clip_eps=clip_eps, kl_coef=kl_coef, normalize=normalize)
-  return _public(
+  """GRPO as published (DeepSeekMath): group-normalised advantages (r - mean) / (std + eps) with the unbiased group
+  std, PPO-clipped ratio, per-response token mean then batch mean (normalize="token" for DAPO's token-level mean),
+  optional k3 KL to a reference policy (kl_coef, ref_logprobs)."""
+  return _entry(
     "grpo",
+    options,
     with_metrics,
-    cfg=cfg,
     teacher=None,
     tokens=tokens,
     mask=mask,
@@ -432,8 +417,6 @@ def grpo_loss(
   )
 
 
-def sft_loss(student_logits, tokens, mask, *, normalize="token", with_metrics=False):
-  """Cross-entropy on expert-written response tokens."""
-  return _public(
-    "sft", with_metrics, cfg=_cfg(normalize=normalize), teacher=None, tokens=tokens, mask=mask, logits=student_logits
-  )
+def sft_loss(student_logits, tokens, mask, *, with_metrics=False, **options):
+  """Cross-entropy on expert-written response tokens (token mean by default)."""
+  return _entry("sft", options, with_metrics, teacher=None, tokens=tokens, mask=mask, logits=student_logits)

@@ -70,13 +70,17 @@ def reference_rows(problems, n: int, tok) -> tuple[np.ndarray, np.ndarray]:
   return tokens, mask
 
 
-def prompt_rows(problems, *, config, tok) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
-  """Prompt ids, and (tokens, mask) left-padded to sampling.max_prompt_tokens."""
-  ids = [
-    ([tok.bos_id] if config.tokenizer.add_bos and tok.bos_id is not None else []) + tok.encode(p.prompt)
-    for p in problems
-  ]
-  return ids, *experts.left_pad_rows(ids, config.sampling.max_prompt_tokens, tok.pad_id)
+def prompt_rows(problems, *, config, tok, width=None, key="sampling.max_prompt_tokens"):
+  """Prompt ids, and (tokens, mask) left-padded to `width` (default: sampling.max_prompt_tokens, the buffer's).
+
+  A prompt longer than `width` is an error naming the config key `key`: the loop never trains on a cut prompt.
+  """
+  width = width or config.sampling.max_prompt_tokens
+  ids = [tok.prompt_ids(p.prompt, config.tokenizer.add_bos) for p in problems]
+  longest = max(len(i) for i in ids)
+  if longest > width:
+    raise ValueError(f"a prompt of {longest} tokens does not fit {key}={width}")
+  return ids, *experts.left_pad_rows(ids, width, tok.pad_id)
 
 
 def group_records(r: experts.Rollouts, labels: dict, iteration: int, *, config, tok) -> dict[str, np.ndarray]:
@@ -118,10 +122,10 @@ def with_feedback(problems, fraction: float, *, config, task):
 
 def warmup_batch(problems, *, config, tok) -> dict[str, np.ndarray]:
   """A behaviour-cloning batch: prompts and the expert's responses, as one-response groups."""
+  width, key = config.sampling.max_prompt_tokens, "sampling.max_prompt_tokens"
   if config.train.warmup_reprompt_fraction:  # re-prompts are longer: pad every row to the expert's width
-    config = config.copy_and_resolve_references()
-    config.sampling.max_prompt_tokens = max(config.sampling.max_prompt_tokens, config.expert.max_prompt_tokens)
-  _, prompt, pmask = prompt_rows(problems, config=config, tok=tok)
+    width, key = max(width, config.expert.max_prompt_tokens), "expert.max_prompt_tokens (warm-up re-prompts)"
+  _, prompt, pmask = prompt_rows(problems, config=config, tok=tok, width=width, key=key)
   sft_tokens, sft_mask = reference_rows(problems, config.sampling.max_new_tokens, tok)
   b = len(problems)
   return {

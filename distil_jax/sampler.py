@@ -5,8 +5,9 @@ once per prompt length. Left padding keeps every row's next token in the same ca
 drives the cache; the padded slots are masked out and positions restart at each row's first real token.
 
 Returned log-probs are those of the sampled tokens under the *sampling* distribution (after temperature, top-k and
-top-p); at temperature 1 with no truncation they equal the policy's own log-probs, which is what the off-policy
-ratio in `losses.py` needs.
+top-p). The training losses take the policy to be softmax(logits / temperature) over the tokenizer's ids
+(`token_terms.restrict`), so without top-k / top-p they are exactly the policy's log-probs on fresh rollouts, which
+is what the off-policy ratio in `losses.py` needs; the loop refuses top-k / top-p for the losses that use the ratio.
 
 Dims: B batch, P prompt bucket, N new tokens, S = P + N cache slots, V vocabulary.
 """
@@ -38,7 +39,9 @@ class SamplingConfig:
   vocab_limit: int | None = None  # ids >= this are never sampled (model rows past the tokenizer: padding)
 
 
-class Samples(NamedTuple):
+class Generation(NamedTuple):
+  """What the sampler returns (the expert-target type `losses.Samples` is another thing)."""
+
   tokens: jax.Array  # [B,N] int32, pad_id after EOS
   logprobs: jax.Array  # [B,N] float32, 0 after EOS
   lengths: jax.Array  # [B] int32, EOS included
@@ -139,10 +142,10 @@ def _generate(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, temperature, *
   is_eos = tokens == eos
   first_eos = jnp.argmax(is_eos, axis=1)
   lengths = jnp.where(jnp.any(is_eos, axis=1), first_eos + 1, step).astype(jnp.int32)
-  return Samples(tokens, logprobs, lengths)
+  return Generation(tokens, logprobs, lengths)
 
 
-def generate(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, cfg: SamplingConfig) -> Samples:
+def generate(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, cfg: SamplingConfig) -> Generation:
   """Sample up to `cfg.max_new_tokens` tokens per row; rows stop at EOS (kept) and are padded after."""
   return _generate(
     graphdef,

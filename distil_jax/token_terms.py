@@ -12,6 +12,12 @@ Every expert target becomes a pair of distributions over "buckets" at each posit
 Then CE = -sum_b q_b log pi_b, and the other divergences are sums over the same buckets, so one code path serves all
 target kinds. Padding entries of a top-k list carry logprob -inf (zero mass).
 
+The student's distribution is the policy the sampler draws from: softmax(logits / policy_temperature) over the
+tokenizer's ids. The LM head may have more rows than the tokenizer (the vocabulary is padded to a multiple of 8 or
+128 for the matmuls); those ids are never sampled, so they get probability 0 here too, for the student and for a
+dense teacher, and a top-k tail bucket covers only real ids. Otherwise log pi(y_t) would differ from the sampler's
+behaviour log-prob on fresh data, and the off-policy ratio would not be 1.
+
 Fusion: the student's logits for T positions would be a float32 [B,T,V] array (4 GB at B*T=8k, V=128k), and the
 teacher's another. `fused_token_terms` instead scans over chunks of `chunk_size` time steps, computes a [B,c,V]
 logits block, reduces it to a few [B,c] numbers, and recomputes the block in the backward pass
@@ -22,6 +28,7 @@ Dims: B batch, T response positions, S teacher sequence, c chunk, D width, V voc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -31,6 +38,35 @@ import jax.numpy as jnp
 from distil_jax import sharding
 
 TERMS = ("ce", "teacher_entropy", "rkl", "jsd")
+_MASKED = -1e30  # logit of an id outside the vocabulary: finite, so 0 * logit stays 0 (no NaN in entropy or grads)
+
+
+@dataclasses.dataclass(frozen=True)
+class TermOptions:
+  """What to compute per position, and the two distributions it is computed between."""
+
+  terms: tuple[str, ...] = ("ce",)  # which divergences besides logp and entropy (see TERMS)
+  topk_tail: str = "bucket"  # top-k targets: "bucket" or "renorm"
+  teacher_temperature: float = 1.0  # dense teachers: q = softmax(logits / teacher_temperature)
+  jsd_beta: float = 0.5
+  policy_temperature: float = 1.0  # the student: pi = softmax(logits / policy_temperature), the sampler's policy
+  vocab_size: int = 0  # ids >= vocab_size have probability 0 (0: every row of the LM head is a real id)
+
+  def __post_init__(self):
+    unknown = set(self.terms) - set(TERMS)
+    if unknown:
+      raise ValueError(f"unknown terms {sorted(unknown)}; known: {TERMS}")
+    object.__setattr__(self, "terms", tuple(sorted(self.terms)))
+
+
+def restrict(logits, temperature: float, vocab_size: int):
+  """float32 logits / temperature, with ids >= vocab_size masked out (see the module docstring)."""
+  z = logits.astype(jnp.float32)
+  if temperature != 1.0:
+    z = z / temperature
+  if vocab_size and vocab_size < z.shape[-1]:
+    z = jnp.where(jnp.arange(z.shape[-1]) < vocab_size, z, _MASKED)
+  return z
 
 
 class TopK(NamedTuple):
@@ -67,10 +103,10 @@ def _where_pos(q, x):
   return jnp.where(q > 0, q * jnp.where(q > 0, x, 0.0), 0.0)
 
 
-def _buckets(z, lse, kind, arrays, topk_tail, temperature):
+def _buckets(z, lse, kind, arrays, opts: TermOptions):
   """(log q, log pi, log pi normalised over the buckets or None) for one block of student logits z [B,c,V]."""
   if kind == "dense":
-    log_q = jax.nn.log_softmax(arrays[0].astype(jnp.float32) / temperature, axis=-1)
+    log_q = jax.nn.log_softmax(restrict(arrays[0], opts.teacher_temperature, opts.vocab_size), axis=-1)
     log_pi = z - lse[..., None]
     return log_q, log_pi, log_pi
   ids = arrays[0]
@@ -80,14 +116,14 @@ def _buckets(z, lse, kind, arrays, topk_tail, temperature):
     return jnp.full(ids.shape, -math.log(m), jnp.float32), log_pi, None
   log_q = arrays[1].astype(jnp.float32)
   valid = log_q > -jnp.inf
-  if topk_tail == "renorm":
+  if opts.topk_tail == "renorm":
     log_q = log_q - jax.nn.logsumexp(log_q, axis=-1, keepdims=True)
     log_pi_norm = log_pi - jax.nn.logsumexp(jnp.where(valid, log_pi, -jnp.inf), axis=-1, keepdims=True)
     return log_q, log_pi, jnp.where(valid, log_pi_norm, -jnp.inf)
-  # Tail bucket: the vocabulary minus the listed ids. It exists only when the ids do not cover the vocabulary.
+  # Tail bucket: the real vocabulary minus the listed ids. It exists only when the ids do not cover it.
   vocab = z.shape[-1]
   n_valid = jnp.sum(valid, axis=-1)
-  has_tail = n_valid < vocab
+  has_tail = n_valid < (opts.vocab_size or vocab)
   drop = jnp.where(valid, ids, vocab)  # out-of-range index: dropped by the scatter
   b, c = jnp.meshgrid(jnp.arange(z.shape[0]), jnp.arange(z.shape[1]), indexing="ij")
   # A boolean scatter (1 byte per entry) and a `where` that fuses into the reduction: no second float block.
@@ -100,7 +136,8 @@ def _buckets(z, lse, kind, arrays, topk_tail, temperature):
   return log_q, log_pi, log_pi
 
 
-def _divergences(log_q, log_pi, log_pi_norm, terms, jsd_beta):
+def _divergences(log_q, log_pi, log_pi_norm, opts: TermOptions):
+  terms, jsd_beta = opts.terms, opts.jsd_beta
   q = jnp.exp(log_q)
   out = {}
   if "ce" in terms:
@@ -142,18 +179,20 @@ def _sanitize(kind, arrays, mask, vocab):
   return jnp.where(keep, ids, safe_ids), jnp.where(keep, log_q, safe_lq)
 
 
-def _block_terms(z, tokens, kind, arrays, terms, topk_tail, temperature, jsd_beta, mask=None):
-  """All requested [B,c] terms from one block of float32 student logits z [B,c,V]."""
-  arrays = _sanitize(kind, arrays, mask, z.shape[-1])
+def _block_terms(z, tokens, kind, arrays, opts: TermOptions, mask=None):
+  """All requested [B,c] terms from one block of raw float32 student logits z [B,c,V]."""
+  arrays = _sanitize(kind, arrays, mask, opts.vocab_size or z.shape[-1])
+  z = restrict(z, opts.policy_temperature, opts.vocab_size)
   lse = jax.nn.logsumexp(z, axis=-1)
+  log_pi = z - lse[..., None]
   out = {
-    "logp": jnp.take_along_axis(z, tokens[..., None], axis=-1)[..., 0] - lse,
-    # a metric only: no gradient is computed through it
-    "entropy": jax.lax.stop_gradient(lse - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)),
+    "logp": jnp.take_along_axis(log_pi, tokens[..., None], axis=-1)[..., 0],
+    # a metric only: no gradient is computed through it (0 * _MASKED is 0 at ids outside the vocabulary)
+    "entropy": jax.lax.stop_gradient(-jnp.sum(jnp.exp(log_pi) * log_pi, axis=-1)),
   }
-  if kind is not None and terms:
-    log_q, log_pi, log_pi_norm = _buckets(z, lse, kind, arrays, topk_tail, temperature)
-    out.update(_divergences(log_q, log_pi, log_pi_norm, terms, jsd_beta))
+  if kind is not None and opts.terms:
+    log_q, log_pi, log_pi_norm = _buckets(z, lse, kind, arrays, opts)
+    out.update(_divergences(log_q, log_pi, log_pi_norm, opts))
   return out
 
 
@@ -181,48 +220,17 @@ def _teacher_logits(kind, arrays, teacher_head):
   return "dense", (sharding.constrain(logits, ("batch", None, "vocab")),)
 
 
-def _check_terms(terms):
-  unknown = set(terms) - set(TERMS)
-  if unknown:
-    raise ValueError(f"unknown terms {sorted(unknown)}; known: {TERMS}")
-  return tuple(sorted(terms))
-
-
-def token_terms(
-  student_logits, teacher, tokens, *, mask=None, terms=("ce",), topk_tail="bucket", temperature=1.0, jsd_beta=0.5
-):
+def token_terms(student_logits, teacher, tokens, *, mask=None, opts: TermOptions = TermOptions()):
   """Per-position terms [B,T] from full student logits [B,T,V] (the unfused reference path).
 
-  `teacher` may be None (GRPO, SFT need only log pi(y_t)). Returns a dict with `logp`, `entropy` and `terms`.
+  `teacher` may be None (GRPO, SFT need only log pi(y_t)). Returns a dict with `logp`, `entropy` and `opts.terms`.
   """
   kind, arrays, head = _split_target(teacher)
   kind, arrays = _teacher_logits(kind, arrays, head)
-  return _block_terms(
-    student_logits.astype(jnp.float32),
-    tokens.astype(jnp.int32),
-    kind,
-    arrays,
-    _check_terms(terms),
-    topk_tail,
-    temperature,
-    jsd_beta,
-    mask,
-  )
+  return _block_terms(student_logits, tokens.astype(jnp.int32), kind, arrays, opts, mask)
 
 
-def fused_token_terms(
-  hidden,
-  lm_head,
-  teacher,
-  tokens,
-  *,
-  mask=None,
-  chunk_size=64,
-  terms=("ce",),
-  topk_tail="bucket",
-  temperature=1.0,
-  jsd_beta=0.5,
-):
+def fused_token_terms(hidden, lm_head, teacher, tokens, *, mask=None, chunk_size=64, opts: TermOptions = TermOptions()):
   """The same terms as `token_terms(hidden @ lm_head, ...)` without any [B,T,V] array.
 
   hidden [B,T,D] in the compute dtype; lm_head [D,V] is cast to hidden's dtype inside each chunk (float32
@@ -230,7 +238,6 @@ def fused_token_terms(
   lm_head's dtype.
   Memory: O(B * chunk_size * V) for the logits block instead of O(B * T * V), plus O(D * V) for the head's gradient.
   """
-  terms = _check_terms(terms)
   kind, arrays, teacher_head = _split_target(teacher)
   b, t = tokens.shape
   c = min(chunk_size, t)
@@ -245,7 +252,7 @@ def fused_token_terms(
     z = jnp.einsum("bcd,dv->bcv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
     z = sharding.constrain(z, ("batch", None, "vocab"))
     k, a = _teacher_logits(kind, tarrays, thead)
-    return _block_terms(z, tok, k, a, terms, topk_tail, temperature, jsd_beta, m)
+    return _block_terms(z, tok, k, a, opts, m)
 
   def body(carry, xs):
     h, tok, m, tarrays = xs

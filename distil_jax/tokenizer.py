@@ -44,6 +44,11 @@ class Tokenizer:
     digest = hashlib.sha256("\x00".join(self.surfaces).encode()).hexdigest()[:16]
     return f"{self.vocab_size}:{digest}"
 
+  def prompt_ids(self, text: str, add_bos: bool) -> list[int]:
+    """The ids of a prompt row, the student's or a teacher's re-prompt: the one place BOS is added, so that the
+    expert reads the same format as the student (config `tokenizer.add_bos`)."""
+    return ([self.bos_id] if add_bos and self.bos_id is not None else []) + self.encode(text)
+
   def text_of(self, ids: Sequence[int]) -> str:
     """Text of a sampled response: the surfaces concatenated, stopping at EOS."""
     out = []

@@ -176,8 +176,30 @@ def warm_up(params, run, *, config, mesh):
   }
 
 
+ON_POLICY = ("grpo", "reverse_kl", "jsd")  # trained on this iteration's rollouts unless buffer.mix says otherwise
+
+
+def buffer_mix(config) -> float:
+  """The fraction of training groups drawn from the aggregated buffer: DAgger's losses aggregate (0.5), the on-policy
+  ones train on this iteration's rollouts (0), unless `buffer.mix` is set."""
+  if config.buffer.mix is not None:
+    return config.buffer.mix
+  return 0.0 if config.loss.kind in ON_POLICY else 0.5
+
+
+def loss_config(config, tok, expert) -> losses.LossConfig:
+  """The loss as the loop runs it: the config's `loss` section, plus what the rest of the run decides: the policy is
+  the sampler's (its temperature, the tokenizer's ids), and an expert that shows siblings splits the baseline."""
+  return losses.LossConfig(
+    **config.loss,
+    policy_temperature=config.sampling.temperature,
+    vocab_size=tok.vocab_size,
+    baseline_parts=2 if expert.reads_siblings else 1,
+  )
+
+
 def _check(config, mesh):
-  t = config.train
+  t, s = config.train, config.sampling
   rows = mesh.shape["data"] * mesh.shape["fsdp"]
   checks = [
     ("train.prompts_per_iteration * train.group_size", t.prompts_per_iteration * t.group_size),
@@ -191,8 +213,37 @@ def _check(config, mesh):
   for name, value in checks:
     if value % rows:
       raise ValueError(f"{name} = {value} is not divisible by the data x fsdp mesh size {rows}")
-  if config.loss.kind == "distil" and config.loss.baseline == "loo" and t.group_size < 2:
-    raise ValueError("loss.baseline='loo' needs train.group_size >= 2")
+  _check_estimator(config)
+  if max(s.prompt_buckets) > s.max_prompt_tokens:
+    raise ValueError(
+      f"sampling.prompt_buckets goes up to {max(s.prompt_buckets)} tokens but sampling.max_prompt_tokens="
+      f"{s.max_prompt_tokens}: a prompt could be sampled in full and trained cut"
+    )
+
+
+def _check_estimator(config):
+  """Settings under which a loss's estimator would be biased, or would silently do nothing."""
+  t, s, loss = config.train, config.sampling, config.loss
+  if not s.temperature > 0:
+    raise ValueError(f"sampling.temperature={s.temperature} must be > 0 (the policy is softmax(logits / temperature))")
+  if loss.kind in losses.USES_RATIO and (s.top_k or s.top_p < 1.0):
+    raise ValueError(
+      f"sampling.top_k={s.top_k} / sampling.top_p={s.top_p} truncate the sampled policy; loss.kind={loss.kind!r} "
+      "compares log pi with the sampler's log-probs and would be biased: sample with a temperature alone"
+    )
+  if loss.kind == "grpo" and t.group_size < 2:
+    raise ValueError(f"loss.kind='grpo' needs train.group_size >= 2 (group-relative advantages); got {t.group_size}")
+  if loss.kind == "grpo" and buffer_mix(config) > 0:
+    raise ValueError(f"buffer.mix={config.buffer.mix}: GRPO is on-policy; stale buffer rows would bias it (set 0)")
+  reads_siblings = config.expert.kind != "oracle"
+  if loss.kind == "distil" and loss.baseline == "loo":
+    if reads_siblings and (t.group_size < 4 or t.group_size % 2):
+      raise ValueError(
+        f"loss.baseline='loo' with expert.kind={config.expert.kind!r} needs an even train.group_size >= 4 (the "
+        f"baseline is taken within each half of a group, the feedback from the other); got {t.group_size}"
+      )
+    if t.group_size < 2:
+      raise ValueError("loss.baseline='loo' needs train.group_size >= 2")
 
 
 @dataclasses.dataclass
@@ -230,6 +281,16 @@ class Run:
     return state["params"], meta
 
 
+def _finite_or_raise(m, it, k, ckpt, writer):
+  """Update k's figures, or the error that stops the run when it was skipped for a non-finite loss or gradient."""
+  if m["nonfinite"]:
+    raise FloatingPointError(
+      f"non-finite loss or gradient at iteration {it}, update {k} (loss={m['loss']}, grad_norm={m['grad_norm']}); "
+      f"the update was skipped, the last checkpoint (iteration {ckpt.latest_step()}) and {writer.path} are intact"
+    )
+  return m
+
+
 def _ema(config) -> bool:
   return config.expert.kind == "self" and config.expert.ema_decay > 0
 
@@ -239,17 +300,20 @@ def train(config, workdir: str) -> dict:
   run = Run.build(config, workdir)
   c, mesh, tok, task = config, run.mesh, run.tok, run.task
   _check(c, mesh)
-  expert = experts.make_expert(c.expert, task, tok)
+  expert = experts.make_expert(c.expert, task, tok, c.tokenizer.add_bos)
   teacher_graphdef, teacher_params = None, None
   if c.expert.kind == "model":
     teacher_graphdef, teacher_params = load_teacher(c, run.model_cfg, tok, mesh, run.rules)
   total_updates = c.train.iterations * c.train.updates_per_iteration
   tx = update.make_optimizer(c.optim, total_updates)
-  state = update.init_state(tx, run.params, mesh, ema=_ema(c))
+  loss_cfg = loss_config(c, tok, expert)
+  reference = loss_cfg.kind == "grpo" and loss_cfg.kl_coef > 0
+  state = update.init_state(tx, run.params, mesh, ema=_ema(c), ref=reference)
   spec = update.UpdateSpec(
-    losses.LossConfig(**c.loss),
+    loss_cfg,
     teacher="topk" if not expert.on_device else c.expert.kind,
     ema_decay=c.expert.ema_decay,
+    reference=reference,
     use_behaviour_logprobs=c.train.use_behaviour_logprobs,
     score_max_staleness=c.train.score_max_staleness,
   )
@@ -299,7 +363,7 @@ def train(config, workdir: str) -> dict:
           before = eval_fn(run.graphdef, state["params"], jax.random.fold_in(eval_keys, 0))
           figures = {f"before_warmup/{k}": v for k, v in before.items()}
           params, warm = warm_up(state["params"], run, config=c, mesh=mesh)
-          state = update.init_state(tx, params, mesh, ema=_ema(c))
+          state = update.init_state(tx, params, mesh, ema=_ema(c), ref=reference)
           figures.update(warm, **{"time/warmup_s": time.time() - t0})
         t1 = time.time()
         last = eval_fn(run.graphdef, state["params"], jax.random.fold_in(eval_keys, 0))
@@ -325,7 +389,9 @@ def train(config, workdir: str) -> dict:
         sampled_tokens += int(r.mask.sum()) * jax.process_count()
         t1 = time.time()
         # -- Expert labels, into the buffer -----------------------------------------------------------------------
-        groups = rollout_lib.group_records(r, expert.label(r), it, config=c, tok=tok)
+        labels, label_figures = expert.label(r)
+        figures.update(label_figures)
+        groups = rollout_lib.group_records(r, labels, it, config=c, tok=tok)
         old = buf.window(before=buf.rows)
         buf.append(groups)
         t2 = time.time()
@@ -333,22 +399,19 @@ def train(config, workdir: str) -> dict:
         batches = data.training_batches(
           data.split_rows(groups),
           buf.source(*old),
-          mix=c.buffer.mix,
+          mix=buffer_mix(c),
           seed=c.seed * 1_000_003 + it,
           batch_groups=c.train.batch_groups // jax.process_count(),
           steps=c.train.updates_per_iteration,
         )
-        step_figures = []
-        for k, batch in enumerate(batches):
-          state, m = step_fn(state, data.to_global(batch, mesh), teacher_params, jnp.int32(it))
-          m = jax.device_get(m)
-          if m["nonfinite"]:
-            raise FloatingPointError(
-              f"non-finite loss or gradient at iteration {it}, update {k + 1} (loss={m['loss']}, "
-              f"grad_norm={m['grad_norm']}); the update was skipped, the last checkpoint "
-              f"(iteration {ckpt.latest_step()}) and {writer.path} are intact"
-            )
-          step_figures.append(m)
+        # Metrics of update k are read after update k+1 is dispatched, so the host never waits on the device.
+        step_figures, pending = [], None
+        for k, batch in enumerate([*batches, None]):
+          if batch is not None:
+            state, m = step_fn(state, data.to_global(batch, mesh), teacher_params, jnp.int32(it))
+          if pending is not None:
+            step_figures.append(_finite_or_raise(jax.device_get(pending), it, k, ckpt, writer))
+          pending = m if batch is not None else None
         t3 = time.time()
         figures.update({f"train/{k}": float(np.mean([m[k] for m in step_figures])) for k in step_figures[0]})
         figures.update(

@@ -4,8 +4,10 @@ A batch holds Bg prompt groups of G responses each (shapes below). The student r
 with the sampler's exact positions and masks, so on fresh data the recomputed log-probs equal the behaviour ones.
 Only the student is differentiated: a `self` teacher is the student's own parameters under stop_gradient (or an EMA
 copy kept in the train state), a `model` teacher's parameters are passed in and never checkpointed (big_vision's
-rule for teachers). A step whose loss or gradient is not finite leaves the state untouched and says so in its
-metrics; the host loop stops with an error naming the iteration (see train.py).
+rule for teachers). GRPO's KL reference is a frozen copy of the starting parameters kept in the train state ("ref",
+checkpointed so that a resumed run has the same reference), evaluated on device. A step whose loss or gradient is
+not finite leaves the state untouched and says so in its metrics; the host loop stops with an error naming the
+iteration (see train.py).
 
 Batch (numpy on host, global arrays on the mesh):
   prompt_tokens, prompt_mask [Bg,P]; tokens, mask, logprobs [Bg,G,N]; reward [Bg,G]; iteration [Bg];
@@ -21,9 +23,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from distil_jax import losses, sharding
 from distil_jax import model as model_lib
+from distil_jax import token_terms as tt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +35,7 @@ class UpdateSpec:
   loss: losses.LossConfig
   teacher: str  # "topk" (targets in the batch), "self", "model"
   ema_decay: float = 0.0  # self: 0 means the live parameters are the teacher
+  reference: bool = False  # grpo with kl_coef > 0: state["ref"] holds the frozen reference policy
   use_behaviour_logprobs: bool = True  # off-policy ratio from the sampler's log-probs
   score_max_staleness: int = 0  # DistIL's score term only on rollouts at most this many iterations old
 
@@ -52,17 +57,41 @@ def make_optimizer(cfg, total_updates: int) -> optax.GradientTransformation:
   )
 
 
-def init_state(tx, params, mesh, *, ema: bool = False):
-  """The train state on the mesh: optimizer moments sharded like the parameters, scalars replicated."""
-  opt_state = jax.jit(tx.init)(params)
-  state = {"params": params, "opt_state": opt_state}
-  if ema:
-    state["ema"] = jax.tree.map(jnp.copy, params)
+def state_shardings(tx, params, mesh, *, ema: bool = False, ref: bool = False):
+  """Shardings of the train state: every optimizer leaf shaped like a parameter (Adam's mu and nu) takes that
+  parameter's sharding, everything else (step counts, schedule state) is replicated.
+
+  `tx.init` builds its moments with `zeros_like`, which has no data dependence on the parameters, so a plain
+  `jit(tx.init)` lets XLA place them anywhere (it put them on one device, and they were then replicated: FSDP saved
+  no optimizer memory). The layout is therefore derived from the abstract state, as nanodo does.
+  """
+  param_sh = jax.tree.map(lambda x: x.sharding, params)
+  abstract = jax.eval_shape(tx.init, params)
   everywhere = sharding.replicated(mesh)
-  placed = jax.tree.map(lambda x: x.sharding if len(x.sharding.device_set) == mesh.size else everywhere, state)
-  # Committed arrays from the start: the jitted update and sampler then see the same input layout on every call,
-  # and compile once.
-  return jax.device_put(state, placed)
+  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract, param_sh, transform_non_params=lambda _: everywhere)
+  out = {"params": param_sh, "opt_state": opt_sh}
+  for name, wanted in (("ema", ema), ("ref", ref)):
+    if wanted:
+      out[name] = param_sh
+  return out
+
+
+def init_state(tx, params, mesh, *, ema: bool = False, ref: bool = False):
+  """The train state on the mesh, created in place: moments sharded like their parameters, scalars replicated.
+
+  Committed arrays from the start: the jitted update and sampler then see the same input layout on every call, and
+  compile once.
+  """
+  shardings = state_shardings(tx, params, mesh, ema=ema, ref=ref)
+
+  def init(params):
+    state = {"params": params, "opt_state": tx.init(params)}
+    for name in ("ema", "ref"):
+      if name in shardings:
+        state[name] = jax.tree.map(jnp.copy, params)
+    return state
+
+  return jax.jit(init, out_shardings=shardings)(params)
 
 
 def response_hidden(model, prompts_BxP, prompt_mask_BxP, responses_BxN):
@@ -79,7 +108,17 @@ def _rows(x, g):
   return x.reshape(x.shape[0] * g, *x.shape[2:])
 
 
-def loss_fn(params, batch, teacher_params, iteration, *, graphdef, teacher_graphdef, spec: UpdateSpec):
+def _reference_logprobs(ref_params, graphdef, prompts, pmask, responses, cfg):
+  """log pi_ref(y_t) of the frozen reference policy, with the student's temperature and vocabulary."""
+  ref = model_lib.merge_for_compute(graphdef, jax.lax.stop_gradient(ref_params))
+  hidden = response_hidden(ref, prompts, pmask, responses)
+  opts = dataclasses.replace(cfg.term_options, terms=())
+  return tt.fused_token_terms(hidden, ref.lm_head_kernel(), None, responses, chunk_size=cfg.chunk_size, opts=opts)[
+    "logp"
+  ]
+
+
+def loss_fn(params, batch, teacher_params, ref_params, iteration, *, graphdef, teacher_graphdef, spec: UpdateSpec):
   model = model_lib.merge_for_compute(graphdef, params)
   cfg = spec.loss
   bg, g, n = batch["tokens"].shape
@@ -105,6 +144,9 @@ def loss_fn(params, batch, teacher_params, iteration, *, graphdef, teacher_graph
   behaviour = None
   if spec.use_behaviour_logprobs and cfg.kind in ("distil", "grpo"):
     behaviour = _rows(batch["logprobs"], g)
+  ref_logprobs = None
+  if spec.reference:
+    ref_logprobs = _reference_logprobs(ref_params, graphdef, prompts, pmask, responses, cfg)
   fresh = (iteration - batch["iteration"]) <= spec.score_max_staleness
   return losses.compute_loss(
     cfg,
@@ -112,10 +154,13 @@ def loss_fn(params, batch, teacher_params, iteration, *, graphdef, teacher_graph
     tokens=responses,
     mask=mask,
     hidden=hidden,
-    lm_head=model.lm_head_kernel(),
+    # The float32 master head: the fused loss casts it per chunk, so its gradient is summed over chunks in float32
+    # (the compute-dtype copy would sum it in bf16).
+    lm_head=nnx.merge(graphdef, params).lm_head_kernel(),
     group_size=group,
     rewards=batch["reward"].reshape(-1),
     behaviour_logprobs=behaviour,
+    ref_logprobs=ref_logprobs,
     score_weight=jnp.repeat(fresh, group).astype(jnp.float32),
   )
 
@@ -123,7 +168,7 @@ def loss_fn(params, batch, teacher_params, iteration, *, graphdef, teacher_graph
 def make_update(graphdef, tx, spec: UpdateSpec, *, teacher_graphdef=None, state_shardings=None):
   """jit(update)(state, batch, teacher_params, iteration) -> (state, metrics); `state` is donated.
 
-  state: {"params", "opt_state"} (+ "ema" for a self teacher with ema_decay > 0).
+  state: {"params", "opt_state"} (+ "ema" for a self teacher with ema_decay > 0, + "ref" for GRPO's KL reference).
   """
   teacher_graphdef = teacher_graphdef or graphdef
 
@@ -132,7 +177,14 @@ def make_update(graphdef, tx, spec: UpdateSpec, *, teacher_graphdef=None, state_
       teacher_params = state.get("ema")
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, metrics), grads = grad_fn(
-      state["params"], batch, teacher_params, iteration, graphdef=graphdef, teacher_graphdef=teacher_graphdef, spec=spec
+      state["params"],
+      batch,
+      teacher_params,
+      state.get("ref"),
+      iteration,
+      graphdef=graphdef,
+      teacher_graphdef=teacher_graphdef,
+      spec=spec,
     )
     grad_norm = optax.global_norm(grads)
 

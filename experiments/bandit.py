@@ -32,7 +32,7 @@ def _gradients(pi, q):
   fns = {
     "forward_ce": lambda z: losses.tokenwise_fce_loss(z, t, tok, m),
     "reverse_kl": lambda z: losses.reverse_kl_loss(z, t, tok, m),
-    "jsd": lambda z: losses.jsd_loss(z, t, tok, m, beta=0.5),
+    "jsd": lambda z: losses.jsd_loss(z, t, tok, m, jsd_beta=0.5),
   }
   return {k: jax.grad(f)(z)[0, 0] for k, f in fns.items()}
 

@@ -57,14 +57,16 @@ def main(_):
     student, r = pass_at_1(run, params, problems, keys[0], c)
 
     def reprompt(p, feedback):  # as the expert sees it: its last `expert.max_prompt_tokens` tokens
-      ids = run.tok.encode(c.expert.reprompt.format(prompt=p.prompt, feedback=feedback))
+      ids = run.tok.prompt_ids(c.expert.reprompt.format(prompt=p.prompt, feedback=feedback), c.tokenizer.add_bos)
       return dataclasses.replace(p, prompt=run.tok.text_of(ids[-c.expert.max_prompt_tokens :]))
 
     own = [reprompt(p, v[0].feedback) for p, v in zip(problems, r.verdicts, strict=True)]
     sibling = [reprompt(p, experts.SIBLING + p.reference) for p in problems]
     wrong = np.array([not v[0].correct for v in r.verdicts])
     own_all, r_own = pass_at_1(run, params, own, keys[1], wide)
-    own_wrong = float(np.mean([np.mean([v.correct for v in row]) for row, w in zip(r_own.verdicts, wrong) if w]))
+    own_wrong = float(
+      np.mean([np.mean([v.correct for v in row]) for row, w in zip(r_own.verdicts, wrong, strict=True) if w])
+    )
     out = {
       "student/pass@1": student,
       "self_expert_own_feedback/pass@1": own_all,

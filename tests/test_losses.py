@@ -213,7 +213,7 @@ def test_jsd_matches_trl(beta):
   want.backward()
   v, g = jax.value_and_grad(
     lambda z: losses.jsd_loss(
-      z, jnp.asarray(tl), jnp.zeros((2, 4), jnp.int32), jnp.asarray(mask), beta=beta, normalize="token"
+      z, jnp.asarray(tl), jnp.zeros((2, 4), jnp.int32), jnp.asarray(mask), jsd_beta=beta, normalize="token"
     )
   )(jnp.asarray(z, jnp.float32))
   np.testing.assert_allclose(v, want.item(), rtol=1e-5)

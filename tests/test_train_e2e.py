@@ -26,12 +26,12 @@ def _metrics(workdir):
     return [json.loads(line) for line in f]
 
 
-def _check_run(workdir, iterations=2):
+def _check_run(workdir, iterations=2, groups_per_iteration=2):
   rows = _metrics(workdir)
   assert [r["iteration"] for r in rows] == list(range(iterations + 1))
   for r in rows[1:]:
     assert np.isfinite(r["train/loss"]) and r["train/nonfinite"] == 0.0
-    assert r["buffer/rows"] == 4 * r["iteration"]  # 4 prompt groups appended per iteration
+    assert r["buffer/rows"] == groups_per_iteration * r["iteration"]  # one buffer row per prompt group
   assert {"eval/pass@1", "eval/pass@2", "eval/greedy_accuracy"} <= set(rows[-1])
   return rows
 
@@ -59,25 +59,26 @@ def test_self_expert_with_ema(tmp_path):
 
 
 def test_feedback_prompts_and_sibling_only_labelling():
-  """Group 0 has one correct response (index 1), group 1 none: by hand, the sibling goes to every response but the
-  correct one itself; with sibling_only, the others go unlabelled."""
+  """Groups of 4 are two halves, {0,1} and {2,3}; a response is shown a correct response of the *other* half.
+  Group 0: only response 1 is correct, so 2 and 3 see it, while 0 and 1 (its own half) get their own verdict.
+  Group 1: nothing correct. With sibling_only, only responses shown a sibling are labelled."""
   verdict = lambda ok: experts.Verdict(ok, "correct" if ok else "wrong")
   r = experts.Rollouts(
     problems=[experts.Problem("p0", "r0"), experts.Problem("p1", "r1")],
     prompt_tokens=np.zeros((2, 1)),
     prompt_mask=np.ones((2, 1)),
-    tokens=np.zeros((2, 3, 1)),
-    mask=np.ones((2, 3, 1)),
-    logprobs=np.zeros((2, 3, 1)),
-    texts=[["a", "b", "c"], ["d", "e", "f"]],
-    verdicts=[[verdict(False), verdict(True), verdict(False)], [verdict(False)] * 3],
+    tokens=np.zeros((2, 4, 1)),
+    mask=np.ones((2, 4, 1)),
+    logprobs=np.zeros((2, 4, 1)),
+    texts=[["a", "b", "c", "d"], ["e", "f", "g", "h"]],
+    verdicts=[[verdict(False), verdict(True), verdict(False), verdict(False)], [verdict(False)] * 4],
   )
   texts, valid = experts.reprompt_texts(r, "{prompt}|{feedback}")
   sib = experts.SIBLING + "b"
-  assert texts == [[f"p0|{sib}", "p0|correct", f"p0|{sib}"], ["p1|wrong"] * 3]
-  assert valid.tolist() == [[1, 1, 1], [1, 1, 1]]
+  assert texts == [["p0|wrong", "p0|correct", f"p0|{sib}", f"p0|{sib}"], ["p1|wrong"] * 4]
+  assert valid.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]]
   _, valid = experts.reprompt_texts(r, "{prompt}|{feedback}", sibling_only=True)
-  assert valid.tolist() == [[1, 0, 1], [0, 0, 0]]
+  assert valid.tolist() == [[0, 0, 1, 1], [0, 0, 0, 0]]
 
 
 def test_self_expert_sibling_only_runs(tmp_path):
@@ -258,3 +259,26 @@ def test_warmup_only_run_then_init_from(tmp_path):
   }
   tokenizer = (tmp_path / "post" / "tokenizer.model").read_bytes()  # a copy: the workdir stands alone
   assert tokenizer == (tmp_path / "warm" / "tokenizer.model").read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["distil", "grpo"])
+def test_sampling_temperature_is_the_policy_end_to_end(kind, tmp_path):
+  """As a user runs it: a short behaviour-cloned start (a peaked policy), then rollouts at temperature 0.7. The first
+  update sees its own fresh rollouts: ratio 1, nothing clipped (the loss once used the untempered policy and clipped
+  a quarter of the tokens here). GRPO also keeps its KL reference on device (0 on the first update: ref = policy)."""
+  overrides = {
+    "loss.kind": kind,
+    "sampling.temperature": 0.7,
+    "train.iterations": 1,
+    "train.warmup_steps": 40,
+    "train.warmup_batch": 16,
+  }
+  if kind == "grpo":
+    overrides["loss.kl_coef"] = 0.05
+  train.train(load_config("arith", **overrides), str(tmp_path))
+  rows = _check_run(tmp_path, iterations=1)
+  assert rows[0]["warmup/loss_last"] < 0.7 * rows[0]["warmup/loss_first"]  # 3.9 -> 2.3 nats per token
+  assert rows[1]["train/clip_fraction"] == 0.0
+  np.testing.assert_allclose(rows[1]["train/ratio_mean"], 1.0, atol=1e-4)
+  if kind == "grpo":
+    assert rows[1]["train/kl_ref"] == 0.0

@@ -118,3 +118,35 @@ def test_nonfinite_step_leaves_state_untouched():
   assert float(metrics["nonfinite"]) == 1.0
   for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(before), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def _bytes_on(tree, device):
+  return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == device)
+
+
+def test_optimizer_state_is_sharded_like_the_parameters():
+  """fsdp=8: Adam's mu and nu carry their parameter's sharding, and a device holds about 3x its parameter bytes.
+
+  The bound (<= 3.3x) is params + mu + nu (3x) plus replicated scalars; moments replicated on every device (the bug
+  this guards) give ~15x at this shape.
+  """
+  mesh = sharding.make_mesh({"fsdp": 8})
+  _, params = sharding.init_params(lambda: model_lib.Transformer(CFG, rngs=nnx.Rngs(0)), mesh)
+  tx = update.make_optimizer(OPTIM, 10)
+  state = update.init_state(tx, params, mesh)
+  flat_params = dict(jax.tree_util.tree_leaves_with_path(params))
+  moments = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state["opt_state"]):
+    names = [getattr(k, "name", None) for k in path]
+    if "mu" in names or "nu" in names:
+      moments += 1
+      param_path = path[names.index("mu" if "mu" in names else "nu") + 1 :]
+      assert leaf.sharding.is_equivalent_to(flat_params[param_path].sharding, leaf.ndim), jax.tree_util.keystr(path)
+    else:
+      assert leaf.sharding.is_fully_replicated, jax.tree_util.keystr(path)
+  assert moments == 2 * len(flat_params)
+  sharded = [x for x in flat_params.values() if not x.sharding.is_fully_replicated]
+  assert sharded, "the test model must have fsdp-sharded parameters"
+  device = jax.devices()[0]
+  ratio = _bytes_on(state, device) / _bytes_on(params, device)
+  assert 2.9 < ratio <= 3.3, ratio
