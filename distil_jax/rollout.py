@@ -37,13 +37,29 @@ def _global_prompts(tokens, mask, mesh):
   return (jax.device_put(x, sharding.replicated(mesh)) for x in (tokens, mask))
 
 
+def sample(graphdef, params, prompt_ids, rng, *, buckets, pad_id, mesh, samples_per_prompt, sampling_cfg):
+  """(tokens, log-probs, lengths) as numpy, this process's rows: `samples_per_prompt` responses to each prompt (a
+  list of token ids), with the parameters as the loop holds them (float32 masters, sharded)."""
+  prompt, mask = _global_prompts(*sampler.left_pad(prompt_ids, buckets, pad_id), mesh)
+  out = sampler.generate(graphdef, params, prompt, mask, rng, sampling_cfg, samples_per_prompt=samples_per_prompt)
+  return tuple(_local(x, mesh) for x in (out.tokens, out.logprobs, out.lengths))
+
+
 def rollout(graphdef, params, problems, rng, *, config, tok, task, mesh, samples_per_prompt, sampling_cfg):
   """Sample `samples_per_prompt` responses to each problem, decode them and ask the task for verdicts."""
   s = config.sampling
   ids, full_prompt, full_mask = prompt_rows(problems, config=config, tok=tok)
-  prompt, pmask = _global_prompts(*sampler.left_pad(ids, s.prompt_buckets, tok.pad_id), mesh)
-  out = sampler.generate(graphdef, params, prompt, pmask, rng, sampling_cfg, samples_per_prompt=samples_per_prompt)
-  tokens, logprobs, lengths = (_local(x, mesh) for x in (out.tokens, out.logprobs, out.lengths))
+  tokens, logprobs, lengths = sample(
+    graphdef,
+    params,
+    ids,
+    rng,
+    buckets=s.prompt_buckets,
+    pad_id=tok.pad_id,
+    mesh=mesh,
+    samples_per_prompt=samples_per_prompt,
+    sampling_cfg=sampling_cfg,
+  )
   bp, g, n = len(problems), samples_per_prompt, s.max_new_tokens
   mask = (np.arange(n)[None] < lengths[:, None]).astype(np.int32)
   texts = [tok.text_of(row[:length]) for row, length in zip(tokens, lengths, strict=True)]

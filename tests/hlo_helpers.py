@@ -32,11 +32,17 @@ def _called(line: str) -> list[str]:
   return names
 
 
-def while_body_lines(hlo_text: str) -> list[str]:
-  """Every instruction that runs inside some while loop's body (nested loops and fusions included)."""
+def while_body_lines(hlo_text: str, carrying: str = "") -> list[str]:
+  """Every instruction that runs inside the body of a while loop whose carried state names the array type
+  `carrying` (e.g. "f32[4,2,8,12]"; "" for every loop), nested loops and fusions included."""
   comps = computations(hlo_text)
-  todo = [m.group(1) for lines in comps.values() for line in lines if (m := _WHILE_BODY.search(line))]
-  assert todo, "no while loop in this HLO"
+  todo = [
+    m.group(1)
+    for lines in comps.values()
+    for line in lines
+    if (m := _WHILE_BODY.search(line)) and carrying in line.split(" while(")[0]
+  ]
+  assert todo, f"no while loop carrying {carrying!r} in this HLO"
   seen, lines = set(), []
   while todo:
     name = todo.pop()
