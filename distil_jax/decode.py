@@ -8,8 +8,9 @@ checkpoint format and `model.py`'s parameters are untouched):
   one [D,K,Q+2,E] kernel grouped by key/value head (so a `tensor` split of the kv heads keeps each group whole, and
   the product is already in the grouped layout attention reads), gate/up into one [D,2,F]. The decode loop then
   holds no all-gather and runs three matmuls fewer per layer.
-- The step unrolls the layers over per-layer weights and caches, so every matmul reads a whole buffer: a layer
-  slice of a stacked (scanned) cache is a dynamic slice, which XLA copies before a matmul, every layer, every step.
+- The step unrolls the layers over per-layer weights and caches, so every matmul reads a whole buffer: a layer's
+  slice of a stacked (scanned) cache is a dynamic slice, which XLA may materialise before the matmul, per layer and
+  per step. (Training scans the layers for compile time; a decode step is small enough to unroll.)
 - The prompt's keys and values are computed once per prompt, with training's attention kernel (`model.py`'s
   prefill), and the R responses to a prompt read that one copy: R times fewer prompt-cache bytes per step.
 - Response caches are laid out [B,K,S,E]: batch and kv head lead, so the score and value matmuls read them with no
