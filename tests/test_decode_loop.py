@@ -63,7 +63,9 @@ def test_decode_loop_on_a_mesh(axes):
   rows = PROMPTS * GROUP // axes.get("fsdp", 1)
   kv = CFG.num_key_value_heads // axes.get("tensor", 1)
   e = CFG.head_size
-  loop = hlo_helpers.while_body_lines(hlo, f"f32[{rows},{kv},{8},{e}]")  # the loops that carry the response cache
+  # Two while loops (segments): the first carries 8 response slots, the second 16 (= max_new_tokens), so the steps
+  # of the first never read slots 8..15. The checks below read both.
+  loop = [line for slots in (8, 16) for line in hlo_helpers.while_body_lines(hlo, f"f32[{rows},{kv},{slots},{e}]")]
   ops = [hlo_helpers.opcode(line) for line in loop]
   # Nothing as large as a cache (or a weight, larger still) changes layout or is copied per step; query-sized
   # arrays may (rows x heads x head dim, below this bound).
