@@ -43,8 +43,25 @@ PEAKS = {
 }
 
 
-def model_config(size: str, dtype: str, remat: bool = False) -> model_lib.ModelConfig:
-  return model_lib.ModelConfig(**SIZES[size], dtype=dtype, remat=remat)
+def model_config(size: str, dtype: str, remat: str = "none", attention: str = "auto", **overrides):
+  return model_lib.ModelConfig(**{**SIZES[size], **overrides}, dtype=dtype, remat=remat, attention=attention)
+
+
+def train_flops(cfg: model_lib.ModelConfig, rows: int, seq: int, response: int) -> float:
+  """Model FLOPs of one training step (forward + backward = 3 x forward), counting only the work the step needs.
+
+  Each row is `seq` tokens, of which the last `response` are the response; the student reads seq - 1 of them (the
+  last token predicts nothing). Per token: the layers' weight matmuls. Per row: causal attention (half of the
+  T x T scores). The LM head runs on response positions only. The embedding lookup is a gather (no FLOPs); remat's
+  recomputation is hardware work, not model work, and is not counted.
+  """
+  d, f, e, layers = cfg.hidden_size, cfg.intermediate_size, cfg.head_size, cfg.num_hidden_layers
+  h, k = cfg.num_attention_heads, cfg.num_key_value_heads
+  t = seq - 1
+  weights = 2 * (d * h * e + 2 * d * k * e + h * e * d + 3 * d * f)  # per token per layer
+  attention = 2 * 2 * h * e * t * (t + 1) / 2  # QK^T and PV over the causal half, per row per layer
+  head = 2 * d * cfg.vocab_size  # per response token
+  return 3 * (rows * t * layers * weights + rows * layers * attention + rows * response * head)
 
 
 def device_peaks():

@@ -1,7 +1,9 @@
 """Hugging Face checkpoints in and out: `config.json` + safetensors (single file or sharded with an index).
 
 Parameter names already match Hugging Face's, so the mapping is one rule: a path `a/b/kernel` is `a.b.weight`
-transposed (flax stores [in, out], torch [out, in]); `embedding` is `weight`; every other leaf keeps its name.
+transposed (flax stores [in, out], torch [out, in]); `embedding` is `weight`; every other leaf keeps its name. The
+decoder layers are stacked inside the model (`model/layers/...` leaves carry a leading [L] axis, for the layer scan):
+leaf `model/layers/x` of layer i is Hugging Face's `model.layers.{i}.x`.
 Supported architectures: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM. No torch or transformers import.
 """
 
@@ -106,14 +108,14 @@ def config_to_hf(cfg: model_lib.ModelConfig, dtype: str) -> dict[str, Any]:
   return out
 
 
-def _hf_name(path: tuple) -> tuple[str, bool]:
-  """Our parameter path -> (Hugging Face tensor name, transpose?)."""
+def _hf_names(path: tuple, shape) -> list[tuple[str, int | None, bool]]:
+  """Our parameter path -> [(Hugging Face tensor name, layer index or None, transpose?)], one per stacked layer."""
   *prefix, leaf = (str(p) for p in path)
-  if leaf == "kernel":
-    return ".".join(prefix + ["weight"]), True
-  if leaf == "embedding":
-    return ".".join(prefix + ["weight"]), False
-  return ".".join(prefix + [leaf]), False
+  transpose = leaf == "kernel"
+  leaf = "weight" if leaf in ("kernel", "embedding") else leaf
+  if prefix[:2] == ["model", "layers"]:
+    return [(".".join(["model", "layers", str(i), *prefix[2:], leaf]), i, transpose) for i in range(shape[0])]
+  return [(".".join(prefix + [leaf]), None, transpose)]
 
 
 def _safetensors_files(path: str) -> list[str]:
@@ -137,11 +139,11 @@ def load_hf(path: str, *, mesh=None, rules=None, dtype: str = "float32", **overr
     cfg = config_from_hf(json.load(f), dtype=dtype, **overrides)
   mesh = mesh or sharding.make_mesh({"fsdp": -1}, jax.devices()[:1])
   graphdef, targets = sharding.abstract_params(lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(0)), mesh, rules)
-  wanted = {}
-  for path_keys, target in jax.tree_util.tree_flatten_with_path(targets)[0]:
-    keys = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path_keys)
-    wanted[_hf_name(keys)[0]] = (keys, target)
-  loaded = {}
+  keyed = dict(zip(_ordered_keys(targets), jax.tree.leaves(targets), strict=True))
+  wanted = {
+    name: (keys, layer, t) for keys, target in keyed.items() for name, layer, t in _hf_names(keys, target.shape)
+  }
+  loaded, stacks, found = {}, {}, set()
   for file in _safetensors_files(path):
     with safe_open(file, framework="numpy") as f:
       for name in f.keys():
@@ -149,14 +151,25 @@ def load_hf(path: str, *, mesh=None, rules=None, dtype: str = "float32", **overr
           if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # some exporters write the tied head too
           raise InputError(f"{file}: unexpected tensor {name!r} for {cfg.arch}")
-        keys, target = wanted[name]
+        keys, layer, transpose = wanted[name]
+        target = keyed[keys]
         array = f.get_tensor(name)
-        if _hf_name(keys)[1]:
+        if transpose:
           array = array.T
-        if array.shape != target.shape:
-          raise InputError(f"{file}: {name} has shape {array.shape}, config says {target.shape}")
-        loaded[keys] = jax.device_put(np.asarray(array, np.float32), target.sharding)
-  missing = sorted(n for n, (k, _) in wanted.items() if k not in loaded)
+        shape = target.shape if layer is None else target.shape[1:]
+        if array.shape != shape:
+          raise InputError(f"{file}: {name} has shape {array.shape}, config says {shape}")
+        found.add(name)
+        if layer is None:
+          loaded[keys] = jax.device_put(np.asarray(array, np.float32), target.sharding)
+          continue
+        # A stacked leaf is assembled on the host, then placed once all its layers are read.
+        stack, seen = stacks.setdefault(keys, (np.empty(target.shape, np.float32), set()))
+        stack[layer] = array
+        seen.add(layer)
+        if len(seen) == target.shape[0]:
+          loaded[keys] = jax.device_put(stacks.pop(keys)[0], target.sharding)
+  missing = sorted(set(wanted) - found)
   if missing:
     raise InputError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
   params = jax.tree_util.tree_unflatten(
@@ -181,9 +194,10 @@ def save_hf(
   params = nnx.state(model, nnx.Param).to_pure_dict()
   tensors = {}
   for keys, leaf in zip(_ordered_keys(params), jax.tree.leaves(params), strict=True):
-    name, transpose = _hf_name(keys)
     array = np.asarray(jax.device_get(leaf), np.float32)
-    tensors[name] = np.ascontiguousarray(array.T if transpose else array).astype(_DTYPES[dtype])
+    for name, layer, transpose in _hf_names(keys, array.shape):
+      one = array if layer is None else array[layer]
+      tensors[name] = np.ascontiguousarray(one.T if transpose else one).astype(_DTYPES[dtype])
   shards, current, size = [], {}, 0
   for name in sorted(tensors):
     nbytes = tensors[name].nbytes

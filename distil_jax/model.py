@@ -4,30 +4,42 @@ One module covers Llama, Qwen2 (bias on q/k/v) and Qwen3 (RMSNorm on q and k per
 only in those two switches. Parameter names match Hugging Face's (`q_proj`, `gate_proj`, `input_layernorm`, ...) so
 that `hf.py` is a rule plus transposes, and every parameter carries logical axis names for `sharding.py`.
 
-Master parameters are float32; `dtype` picks the compute dtype (bf16 on accelerators). Attention softmax, RMSNorm
-statistics and logits are computed in float32 whatever the compute dtype.
+Master parameters are float32; `dtype` picks the compute dtype (bf16 on accelerators), and `merge_for_compute`
+casts the whole tree once per step. Attention softmax, RMSNorm statistics and logits are computed in float32
+whatever the compute dtype. Attention runs through `attention.py` (`model.attention`: cuDNN, splash, XLA, einsum).
+
+The decoder layers are stacked (every layer parameter has a leading "layers" axis) and run under `jax.lax.scan`, so
+compile time and program size do not grow with depth; `model.remat` picks what the backward pass recomputes. The
+stacking is an internal layout: `hf.py` reads and writes Hugging Face's per-layer names.
 
 The KV cache is a plain pytree passed in and out (not NNX state), so the sampler's decode loop is an ordinary
-`jax.lax.while_loop` over arrays.
+`jax.lax.while_loop` over arrays; it is stacked like the layers ([L,B,S,K,E]) and carried through the layer scan.
 
-Dims: B batch, T query time, S key time (sequence or cache slots), D model width, H query heads, K key/value heads,
-G = H // K query heads per KV head, E head dim, F MLP width, V vocabulary.
+Dims: L layers, B batch, T query time, S key time (sequence or cache slots), D model width, H query heads, K key/value
+heads, E head dim, F MLP width, V vocabulary.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from distil_jax import sharding
+from distil_jax import attention, sharding
 
 ARCHS = ("llama", "qwen2", "qwen3")
-_NEG_INF = -1e30  # finite, so fully masked rows (padding queries) give a uniform softmax, not NaN
+# What the backward pass keeps of each layer's forward: everything, only its input (recompute the layer), or its
+# input plus the outputs of the weight matmuls (recompute only the cheap elementwise work and attention).
+REMAT_POLICIES = {
+  "none": None,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +65,16 @@ class ModelConfig:
   eos_token_id: int | None = None
   pad_token_id: int | None = None
   dtype: str = "float32"  # compute dtype; parameters are always float32
-  remat: bool = False  # recompute each layer in the backward pass (activation memory ~ one layer)
+  remat: str = "none"  # a key of REMAT_POLICIES; True / False are read as "full" / "none"
+  attention: str = "auto"  # one of attention.IMPLEMENTATIONS
 
   def __post_init__(self):
+    if isinstance(self.remat, bool | np.bool_):
+      object.__setattr__(self, "remat", "full" if self.remat else "none")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"model.remat={self.remat!r}; expected one of {tuple(REMAT_POLICIES)}")
+    if self.attention not in attention.IMPLEMENTATIONS:
+      raise ValueError(f"model.attention={self.attention!r}; expected one of {attention.IMPLEMENTATIONS}")
     if self.arch not in ARCHS:
       raise ValueError(f"model.arch={self.arch!r}; expected one of {ARCHS}")
     if self.num_attention_heads % self.num_key_value_heads:
@@ -115,9 +134,14 @@ class RMSNorm(nnx.Module):
     self.weight = nnx.Param(init(jax.random.key(0), (dim,), jnp.float32))
 
   def __call__(self, x):
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return self.weight[...].astype(self.dtype) * x32.astype(self.dtype)
+    return rms_norm(x, self.weight[...], self.eps, self.dtype)
+
+
+def rms_norm(x, weight, eps: float, dtype):
+  """RMSNorm's arithmetic, shared with the sampler's decode step (`decode.py`) so that both round alike."""
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return weight.astype(dtype) * x32.astype(dtype)
 
 
 def rope_inverse_frequencies(cfg: ModelConfig):
@@ -153,16 +177,14 @@ def apply_rope(x_BxTxNxE, positions_BxT, inv_freq):
   return (x * cos + rotated * sin).astype(x_BxTxNxE.dtype)
 
 
-def attend(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS):
-  """Grouped-query attention; softmax in float32."""
-  b, t, h, e = q_BxTxHxE.shape
-  kv = k_BxSxKxE.shape[2]
-  q = q_BxTxHxE.reshape(b, t, kv, h // kv, e)
-  logits = jnp.einsum("btkge,bske->bkgts", q, k_BxSxKxE, preferred_element_type=jnp.float32)
-  logits = jnp.where(mask_BxTxS[:, None, None], logits * e**-0.5, _NEG_INF)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxKxE.dtype)
-  out = jnp.einsum("bkgts,bske->btkge", probs, v_BxSxKxE)
-  return out.reshape(b, t, h, e)
+class CacheView(NamedTuple):
+  """The stacked KV cache as one layer sees it inside the layer scan."""
+
+  k: jax.Array  # [L,B,S,K,E], the whole stack: carried through the scan, written in place
+  v: jax.Array
+  layer: jax.Array | int  # this layer's index
+  index: Any  # the first slot the new tokens fill
+  decode_mask_BxTxS: jax.Array | None  # decoding: attend over the cache; None: prefill, attend over the new tokens
 
 
 class Attention(nnx.Module):
@@ -178,7 +200,7 @@ class Attention(nnx.Module):
       self.q_norm = RMSNorm(e, cfg.rms_norm_eps, cfg.compute_dtype, "head_dim")
       self.k_norm = RMSNorm(e, cfg.rms_norm_eps, cfg.compute_dtype, "head_dim")
 
-  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, inv_freq, kv_cache=None, cache_index=None):
+  def __call__(self, x_BxTxD, positions_BxT, inv_freq, plan, cache: CacheView | None = None):
     cfg = self.cfg
     b, t, _ = x_BxTxD.shape
     q = self.q_proj(x_BxTxD).reshape(b, t, cfg.num_attention_heads, cfg.head_size)
@@ -187,15 +209,19 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
-    if kv_cache is not None:
-      start = (0, cache_index, 0, 0)
-      kv_cache = {
-        "k": jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype), start),
-        "v": jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), start),
-      }
-      k, v = kv_cache["k"].astype(q.dtype), kv_cache["v"].astype(q.dtype)
-    out = attend(q, k, v, mask_BxTxS).reshape(b, t, -1)
-    return self.o_proj(out), kv_cache
+    if cache is not None:
+      start = (cache.layer, 0, cache.index, 0, 0)
+      written = [plan.to_input_order(x) if plan is not None else x for x in (k, v)]  # cache slots keep row order
+      cache = cache._replace(
+        k=jax.lax.dynamic_update_slice(cache.k, written[0][None].astype(cache.k.dtype), start),
+        v=jax.lax.dynamic_update_slice(cache.v, written[1][None].astype(cache.v.dtype), start),
+      )
+      if cache.decode_mask_BxTxS is not None:
+        k_layer, v_layer = cache.k[cache.layer].astype(q.dtype), cache.v[cache.layer].astype(q.dtype)
+        out = attention.attend_einsum(q, k_layer, v_layer, cache.decode_mask_BxTxS)
+        return self.o_proj(out.reshape(b, t, -1)), cache
+    out = attention.attend(q, k, v, plan)
+    return self.o_proj(out.reshape(b, t, -1)), cache
 
 
 class MLP(nnx.Module):
@@ -218,11 +244,22 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.compute_dtype)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, positions, mask, inv_freq, kv_cache=None, cache_index=None):
-    attn, kv_cache = self.self_attn(self.input_layernorm(x), positions, mask, inv_freq, kv_cache, cache_index)
+  def __call__(self, x, positions, inv_freq, plan, cache=None):
+    attn, cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, plan, cache)
     x = x + attn
     x = x + self.mlp(self.post_attention_layernorm(x))
-    return sharding.constrain(x, ("batch", None, None)), kv_cache
+    return sharding.constrain(x, ("batch", None, None)), cache
+
+
+def _stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
+  """One DecoderLayer whose parameters carry a leading [L] axis (logical axis "layers"), each layer its own init."""
+
+  @nnx.split_rngs(splits=cfg.num_hidden_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def make(layer_rngs):
+    return DecoderLayer(cfg, layer_rngs)
+
+  return make(rngs)
 
 
 class Decoder(nnx.Module):
@@ -237,7 +274,7 @@ class Decoder(nnx.Module):
       embedding_init=_init(cfg, "vocab", "embed"),
       rngs=rngs,
     )
-    self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
+    self.layers = _stacked_layers(cfg, rngs)
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.compute_dtype)
 
 
@@ -255,14 +292,6 @@ def default_positions(segment_ids_BxT):
   return jnp.where(segment_ids_BxT > 0, idx - seg_start, 0).astype(jnp.int32)
 
 
-def sequence_mask(segment_ids_BxT):
-  """Causal mask restricted to the query's own segment; padding keys (segment 0) are never attended."""
-  t = segment_ids_BxT.shape[1]
-  causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
-  same = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
-  return causal[None] & same & (segment_ids_BxT[:, None, :] > 0)
-
-
 def cache_mask(valid_BxS, cache_index, t):
   """Queries sit in cache slots [cache_index, cache_index + t); each sees valid slots at or before its own."""
   s = valid_BxS.shape[1]
@@ -271,11 +300,24 @@ def cache_mask(valid_BxS, cache_index, t):
 
 
 def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=None):
-  """An empty KV cache: per layer k and v [B,S,K,E], and which slots hold real tokens."""
+  """An empty KV cache: k and v for every layer [L,B,S,K,E], and which slots hold real tokens [B,S]."""
   dtype = dtype or cfg.compute_dtype
-  shape = (batch, slots, cfg.num_key_value_heads, cfg.head_size)
-  layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_hidden_layers)]
-  return {"layers": layers, "valid": jnp.zeros((batch, slots), bool)}
+  shape = (cfg.num_hidden_layers, batch, slots, cfg.num_key_value_heads, cfg.head_size)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "valid": jnp.zeros((batch, slots), bool)}
+
+
+def merge_for_compute(graphdef, params):
+  """The model with its float32 master parameters cast once to the compute dtype.
+
+  One cast of the whole tree per step instead of one at every use (and again in every recomputation under remat);
+  the gradient flows back through the casts to the float32 masters.
+  """
+  model = nnx.merge(graphdef, params)
+  dtype = model.config.compute_dtype
+  if dtype == jnp.float32:
+    return model
+  cast = lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p
+  return nnx.merge(graphdef, jax.tree.map(cast, params))
 
 
 class Transformer(nnx.Module):
@@ -298,44 +340,68 @@ class Transformer(nnx.Module):
     logits = jnp.einsum("btd,dv->btv", hidden_BxTxD, kernel, preferred_element_type=jnp.float32)
     return sharding.constrain(logits, ("batch", None, "vocab"))
 
-  def hidden_states(self, tokens_BxT, *, positions_BxT=None, segment_ids_BxT=None, cache=None, cache_index=None):
+  def hidden_states(
+    self, tokens_BxT, *, positions_BxT=None, segment_ids_BxT=None, cache=None, cache_index=None, packed=False
+  ):
     """Final-norm hidden states [B,T,D] (and the updated cache when one is given).
 
-    segment_ids: 0 marks padding, equal positive ids mark one sequence (packing); default: all ones.
-    With a cache, the tokens fill slots [cache_index, cache_index + T) and attend to every valid slot before.
+    segment_ids: 0 marks padding, equal positive ids mark one sequence; default: all ones. packed=True allows rows
+    that hold several sequences; False promises one sequence per row (any padding), which spares the cuDNN kernel a
+    mask (see attention.py).
+    With a cache, the tokens fill slots [cache_index, cache_index + T) and attend to every valid slot before. A
+    prefill (cache_index the Python int 0, T > 1) runs the same attention kernel as training.
     """
     cfg = self.config
+    t = tokens_BxT.shape[1]
     if segment_ids_BxT is None:
       segment_ids_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
     if positions_BxT is None:
       positions_BxT = default_positions(segment_ids_BxT)
-    if cache is None:
-      mask = sequence_mask(segment_ids_BxT)
-    else:
+    prefill = cache is not None and isinstance(cache_index, int | np.integer) and cache_index == 0 and t > 1
+    plan, view = None, None
+    if cache is None or prefill:
+      impl = attention.resolve(cfg.attention, cfg.compute_dtype, cfg.head_size)
+      plan = attention.make_plan(impl, segment_ids_BxT, packed=packed and not prefill)
+      tokens_BxT, positions_BxT = plan.to_kernel_order(tokens_BxT), plan.to_kernel_order(positions_BxT)
+    if cache is not None:
       valid = jax.lax.dynamic_update_slice(cache["valid"], segment_ids_BxT > 0, (0, cache_index))
-      mask = cache_mask(valid, cache_index, tokens_BxT.shape[1])
+      decode_mask = None if prefill else cache_mask(valid, cache_index, t)
+      view = CacheView(cache["k"], cache["v"], 0, cache_index, decode_mask)
     inv_freq = rope_inverse_frequencies(cfg)
     # Gather the (fsdp / tensor sharded) table before the lookup, as FSDP does for every weight: a lookup into a
     # sharded table with batch-sharded ids has no efficient SPMD partitioning.
     table = sharding.constrain(self.model.embed_tokens.embedding[...], (None, None))
     x = jnp.take(table, tokens_BxT, axis=0).astype(cfg.compute_dtype)
     x = sharding.constrain(x, ("batch", None, None))
-    new_layers = []
-    for i, layer in enumerate(self.model.layers):
-      kv = None if cache is None else cache["layers"][i]
-      if cfg.remat:
-        step = nnx.remat(lambda lyr, *a: lyr(*a))
-        x, kv = step(layer, x, positions_BxT, mask, inv_freq, kv, cache_index)
-      else:
-        x, kv = layer(x, positions_BxT, mask, inv_freq, kv, cache_index)
-      new_layers.append(kv)
+    x, view = self._layers(x, positions_BxT, inv_freq, plan, view)
     hidden = self.model.norm(x)
+    if plan is not None:
+      hidden = plan.to_input_order(hidden)
     if cache is None:
       return hidden
-    return hidden, {"layers": new_layers, "valid": valid}
+    return hidden, {"k": view.k, "v": view.v, "valid": valid}
 
-  def __call__(self, tokens_BxT, *, positions_BxT=None, segment_ids_BxT=None, return_hidden=False):
-    hidden = self.hidden_states(tokens_BxT, positions_BxT=positions_BxT, segment_ids_BxT=segment_ids_BxT)
+  def _layers(self, x_BxTxD, positions_BxT, inv_freq, plan, view: CacheView | None):
+    """All decoder layers under one `lax.scan` over the stacked parameters (and the stacked cache, as carry)."""
+    graphdef, stacked = nnx.split(self.model.layers)
+
+    def body(carry, xs):
+      x, k, v = carry
+      layer_state, i = xs
+      layer = nnx.merge(graphdef, layer_state)
+      layer_view = None if view is None else view._replace(k=k, v=v, layer=i)
+      x, layer_view = layer(x, positions_BxT, inv_freq, plan, layer_view)
+      return (x, *((None, None) if layer_view is None else (layer_view.k, layer_view.v))), None
+
+    if self.config.remat != "none":
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.config.remat], prevent_cse=False)
+    init = (x_BxTxD, *((None, None) if view is None else (view.k, view.v)))
+    layers = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)
+    (x, k, v), _ = jax.lax.scan(body, init, (stacked, layers))
+    return x, None if view is None else view._replace(k=k, v=v)
+
+  def __call__(self, tokens_BxT, *, positions_BxT=None, segment_ids_BxT=None, packed=False, return_hidden=False):
+    hidden = self.hidden_states(tokens_BxT, positions_BxT=positions_BxT, segment_ids_BxT=segment_ids_BxT, packed=packed)
     logits = self.logits(hidden)
     return (logits, hidden) if return_hidden else logits
 

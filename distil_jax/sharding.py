@@ -34,6 +34,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
   ("mlp", "tensor"),
   ("norm", None),
   ("head_dim", None),
+  ("layers", None),  # the stacked decoder layers (scanned): every device holds its share of every layer
 )
 
 
@@ -109,13 +110,18 @@ def put_batch(batch, mesh):
   return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x))), batch)
 
 
-def constrain(x, logical_axes: Sequence[str | None]):
-  """Activation sharding hint under the current mesh and rules; a no-op when no mesh is set (one device)."""
+def activation_spec(logical_axes: Sequence[str | None], shape) -> P | None:
+  """The PartitionSpec of an activation under the current mesh and rules; None when no mesh is set (one device)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return x
-  rules = flax_spmd.get_logical_axis_rules() or DEFAULT_RULES
-  return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, rules, x.shape, mesh))
+    return None
+  return logical_to_spec(logical_axes, flax_spmd.get_logical_axis_rules() or DEFAULT_RULES, shape, mesh)
+
+
+def constrain(x, logical_axes: Sequence[str | None]):
+  """Activation sharding hint under the current mesh and rules; a no-op when no mesh is set (one device)."""
+  spec = activation_spec(logical_axes, x.shape)
+  return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
 
 
 def init_params(make_model, mesh, rules=None):

@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 
 from distil_jax import losses, sharding
+from distil_jax import model as model_lib
 from distil_jax import token_terms as tt
 
 
@@ -105,7 +106,7 @@ def _rows(x, g):
 
 def _reference_logprobs(ref_params, graphdef, prompts, pmask, responses, cfg):
   """log pi_ref(y_t) of the frozen reference policy, with the student's temperature and vocabulary."""
-  ref = nnx.merge(graphdef, jax.lax.stop_gradient(ref_params))
+  ref = model_lib.merge_for_compute(graphdef, jax.lax.stop_gradient(ref_params))
   hidden = response_hidden(ref, prompts, pmask, responses)
   opts = dataclasses.replace(cfg.term_options, terms=())
   return tt.fused_token_terms(hidden, ref.lm_head_kernel(), None, responses, chunk_size=cfg.chunk_size, opts=opts)[
@@ -114,7 +115,7 @@ def _reference_logprobs(ref_params, graphdef, prompts, pmask, responses, cfg):
 
 
 def loss_fn(params, batch, teacher_params, ref_params, iteration, *, graphdef, teacher_graphdef, spec: UpdateSpec):
-  model = nnx.merge(graphdef, params)
+  model = model_lib.merge_for_compute(graphdef, params)
   cfg = spec.loss
   bg, g, n = batch["tokens"].shape
   if cfg.kind == "sft":
@@ -131,7 +132,7 @@ def loss_fn(params, batch, teacher_params, ref_params, iteration, *, graphdef, t
   elif cfg.needs_teacher:
     if teacher_params is None:
       teacher_params = jax.lax.stop_gradient(params)
-    tmodel = nnx.merge(teacher_graphdef, teacher_params)
+    tmodel = model_lib.merge_for_compute(teacher_graphdef, teacher_params)
     thidden = response_hidden(tmodel, _rows(batch["teacher_tokens"], g), _rows(batch["teacher_mask"], g), responses)
     positions = jnp.broadcast_to(jnp.arange(n), (bg * g, n))
     teacher = losses.HiddenTeacher(thidden, tmodel.lm_head_kernel(), positions)
@@ -149,7 +150,9 @@ def loss_fn(params, batch, teacher_params, ref_params, iteration, *, graphdef, t
     tokens=responses,
     mask=mask,
     hidden=hidden,
-    lm_head=model.lm_head_kernel(),
+    # The float32 master head: the fused loss casts it per chunk, so its gradient is summed over chunks in float32
+    # (the compute-dtype copy would sum it in bf16).
+    lm_head=nnx.merge(graphdef, params).lm_head_kernel(),
     group_size=group,
     rewards=batch["reward"].reshape(-1),
     behaviour_logprobs=behaviour,
@@ -180,13 +183,19 @@ def make_update(graphdef, tx, spec: UpdateSpec, *, teacher_graphdef=None, state_
       spec=spec,
     )
     grad_norm = optax.global_norm(grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new = {**state, "params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
-    if "ema" in state:
-      d = spec.ema_decay
-      new["ema"] = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], new["params"])
+
+    def step(state):
+      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+      new = {**state, "params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
+      if "ema" in state:
+        d = spec.ema_decay
+        new["ema"] = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], new["params"])
+      return new
+
+    # A branch, not a select between the new and the old state: that would be one more pass over every parameter
+    # and moment each step. A non-finite gradient has a non-finite norm, so the norm is the whole check.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+    new = jax.lax.cond(finite, step, lambda state: state, state)
     metrics.update(grad_norm=grad_norm, nonfinite=(~finite).astype(jnp.float32))
     return new, metrics
 

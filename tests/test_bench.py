@@ -13,13 +13,39 @@ from run_helpers import ROOT
   [
     (
       "bench.train_step",
-      ["--size", "tiny", "--dtype", "float32", "--batch", "4", "--seq", "32"],
-      {"train_step_seconds", "train_tokens_per_second"},
+      ["--size", "tiny", "--dtype", "float32", "--batch", "4", "--seq", "32", "--vs_torch"],
+      {
+        "train_step_seconds",
+        "train_tokens_per_second",
+        "train_model_tflops_per_step",
+        "train_peak_bytes_compiled",
+        "torch_tokens_per_second",
+        "train_speedup_vs_torch",
+      },
+    ),
+    (
+      "bench.torch_reference",
+      ["--size", "tiny", "--batch", "4", "--seq", "32", "--warmup", "1", "--repeats", "1"],
+      {"torch_step_seconds", "torch_tokens_per_second"},
+    ),
+    (
+      "bench.compile_depth",
+      ["--size", "tiny", "--layers", "1", "3", "--repeats", "1", "--seq", "16"],
+      {"train_compile_seconds", "train_compile_ratio"},
     ),
     (
       "bench.sampler",
-      ["--size", "tiny", "--dtype", "float32", "--batch", "4", "--prompt", "8", "--new", "8"],
-      {"decode_tokens_per_second", "prefill_seconds"},
+      ["--size", "tiny", "--dtype", "float32", "--batch", "2", "4", "--prompt", "8", "--new", "8", "--group", "2"]
+      + ["--vs_torch"],
+      {
+        "decode_tokens_per_second",
+        "prefill_seconds",
+        "generate_tokens_per_second",
+        "decode_bytes_per_second",
+        "rollout_tokens_per_second",
+        "torch_generate_tokens_per_second",
+        "sampler_speedup_vs_torch",
+      },
     ),
     (
       "bench.loss_memory",
@@ -49,3 +75,5 @@ def test_benchmark_prints_its_figures(module, args, figures):
   for line in lines:
     value = line.get("value", line.get("bytes", line.get("ratio")))
     assert isinstance(value, int | float) and value > 0, line
+    if line["figure"].startswith("train_"):  # the JAX benches name what ran
+      assert {"remat", "size"} <= set(line), line
