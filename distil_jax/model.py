@@ -134,9 +134,14 @@ class RMSNorm(nnx.Module):
     self.weight = nnx.Param(init(jax.random.key(0), (dim,), jnp.float32))
 
   def __call__(self, x):
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return self.weight[...].astype(self.dtype) * x32.astype(self.dtype)
+    return rms_norm(x, self.weight[...], self.eps, self.dtype)
+
+
+def rms_norm(x, weight, eps: float, dtype):
+  """RMSNorm's arithmetic, shared with the sampler's decode step (`decode.py`) so that both round alike."""
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return weight.astype(dtype) * x32.astype(dtype)
 
 
 def rope_inverse_frequencies(cfg: ModelConfig):

@@ -1,15 +1,17 @@
 """From prompts to labelled data: sampling on the mesh, the task's verdicts, and the rows the buffer and the
 updates read (rollout groups, the expert's own responses, re-prompts with feedback for warm-up).
 
-Rows are numpy on the host; `data.to_global` puts them on the mesh. Prompts are left-padded to the largest bucket
-(`sampling.max_prompt_tokens`) for storage, whatever bucket they were sampled with: positions come from the mask, so
-the extra padding changes nothing the model computes.
+Rows are numpy on the host; `data.to_global` puts them on the mesh. The sampler gets each prompt once with the
+group size (it prefills a prompt once for its group) and the float32 master weights, which it casts once per rollout.
+Prompts are left-padded to the largest bucket (`sampling.max_prompt_tokens`) for storage, whatever bucket they were
+sampled with: positions come from the mask, so the extra padding changes nothing the model computes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -22,15 +24,42 @@ def _local(array, mesh):
   return np.asarray(multihost_utils.global_array_to_host_local_array(array, mesh, spec))
 
 
+def _global_prompts(tokens, mask, mesh):
+  """Each prompt once, as global arrays (the sampler prefills it once for its whole group): rows split over the
+  batch axes when they divide them, else whole on every device (one host; several hosts must split them)."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  rows = len(tokens) * jax.process_count()
+  if rows % shards == 0:
+    glob = data.to_global({"t": tokens, "m": mask}, mesh)
+    return glob["t"], glob["m"]
+  if jax.process_count() > 1:
+    raise ValueError(f"{rows} prompts do not split over the mesh's data x fsdp = {shards} devices")
+  return (jax.device_put(x, sharding.replicated(mesh)) for x in (tokens, mask))
+
+
+def sample(graphdef, params, prompt_ids, rng, *, buckets, pad_id, mesh, samples_per_prompt, sampling_cfg):
+  """(tokens, log-probs, lengths) as numpy, this process's rows: `samples_per_prompt` responses to each prompt (a
+  list of token ids), with the parameters as the loop holds them (float32 masters, sharded)."""
+  prompt, mask = _global_prompts(*sampler.left_pad(prompt_ids, buckets, pad_id), mesh)
+  out = sampler.generate(graphdef, params, prompt, mask, rng, sampling_cfg, samples_per_prompt=samples_per_prompt)
+  return tuple(_local(x, mesh) for x in (out.tokens, out.logprobs, out.lengths))
+
+
 def rollout(graphdef, params, problems, rng, *, config, tok, task, mesh, samples_per_prompt, sampling_cfg):
   """Sample `samples_per_prompt` responses to each problem, decode them and ask the task for verdicts."""
   s = config.sampling
   ids, full_prompt, full_mask = prompt_rows(problems, config=config, tok=tok)
-  prompt, pmask = sampler.left_pad(ids, s.prompt_buckets, tok.pad_id)
-  rows = np.repeat(prompt, samples_per_prompt, 0), np.repeat(pmask, samples_per_prompt, 0)
-  glob = data.to_global({"t": rows[0], "m": rows[1]}, mesh)
-  out = sampler.generate(graphdef, params, glob["t"], glob["m"], rng, sampling_cfg)
-  tokens, logprobs, lengths = (_local(x, mesh) for x in out)
+  tokens, logprobs, lengths = sample(
+    graphdef,
+    params,
+    ids,
+    rng,
+    buckets=s.prompt_buckets,
+    pad_id=tok.pad_id,
+    mesh=mesh,
+    samples_per_prompt=samples_per_prompt,
+    sampling_cfg=sampling_cfg,
+  )
   bp, g, n = len(problems), samples_per_prompt, s.max_new_tokens
   mask = (np.arange(n)[None] < lengths[:, None]).astype(np.int32)
   texts = [tok.text_of(row[:length]) for row, length in zip(tokens, lengths, strict=True)]

@@ -1,15 +1,22 @@
-"""Batched sampling with a KV cache: one jitted prefill + `while_loop` decode, on the mesh.
+"""Batched sampling with a KV cache: one jitted call per rollout (weights made, prefill, decode loop), on the mesh.
 
-Prompts are left-padded to a length bucket so that a run compiles once per (batch, bucket, max_new_tokens) instead of
-once per prompt length. Left padding keeps every row's next token in the same cache slot, so one scalar index
-drives the cache; the padded slots are masked out and positions restart at each row's first real token.
+Prompts are left-padded to a length bucket so that a run compiles once per (prompts, bucket, samples per prompt,
+max_new_tokens) instead of once per prompt length. Left padding keeps every row's next token in the same cache slot,
+so one scalar index drives the cache; the padded slots are masked out and positions restart at each row's first
+real token. A prompt is prefilled once and its cache is read by all `samples_per_prompt` responses to it
+(`decode.py`); response g to prompt b is row b * samples_per_prompt + g, the loop's group layout.
+
+The decode loop runs as a few while loops ("segments") over growing response caches, so that early steps do not
+read slots no token has filled; inside each, a fixed-count loop of `check_every` steps runs between the checks for
+"every row has ended", because on GPU a while loop's condition is a device-to-host read and a fixed count is not.
 
 Returned log-probs are those of the sampled tokens under the *sampling* distribution (after temperature, top-k and
 top-p). The training losses take the policy to be softmax(logits / temperature) over the tokenizer's ids
 (`token_terms.restrict`), so without top-k / top-p they are exactly the policy's log-probs on fresh rollouts, which
 is what the off-policy ratio in `losses.py` needs; the loop refuses top-k / top-p for the losses that use the ratio.
+Greedy rows carry the same policy's log-probs of the chosen tokens.
 
-Dims: B batch, P prompt bucket, N new tokens, S = P + N cache slots, V vocabulary.
+Dims: Bp prompts, B rows (Bp x samples per prompt), P prompt bucket, N new tokens, V vocabulary, C candidates.
 """
 
 from __future__ import annotations
@@ -22,9 +29,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from distil_jax import decode, sharding
 from distil_jax import model as model_lib
+
+# top-k / top-p narrow the vocabulary to the top 16 of each chunk of this many ids (16: the largest k of XLA's
+# dedicated GPU TopK kernel; larger k lowers to a sort), then sort only those candidates.
+_CHUNK = 2048
+_PER_CHUNK = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +49,8 @@ class SamplingConfig:
   eos_id: int | None = None
   pad_id: int = 0
   vocab_limit: int | None = None  # ids >= this are never sampled (model rows past the tokenizer: padding)
+  cache_segments: int = 4  # while loops over growing response caches: more read fewer empty slots, compile more
+  check_every: int = 8  # decode steps between the checks for "every row has ended"
 
 
 class Generation(NamedTuple):
@@ -45,6 +59,7 @@ class Generation(NamedTuple):
   tokens: jax.Array  # [B,N] int32, pad_id after EOS
   logprobs: jax.Array  # [B,N] float32, 0 after EOS
   lengths: jax.Array  # [B] int32, EOS included
+  steps: jax.Array  # [] int32: decode steps run, a multiple of check_every; fewer when every row ended early
 
 
 def bucket_length(n: int, buckets: Sequence[int]) -> int:
@@ -67,86 +82,162 @@ def left_pad(prompts: Sequence[Sequence[int]], buckets: Sequence[int], pad_id: i
   return tokens, mask
 
 
-def _filter_logits(logits_BxV, cfg: SamplingConfig, temperature):
-  logits = logits_BxV / temperature
+# ---------------------------------------------------------------------------------------------------------------------
+# Choosing the next token
+
+
+def _candidates(z_BxV):
+  """(values [B,C] descending, ids [B,C], bound [B]): a superset of the largest logits, and the largest logit left
+  out (-inf when none is). The top 16 of each chunk of ids are candidates, so a token outside them is at most its
+  chunk's 16th value."""
+  b, v = z_BxV.shape
+  if v <= _CHUNK:
+    values, ids = jax.lax.top_k(z_BxV, v)
+    return values, ids, jnp.full((b,), -jnp.inf)
+  chunks = -(-v // _CHUNK)
+  padded = jnp.pad(z_BxV, ((0, 0), (0, chunks * _CHUNK - v)), constant_values=-jnp.inf)
+  values, ids = jax.lax.top_k(padded.reshape(b, chunks, _CHUNK), _PER_CHUNK)
+  bound = jnp.max(values[..., -1], axis=-1)
+  ids = (ids + _CHUNK * jnp.arange(chunks)[:, None]).reshape(b, -1)
+  values, order = jax.lax.top_k(values.reshape(b, -1), chunks * _PER_CHUNK)
+  return values, jnp.take_along_axis(ids, order, axis=-1), bound
+
+
+def _truncation_threshold(sorted_z_BxC, lse_B, cfg: SamplingConfig):
+  """(the smallest kept logit [B,1] under top-k then top-p, the lowest cut [B,1] that decided it) from logits sorted
+  descending; ties with a cut are kept. The lowest cut is top-k's when it is on (it fixes the set that top-p
+  renormalises over), else top-p's."""
+  threshold = jnp.full(sorted_z_BxC.shape[:1] + (1,), -jnp.inf)
   if cfg.top_k:
-    kth = jax.lax.top_k(logits, cfg.top_k)[0][:, -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
+    k = min(cfg.top_k, sorted_z_BxC.shape[1])
+    threshold = sorted_z_BxC[:, k - 1 : k]
+    lse_B = jax.nn.logsumexp(jnp.where(sorted_z_BxC >= threshold, sorted_z_BxC, -jnp.inf), axis=-1)
+  lowest = threshold
   if cfg.top_p < 1.0:
-    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-    # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-    cutoff_idx = jnp.sum(cum - jax.nn.softmax(sorted_logits, axis=-1) < cfg.top_p, axis=-1, keepdims=True)
-    cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx - 1, axis=-1)
-    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return logits
+    probs = jnp.exp(sorted_z_BxC - lse_B[:, None])  # the top-k renormalised distribution when top-k is on
+    before = jnp.cumsum(probs, axis=-1) - probs
+    count = jnp.sum((before < cfg.top_p) & (sorted_z_BxC >= threshold), axis=-1, keepdims=True)  # >= 1
+    threshold = jnp.take_along_axis(sorted_z_BxC, count - 1, axis=-1)
+  return threshold, lowest if cfg.top_k else threshold
+
+
+def _sample_kept(z_BxN, threshold_Bx1, rng):
+  """(index [B], its log-prob) sampled from softmax(z) restricted to z >= threshold."""
+  kept = jnp.where(z_BxN >= threshold_Bx1, z_BxN, -jnp.inf)
+  index = jax.random.categorical(rng, kept, axis=-1)
+  return index, jnp.take_along_axis(jax.nn.log_softmax(kept, axis=-1), index[:, None], axis=-1)[:, 0]
+
+
+def _truncated(z_BxV, lse_B, rng, cfg: SamplingConfig):
+  """Top-k / top-p sampling with no full-vocabulary sort: the cut is found among the candidates; a step where some
+  row's kept set reaches past them (a flat distribution under top-p) sorts the vocabulary instead (`lax.cond`)."""
+  values, ids, bound = _candidates(z_BxV)
+  threshold, lowest_cut = _truncation_threshold(values, lse_B, cfg)
+
+  def among_candidates():
+    index, logprob = _sample_kept(values, threshold, rng)
+    return jnp.take_along_axis(ids, index[:, None], axis=-1)[:, 0], logprob
+
+  def full_sort():
+    full, _ = _truncation_threshold(jnp.sort(z_BxV, axis=-1)[:, ::-1], lse_B, cfg)
+    return _sample_kept(z_BxV, full, rng)
+
+  inside = (lowest_cut[:, 0] > bound) | (bound == -jnp.inf)  # every kept token is a candidate
+  return jax.lax.cond(jnp.all(inside), among_candidates, full_sort)
 
 
 def _pick(logits_BxV, rng, cfg: SamplingConfig, temperature):
-  if cfg.vocab_limit is not None and cfg.vocab_limit < logits_BxV.shape[-1]:
-    logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < cfg.vocab_limit, logits_BxV, -jnp.inf)
+  """(token [B] int32, its log-prob [B]) under softmax(logits / temperature) over ids < vocab_limit (then top-k,
+  top-p). All in float32: these log-probs are compared with the update's recomputation."""
+  z = logits_BxV.astype(jnp.float32) / temperature
+  if cfg.vocab_limit is not None and cfg.vocab_limit < z.shape[-1]:
+    z = jnp.where(jnp.arange(z.shape[-1]) < cfg.vocab_limit, z, -jnp.inf)
+  lse = jax.nn.logsumexp(z, axis=-1)
   if cfg.greedy:
-    token = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    return token, jax.nn.log_softmax(logits_BxV, axis=-1)[jnp.arange(token.shape[0]), token]
-  logits = _filter_logits(logits_BxV, cfg, temperature)
-  token = jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
-  return token, jax.nn.log_softmax(logits, axis=-1)[jnp.arange(token.shape[0]), token]
+    token = jnp.argmax(z, axis=-1)
+  elif cfg.top_k or cfg.top_p < 1.0:
+    token, logprob = _truncated(z, lse, rng, cfg)
+    return token.astype(jnp.int32), logprob
+  else:
+    token = jax.random.categorical(rng, z, axis=-1)
+  return token.astype(jnp.int32), jnp.take_along_axis(z, token[:, None], axis=-1)[:, 0] - lse
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
-def _generate(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, temperature, *, cfg: SamplingConfig):
-  model = nnx.merge(graphdef, params)
-  b, p = prompt_BxP.shape
-  n = cfg.max_new_tokens
-  cache = model_lib.init_cache(model.config, b, p + n)
-  positions = model_lib.default_positions(prompt_mask_BxP)
-  hidden, cache = model.hidden_states(
-    prompt_BxP, positions_BxT=positions, segment_ids_BxT=prompt_mask_BxP, cache=cache, cache_index=0
-  )
-  logits = model.logits(hidden[:, -1:])[:, 0]
-  next_pos = jnp.sum(prompt_mask_BxP, axis=1).astype(jnp.int32)
+# ---------------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+class _State(NamedTuple):
+  step: jax.Array
+  cache: decode.Cache
+  logits: jax.Array  # [B,V] float32: the next token's
+  done: jax.Array  # [B] bool
+  tokens: jax.Array  # [B,steps]
+  logprobs: jax.Array
+  rng: jax.Array
+
+
+def segment_ends(max_new_tokens: int, segments: int, check_every: int) -> list[int]:
+  """The step at which each while loop of the decode ends: multiples of `check_every`, the last covering
+  max_new_tokens, splitting the blocks of `check_every` steps as evenly as they allow."""
+  blocks = -(-max_new_tokens // check_every)
+  segments = min(segments, blocks)
+  return sorted({-(-blocks * (i + 1) // segments) * check_every for i in range(segments)})
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "samples_per_prompt"))
+def _generate(graphdef, params, prompt_BpxP, prompt_mask_BpxP, rng, temperature, *, cfg, samples_per_prompt):
+  model = model_lib.merge_for_compute(graphdef, params)  # the one cast of the rollout
+  model_cfg = model.config
+  weights = decode.prepare(model)
+  logits_BpxV, cache = decode.prefill(model, prompt_BpxP, prompt_mask_BpxP)
+  rows = prompt_BpxP.shape[0] * samples_per_prompt
+  logits = sharding.constrain(jnp.repeat(logits_BpxV, samples_per_prompt, axis=0), ("batch", "vocab"))
+  start = jnp.repeat(jnp.sum(prompt_mask_BpxP, axis=1, dtype=jnp.int32), samples_per_prompt)
+  ends = segment_ends(cfg.max_new_tokens, cfg.cache_segments, cfg.check_every)
   eos = -1 if cfg.eos_id is None else cfg.eos_id
 
-  def body(state):
-    step, cache, logits, pos, done, tokens, logprobs, rng = state
-    rng, sub = jax.random.split(rng)
-    token, logprob = _pick(logits, sub, cfg, temperature)
-    token = jnp.where(done, cfg.pad_id, token)
-    logprob = jnp.where(done, 0.0, logprob)
-    tokens = tokens.at[:, step].set(token)
-    logprobs = logprobs.at[:, step].set(logprob)
-    new_done = done | (token == eos)
-    hidden, cache = model.hidden_states(
-      token[:, None],
-      positions_BxT=pos[:, None],
-      segment_ids_BxT=jnp.ones((b, 1), jnp.int32),
-      cache=cache,
-      cache_index=p + step,
-    )
-    return step + 1, cache, model.logits(hidden)[:, 0], pos + 1, new_done, tokens, logprobs, rng
+  def one_step(state: _State) -> _State:
+    rng, sub = jax.random.split(state.rng)
+    token, logprob = _pick(state.logits, sub, cfg, temperature)
+    token = jnp.where(state.done, cfg.pad_id, token)
+    logprob = jnp.where(state.done, 0.0, logprob)
+    tokens = jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, state.step))
+    logprobs = jax.lax.dynamic_update_slice(state.logprobs, logprob[:, None], (0, state.step))
+    logits, cache = decode.step(weights, model_cfg, state.cache, token, start + state.step, state.step)
+    return _State(state.step + 1, cache, logits, state.done | (token == eos), tokens, logprobs, rng)
 
-  def cond(state):
-    return (state[0] < n) & ~jnp.all(state[4])
+  def block(state: _State) -> _State:
+    return jax.lax.fori_loop(0, cfg.check_every, lambda _, s: one_step(s), state)
 
-  init = (
-    jnp.int32(0),
-    cache,
-    logits,
-    next_pos,
-    jnp.zeros((b,), bool),
-    jnp.full((b, n), cfg.pad_id, jnp.int32),
-    jnp.zeros((b, n), jnp.float32),
-    rng,
+  pad = lambda dtype, fill: sharding.constrain(jnp.full((rows, ends[-1]), fill, dtype), ("batch", None))
+  state = _State(
+    jnp.int32(0), cache, logits, jnp.zeros((rows,), bool), pad(jnp.int32, cfg.pad_id), pad(jnp.float32, 0.0), rng
   )
-  step, _, _, _, done, tokens, logprobs, _ = jax.lax.while_loop(cond, body, init)
+  for end in ends:
+    state = state._replace(cache=decode.grow(state.cache, rows, end, model_cfg))
+    state = jax.lax.while_loop(lambda s, end=end: (s.step < end) & ~jnp.all(s.done), block, state)
+  n = cfg.max_new_tokens
+  tokens, logprobs = state.tokens[:, :n], state.logprobs[:, :n]
   is_eos = tokens == eos
-  first_eos = jnp.argmax(is_eos, axis=1)
-  lengths = jnp.where(jnp.any(is_eos, axis=1), first_eos + 1, step).astype(jnp.int32)
-  return Generation(tokens, logprobs, lengths)
+  lengths = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1, n).astype(jnp.int32)
+  rows_spec = lambda x: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+  return Generation(rows_spec(tokens), rows_spec(logprobs), rows_spec(lengths), state.step)
 
 
-def generate(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, cfg: SamplingConfig) -> Generation:
-  """Sample up to `cfg.max_new_tokens` tokens per row; rows stop at EOS (kept) and are padded after."""
+def generate(
+  graphdef, params, prompt_BxP, prompt_mask_BxP, rng, cfg: SamplingConfig, *, samples_per_prompt: int = 1
+) -> Generation:
+  """Sample up to `cfg.max_new_tokens` tokens for each of `samples_per_prompt` responses to each prompt row.
+
+  `params` may be the float32 masters: they are cast to the model's compute dtype once, inside the call. Rows stop
+  at EOS (kept) and are padded after. Output row b * samples_per_prompt + g is response g to prompt row b.
+  """
+  if cfg.max_new_tokens < 1 or samples_per_prompt < 1 or cfg.check_every < 1 or cfg.cache_segments < 1:
+    raise ValueError(
+      f"max_new_tokens={cfg.max_new_tokens}, samples_per_prompt={samples_per_prompt}, "
+      f"check_every={cfg.check_every} and cache_segments={cfg.cache_segments} must all be >= 1"
+    )
   return _generate(
     graphdef,
     params,
@@ -155,4 +246,5 @@ def generate(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, cfg: SamplingCo
     rng,
     jnp.float32(cfg.temperature),
     cfg=dataclasses.replace(cfg, temperature=1.0),
+    samples_per_prompt=samples_per_prompt,
   )

@@ -19,6 +19,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from distil_jax import losses, sharding
 from distil_jax import model as model_lib
@@ -149,7 +150,9 @@ def loss_fn(params, batch, teacher_params, ref_params, iteration, *, graphdef, t
     tokens=responses,
     mask=mask,
     hidden=hidden,
-    lm_head=model.lm_head_kernel(),
+    # The float32 master head: the fused loss casts it per chunk, so its gradient is summed over chunks in float32
+    # (the compute-dtype copy would sum it in bf16).
+    lm_head=nnx.merge(graphdef, params).lm_head_kernel(),
     group_size=group,
     rewards=batch["reward"].reshape(-1),
     behaviour_logprobs=behaviour,

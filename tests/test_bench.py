@@ -35,8 +35,17 @@ from run_helpers import ROOT
     ),
     (
       "bench.sampler",
-      ["--size", "tiny", "--dtype", "float32", "--batch", "4", "--prompt", "8", "--new", "8"],
-      {"decode_tokens_per_second", "prefill_seconds"},
+      ["--size", "tiny", "--dtype", "float32", "--batch", "2", "4", "--prompt", "8", "--new", "8", "--group", "2"]
+      + ["--vs_torch"],
+      {
+        "decode_tokens_per_second",
+        "prefill_seconds",
+        "generate_tokens_per_second",
+        "decode_bytes_per_second",
+        "rollout_tokens_per_second",
+        "torch_generate_tokens_per_second",
+        "sampler_speedup_vs_torch",
+      },
     ),
     (
       "bench.loss_memory",

@@ -1,4 +1,9 @@
-"""KV-cache decoding against the full forward pass, and greedy sampling against transformers' `generate`."""
+"""The sampler against independent references: the full forward pass (every decode step's logits, float32 and
+bf16), transformers' greedy `generate`, the policy's log-probs recomputed by the forward pass, a numpy nucleus;
+shared prefill against independent prompts; and the compiled decode loop (no all-gather on an fsdp mesh, no
+transposed cache, no weight cast inside it)."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +13,7 @@ import torch
 from flax import nnx
 from hf_reference import random_hf_model
 
-from distil_jax import hf, sampler
+from distil_jax import decode, hf, sampler
 from distil_jax import model as model_lib
 
 CFG = model_lib.ModelConfig(
@@ -23,55 +28,81 @@ CFG = model_lib.ModelConfig(
 )
 
 
-def test_cache_decode_equals_full_forward():
-  """Prefill a left-padded prompt, then one token per step: each step's logits equal the full pass (f32, 1e-5)."""
-  model = model_lib.create(CFG, seed=1)
+def _params(cfg, seed, head_scale=1.0):
+  graphdef, params = nnx.split(model_lib.create(cfg, seed=seed), nnx.Param)
+  params = params.to_pure_dict()
+  if head_scale != 1.0:  # peaked next-token distributions (the initialiser's are near uniform)
+    if cfg.tie_word_embeddings:
+      params["model"]["embed_tokens"]["embedding"] *= head_scale
+    else:
+      params["lm_head"]["kernel"] *= head_scale
+  return graphdef, params
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "rows", "slots"))
+def _prefill(graphdef, params, prompt, mask, rows, slots):
+  model = model_lib.merge_for_compute(graphdef, params)
+  logits, cache = decode.prefill(model, prompt, mask)
+  return decode.prepare(model), logits, decode.grow(cache, rows, slots, model.config)
+
+
+def _forward(graphdef, params, seq, seg):
+  return np.asarray(jax.jit(lambda p: model_lib.merge_for_compute(graphdef, p)(seq, segment_ids_BxT=seg))(params))
+
+
+_step = jax.jit(decode.step, static_argnums=1)
+_grow = jax.jit(decode.grow, static_argnums=(1, 2, 3))
+
+
+@pytest.mark.parametrize(
+  "arch,dtype,tied",
+  [("qwen3", "float32", False), ("qwen2", "bfloat16", True)],
+)
+def test_decode_steps_equal_full_forward(arch, dtype, tied):
+  """Two prompts (one left-padded), three responses each with their own tokens, the response cache grown in the
+  middle: the logits of every step equal the full forward pass over [prompt | own response] (float32: 1e-5;
+  bf16: both paths round differently, so within 2% of the logit scale, and both within 5% of float32)."""
+  cfg = model_lib.ModelConfig(**{**CFG.__dict__, "arch": arch, "dtype": dtype, "tie_word_embeddings": tied})
+  graphdef, params = _params(cfg, seed=1, head_scale=20.0)
   rng = np.random.default_rng(0)
-  b, pad, p, n = 2, 3, 5, 6
-  seq = rng.integers(1, CFG.vocab_size, (b, pad + p + n)).astype(np.int32)
-  seg = np.ones_like(seq)
-  seg[0, :pad] = 0  # row 0 is left-padded, row 1 is not
-  full = np.asarray(model(jnp.asarray(seq), segment_ids_BxT=jnp.asarray(seg)))
-  cache = model_lib.init_cache(CFG, b, pad + p + n)
-  positions = model_lib.default_positions(jnp.asarray(seg))
-  hidden, cache = model.hidden_states(
-    jnp.asarray(seq[:, : pad + p]),
-    positions_BxT=positions[:, : pad + p],
-    segment_ids_BxT=jnp.asarray(seg[:, : pad + p]),
-    cache=cache,
-    cache_index=0,
-  )
-  got = [np.asarray(model.logits(hidden))]
-  for t in range(pad + p, pad + p + n - 1):
-    hidden, cache = model.hidden_states(
-      jnp.asarray(seq[:, t : t + 1]),
-      positions_BxT=positions[:, t : t + 1],
-      segment_ids_BxT=jnp.ones((b, 1), jnp.int32),
-      cache=cache,
-      cache_index=t,
-    )
-    got.append(np.asarray(model.logits(hidden)))
-  got = np.concatenate(got, axis=1)
-  valid = seg[:, : pad + p + n - 1] == 1
-  np.testing.assert_allclose(got[valid], full[:, :-1][valid], atol=1e-5, rtol=1e-5)
+  bp, r, p, n = 2, 3, 6, 7
+  prompt, mask = sampler.left_pad([rng.integers(1, 61, 4), rng.integers(1, 61, 6)], [p])
+  response = rng.integers(1, 61, (bp * r, n)).astype(np.int32)
+  weights, logits, cache = _prefill(graphdef, params, prompt, mask, rows=bp * r, slots=3)
+  got = [np.repeat(np.asarray(logits), r, 0)]
+  start = np.repeat(mask.sum(1), r)
+  for t in range(n - 1):
+    if t == 3:
+      cache = _grow(cache, bp * r, 8, cfg)
+    logits, cache = _step(weights, cfg, cache, response[:, t], start + t, t)
+    got.append(np.asarray(logits))
+  got = np.stack(got, 1)
+  seq = np.concatenate([np.repeat(prompt, r, 0), response], 1)
+  seg = np.concatenate([np.repeat(mask, r, 0), np.ones_like(response)], 1)
+  want = _forward(graphdef, params, seq, seg)[:, p - 1 : -1]
+  scale = np.abs(want).max()
+  assert scale > 1.0  # logits far from zero, so that the tolerance below is a real bound
+  if dtype == "float32":
+    np.testing.assert_allclose(got, want, atol=1e-5 * scale, rtol=1e-5)
+  else:
+    np.testing.assert_allclose(got, want, atol=0.02 * scale, rtol=0)
+    graphdef32, _ = nnx.split(model_lib.create(model_lib.ModelConfig(**{**cfg.__dict__, "dtype": "float32"})))
+    want32 = _forward(graphdef32, params, seq, seg)[:, p - 1 : -1]
+    np.testing.assert_allclose(got, want32, atol=0.05 * scale, rtol=0)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_greedy_equals_transformers_generate(arch, tmp_path):
+@pytest.mark.parametrize("arch,samples", [("llama", 1), ("qwen3", 2)])
+def test_greedy_equals_transformers_generate(arch, samples, tmp_path):
   ref = random_hf_model(arch, seed=4)
   ref.save_pretrained(tmp_path)
-  model, cfg = hf.load_hf(str(tmp_path))
+  model, _ = hf.load_hf(str(tmp_path))
   graphdef, params = nnx.split(model, nnx.Param)
   prompts = [[5, 17, 3, 88, 41], [9, 2]]  # different lengths: the second is left-padded
   tokens, mask = sampler.left_pad(prompts, buckets=[8])
   n = 12
+  cfg = sampler.SamplingConfig(max_new_tokens=n, greedy=True)
   out = sampler.generate(
-    graphdef,
-    params.to_pure_dict(),
-    tokens,
-    mask,
-    jax.random.key(0),
-    sampler.SamplingConfig(max_new_tokens=n, greedy=True),
+    graphdef, params.to_pure_dict(), tokens, mask, jax.random.key(0), cfg, samples_per_prompt=samples
   )
   for i, prompt in enumerate(prompts):
     with torch.no_grad():
@@ -84,62 +115,116 @@ def test_greedy_equals_transformers_generate(arch, tmp_path):
         pad_token_id=0,
         eos_token_id=None,
       )[0, len(prompt) :].numpy()
-    np.testing.assert_array_equal(np.asarray(out.tokens[i]), want)
-  assert np.asarray(out.lengths).tolist() == [n, n]
+    for g in range(samples):
+      np.testing.assert_array_equal(np.asarray(out.tokens[i * samples + g]), want)
+  assert np.asarray(out.lengths).tolist() == [n] * 2 * samples
 
 
-def test_eos_stops_rows_and_logprobs_match_policy():
-  """Rows stop at EOS (kept, then padding); at temperature 1 the returned log-probs are the policy's."""
-  model = model_lib.create(CFG, seed=2)
-  graphdef, params = nnx.split(model, nnx.Param)
-  params = params.to_pure_dict()
-  tokens, mask = sampler.left_pad([[3, 4, 5], [7, 8], [1, 2, 3]], buckets=[4])
+def _nucleus(z, top_k, top_p):
+  """The kept ids of softmax(z) under top-k then top-p, by a full numpy sort (ties at a cut are kept)."""
+  order = np.argsort(-z, kind="stable")
+  k = top_k or len(z)
+  kept = z >= z[order[k - 1]]
+  if top_p >= 1.0:
+    return kept
+  zk = np.where(kept, z.astype(np.float64), -np.inf)
+  probs = np.exp(zk - zk.max())
+  sorted_p = probs[order] / probs.sum()
+  count = int(np.sum(np.cumsum(sorted_p) - sorted_p < top_p))
+  return kept & (z >= z[order[count - 1]])
+
+
+def _check_against_forward(graphdef, params, prompt, mask, out, cfg, samples):
+  """Each sampled token is in the kept set of softmax(z / T) over ids < vocab_limit (numpy nucleus) and its
+  log-prob is log p / p(kept), with z recomputed by one full forward pass over [prompt | response]. A row's tokens
+  after its end do not change its earlier logits (causal), so padded rows share one pass."""
+  toks, lps, lens = (np.asarray(x) for x in (out.tokens, out.logprobs, out.lengths))
+  seq = np.concatenate([np.repeat(prompt, samples, 0), toks], 1)
+  seg = np.concatenate([np.repeat(mask, samples, 0), np.ones_like(toks)], 1)
+  z = _forward(graphdef, params, seq, seg)[:, prompt.shape[1] - 1 : -1, : cfg.vocab_limit] / cfg.temperature
+  for i in range(len(toks)):
+    assert (lps[i, lens[i] :] == 0).all() and (toks[i, lens[i] :] == cfg.pad_id).all()
+    for t in range(lens[i]):
+      kept = _nucleus(z[i, t], cfg.top_k, cfg.top_p)
+      assert kept[toks[i, t]], (i, t)
+      p = np.exp(z[i, t] - z[i, t].max())
+      np.testing.assert_allclose(lps[i, t], np.log(p[toks[i, t]] / p[kept].sum()), atol=1e-5)
+  return lens
+
+
+def test_logprobs_are_the_policy_at_temperature_with_eos_and_padded_vocabulary():
+  """At T = 0.7 with the last 5 LM-head rows outside the tokenizer, two responses per prompt: rows stop at EOS
+  (kept, then padding) and each log-prob is log softmax(z / 0.7) over the real ids, recomputed by the forward pass
+  (the policy the losses differentiate)."""
+  graphdef, params = _params(CFG, seed=2, head_scale=8.0)
   eos = 11
-  # Make EOS likely so that some rows stop early.
-  params["lm_head"]["kernel"] = params["lm_head"]["kernel"].at[:, eos].add(0.3)
-  cfg = sampler.SamplingConfig(max_new_tokens=10, eos_id=eos, pad_id=0)
-  out = sampler.generate(graphdef, params, tokens, mask, jax.random.key(3), cfg)
-  toks, lps, lens = (np.asarray(x) for x in out)
-  assert (lens < 10).any(), "the test needs at least one row that stopped at EOS"
-  for i in range(3):
-    if lens[i] < 10:
-      assert toks[i, lens[i] - 1] == eos and (toks[i, lens[i] :] == 0).all() and (lps[i, lens[i] :] == 0).all()
-    # Recompute log pi(y_t) with a full forward pass on prompt + sampled tokens.
-    seq = np.concatenate([tokens[i], toks[i, : lens[i]]])[None]
-    seg = np.concatenate([mask[i], np.ones(lens[i], np.int32)])[None]
-    logits = nnx.merge(graphdef, params)(jnp.asarray(seq), segment_ids_BxT=jnp.asarray(seg))
-    logp = jax.nn.log_softmax(logits[0, tokens.shape[1] - 1 : -1], -1)
-    want = np.asarray(logp[jnp.arange(lens[i]), toks[i, : lens[i]]])
-    np.testing.assert_allclose(lps[i, : lens[i]], want, atol=1e-5)
+  params["lm_head"]["kernel"] = params["lm_head"]["kernel"].at[:, eos].add(0.3)  # some rows stop early
+  prompt, mask = sampler.left_pad([[3, 4, 5], [7, 8], [1, 2, 3]], buckets=[4])
+  cfg = sampler.SamplingConfig(max_new_tokens=10, temperature=0.7, eos_id=eos, vocab_limit=56)
+  out = sampler.generate(graphdef, params, prompt, mask, jax.random.key(3), cfg, samples_per_prompt=2)
+  lens = _check_against_forward(graphdef, params, prompt, mask, out, cfg, samples=2)
+  assert (lens < 10).any() and (lens == 10).any(), lens
+  assert all(out.tokens[i, lens[i] - 1] == eos for i in range(6) if lens[i] < 10)
 
 
-def test_top_k_and_top_p_restrict_support():
-  """With top_k=1 or a tiny top_p, sampling is greedy; with top_k=3, every token is among the 3 most likely."""
-  model = model_lib.create(CFG, seed=3)
-  graphdef, params = nnx.split(model, nnx.Param)
-  params = params.to_pure_dict()
-  tokens, mask = sampler.left_pad([[3, 4, 5]] * 4, buckets=[4])
-  greedy = sampler.generate(
-    graphdef, params, tokens, mask, jax.random.key(0), sampler.SamplingConfig(max_new_tokens=5, greedy=True)
-  ).tokens
-  for cfg in [
-    sampler.SamplingConfig(max_new_tokens=5, top_k=1, temperature=2.0),
-    sampler.SamplingConfig(max_new_tokens=5, top_p=1e-6, temperature=2.0),
-  ]:
-    out = sampler.generate(graphdef, params, tokens, mask, jax.random.key(1), cfg)
-    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(greedy))
-    np.testing.assert_allclose(np.asarray(out.logprobs), 0.0, atol=1e-6)  # all mass on one token
-  out = sampler.generate(
-    graphdef,
-    params,
-    tokens,
-    mask,
-    jax.random.key(2),
-    sampler.SamplingConfig(max_new_tokens=1, top_k=3, temperature=5.0),
-  )
-  logits = nnx.merge(graphdef, params)(jnp.asarray(tokens), segment_ids_BxT=jnp.asarray(mask))[:, -1]
-  top3 = np.argsort(-np.asarray(logits), -1)[:, :3]
-  assert all(out.tokens[i, 0] in top3[i] for i in range(4))
+def test_top_k_and_top_p_in_the_loop():
+  """top-k then top-p at T = 1.5 inside the decode loop: tokens in the numpy nucleus of the forward pass's logits,
+  log-probs those of the truncated distribution."""
+  graphdef, params = _params(CFG, seed=3, head_scale=6.0)
+  prompt, mask = sampler.left_pad([[3, 4, 5], [9]], buckets=[4])
+  cfg = sampler.SamplingConfig(max_new_tokens=8, temperature=1.5, top_k=6, top_p=0.7, vocab_limit=61)
+  out = sampler.generate(graphdef, params, prompt, mask, jax.random.key(4), cfg, samples_per_prompt=4)
+  _check_against_forward(graphdef, params, prompt, mask, out, cfg, samples=4)
+  assert len(np.unique(np.asarray(out.tokens))) > 4  # sampled, not greedy
+
+
+def test_shared_prefill_equals_independent_prompts_and_the_loop_stops_early():
+  """G responses to a prompt from one shared prefill are the tokens and log-probs of G copies of the prompt, under
+  the same key. EOS is likely, so rows end at different steps, all well before max_new_tokens: the loop stops at
+  the end of the block of `check_every` steps in which the last row ended."""
+  graphdef, params = _params(CFG, seed=5, head_scale=4.0)
+  params["lm_head"]["kernel"] = params["lm_head"]["kernel"].at[:, 7].add(1.0)
+  prompt, mask = sampler.left_pad([[3, 4, 5, 6, 9], [7, 8], [1, 2, 3]], buckets=[8])
+  cfg = sampler.SamplingConfig(max_new_tokens=40, eos_id=7, check_every=4)
+  key = jax.random.key(7)
+  shared = sampler.generate(graphdef, params, prompt, mask, key, cfg, samples_per_prompt=4)
+  alone = sampler.generate(graphdef, params, np.repeat(prompt, 4, 0), np.repeat(mask, 4, 0), key, cfg)
+  lengths = np.asarray(shared.lengths)
+  assert len(set(lengths.tolist())) > 2 and lengths.max() <= 28, lengths
+  np.testing.assert_array_equal(np.asarray(shared.tokens), np.asarray(alone.tokens))
+  np.testing.assert_array_equal(lengths, np.asarray(alone.lengths))
+  np.testing.assert_allclose(np.asarray(shared.logprobs), np.asarray(alone.logprobs), atol=1e-5)  # f32 rounding
+  assert int(shared.steps) == int(alone.steps) == -(-lengths.max() // 4) * 4
+  assert sampler.segment_ends(40, 4, 4) == [12, 20, 32, 40]  # the default 4 while loops, ends on block edges
+  assert sampler.segment_ends(5, 4, 8) == [8]  # a single block: one loop
+
+
+@pytest.mark.parametrize(
+  "top_k,top_p,flat,among_candidates",
+  [
+    (0, 0.9, False, True),
+    (0, 0.9, True, False),
+    (10, 0.95, False, True),
+    (40, 0.95, False, False),
+    (3, 1.0, True, True),
+  ],
+)
+def test_truncated_sampling_matches_a_numpy_nucleus(top_k, top_p, flat, among_candidates):
+  """Over 5000 ids (candidates: the top 16 of each of three 2048-id chunks): every sampled token is in the numpy
+  nucleus and its log-prob is log p / p(nucleus). A nucleus of flat rows, or a top-40, reaches past the candidates:
+  those take the full-sort branch."""
+  rng = np.random.default_rng(0)
+  z = rng.normal(size=(64, 5000)).astype(np.float32) * (0.05 if flat else 8.0)
+  cfg = sampler.SamplingConfig(max_new_tokens=1, top_k=top_k, top_p=top_p)
+  values, _, bound = sampler._candidates(jnp.asarray(z))
+  _, lowest_cut = sampler._truncation_threshold(values, jax.nn.logsumexp(z, axis=-1), cfg)
+  assert bool(jnp.all(lowest_cut[:, 0] > bound)) == among_candidates  # the branch this case takes
+  token, logprob = jax.jit(sampler._pick, static_argnums=2)(jnp.asarray(z), jax.random.key(1), cfg, 1.0)
+  for i in range(z.shape[0]):
+    kept = _nucleus(z[i], top_k, top_p)
+    assert kept[int(token[i])]
+    p = np.exp(z[i] - z[i].max())
+    np.testing.assert_allclose(float(logprob[i]), np.log(p[token[i]] / p[kept].sum()), atol=1e-4)
 
 
 def test_prompt_bucketing():

@@ -451,7 +451,7 @@ def test_http_expert_checks_content_not_only_form(fault, tmp_path):
   with FakeExpertServer(tok) as server:
     config.expert.url = server.url
     expert = experts.make_expert(config.expert, None, tok)
-    good = expert.label(_one_response(tok))
+    good, _ = expert.label(_one_response(tok))
     np.testing.assert_allclose(np.exp(good["target_logprobs"][0, 0]).sum(-1), 0.8, rtol=1e-6)  # 0.6 + 2 x 0.1
     server.mode = fault
     with pytest.raises(experts.ExpertError, match=rf"expert http://127\.0\.0\.1:\d+: {HTTP_FAULTS[fault]}"):
