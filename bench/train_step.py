@@ -27,7 +27,7 @@ from distil_jax import attention, losses, sharding, update
 from distil_jax import model as model_lib
 
 OPTIM = ml_collections.ConfigDict(
-  dict(lr=1e-4, warmup_steps=0, schedule="constant", b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0)
+  dict(lr=1e-4, lr_warmup_steps=0, schedule="constant", b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0)
 )
 
 

@@ -88,7 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
     terminal="free",
   )
   c.optim = dict(
-    lr=3e-4, warmup_steps=20, schedule="constant", b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0
+    lr=3e-4, lr_warmup_steps=20, schedule="constant", b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0
   )
   c.train = dict(
     iterations=100,
@@ -133,6 +133,6 @@ def real(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.update(dtype="bfloat16", remat="full")
   c.sampling.max_prompt_tokens = 512
   c.expert.top_k = 64
-  c.optim.update(lr=1e-6, warmup_steps=10)
+  c.optim.update(lr=1e-6, lr_warmup_steps=10)
   c.train.update(warmup_steps=0, warmup_reprompt_fraction=0.0)
   return c

@@ -80,6 +80,7 @@ def model_config(config, vocab_size: int) -> model_lib.ModelConfig:
     tie_word_embeddings=m.tie_word_embeddings,
     dtype=m.dtype,
     remat=m.remat,
+    attention=m.attention,
   )
 
 
@@ -87,7 +88,12 @@ def make_policy(config, tok, mesh, rules):
   """(graphdef, params, ModelConfig): from a Hugging Face checkpoint, or freshly initialised."""
   if config.model.hf_path:
     model, cfg = hf.load_hf(
-      config.model.hf_path, mesh=mesh, rules=rules, dtype=config.model.dtype, remat=config.model.remat
+      config.model.hf_path,
+      mesh=mesh,
+      rules=rules,
+      dtype=config.model.dtype,
+      remat=config.model.remat,
+      attention=config.model.attention,
     )
     if tok.vocab_size > cfg.vocab_size:
       raise InputError(
@@ -114,7 +120,7 @@ def load_teacher(config, student_cfg, tok, mesh, rules):
   path = config.expert.model_path
   if not path:
     raise ConfigError("expert.kind='model' needs expert.model_path (a Hugging Face checkpoint directory)")
-  teacher, tcfg = hf.load_hf(path, mesh=mesh, rules=rules, dtype=config.model.dtype)
+  teacher, tcfg = hf.load_hf(path, mesh=mesh, rules=rules, dtype=config.model.dtype, attention=config.model.attention)
   if tcfg.vocab_size != student_cfg.vocab_size:
     raise InputError(
       f"expert vocabulary differs from the student's: {path} has vocab_size {tcfg.vocab_size}, "

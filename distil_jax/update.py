@@ -38,7 +38,7 @@ class UpdateSpec:
 
 def make_optimizer(cfg, total_updates: int) -> optax.GradientTransformation:
   """AdamW with global-norm clipping; linear warmup, then constant or cosine decay (config `optim`)."""
-  warmup = min(cfg.warmup_steps, max(total_updates - 1, 0))
+  warmup = min(cfg.lr_warmup_steps, max(total_updates - 1, 0))
   if cfg.schedule == "cosine":
     lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(total_updates, warmup + 1))
   elif cfg.schedule == "constant":  # always a schedule, so the optimizer state has one structure

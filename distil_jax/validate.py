@@ -345,7 +345,7 @@ def _loss_checks(ch: _Checks) -> None:
 
 def _optim_checks(ch: _Checks) -> None:
   ch.number("optim.lr", lo=0, lo_open=True)
-  ch.number("optim.warmup_steps", lo=0, integer=True)
+  ch.number("optim.lr_warmup_steps", lo=0, integer=True)
   ch.enum("optim.schedule", ("constant", "cosine"))
   ch.number("optim.b1", lo=0, hi=1, hi_open=True)
   ch.number("optim.b2", lo=0, hi=1, hi_open=True)

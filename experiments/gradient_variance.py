@@ -109,7 +109,8 @@ def measure(c, workdir, minibatches):
           sampling_cfg=rollout.sampling_config(c, run.tok),
         )  # fmt: skip
         labels, _ = expert.label(r)
-        batch = data.to_global(rollout.group_records(r, labels, step, config=c, tok=run.tok), run.mesh)
+        rows_ = rollout.group_records(r, labels, step, config=c, tok=run.tok, layout=rollout.layout(c, expert))
+        batch = data.to_global(rows_, run.mesh)
         for kind, fn in grads.items():
           g, _ = fn(params, batch, teacher, jnp.int32(step))
           rows[kind].append(np.asarray(ravel_pytree(jax.device_get(g))[0], np.float64))

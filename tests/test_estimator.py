@@ -70,7 +70,7 @@ def _loop_config(**overrides):
 def _first_update_metrics(loss_cfg, graphdef, params, batch, mesh):
   tx = update.make_optimizer(
     types.SimpleNamespace(
-      lr=1e-3, warmup_steps=0, schedule="constant", b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0
+      lr=1e-3, lr_warmup_steps=0, schedule="constant", b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0
     ),
     10,
   )
@@ -221,7 +221,7 @@ def test_grpo_kl_to_a_frozen_reference_on_device():
   loss_cfg = losses.LossConfig(kind="grpo", kl_coef=0.1, chunk_size=4, vocab_size=REAL_VOCAB)
   tx = update.make_optimizer(
     types.SimpleNamespace(
-      lr=3e-2, warmup_steps=0, schedule="constant", b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0
+      lr=3e-2, lr_warmup_steps=0, schedule="constant", b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0
     ),
     10,
   )

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from run_helpers import ROOT, load_config
 
-from distil_jax import evaluate, experts, tasks, train
+from distil_jax import evaluate, experts, tasks, train, validate
 from experiments import arith_comparison, bandit, credit_assignment, gradient_variance, stats
 
 
@@ -178,10 +178,10 @@ def test_reference_feedback_keeps_the_whole_group_baseline():
     assert train.loss_config(config, tok, expert).baseline_parts == parts
     config.train.group_size = 2
     if parts == 1:
-      train._check_estimator(config)
+      validate.config(config, devices=1, processes=1)
     else:
-      with pytest.raises(ValueError, match="even train.group_size >= 4"):
-        train._check_estimator(config)
+      with pytest.raises(ValueError, match="needs an even group of >= 4"):
+        validate.config(config, devices=1, processes=1)
   with pytest.raises(ValueError, match="needs a device expert"):
     experts.make_expert(load_config("arith", **{"expert.kind": "http", "expert.feedback": "reference"}).expert, 0, tok)
 

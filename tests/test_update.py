@@ -23,7 +23,7 @@ CFG = model_lib.ModelConfig(
 # eps=1e-6, not 1e-8: Adam's first steps are ~lr * g / (|g| + eps), so with a tiny eps a coordinate whose gradient is
 # at rounding level (1e-9) takes a step whose size is rounding noise, and sharded and unsharded runs part by 1e-4.
 OPTIM = ml_collections.ConfigDict(
-  dict(lr=3e-3, warmup_steps=0, schedule="constant", b1=0.9, b2=0.95, eps=1e-6, weight_decay=0.01, max_grad_norm=1.0)
+  dict(lr=3e-3, lr_warmup_steps=0, schedule="constant", b1=0.9, b2=0.95, eps=1e-6, weight_decay=0.01, max_grad_norm=1.0)
 )
 BG, G, P, N, K, PT = 4, 2, 6, 7, 3, 9
 
