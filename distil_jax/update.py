@@ -150,8 +150,8 @@ def loss_fn(params, batch, teacher_params, ref_params, iteration, *, graphdef, t
     tokens=responses,
     mask=mask,
     hidden=hidden,
-    # The float32 master head: the fused loss casts it per chunk, so its gradient is summed over chunks in float32
-    # (the compute-dtype copy would sum it in bf16).
+    # The float32 master head: the fused loss casts it once and sums its gradient over chunks in float32, and hands
+    # that sum back in float32 (a compute-dtype head would get it rounded to bf16 once more).
     lm_head=nnx.merge(graphdef, params).lm_head_kernel(),
     group_size=group,
     rewards=batch["reward"].reshape(-1),
