@@ -270,16 +270,11 @@ def _expert_checks(ch: _Checks) -> None:
   ch.number("expert.ema_decay", lo=0, hi=1, hi_open=True)
   if kind == "oracle":
     ch.number("expert.smoothing", lo=0, hi=1, lo_open=True, hi_open=True)
-  if (
-    ch.enum("expert.feedback", experts.FEEDBACK)
-    and ch.value("expert.feedback") == "sibling"
-    and kind
-    not in (
-      "self",
-      "model",
-    )
-  ):
-    ch.fail("expert.feedback", f"'sibling' needs a device expert (expert.kind self or model), not {kind!r}")
+  feedback_ok = ch.enum("expert.feedback", experts.FEEDBACK)
+  if feedback_ok and ch.value("expert.feedback") != "any" and kind not in ("self", "model"):
+    # the same refusal as experts.make_expert, before any work: only device experts read siblings or references
+    fb = ch.value("expert.feedback")
+    ch.fail("expert.feedback", f"{fb!r} needs a device expert (expert.kind self or model), not {kind!r}")
   if kind == "model":
     path = ch.value("expert.model_path") if ch.has("expert.model_path") else ""
     if not path:
