@@ -18,13 +18,19 @@ Protocol:
   python -m experiments.arith_comparison --expert oracle --size 125m ... # experiment 1 at a larger model (a GPU's)
 Writes docs/arith_<expert>.json (every run's command, metrics and final figures; the selection; the statistics) and
 docs/arith_<expert>_curves.png, docs/arith_<expert>_passk.png. Reruns skip finished runs. `--smoke`: tiny settings.
+`--jobs N` runs N runs at once, each pinned to its own core: a 0.6M-parameter model keeps one core busy at most, so
+two one-core runs finish in about the time of one two-core run. Wall times are then per run on one core.
 """
 
 import argparse
+import collections
+import concurrent.futures
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -84,12 +90,14 @@ SMOKE_FINAL = {"samples": 2, "pass_at": "(1,2)"}
 SMOKE_ITERATIONS = 2
 
 
-def main_process(args, log):
-  """`python -m distil_jax.main ARGS` in a fresh process, its output in `log`; the wall time in seconds."""
+def main_process(args, log, core=None):
+  """`python -m distil_jax.main ARGS` in a fresh process (on CPU `core` alone if given), its output in `log`; the
+  wall time in seconds."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.setdefault("JAX_PLATFORMS", "cpu")
+  pin = ["taskset", "-c", str(core)] if core is not None else []
   t = time.time()
-  out = subprocess.run([sys.executable, "-m", "distil_jax.main", *args], env=env, capture_output=True, text=True)
+  out = subprocess.run([*pin, sys.executable, "-m", "distil_jax.main", *args], env=env, capture_output=True, text=True)
   with open(log, "w") as f:
     f.write(out.stdout + out.stderr)
   if out.returncode:
@@ -113,8 +121,12 @@ def check_budget_is_shared():
 class Comparison:
   """The runs of one expert setting under the protocol; every run is a subprocess and skipped if already done."""
 
-  def __init__(self, expert, workdir, smoke=False, size="small"):
+  def __init__(self, expert, workdir, smoke=False, size="small", jobs=1):
     check_budget_is_shared()
+    self.cores = queue.Queue()  # a run takes a core for its whole life; with jobs=1 it is not pinned at all
+    for core in sorted(os.sched_getaffinity(0))[:jobs] if jobs > 1 else [None]:
+      self.cores.put(core)
+    self.warmup_locks = collections.defaultdict(threading.Lock)  # one warm-up per seed, however many threads ask
     self.expert, self.smoke = expert, smoke
     self.name = expert if size == "small" else f"{expert}_{size}"
     self.root = os.path.join(workdir, self.name)
@@ -124,11 +136,19 @@ class Comparison:
     self.iterations = SMOKE_ITERATIONS if smoke else 40
     self.final = SMOKE_FINAL if smoke else FINAL
 
+  def launch(self, args, log):
+    core = self.cores.get()
+    try:
+      return main_process(args, log, core)
+    finally:
+      self.cores.put(core)
+
   def warmup(self, seed):
     warm = os.path.join(self.root, f"warmup_seed{seed}")
-    if not os.path.exists(os.path.join(warm, "checkpoints")):
-      cmd = [*self.common, f"--workdir={warm}", f"--config.seed={seed}", "--config.train.iterations=0"]
-      main_process(cmd, os.path.join(self.root, f"warmup_seed{seed}.log"))
+    with self.warmup_locks[seed]:
+      if not os.path.exists(os.path.join(warm, "checkpoints")):
+        cmd = [*self.common, f"--workdir={warm}", f"--config.seed={seed}", "--config.train.iterations=0"]
+        self.launch(cmd, os.path.join(self.root, f"warmup_seed{seed}.log"))
     return warm
 
   def command(self, method, seed, lr):
@@ -147,7 +167,7 @@ class Comparison:
     name, wd, cmd = self.command(method, seed, lr)
     metrics_path, wall = os.path.join(wd, "metrics.jsonl"), os.path.join(wd, "wall_seconds.json")
     if not (os.path.exists(metrics_path) and read_jsonl(metrics_path)[-1]["iteration"] == self.iterations):
-      seconds = main_process(cmd, os.path.join(self.root, f"{name}.log"))
+      seconds = self.launch(cmd, os.path.join(self.root, f"{name}.log"))
       with open(wall, "w") as f:
         json.dump(seconds, f)
     with open(wall) as f:
@@ -162,7 +182,7 @@ class Comparison:
     flags = ["--mode=eval", "--config.eval.split=test", "--config.eval.greedy=False"]
     flags += [f"--config.eval.samples={self.final['samples']}", f"--config.eval.pass_at={self.final['pass_at']}"]
     if not os.path.exists(path):
-      main_process([*cmd, *flags], os.path.join(self.root, f"{os.path.basename(wd)}_test.log"))
+      self.launch([*cmd, *flags], os.path.join(self.root, f"{os.path.basename(wd)}_test.log"))
     return {**run, "test": read_jsonl(path)[-1], "test_command": "python -m distil_jax.main " + " ".join(cmd + flags)}
 
 
@@ -175,18 +195,23 @@ def select_lr(grid_runs) -> tuple[float, dict]:
 def run_protocol(cmp: Comparison, methods, seeds, lrs, select_seed):
   if len(lrs) < 3 and not cmp.smoke:
     raise ValueError(f"--lrs {lrs}: the protocol chooses each method's rate from at least three values")
-  selection, finals = {}, []
-  for method in methods:
+
+  def one_method(method):
+    """Grid on the selection seed, then every seed at the chosen rate; the methods run side by side (`--jobs`)."""
     grid = [cmp.train(method, select_seed, lr) for lr in lrs]
     lr, scores = select_lr(grid)
-    selection[method] = {
+    selection = {
       "chosen_lr": lr,
       "validation_pass@1": {f"{k:g}": v for k, v in scores.items()},
       "grid_commands": {f"{r['lr']:g}": r["command"] for r in grid},
     }
-    for seed in seeds:
-      finals.append(cmp.test(cmp.train(method, seed, lr)))
-  return selection, finals
+    return selection, [cmp.test(cmp.train(method, seed, lr)) for seed in seeds]
+
+  with concurrent.futures.ThreadPoolExecutor(len(seeds) + len(methods)) as pool:
+    for seed in seeds:  # queued first, so no core waits for a seed's warm-up while another could run it
+      pool.submit(cmp.warmup, seed)
+    done = dict(zip(methods, pool.map(one_method, methods), strict=True))
+  return {m: done[m][0] for m in methods}, [r for m in methods for r in done[m][1]]
 
 
 def pass_keys(run):
@@ -278,9 +303,10 @@ def main():
   ap.add_argument("--workdir", default="/tmp/distil-compare")
   ap.add_argument("--size", choices=tuple(SIZES), default="small")
   ap.add_argument("--smoke", action="store_true")
+  ap.add_argument("--jobs", type=int, default=1, help="runs at once, one core each (see the docstring)")
   args = ap.parse_args()
   t0 = time.time()
-  cmp = Comparison(args.expert, args.workdir, args.smoke, args.size)
+  cmp = Comparison(args.expert, args.workdir, args.smoke, args.size, args.jobs)
   selection, finals = run_protocol(cmp, args.methods, args.seeds, args.lrs, args.select_seed)
   summary = summarize(selection, finals)
   protocol = {
@@ -293,6 +319,7 @@ def main():
     "final_eval": cmp.final,
     "interval": "95% Student-t over seeds; paired differences seed by seed with the exact sign test",
     "smoke": args.smoke,
+    "jobs": args.jobs,
     "wall_seconds_total": time.time() - t0,
   }
   os.makedirs(args.out, exist_ok=True)
