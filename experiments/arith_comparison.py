@@ -25,6 +25,7 @@ two one-core runs finish in about the time of one two-core run. Wall times are t
 import argparse
 import collections
 import concurrent.futures
+import importlib.util
 import json
 import os
 import queue
@@ -37,6 +38,8 @@ import numpy as np
 
 from experiments import stats
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 METHODS = {
   "DistIL": ["--config.loss.kind=distil"],
   "tokenwise FCE": ["--config.loss.kind=tokenwise_fce"],
@@ -45,7 +48,16 @@ METHODS = {
   "GRPO": ["--config.loss.kind=grpo"],  # as published: normalize="auto", on-policy (buffer.mix 0)
   "SFT": ["--config.loss.kind=sft"],
 }
-USES_EXPERT = ("DistIL", "tokenwise FCE", "reverse KL", "JSD")  # GRPO and SFT read no expert distribution
+# Experiment 3's variance reductions that keep DistIL unbiased: (the method varied, its extra flags). A variant runs at
+# its method's chosen rate (no grid of its own) and must sample and update exactly as many responses as the others.
+VARIANTS = {
+  "DistIL, 16 per prompt": (
+    "DistIL",
+    ["--config.train.prompts_per_iteration=8", "--config.train.group_size=16", "--config.train.batch_groups=4"],
+  ),
+  "DistIL, no baseline": ("DistIL", ["--config.loss.baseline=none"]),
+}
+USES_EXPERT = ("DistIL", "tokenwise FCE", "reverse KL", "JSD", *VARIANTS)  # GRPO and SFT read no expert distribution
 KEEP_CHECKPOINTS = ("DistIL", "tokenwise FCE")  # every 10 iterations, for experiments/gradient_variance.py
 PRESETS = {
   "oracle": "compare",
@@ -110,23 +122,39 @@ def read_jsonl(path):
     return [json.loads(line) for line in f]
 
 
-def check_budget_is_shared():
-  """The comparison is fair only if every method samples and updates alike: method flags set the objective alone."""
-  for method, flags in METHODS.items():
+SHAPE = ("prompts_per_iteration", "group_size", "batch_groups")  # a variant may trade prompts for samples per prompt
+
+
+def check_budget_is_shared(preset="compare"):
+  """The comparison is fair only if every method samples and updates alike: method flags set the objective alone; a
+  variant may regroup the same responses (prompts x samples per iteration, prompts x samples per update) and no more."""
+  spec = importlib.util.spec_from_file_location("arith_config", os.path.join(ROOT, "configs", "arith.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  train = module.get_config(preset).train
+  for method, flags in [*METHODS.items(), *((m, METHODS[b] + f) for m, (b, f) in VARIANTS.items())]:
+    shape = {k: train[k] for k in SHAPE}
     for flag in flags:
-      if flag.startswith(("--config.train.", "--config.sampling.", "--config.eval.", "--config.optim.")):
+      key, value = flag.removeprefix("--config.").split("=", 1)
+      if method in VARIANTS and key.removeprefix("train.") in SHAPE:
+        shape[key.removeprefix("train.")] = int(value)
+      elif key.startswith(("train.", "sampling.", "eval.", "optim.")):
         raise ValueError(f"{method}: {flag} would change the budget or the evaluation of one method only")
+    mine = [shape[k] * shape["group_size"] for k in ("prompts_per_iteration", "batch_groups")]
+    shared = [train[k] * train.group_size for k in ("prompts_per_iteration", "batch_groups")]
+    if mine != shared:
+      raise ValueError(f"{method}: {mine} responses per (iteration, update) where every other method has {shared}")
 
 
 class Comparison:
   """The runs of one expert setting under the protocol; every run is a subprocess and skipped if already done."""
 
   def __init__(self, expert, workdir, smoke=False, size="small", jobs=1):
-    check_budget_is_shared()
+    check_budget_is_shared(PRESETS[expert])
     self.cores = queue.Queue()  # a run takes a core for its whole life; with jobs=1 it is not pinned at all
     for core in sorted(os.sched_getaffinity(0))[:jobs] if jobs > 1 else [None]:
       self.cores.put(core)
-    self.warmup_locks = collections.defaultdict(threading.Lock)  # one warm-up per seed, however many threads ask
+    self.locks = collections.defaultdict(threading.Lock)  # one process per warm-up or run, however many threads ask
     self.expert, self.smoke = expert, smoke
     self.name = expert if size == "small" else f"{expert}_{size}"
     self.root = os.path.join(workdir, self.name)
@@ -145,7 +173,7 @@ class Comparison:
 
   def warmup(self, seed):
     warm = os.path.join(self.root, f"warmup_seed{seed}")
-    with self.warmup_locks[seed]:
+    with self.locks[warm]:
       if not os.path.exists(os.path.join(warm, "checkpoints")):
         cmd = [*self.common, f"--workdir={warm}", f"--config.seed={seed}", "--config.train.iterations=0"]
         self.launch(cmd, os.path.join(self.root, f"warmup_seed{seed}.log"))
@@ -154,7 +182,9 @@ class Comparison:
   def command(self, method, seed, lr):
     name = f"{method.replace(' ', '_')}_lr{lr:g}_seed{seed}"
     wd = os.path.join(self.root, name)
-    cmd = [*self.common, *METHODS[method], f"--workdir={wd}", f"--config.seed={seed}", f"--config.optim.lr={lr!r}"]
+    base, extra = VARIANTS.get(method, (method, []))
+    cmd = [*self.common, *METHODS[base], *extra, f"--workdir={wd}", f"--config.seed={seed}"]
+    cmd.append(f"--config.optim.lr={lr!r}")
     cmd += [f"--config.model.init_from={self.warmup(seed)}", "--config.train.warmup_steps=0"]
     if self.expert != "oracle":
       cmd.append("--config.expert.kind=" + ("self" if method in USES_EXPERT else "oracle"))
@@ -166,10 +196,11 @@ class Comparison:
     """Train (or find trained) one run; its validation curve."""
     name, wd, cmd = self.command(method, seed, lr)
     metrics_path, wall = os.path.join(wd, "metrics.jsonl"), os.path.join(wd, "wall_seconds.json")
-    if not (os.path.exists(metrics_path) and read_jsonl(metrics_path)[-1]["iteration"] == self.iterations):
-      seconds = self.launch(cmd, os.path.join(self.root, f"{name}.log"))
-      with open(wall, "w") as f:
-        json.dump(seconds, f)
+    with self.locks[wd]:
+      if not (os.path.exists(metrics_path) and read_jsonl(metrics_path)[-1]["iteration"] == self.iterations):
+        seconds = self.launch(cmd, os.path.join(self.root, f"{name}.log"))
+        with open(wall, "w") as f:
+          json.dump(seconds, f)
     with open(wall) as f:
       seconds = json.load(f)
     run = {"method": method, "seed": seed, "lr": lr, "wall_seconds": seconds, "workdir": wd}
@@ -198,10 +229,12 @@ def run_protocol(cmp: Comparison, methods, seeds, lrs, select_seed):
 
   def one_method(method):
     """Grid on the selection seed, then every seed at the chosen rate; the methods run side by side (`--jobs`)."""
-    grid = [cmp.train(method, select_seed, lr) for lr in lrs]
+    base = VARIANTS.get(method, (method,))[0]  # a variant takes its method's rate
+    grid = [cmp.train(base, select_seed, lr) for lr in lrs]
     lr, scores = select_lr(grid)
     selection = {
       "chosen_lr": lr,
+      "chosen_by": base,
       "validation_pass@1": {f"{k:g}": v for k, v in scores.items()},
       "grid_commands": {f"{r['lr']:g}": r["command"] for r in grid},
     }
@@ -298,7 +331,7 @@ def main():
   ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
   ap.add_argument("--lrs", type=float, nargs="+", default=list(LRS))
   ap.add_argument("--select_seed", type=int, default=0)
-  ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+  ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=[*METHODS, *VARIANTS])
   ap.add_argument("--out", default="docs")
   ap.add_argument("--workdir", default="/tmp/distil-compare")
   ap.add_argument("--size", choices=tuple(SIZES), default="small")

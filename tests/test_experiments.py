@@ -16,7 +16,7 @@ import pytest
 from run_helpers import ROOT, load_config
 
 from distil_jax import evaluate, experts, tasks, train, validate
-from experiments import arith_comparison, bandit, credit_assignment, gradient_variance, stats
+from experiments import arith_comparison, bandit, credit_assignment, gradient_variance, report, stats
 
 
 def test_bandit_worked_case_signs():
@@ -197,7 +197,7 @@ OFFSET = {"DistIL": 0.3, "GRPO": 0.1, "SFT": 0.35}
 
 
 def _fake_main(calls):
-  def fake(args, log):
+  def fake(args, log, core=None):
     calls.append(args)
     flag = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if "=" in a}
     wd, seed = flag["--workdir"], int(flag["--config.seed"])
@@ -250,11 +250,40 @@ def test_protocol_selects_on_validation_and_reports_test_once(tmp_path, monkeypa
   assert paired["GRPO"]["pass@1"]["sign_test"]["p_two_sided"] == 2 / 8
   assert paired["SFT"]["pass@1"]["sign_test"]["negative"] == 3
   assert (tmp_path / "arith_oracle_curves.png").exists() and (tmp_path / "arith_oracle_passk.png").exists()
+  text = report.tables(out)  # the README's tables: 0.4 +- t(0.975, 2) * 0.1 / sqrt(3) = 0.4 +- 0.248
+  assert (
+    "| DistIL | **0.0003** (0.0001: 0.300, 0.0003: 0.500, 0.001: 0.400) | 0.500 [0.500, 0.500] | 0.400 [0.152, 0.648]"
+    in text
+  )
+  assert "| GRPO | +0.200 [+0.200, +0.200]; +0.200 +0.200 +0.200; 3/3 up, p=0.25 |" in text
 
 
 def test_method_flags_cannot_change_the_budget(monkeypatch):
   monkeypatch.setitem(arith_comparison.METHODS, "cheat", ["--config.loss.kind=sft", "--config.train.iterations=80"])
   with pytest.raises(ValueError, match="cheat: --config.train.iterations=80"):
+    arith_comparison.check_budget_is_shared()
+
+
+def test_a_variant_runs_at_its_methods_rate_and_each_run_once(tmp_path, monkeypatch):
+  """Two jobs, DistIL and a variant of it asking for the same grid at once: every grid run is made once, and the
+  variant trains and is tested at DistIL's chosen rate (3e-4, planted) with its own regrouping of the responses."""
+  calls = []
+  monkeypatch.setattr(arith_comparison, "main_process", _fake_main(calls))
+  argv = ["cmp", "--smoke", "--seeds", "0", "1", "--methods", "DistIL", "DistIL, 16 per prompt", "--jobs", "2"]
+  monkeypatch.setattr("sys.argv", [*argv, "--out", str(tmp_path), "--workdir", str(tmp_path / "runs")])
+  arith_comparison.main()
+  out = json.loads((tmp_path / "arith_oracle.json").read_text())
+  assert out["table"]["DistIL, 16 per prompt"]["chosen_lr"] == 3e-4
+  workdirs = [next(a for a in args if a.startswith("--workdir=")) for args in calls if "--mode=eval" not in args]
+  assert len(workdirs) == len(set(workdirs)) == 2 + 3 + 1 + 2  # warm-ups, DistIL's grid and seed 1, the variant's
+  variant = [args for args in calls if "--config.train.group_size=16" in args]
+  assert len(variant) == 4 and all("--config.optim.lr=0.0003" in args for args in variant)
+  assert out["paired_DistIL_minus"]["DistIL, 16 per prompt"]["pass@1"]["seeds"] == [0, 1]
+
+
+def test_a_variant_may_regroup_the_responses_but_not_add_any(monkeypatch):
+  monkeypatch.setitem(arith_comparison.VARIANTS, "more", ("DistIL", ["--config.train.group_size=16"]))
+  with pytest.raises(ValueError, match=r"more: \[256, 128\] responses per \(iteration, update\)"):
     arith_comparison.check_budget_is_shared()
 
 
