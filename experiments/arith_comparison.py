@@ -29,6 +29,7 @@ import importlib.util
 import json
 import os
 import queue
+import re
 import subprocess
 import sys
 import threading
@@ -180,7 +181,7 @@ class Comparison:
     return warm
 
   def command(self, method, seed, lr):
-    name = f"{method.replace(' ', '_')}_lr{lr:g}_seed{seed}"
+    name = f"{re.sub('[^A-Za-z0-9]+', '_', method)}_lr{lr:g}_seed{seed}"
     wd = os.path.join(self.root, name)
     base, extra = VARIANTS.get(method, (method, []))
     cmd = [*self.common, *METHODS[base], *extra, f"--workdir={wd}", f"--config.seed={seed}"]
