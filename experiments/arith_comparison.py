@@ -238,6 +238,7 @@ def run_protocol(cmp: Comparison, methods, seeds, lrs, select_seed):
       "chosen_by": base,
       "validation_pass@1": {f"{k:g}": v for k, v in scores.items()},
       "grid_commands": {f"{r['lr']:g}": r["command"] for r in grid},
+      "grid_runs": [{k: r[k] for k in ("lr", "wall_seconds", "metrics")} for r in grid],  # seed 0's curves per rate
     }
     return selection, [cmp.test(cmp.train(method, seed, lr)) for seed in seeds]
 
