@@ -149,7 +149,7 @@ def plot(figures, comparison, path):
     with open(comparison) as f:
       runs = [r for r in json.load(f)["runs"] if r["method"] in ("DistIL", "tokenwise FCE")]
     for method in ("DistIL", "tokenwise FCE"):
-      mine = [r["metrics"] for r in runs if r["method"] == method]
+      mine = [[m for m in r["metrics"] if "eval/pass@1" in m] for r in runs if r["method"] == method]  # evaluated
       if mine:
         n = min(len(x) for x in mine)
         tokens = np.mean([[m["samples/train_tokens"] for m in x[:n]] for x in mine], 0)
