@@ -153,8 +153,9 @@ def plot(figures, comparison, path):
       if mine:
         n = min(len(x) for x in mine)
         tokens = np.mean([[m["samples/train_tokens"] for m in x[:n]] for x in mine], 0)
-        ac._band(axes[0, 1], tokens, [[m["eval/pass@1"] for m in x[:n]] for x in mine], method)
-    axes[0, 1].set(xlabel="sampled training tokens", ylabel="validation Pass@1", title="Pass@1 (chosen rates)")
+        gains = [[m["eval/pass@1"] - x[0]["eval/pass@1"] for m in x[:n]] for x in mine]  # as arith_comparison's
+        ac._band(axes[0, 1], tokens, gains, method)
+    axes[0, 1].set(xlabel="sampled training tokens", ylabel="validation Pass@1 minus the start", title="Pass@1 gained")
     axes[0, 1].legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
