@@ -188,7 +188,12 @@ class Comparison:
     cmd.append(f"--config.optim.lr={lr!r}")
     cmd += [f"--config.model.init_from={self.warmup(seed)}", "--config.train.warmup_steps=0"]
     if self.expert != "oracle":
-      cmd.append("--config.expert.kind=" + ("self" if method in USES_EXPERT else "oracle"))
+      # GRPO and SFT read no expert distribution: they get the oracle with plain feedback, which validation accepts
+      cmd += (
+        ["--config.expert.kind=self"]
+        if method in USES_EXPERT
+        else ["--config.expert.kind=oracle", "--config.expert.feedback=any"]
+      )
     if method in KEEP_CHECKPOINTS and not self.smoke:
       cmd += ["--config.checkpoint.every=10", "--config.checkpoint.keep=100"]
     return name, wd, cmd

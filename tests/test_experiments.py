@@ -281,6 +281,26 @@ def test_a_variant_runs_at_its_methods_rate_and_each_run_once(tmp_path, monkeypa
   assert out["paired_DistIL_minus"]["DistIL, 16 per prompt"]["pass@1"]["seeds"] == [0, 1]
 
 
+@pytest.mark.parametrize("expert", list(arith_comparison.PRESETS))
+def test_every_runs_command_passes_validation(expert, tmp_path):
+  """Every method's (and variant's) command in every expert setting is a config the run accepts: GRPO and SFT in a
+  self-expert setting once failed at start, because the preset's reference feedback does not go with their oracle."""
+  cmp = arith_comparison.Comparison(expert, str(tmp_path))
+  cmp.warmup = lambda seed: str(tmp_path / f"warmup_seed{seed}")
+  for method in [*arith_comparison.METHODS, *arith_comparison.VARIANTS]:
+    _, _, cmd = cmp.command(method, 0, 1e-4)
+    config = load_config("arith", arith_comparison.PRESETS[expert])
+    for flag in cmd:
+      if flag.startswith("--config.") and not flag.startswith("--config.model.init_from="):
+        key, value = flag.removeprefix("--config.").split("=", 1)
+        try:
+          value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+          pass  # a string: "self", "oracle", "any"
+        config.update_from_flattened_dict({key: value})
+    validate.config(config, devices=1, processes=1)
+
+
 def test_a_variant_may_regroup_the_responses_but_not_add_any(monkeypatch):
   monkeypatch.setitem(arith_comparison.VARIANTS, "more", ("DistIL", ["--config.train.group_size=16"]))
   with pytest.raises(ValueError, match=r"more: \[256, 128\] responses per \(iteration, update\)"):
