@@ -9,17 +9,11 @@ import json
 import sys
 
 
-def interval(ci: dict) -> str:
-  """`mean [lo, hi]`, or the mean alone when there is no interval (one seed)."""
+def interval(ci: dict, fmt: str = ".3f") -> str:
+  """`mean [lo, hi]`, or the mean alone when there is no interval (one seed); fmt "+.3f" for differences."""
   if ci["ci"] is None:
-    return f"{ci['mean']:.3f}"
-  return f"{ci['mean']:.3f} [{ci['ci'][0]:.3f}, {ci['ci'][1]:.3f}]"
-
-
-def signed(ci: dict) -> str:
-  if ci["ci"] is None:
-    return f"{ci['mean']:+.3f}"
-  return f"{ci['mean']:+.3f} [{ci['ci'][0]:+.3f}, {ci['ci'][1]:+.3f}]"
+    return f"{ci['mean']:{fmt}}"
+  return f"{ci['mean']:{fmt}} [{ci['ci'][0]:{fmt}}, {ci['ci'][1]:{fmt}}]"
 
 
 def sign(test: dict) -> str:
@@ -46,7 +40,7 @@ def tables(summary: dict, ks=("pass@1", "pass@8", "pass@32")) -> str:
       cells = [method]
       for k in ks:
         d = by_k[k]
-        cells.append(f"{signed(d)}; {' '.join(f'{x:+.3f}' for x in d['diffs'])}; {sign(d['sign_test'])}")
+        cells.append(f"{interval(d, '+.3f')}; {' '.join(f'{x:+.3f}' for x in d['diffs'])}; {sign(d['sign_test'])}")
       lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 

@@ -222,13 +222,19 @@ def _fake_main(calls):
   return fake
 
 
-def test_protocol_selects_on_validation_and_reports_test_once(tmp_path, monkeypatch):
+def _protocol_with_fake_runs(tmp_path, monkeypatch, *flags):
+  """`arith_comparison` with `flags` and the stand-in trainer: (the JSON it writes, every command it launched)."""
   calls = []
   monkeypatch.setattr(arith_comparison, "main_process", _fake_main(calls))
-  argv = ["cmp", "--smoke", "--seeds", "0", "1", "2", "--methods", "DistIL", "GRPO", "SFT"]
-  monkeypatch.setattr("sys.argv", [*argv, "--out", str(tmp_path), "--workdir", str(tmp_path / "runs")])
+  argv = ["cmp", "--smoke", *flags, "--out", str(tmp_path), "--workdir", str(tmp_path / "runs")]
+  monkeypatch.setattr("sys.argv", argv)
   arith_comparison.main()
-  out = json.loads((tmp_path / "arith_oracle.json").read_text())
+  return json.loads((tmp_path / "arith_oracle.json").read_text()), calls
+
+
+def test_protocol_selects_on_validation_and_reports_test_once(tmp_path, monkeypatch):
+  flags = ["--seeds", "0", "1", "2", "--methods", "DistIL", "GRPO", "SFT"]
+  out, calls = _protocol_with_fake_runs(tmp_path, monkeypatch, *flags)
   assert {m: out["table"][m]["chosen_lr"] for m in PLANTED} == {"DistIL": 3e-4, "GRPO": 1e-4, "SFT": 1e-3}
   tests = [a for a in calls if "--mode=eval" in a]
   assert len(tests) == 9  # once per method and seed, at the chosen rate only
@@ -267,12 +273,8 @@ def test_method_flags_cannot_change_the_budget(monkeypatch):
 def test_a_variant_runs_at_its_methods_rate_and_each_run_once(tmp_path, monkeypatch):
   """Two jobs, DistIL and a variant of it asking for the same grid at once: every grid run is made once, and the
   variant trains and is tested at DistIL's chosen rate (3e-4, planted) with its own regrouping of the responses."""
-  calls = []
-  monkeypatch.setattr(arith_comparison, "main_process", _fake_main(calls))
-  argv = ["cmp", "--smoke", "--seeds", "0", "1", "--methods", "DistIL", "DistIL, 16 per prompt", "--jobs", "2"]
-  monkeypatch.setattr("sys.argv", [*argv, "--out", str(tmp_path), "--workdir", str(tmp_path / "runs")])
-  arith_comparison.main()
-  out = json.loads((tmp_path / "arith_oracle.json").read_text())
+  flags = ["--seeds", "0", "1", "--methods", "DistIL", "DistIL, 16 per prompt", "--jobs", "2"]
+  out, calls = _protocol_with_fake_runs(tmp_path, monkeypatch, *flags)
   assert out["table"]["DistIL, 16 per prompt"]["chosen_lr"] == 3e-4
   workdirs = [next(a for a in args if a.startswith("--workdir=")) for args in calls if "--mode=eval" not in args]
   assert len(workdirs) == len(set(workdirs)) == 2 + 3 + 1 + 2  # warm-ups, DistIL's grid and seed 1, the variant's
