@@ -278,13 +278,32 @@ print(json.dumps([sandbox._mode()] + [r.stdout.strip() or r.stderr.strip().split
 """
 
 
+@pytest.fixture
+def code_dir():
+  """The sandbox's two modules in a directory every user can read (and nothing else of the checkout)."""
+  path = tempfile.mkdtemp(prefix="distil-sandbox-code-", dir="/tmp")
+  os.chmod(path, 0o755)
+  os.makedirs(os.path.join(path, "distil_jax"), mode=0o755)
+  for module in ("sandbox.py", "sandbox_launcher.py"):
+    shutil.copy(os.path.join(ROOT, "distil_jax", module), os.path.join(path, "distil_jax", module))
+    os.chmod(os.path.join(path, "distil_jax", module), 0o644)
+  yield path
+  shutil.rmtree(path)
+
+
 @pytest.mark.skipif(not ROOT_USER or not (shutil.which("unshare") and shutil.which("setpriv")), reason="needs root")
-def test_a_non_root_trainer_gets_the_same_isolation_from_a_user_namespace(outside, tmp_path):
+def test_a_non_root_trainer_gets_the_same_isolation_from_a_user_namespace(outside, tmp_path, code_dir):
   """The trainer runs as uid 1234 (set up as root in a private mount namespace where the interpreter and the
-  repository are reachable by that uid, as on a user's machine); the sandbox then builds its namespaces itself."""
+  sandbox's code are reachable by that uid, as on a user's machine); the sandbox then builds its namespaces itself.
+
+  The sandbox's two modules (standard library only) are copied to a world-readable directory, so the test does not
+  depend on the checkout's mode: `mktemp -d` and `git clone` into a private directory give mode 700."""
   public = os.path.join(outside, "public")
   os.chown(public, 1234, 1234)  # the trainer's own file: only the sandbox can stop the change
-  needed = sorted({os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, ROOT)})
+  needed = sorted({os.path.realpath(p) for p in (sys.base_prefix, sys.prefix)})
+  private = [p for p in needed if os.stat(p).st_mode & 0o5 != 0o5]
+  if private:
+    pytest.skip(f"the interpreter's {private[0]} is not readable by other users, so uid 1234 cannot run it")
   blockers = set()
   for path in needed:
     parts = path.split("/")
@@ -301,7 +320,7 @@ def test_a_non_root_trainer_gets_the_same_isolation_from_a_user_namespace(outsid
     lines += [f"mkdir -p '{path}'", f"mount --bind {tmp_path}/{i} '{path}'"]
   code = NON_ROOT.format(public=public)
   lines.append(
-    f"exec setpriv --reuid=1234 --regid=1234 --clear-groups env PYTHONPATH={ROOT} HOME=/tmp "
+    f"exec setpriv --reuid=1234 --regid=1234 --clear-groups env PYTHONPATH={code_dir} HOME=/tmp "
     f"{os.path.realpath(sys.executable)} -c {shlex.quote(code)}"
   )
   proc = subprocess.run(
