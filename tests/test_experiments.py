@@ -291,16 +291,8 @@ def test_every_runs_command_passes_validation(expert, tmp_path):
   cmp.warmup = lambda seed: str(tmp_path / f"warmup_seed{seed}")
   for method in [*arith_comparison.METHODS, *arith_comparison.VARIANTS]:
     _, _, cmd = cmp.command(method, 0, 1e-4)
-    config = load_config("arith", arith_comparison.PRESETS[expert])
-    for flag in cmd:
-      if flag.startswith("--config.") and not flag.startswith("--config.model.init_from="):
-        key, value = flag.removeprefix("--config.").split("=", 1)
-        try:
-          value = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-          pass  # a string: "self", "oracle", "any"
-        config.update_from_flattened_dict({key: value})
-    validate.config(config, devices=1, processes=1)
+    flags = [f for f in cmd if f.startswith("--config.") and not f.startswith("--config.model.init_from=")]
+    validate.config(_with_flags(load_config("arith", arith_comparison.PRESETS[expert]), flags), devices=1, processes=1)
 
 
 def test_a_variant_may_regroup_the_responses_but_not_add_any(monkeypatch):
@@ -318,13 +310,21 @@ def test_gradient_part_statistics_by_hand():
 # -- The scripts end to end on tiny settings ---------------------------------------------------------------------------
 
 
-def _smoke_config(preset):
-  config = load_config("arith", preset)
-  for flag in arith_comparison.SMOKE:
+def _with_flags(config, flags):
+  """`config` with `--config.a.b=value` flags applied as the command line applies them (a value that is not a
+  Python literal is a string: "self", "oracle", "any")."""
+  for flag in flags:
     key, value = flag.removeprefix("--config.").split("=", 1)
-    section, field = key.split(".")
-    config[section][field] = ast.literal_eval(value)
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass
+    config.update_from_flattened_dict({key: value})
   return config
+
+
+def _smoke_config(preset):
+  return _with_flags(load_config("arith", preset), arith_comparison.SMOKE)
 
 
 def test_scripts_smoke_privileged_feedback(tmp_path, monkeypatch):
