@@ -30,7 +30,10 @@ def get_config() -> ml_collections.ConfigDict:
     include_prompt=True,  # code
     max_record_bytes=1 << 20,  # data files: a longer line is refused at load (with its file and line)
   )
-  c.tokenizer = dict(path="", vocab_size=256, model_type="char", split_digits=True, add_bos=False)
+  # chat_template: "auto" (the checkpoint's own, if it has one), "none", or a .jinja path; add_bos applies without one
+  c.tokenizer = dict(
+    path="", vocab_size=256, model_type="char", split_digits=True, add_bos=False, chat_template="auto", system_prompt=""
+  )
 
   c.model = dict(
     hf_path="",

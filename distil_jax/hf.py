@@ -219,3 +219,12 @@ def save_hf(
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(config_to_hf(config, dtype), f, indent=2)
+
+
+def save_generation_config(path: str, *, bos_id: int | None, stop_ids, pad_id: int | None) -> None:
+  """`generation_config.json` with every id that ends a response, so `generate` on the folder stops where our
+  sampler does (transformers reads `eos_token_id` as an int or a list)."""
+  stops = [int(i) for i in stop_ids]
+  config = {"bos_token_id": bos_id, "eos_token_id": stops[0] if len(stops) == 1 else stops, "pad_token_id": pad_id}
+  with open(os.path.join(path, "generation_config.json"), "w") as f:
+    json.dump(config, f, indent=2)

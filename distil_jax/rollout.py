@@ -84,6 +84,7 @@ def sampling_config(config, tok) -> sampler.SamplingConfig:
     top_k=s.top_k,
     top_p=s.top_p,
     eos_id=tok.eos_id,
+    stop_ids=tok.stop_ids,
     pad_id=tok.pad_id,
     vocab_limit=tok.vocab_size,
   )

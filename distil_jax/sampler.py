@@ -47,6 +47,7 @@ class SamplingConfig:
   top_p: float = 1.0  # 1.0: off
   greedy: bool = False
   eos_id: int | None = None
+  stop_ids: tuple[int, ...] = ()  # more ids that end a row, as EOS does (generation_config.json, end of turn)
   pad_id: int = 0
   vocab_limit: int | None = None  # ids >= this are never sampled (model rows past the tokenizer: padding)
   cache_segments: int = 4  # while loops over growing response caches: more read fewer empty slots, compile more
@@ -195,7 +196,8 @@ def _generate(graphdef, params, prompt_BpxP, prompt_mask_BpxP, rng, temperature,
   logits = sharding.constrain(jnp.repeat(logits_BpxV, samples_per_prompt, axis=0), ("batch", "vocab"))
   start = jnp.repeat(jnp.sum(prompt_mask_BpxP, axis=1, dtype=jnp.int32), samples_per_prompt)
   ends = segment_ends(cfg.max_new_tokens, cfg.cache_segments, cfg.check_every)
-  eos = -1 if cfg.eos_id is None else cfg.eos_id
+  stops = jnp.asarray(sorted({*cfg.stop_ids} | ({cfg.eos_id} if cfg.eos_id is not None else set())) or [-1])
+  is_stop = lambda t: jnp.any(t[..., None] == stops, axis=-1)
 
   def one_step(state: _State) -> _State:
     rng, sub = jax.random.split(state.rng)
@@ -205,7 +207,7 @@ def _generate(graphdef, params, prompt_BpxP, prompt_mask_BpxP, rng, temperature,
     tokens = jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, state.step))
     logprobs = jax.lax.dynamic_update_slice(state.logprobs, logprob[:, None], (0, state.step))
     logits, cache = decode.step(weights, model_cfg, state.cache, token, start + state.step, state.step)
-    return _State(state.step + 1, cache, logits, state.done | (token == eos), tokens, logprobs, rng)
+    return _State(state.step + 1, cache, logits, state.done | is_stop(token), tokens, logprobs, rng)
 
   def block(state: _State) -> _State:
     return jax.lax.fori_loop(0, cfg.check_every, lambda _, s: one_step(s), state)
@@ -219,7 +221,7 @@ def _generate(graphdef, params, prompt_BpxP, prompt_mask_BpxP, rng, temperature,
     state = jax.lax.while_loop(lambda s, end=end: (s.step < end) & ~jnp.all(s.done), block, state)
   n = cfg.max_new_tokens
   tokens, logprobs = state.tokens[:, :n], state.logprobs[:, :n]
-  is_eos = tokens == eos
+  is_eos = is_stop(tokens)
   lengths = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1, n).astype(jnp.int32)
   rows_spec = lambda x: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
   return Generation(rows_spec(tokens), rows_spec(logprobs), rows_spec(lengths), state.step)
@@ -231,7 +233,7 @@ def generate(
   """Sample up to `cfg.max_new_tokens` tokens for each of `samples_per_prompt` responses to each prompt row.
 
   `params` may be the float32 masters: they are cast to the model's compute dtype once, inside the call. Rows stop
-  at EOS (kept) and are padded after. Output row b * samples_per_prompt + g is response g to prompt row b.
+  at EOS or any of `cfg.stop_ids` (kept) and are padded after. Output row b * samples_per_prompt + g is response g to prompt row b.
   """
   if cfg.max_new_tokens < 1 or samples_per_prompt < 1 or cfg.check_every < 1 or cfg.cache_segments < 1:
     raise ValueError(

@@ -15,16 +15,20 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 
+from distil_jax import chat as chat_lib
 from distil_jax.errors import InputError
 
 
 class Tokenizer:
-  """What the rest of the library needs from a tokenizer."""
+  """What the rest of the library needs from a tokenizer, and how a prompt becomes ids (`chat`: the checkpoint's
+  chat template, or None for raw text)."""
 
   vocab_size: int
   pad_id: int
   eos_id: int
   bos_id: int | None
+  chat: chat_lib.ChatTemplate | None = None
+  extra_stop_ids: tuple[int, ...] = ()  # generation_config.json's other EOS ids
 
   def encode(self, text: str) -> list[int]:
     raise NotImplementedError
@@ -46,16 +50,40 @@ class Tokenizer:
     digest = hashlib.sha256("\x00".join(self.surfaces).encode()).hexdigest()[:16]
     return f"{self.vocab_size}:{digest}"
 
+  def prompt_text(self, text: str, add_bos: bool) -> str:
+    """The text a prompt row holds, special tokens included: the chat template's one user turn and assistant header,
+    else `text` after the BOS piece (config `tokenizer.add_bos`)."""
+    if self.chat is not None:
+      return self.chat.prompt(text)
+    return (self._bos_piece() if add_bos and self.bos_id is not None else "") + text
+
   def prompt_ids(self, text: str, add_bos: bool) -> list[int]:
-    """The ids of a prompt row, the student's or a teacher's re-prompt: the one place BOS is added, so that the
-    expert reads the same format as the student (config `tokenizer.add_bos`)."""
+    """The ids of a prompt row, the student's or a teacher's re-prompt: the one place the template is applied and
+    BOS added, so that the expert reads the same format as the student. A template owns its special tokens: no
+    BOS is added to it."""
+    if self.chat is not None:
+      return self.encode(self.chat.prompt(text))
     return ([self.bos_id] if add_bos and self.bos_id is not None else []) + self.encode(text)
 
+  def _bos_piece(self) -> str:
+    return ""
+
+  @functools.cached_property
+  def stop_ids(self) -> tuple[int, ...]:
+    """Every id that ends a response: EOS, generation_config.json's other EOS ids, and the special token the chat
+    template writes after an assistant's text (Llama-3 Instruct: <|eot_id|> beside <|end_of_text|>)."""
+    ids = {self.eos_id, *self.extra_stop_ids}
+    if self.chat is not None:
+      end = self.encode(self.chat.end_of_turn())
+      if end and self._surface(end[0]) == "":  # a special token, not text such as a newline
+        ids.add(end[0])
+    return tuple(sorted(i for i in ids if 0 <= i < self.vocab_size))
+
   def text_of(self, ids: Sequence[int]) -> str:
-    """Text of a sampled response: the surfaces concatenated, stopping at EOS."""
-    out = []
+    """Text of a sampled response: the surfaces concatenated, stopping at the first stop id."""
+    stops, out = set(self.stop_ids), []
     for i in ids:
-      if i == self.eos_id:
+      if i in stops:
         break
       out.append(self.surfaces[i])
     return "".join(out)
@@ -88,6 +116,9 @@ class SentencePieceTokenizer(Tokenizer):
 
   def decode(self, ids: Sequence[int]) -> str:
     return self._sp.decode([int(i) for i in ids])
+
+  def _bos_piece(self) -> str:
+    return self._sp.id_to_piece(self.bos_id)
 
   def _surface(self, i: int) -> str:
     if self._sp.is_control(i) or self._sp.is_unknown(i):
@@ -153,6 +184,7 @@ class HFTokenizer(Tokenizer):
     self.bos_id = token_id("bos_token")
     pad = token_id("pad_token")
     self.pad_id = eos if pad is None else pad
+    self.extra_stop_ids = _config_eos_ids(folder)
 
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids
@@ -160,12 +192,44 @@ class HFTokenizer(Tokenizer):
   def decode(self, ids: Sequence[int]) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
+  def _bos_piece(self) -> str:
+    return self._tok.id_to_token(self.bos_id)
+
   def _surface(self, i: int) -> str:
     return self._tok.decode([i], skip_special_tokens=True)
 
 
-def load_tokenizer(path: str) -> Tokenizer:
-  """A `.model` file (SentencePiece) or a folder / file with `tokenizer.json` (Hugging Face)."""
+def _config_eos_ids(folder: str) -> tuple[int, ...]:
+  """The EOS ids of generation_config.json and config.json (an int or a list: Llama-3 Instruct lists three)."""
+  ids = []
+  for name in ("generation_config.json", "config.json"):
+    path = os.path.join(folder, name)
+    if os.path.exists(path):
+      with open(path) as f:
+        eos = json.load(f).get("eos_token_id")
+      ids += [eos] if isinstance(eos, int) else [i for i in eos or [] if isinstance(i, int)]
+  return tuple(ids)
+
+
+def load_tokenizer(path: str, chat_template: str = "auto", system_prompt: str = "") -> Tokenizer:
+  """A `.model` file (SentencePiece) or a folder / file with `tokenizer.json` (Hugging Face), with the chat
+  template `chat_template` names (`chat.load`: "auto" is the checkpoint's own, if it has one)."""
+  tok = _load(path)
+  folder = path if os.path.isdir(path) else os.path.dirname(path)
+  return with_chat(tok, chat_template, folder, system_prompt)
+
+
+def with_chat(tok: Tokenizer, chat_template: str, folder: str | None, system_prompt: str = "") -> Tokenizer:
+  """`tok` with the chat template that config `tokenizer.chat_template` names (tokenizers trained here have none
+  of their own; a path applies to any tokenizer)."""
+  tok.chat = chat_lib.load(chat_template, folder, system_prompt)
+  if tok.chat is None and system_prompt:
+    raise InputError("tokenizer.system_prompt is set but there is no chat template to put it in")
+  tok.__dict__.pop("stop_ids", None)  # the template's end-of-turn token is one
+  return tok
+
+
+def _load(path: str) -> Tokenizer:
   if path.endswith(".model"):
     return SentencePieceTokenizer.from_file(path)
   if (

@@ -32,15 +32,15 @@ from distil_jax.errors import CheckpointError, ConfigError, InputError
 
 def make_tokenizer(config, task, workdir: str, *, save: bool = True) -> tok_lib.Tokenizer:
   """The configured tokenizer, the checkpoint's, or one trained on the task's text (saved in the workdir unless
-  `save` is False: `keep_tokenizer` does it once the run's input has been checked)."""
-  if config.tokenizer.path:
-    return tok_lib.load_tokenizer(config.tokenizer.path)
-  if config.model.hf_path:
-    return tok_lib.load_tokenizer(config.model.hf_path)
+  `save` is False: `keep_tokenizer` does it once the run's input has been checked), with its chat template
+  (`tokenizer.chat_template`)."""
+  t = config.tokenizer
+  if t.path or config.model.hf_path:
+    return tok_lib.load_tokenizer(t.path or config.model.hf_path, t.chat_template, t.system_prompt)
   saved = os.path.join(workdir, "tokenizer.model")
   if os.path.exists(saved):
-    return tok_lib.SentencePieceTokenizer.from_file(saved)
-  if config.model.init_from:  # the run this one starts from trained it; keep a copy so the workdir stands alone
+    tok = tok_lib.SentencePieceTokenizer.from_file(saved)
+  elif config.model.init_from:  # the run this one starts from trained it; keep a copy so the workdir stands alone
     tok = tok_lib.SentencePieceTokenizer.from_file(os.path.join(config.model.init_from, "tokenizer.model"))
   else:
     extra = [config.expert.reprompt.format(prompt="", feedback=experts.SIBLING)]
@@ -52,7 +52,7 @@ def make_tokenizer(config, task, workdir: str, *, save: bool = True) -> tok_lib.
     )
   if save:
     keep_tokenizer(config, tok, workdir)
-  return tok
+  return tok_lib.with_chat(tok, t.chat_template, None, t.system_prompt)
 
 
 def keep_tokenizer(config, tok, workdir: str) -> None:
@@ -466,10 +466,15 @@ def export(config, workdir: str, export_dir: str) -> str:
   params, _ = run.restore_params()
   model = nnx.merge(run.graphdef, params)
   if jax.process_index() == 0:
+    tok = run.tok
     hf.save_hf(model, run.model_cfg, export_dir, dtype=config.export.dtype)
-    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+    hf.save_generation_config(export_dir, bos_id=tok.bos_id, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
       for folder in (workdir, config.model.hf_path, config.tokenizer.path):
         if folder and os.path.isdir(folder) and os.path.exists(os.path.join(folder, name)):
           shutil.copy(os.path.join(folder, name), export_dir)
           break
+    if tok.chat is not None:  # the template the run trained with, where transformers 5 reads it
+      with open(os.path.join(export_dir, "chat_template.jinja"), "w") as f:
+        f.write(tok.chat.source)
   return export_dir
