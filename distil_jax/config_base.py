@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     max_value=60,
     ops="+-*",  # arithmetic chains (arith, generated math)
     prompt_template="{question}\n",  # math / science records
+    answer_formats=("boxed", "####", "the answer is", "answer:"),  # math: the forms a final answer is read in
     timeout_s=5.0,
     memory_mb=512,
     include_prompt=True,  # code
@@ -110,7 +111,10 @@ def get_config() -> ml_collections.ConfigDict:
   # tokenwise_fce, sft), 0 for the on-policy ones (grpo, reverse_kl, jsd); see train.buffer_mix.
   c.buffer = dict(mix=ml_collections.config_dict.placeholder(float), max_groups=4096)
   # split: "eval" (every held-out prompt), or its disjoint halves "validation" / "test" (evaluate.held_out)
-  c.eval = dict(every=10, num_prompts=64, samples=8, pass_at=(1, 8), temperature=1.0, greedy=True, split="eval")
+  # log_samples: responses per prompt written to workdir/samples.jsonl at each evaluation (0: none)
+  c.eval = dict(
+    every=10, num_prompts=64, samples=8, pass_at=(1, 8), temperature=1.0, greedy=True, split="eval", log_samples=2
+  )
   c.checkpoint = dict(every=10, keep=2)
   c.log = dict(progress=True, tensorboard=True)
   c.export = dict(dtype="bfloat16")

@@ -57,8 +57,28 @@ def held_out(task, split: str) -> list:
   return [p for p in problems if in_test_split(p.prompt) == (split == "test")]
 
 
-def evaluate_policy(graphdef, params, rng, *, config, tok, task, mesh) -> dict[str, float]:
-  """Pass@k on the held-out prompts (this process's share), and greedy accuracy."""
+def sample_rows(r, per_prompt: int, *, tok, add_bos: bool) -> list[dict]:
+  """The first `per_prompt` responses to each prompt as a user reads them: the question, the rendered prompt the
+  model saw (special tokens included), the response, the expected answer and the verdict."""
+  rows = []
+  for problem, texts, verdicts in zip(r.problems, r.texts, r.verdicts, strict=True):
+    for text, verdict in list(zip(texts, verdicts, strict=True))[:per_prompt]:
+      rows.append(
+        {
+          "question": problem.prompt,
+          "prompt": tok.prompt_text(problem.prompt, add_bos),
+          "response": text,
+          "answer": problem.answer,
+          "correct": verdict.correct,
+          "feedback": verdict.feedback,
+        }
+      )
+  return rows
+
+
+def evaluate_policy(graphdef, params, rng, *, config, tok, task, mesh, samples=None) -> dict[str, float]:
+  """Pass@k on the held-out prompts (this process's share), and greedy accuracy. `samples`, a list, receives
+  `eval.log_samples` rows per prompt of this process (`sample_rows`)."""
   e = config.eval
   prompts = held_out(task, e.split)
   if e.split != "eval" and len(prompts) < e.num_prompts:  # a protocol's split must be the size it says
@@ -73,6 +93,8 @@ def evaluate_policy(graphdef, params, rng, *, config, tok, task, mesh) -> dict[s
   )
   r = sample(samples_per_prompt=e.samples, sampling_cfg=dataclasses.replace(base, temperature=e.temperature))
   correct = [[v.correct for v in row] for row in r.verdicts]
+  if samples is not None:
+    samples += sample_rows(r, e.log_samples, tok=tok, add_bos=config.tokenizer.add_bos)
   out = {f"eval/{k}": v for k, v in summarize(correct, e.pass_at).items()}
   if e.greedy:
     r = sample(samples_per_prompt=1, sampling_cfg=dataclasses.replace(base, greedy=True))

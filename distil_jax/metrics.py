@@ -1,5 +1,5 @@
-"""Where figures and log lines go: `workdir/metrics.jsonl` (one JSON object per line), TensorBoard, a progress bar on
-the console, and the log file.
+"""Where figures and log lines go: `workdir/metrics.jsonl` (one JSON object per line), `workdir/samples.jsonl` (what
+the model wrote at each evaluation), TensorBoard, a progress bar on the console, and the log file.
 
 Every line carries its `iteration`. On resume the file is cut back to the checkpoint's iteration before the run
 replays, so the file of an interrupted-and-resumed run equals that of an uninterrupted one (wall-clock figures,
@@ -46,11 +46,14 @@ class MetricsWriter:
   ):
     """`enabled=False` (every process but the first on a multi-host run) makes every method a no-op."""
     self.path = os.path.join(workdir, "metrics.jsonl")
-    self._file, self._tb, self._bar = None, None, None
+    self.samples_path = os.path.join(workdir, "samples.jsonl")
+    self._file, self._samples, self._tb, self._bar = None, None, None, None
     if not enabled:
       return
-    self._truncate(resume_iteration)
+    for path in (self.path, self.samples_path):
+      _truncate(path, resume_iteration)
     self._file = open(self.path, "a")
+    self._samples = open(self.samples_path, "a")
     if tensorboard:
       # events a killed run wrote past the checkpoint it resumes from are dropped, as in the JSONL file
       purge = None if resume_iteration is None else resume_iteration + 1
@@ -59,18 +62,6 @@ class MetricsWriter:
       from tqdm import tqdm
 
       self._bar = tqdm(total=progress_total, initial=resume_iteration or 0, unit="it", dynamic_ncols=True)
-
-  def _truncate(self, iteration):
-    if not os.path.exists(self.path):
-      return
-    if iteration is None:
-      os.remove(self.path)
-      return
-    with open(self.path) as f:
-      keep = [line for line in f if line.strip() and json.loads(line)["iteration"] <= iteration]
-    with open(self.path + ".tmp", "w") as f:
-      f.writelines(keep)
-    os.replace(self.path + ".tmp", self.path)
 
   def write(self, iteration: int, figures: dict) -> None:
     if self._file is None:
@@ -82,14 +73,30 @@ class MetricsWriter:
       numbers = {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
       self._tb.scalars(iteration, {k: v for k, v in numbers.items() if k != "iteration"})
 
+  def write_samples(self, iteration: int, rows: list[dict]) -> None:
+    """What the model wrote at an evaluation: one JSON line per response in `samples.jsonl`, and a TensorBoard
+    text summary (a table of the rows)."""
+    if self._samples is None or not rows:
+      return
+    for row in rows:
+      self._samples.write(json.dumps({"iteration": iteration, **row}, ensure_ascii=False) + "\n")
+    self._samples.flush()
+    if self._tb is not None:
+      cell = lambda v: str(v).replace("|", "\\|").replace("\n", "<br>")
+      keys = [k for k in rows[0] if k != "prompt"]
+      table = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+      table += ["| " + " | ".join(cell(r[k]) for k in keys) + " |" for r in rows]
+      self._tb.text(iteration, "eval/samples", "\n".join(table))
+
   def progress(self, iteration: int, shown: dict) -> None:
     if self._bar is not None:
       self._bar.n = iteration
       self._bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items() if v is not None}, refresh=True)
 
   def close(self) -> None:
-    if self._file is not None:
-      self._file.close()
+    for f in (self._file, self._samples):
+      if f is not None:
+        f.close()
     if self._tb is not None:
       self._tb.close()
     if self._bar is not None:
@@ -120,8 +127,28 @@ class _Events:
       self._writer.write_event(self._pb.Event(step=step, wall_time=time.time(), summary=scalar(tag, value)))
     self._writer.flush()
 
+  def text(self, step: int, tag: str, text: str) -> None:
+    from tensorboardX.summary import text as text_summary
+
+    self._writer.write_event(self._pb.Event(step=step, wall_time=time.time(), summary=text_summary(tag, text)))
+    self._writer.flush()
+
   def close(self) -> None:
     self._writer.close()
+
+
+def _truncate(path: str, iteration: int | None) -> None:
+  """An append-only log of a resumed run cut back to the checkpoint's iteration (removed for a fresh run)."""
+  if not os.path.exists(path):
+    return
+  if iteration is None:
+    os.remove(path)
+    return
+  with open(path) as f:
+    keep = [line for line in f if line.strip() and json.loads(line)["iteration"] <= iteration]
+  with open(path + ".tmp", "w") as f:
+    f.writelines(keep)
+  os.replace(path + ".tmp", path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -355,8 +355,10 @@ def train(config, workdir: str) -> dict:
           state = update.init_state(tx, params, mesh, ema=_ema(c), ref=reference)
           figures.update(warm, **{"time/warmup_s": time.time() - t0})
         t1 = time.time()
-        last = eval_fn(run.graphdef, state["params"], jax.random.fold_in(eval_keys, 0))
+        shown = []
+        last = eval_fn(run.graphdef, state["params"], jax.random.fold_in(eval_keys, 0), samples=shown)
         writer.write(0, {**figures, **last, "samples/train_tokens": 0, "time/eval_s": time.time() - t1})
+        writer.write_samples(0, shown)
         if c.train.iterations == 0:  # a warm-up-only run (e.g. a shared start for model.init_from)
           ckpt.save(0, state, _meta(c, 0, 0, 0))
       for it in range(start + 1, c.train.iterations + 1):
@@ -418,9 +420,10 @@ def train(config, workdir: str) -> dict:
         )
         # -- Evaluation and checkpoint ----------------------------------------------------------------------------
         if it % c.eval.every == 0 or it == c.train.iterations:
-          t4 = time.time()
-          figures.update(eval_fn(run.graphdef, state["params"], jax.random.fold_in(eval_keys, it)))
+          t4, shown = time.time(), []
+          figures.update(eval_fn(run.graphdef, state["params"], jax.random.fold_in(eval_keys, it), samples=shown))
           figures["time/eval_s"] = time.time() - t4
+          writer.write_samples(it, shown)
         # The figures of iteration `it` are on disk before its checkpoint can commit: a resume never lacks them.
         figures["time/iteration_s"] = time.time() - t0
         writer.write(it, figures)

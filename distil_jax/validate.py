@@ -164,6 +164,10 @@ def _model_checks(ch: _Checks, mode: str) -> None:
   ch.enum("tokenizer.model_type", TOKENIZER_TYPES)
   ch.flag("tokenizer.split_digits")
   ch.flag("tokenizer.add_bos")
+  if ch.has("tokenizer.chat_template"):
+    choice = ch.value("tokenizer.chat_template")
+    if not isinstance(choice, str) or (choice not in ("auto", "none") and not os.path.isfile(choice)):
+      ch.fail("tokenizer.chat_template", "must be 'auto', 'none' or the path of a Jinja file")
   ch.enum("model.dtype", COMPUTE_DTYPES)
   ch.enum("model.remat", tuple(model_lib.REMAT_POLICIES))
   ch.enum("model.attention", attention.IMPLEMENTATIONS)
@@ -369,6 +373,7 @@ def _train_checks(ch: _Checks, mode: str, rows: int, processes: int) -> None:
   ch.count("eval.every")
   ch.number("eval.temperature", lo=0, lo_open=True)
   ch.flag("eval.greedy")
+  ch.number("eval.log_samples", integer=True, lo=0)
   eval_ok = ch.count("eval.num_prompts") and ch.count("eval.samples")
   if eval_ok and ch.has("eval.pass_at"):
     ks, n = ch.value("eval.pass_at"), ch.value("eval.samples")
@@ -403,13 +408,12 @@ def prompts(task, tok, cfg) -> None:
   """
   s = cfg.sampling
   limit = min(max(s.prompt_buckets), s.max_prompt_tokens)
-  bos = 1 if cfg.tokenizer.add_bos and tok.bos_id is not None else 0
   for split in ("train", "eval"):
     problems = task.problems(split)
     n = len(problems) if isinstance(problems, list | tuple) else min(len(problems), 2000)
     for i in range(n):
       p = problems[i]
-      length = bos + len(tok.encode(p.prompt))
+      length = len(tok.prompt_ids(p.prompt, cfg.tokenizer.add_bos))
       if length > limit:
         where = getattr(p, "source", "") or f"task {task.name!r}, {split} problem {i}"
         raise DataError(

@@ -144,9 +144,15 @@ class ChainOracle:
     return step[len(current) :] + " " + _plan(result, remaining[1:], self.fmt)
 
 
-def verify(chain: Chain, fmt: AnswerFormat, response: str) -> Verdict:
-  """Correct iff the last written answer is the chain's value; the feedback is a step-by-step trace."""
-  answer = fmt.read(response)
+def has_steps(response: str) -> bool:
+  """Whether a response writes at least one step in the solution's format ("7+5=12")."""
+  return any(_STEP.fullmatch(p) for p in response.split(" "))
+
+
+def verify(chain: Chain, fmt: AnswerFormat, response: str, read=None) -> Verdict:
+  """Correct iff the last written answer (`fmt.read`, or `read`) is the chain's value; the feedback is a
+  step-by-step trace."""
+  answer = (read or fmt.read)(response)
   parts = [p for p in response.split(" ") if p]
   lines = [f"'{p}' is not a step" for p in parts if not _STEP.fullmatch(p) and fmt.read(p) is None]
   steps = _steps(parts, len(chain.ops))

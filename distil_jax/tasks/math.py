@@ -1,12 +1,16 @@
 """Math word problems: a JSONL file of {"question", "answer", "solution"?}, or generated ones for CPU runs.
 
-Answers are read from the last `\\boxed{...}` or "Answer: ..." in the response and compared by value (integers,
-decimals, fractions, simple LaTeX and expressions, via sympy). Feedback is the verdict, plus the reference solution
-when the record has one. Generated problems are arithmetic chains told as stories; they come with the chain oracle.
+Answers are read in the forms instruct models write (`\\boxed{21}`, "#### 21", "The answer is 21", "Answer: 21"; the
+last one written wins, `task.answer_formats` chooses the forms) and compared by value (integers, decimals,
+fractions, simple LaTeX and expressions, via sympy). Feedback is the verdict, plus the reference solution when the
+record has one. Generated problems are arithmetic chains told as stories; they come with the chain oracle, and a
+response is graded by its final answer, so a pretrained model that writes prose is scored too; one written in the
+oracle's step format also gets the step-by-step trace as feedback.
 """
 
 from __future__ import annotations
 
+import fractions
 import functools
 import re
 
@@ -14,6 +18,7 @@ import numpy as np
 import sympy
 from sympy.parsing.sympy_parser import parse_expr, standard_transformations
 
+from distil_jax.errors import ConfigError
 from distil_jax.tasks import chain as chain_lib
 from distil_jax.tasks.arith import ChainProblems, _LazyList
 from distil_jax.tasks.base import MAX_RECORD_BYTES as MAX_BYTES
@@ -26,18 +31,51 @@ _PHRASES = {"+": ("gets {a} more", "finds {a} more"), "-": ("loses {a}", "gives 
 _MULT = {2: "doubles them", 3: "triples them"}
 
 
-def extract_answer(response: str) -> str | None:
-  """The last \\boxed{...} (balanced braces) or, failing that, the text after the last 'Answer:'."""
-  starts = [m.end() for m in re.finditer(r"\\boxed\{", response)]
-  if starts:
-    i, depth = starts[-1], 1
-    for j in range(i, len(response)):
+FORMATS = ("boxed", "####", "the answer is", "answer:")  # task.answer_formats: every one a response may use
+_CUES = {  # the text after which each format's answer starts (\\boxed's ends at its balanced brace)
+  "####": re.compile(r"####"),
+  "the answer is": re.compile(r"the (?:final )?answer is:?", re.IGNORECASE),
+  "answer:": re.compile(r"answer\s*:", re.IGNORECASE),
+}
+_LEADING_NUMBER = re.compile(r"[$\s]*(?P<n>[-+]?\d[\d,]*(?:\.\d+)?(?:/\d+)?)(?![\d.,/]*\w)")
+_PLAIN = re.compile(r"[-+]?\d+(?:\.\d+)?")
+
+
+def _boxed(response: str):
+  """(start, text) of every \\boxed{...} with balanced braces."""
+  for m in re.finditer(r"\\boxed\{", response):
+    depth = 1
+    for j in range(m.end(), len(response)):
       depth += {"{": 1, "}": -1}.get(response[j], 0)
       if depth == 0:
-        return response[i:j].strip()
-    return None
-  m = list(re.finditer(r"Answer:\s*(.+)", response))
-  return m[-1][1].strip().rstrip(".") if m else None
+        yield m.end(), response[m.end() : j].strip()
+        break
+
+
+def _after_cue(text: str) -> str:
+  """The answer written after a cue such as 'The answer is': a leading number if it starts with one ('25 coins.'
+  is 25), else the rest of its line up to the sentence's end, without markdown bold or dollar signs."""
+  text = text.lstrip(" *\t")
+  m = _LEADING_NUMBER.match(text)
+  if m:
+    return m["n"].replace(",", "") if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+", m["n"]) else m["n"]
+  line = re.split(r"\n|\.(?:\s|$)", text, maxsplit=1)[0]
+  return line.strip().strip("*").strip().strip("$").strip()
+
+
+def extract_answer(response: str, formats=FORMATS) -> str | None:
+  """The final answer: of every answer the response writes in one of `formats` (`\\boxed{}`, '#### 21',
+  'The answer is 21', 'Answer: 21'), the one that starts last; None when there is none."""
+  found = []
+  for fmt in formats:
+    if fmt == "boxed":
+      found += list(_boxed(response))
+    elif fmt in _CUES:
+      found += [(m.end(), _after_cue(response[m.end() :])) for m in _CUES[fmt].finditer(response)]
+    else:
+      raise ValueError(f"task.answer_formats: {fmt!r} is not one of {FORMATS}")
+  found = [(start, text) for start, text in found if text]
+  return max(found)[1] if found else None
 
 
 def _to_sympy(text: str):
@@ -50,9 +88,11 @@ def _to_sympy(text: str):
 
 
 def equivalent(a: str, b: str) -> bool:
-  """Same value: exact string match, else sympy says a - b simplifies to 0."""
+  """Same value: exact string match, equal plain numbers, else sympy says a - b simplifies to 0."""
   if a.strip() == b.strip():
     return True
+  if _PLAIN.fullmatch(a.strip()) and _PLAIN.fullmatch(b.strip()):  # the common case, without sympy
+    return fractions.Fraction(a.strip()) == fractions.Fraction(b.strip())
   try:
     return bool(sympy.simplify(_to_sympy(a) - _to_sympy(b)) == 0)
   except Exception:  # unparsable answers are simply not equivalent
@@ -64,6 +104,9 @@ class MathTask:
 
   def __init__(self, cfg):
     self.cfg = cfg
+    unknown = [f for f in cfg.get("answer_formats", FORMATS) if f not in FORMATS]
+    if unknown:
+      raise ConfigError(f"task.answer_formats: {unknown} not among {FORMATS}")
     if cfg.train_path:
       records = read_jsonl(
         cfg.train_path, ["question", "answer"], {"question": str}, max_bytes=cfg.get("max_record_bytes", MAX_BYTES)
@@ -101,10 +144,20 @@ class MathTask:
       return self._generated.eval
     return _LazyList(self.cfg.train_size, self._generated.train)
 
+  def _answer(self, response: str) -> str | None:
+    return extract_answer(response, tuple(self.cfg.get("answer_formats", FORMATS)))
+
   def verify(self, problem: Problem, response: str) -> Verdict:
-    if problem.meta is not None:  # generated: the chain's step-by-step trace
-      return chain_lib.verify(problem.meta, FORMAT, response)
-    answer = extract_answer(response)
+    if problem.meta is not None:  # generated: graded by the final answer, with the chain's trace as feedback
+      answer = self._answer(response)
+      value = problem.meta.answer
+      read = lambda _: value if answer is not None and equivalent(answer, str(value)) else answer
+      if chain_lib.has_steps(response):
+        return chain_lib.verify(problem.meta, FORMAT, response, read=read)
+      correct = read(response) == value
+      wrong = "no final answer" if answer is None else f"answer {answer} is wrong"
+      return Verdict(correct, "correct" if correct else wrong)
+    answer = self._answer(response)
     correct = answer is not None and equivalent(answer, problem.answer)
     feedback = "correct" if correct else ("no final answer" if answer is None else f"answer {answer} is wrong")
     if problem.reference and not correct:
