@@ -24,7 +24,9 @@ def get_config(arg: str | None = None):
   )
   c.eval.update(every=20, num_prompts=128, samples=8)
   c.checkpoint.every = 20
-  if arg == "runlocal":
+  if arg == "smollm2":  # a real instruct checkpoint post-trained on this CPU (README: "A real model")
+    smollm2(c)
+  elif arg == "runlocal":
     config_base.runlocal(c)
   elif arg == "real":  # a pretrained checkpoint and a data file; sizes for one 8-chip host
     config_base.real(c)
@@ -38,4 +40,40 @@ def get_config(arg: str | None = None):
     c.train.update(iterations=500, prompts_per_iteration=64, group_size=8, updates_per_iteration=2, batch_groups=32)
     c.eval.update(every=25, num_prompts=500, samples=8)
     c.checkpoint.every = 25
+  return c
+
+
+SMOLLM2 = "~/.cache/distil_jax/SmolLM2-135M-Instruct"  # `python -m experiments.smollm2` writes it there
+
+
+def smollm2(c):
+  """DistIL with the self expert (sibling feedback) on SmolLM2-135M-Instruct, through its chat template, on the
+  generated word problems, sized for two CPU cores: float32 (XLA:CPU has no bf16 x bf16 = f32 dot), each layer
+  recomputed in the backward pass (XLA:CPU attention materialises its scores: kept for 30 layers they dominate
+  memory), rows only as wide as what they hold (a 64-token prompt, a 96-token response, a re-prompt of both), a
+  checkpoint every iteration (one takes minutes)."""
+  import os
+
+  c.model.update(hf_path=os.path.expanduser(SMOLLM2), dtype="float32", remat="full")
+  c.task.update(
+    min_ops=1, max_ops=1, prompt_template="{question}\nPut the final answer in \\boxed{{}}.", eval_size=128
+  )
+  c.tokenizer.chat_template = "auto"
+  # T = 0.7 for the sampler and the teacher alike: at T = 1 this small model writes noise after a few sentences, and a
+  # self teacher scored at another temperature than the student's is not the student re-prompted
+  c.sampling.update(max_prompt_tokens=64, prompt_buckets=(64,), max_new_tokens=96, temperature=0.7)
+  c.loss.teacher_temperature = 0.7
+  c.expert.update(
+    kind="self",
+    feedback="sibling",
+    max_prompt_tokens=192,
+    reprompt="{prompt}\n\n{feedback}\nUse it to write your own solution.",
+  )
+  c.loss.kind = "distil"
+  c.optim.update(lr=1e-5, lr_warmup_steps=2, weight_decay=0.0)
+  c.train.update(
+    iterations=10, warmup_steps=0, prompts_per_iteration=8, group_size=8, updates_per_iteration=2, batch_groups=2
+  )
+  c.eval.update(every=5, num_prompts=32, samples=4, pass_at=(1, 4), temperature=0.7, log_samples=1)
+  c.checkpoint.every = 1
   return c

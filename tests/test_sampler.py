@@ -3,6 +3,7 @@ bf16), transformers' greedy `generate`, the policy's log-probs recomputed by the
 shared prefill against independent prompts; and the compiled decode loop (no all-gather on an fsdp mesh, no
 transposed cache, no weight cast inside it)."""
 
+import dataclasses
 import functools
 
 import jax
@@ -234,3 +235,28 @@ def test_prompt_bucketing():
   tokens, mask = sampler.left_pad([[1, 2, 3], [4]], buckets=[2, 4])
   np.testing.assert_array_equal(tokens, [[0, 1, 2, 3], [0, 0, 0, 4]])
   np.testing.assert_array_equal(mask, [[0, 1, 1, 1], [0, 0, 0, 1]])
+
+
+def test_every_stop_id_ends_a_row_as_eos_does():
+  """With a second stop id (an end-of-turn token beside EOS), each row is the EOS-only run's row under the same key,
+  cut after the first of either id, then padded: one more stop changes where rows end and nothing before."""
+  graphdef, params = _params(CFG, seed=2, head_scale=8.0)
+  eos = 11
+  params["lm_head"]["kernel"] = params["lm_head"]["kernel"].at[:, eos].add(0.3)
+  prompt, mask = sampler.left_pad([[3, 4, 5], [7, 8], [1, 2, 3]], buckets=[4])
+  cfg = sampler.SamplingConfig(max_new_tokens=10, temperature=0.7, eos_id=eos, vocab_limit=56)
+  key = jax.random.key(3)
+  plain = jax.tree.map(np.asarray, sampler.generate(graphdef, params, prompt, mask, key, cfg, samples_per_prompt=2))
+  seen = [int(plain.tokens[i, t]) for i in range(6) for t in range(int(plain.lengths[i]) - 1)]
+  stop = max(set(seen), key=seen.count)  # a token some rows write before they end
+  cfg2 = dataclasses.replace(cfg, stop_ids=(stop,))
+  both = jax.tree.map(np.asarray, sampler.generate(graphdef, params, prompt, mask, key, cfg2, samples_per_prompt=2))
+  cut = 0
+  for i in range(6):
+    row = plain.tokens[i, : plain.lengths[i]].tolist()
+    n = next(t + 1 for t, tok in enumerate(row + [eos]) if tok in (eos, stop) or t + 1 == cfg.max_new_tokens)
+    n = min(n, len(row))
+    cut += n < len(row)
+    assert int(both.lengths[i]) == n
+    assert both.tokens[i, :n].tolist() == row[:n] and (both.tokens[i, n:] == cfg.pad_id).all()
+  assert cut > 0

@@ -152,3 +152,42 @@ def test_science_answers_and_formats(tmp_path):
   path.write_text(json.dumps({"question": "Q", "choices": ["a"], "answer": 7}) + "\n")
   with pytest.raises(tasks.DataError, match=r"s\.jsonl:1: field 'answer' \(7\)"):
     tasks.make_task(_cfg(name="science", train_path=str(path), eval_size=1))
+
+
+REAL_RESPONSES = [  # as SmolLM2-135M-Instruct and larger instruct models write them
+  ("She triples them: 9 x 3 = 27. Then she loses 2: 27 - 2 = 25. The answer is 25.", "25"),
+  ("9 * 3 = 27\n27 - 2 = 25\n#### 25", "25"),
+  ("**Answer:** 25 coins", "25"),
+  ("The answer is: $25$.", "25"),
+  ("First \\boxed{24}, no wait. The final answer is 25", "25"),  # the last one written wins
+  ("The answer is 25. So the answer is \\boxed{25}.", "25"),
+  ("The answer is 1,000 coins.", "1000"),
+  ("The answer is $\\frac{3}{4}$.", "0.75"),
+  ("She has -3 left. The answer is -3.", "-3"),
+]
+
+
+@pytest.mark.parametrize("response,answer", REAL_RESPONSES)
+def test_math_reads_the_answer_forms_instruct_models_write(response, answer):
+  assert math_task.equivalent(math_task.extract_answer(response), answer)
+
+
+def test_math_answer_formats_choose_the_forms_read():
+  assert math_task.extract_answer("#### 7. The answer is 8", ("####",)) == "7"
+  assert math_task.extract_answer("#### 7. The answer is 8") == "8"
+  assert math_task.extract_answer("The answer is 8", ("boxed",)) is None
+  with pytest.raises(tasks.ConfigError, match="task.answer_formats"):
+    tasks.make_task(_cfg(name="math", answer_formats=("boxed", "last number")))
+
+
+def test_generated_math_grades_a_final_answer_in_prose_and_traces_the_oracle_format():
+  task = tasks.make_task(_cfg(name="math", max_ops=2))
+  p = task.problems("eval")[0]
+  right, wrong = p.answer, str(int(p.answer) + 1)
+  assert task.verify(p, f"Let me think. The answer is {right}.") == tasks.Verdict(True, "correct")
+  assert task.verify(p, f"#### {wrong}") == tasks.Verdict(False, f"answer {wrong} is wrong")
+  assert task.verify(p, "I do not know.") == tasks.Verdict(False, "no final answer")
+  assert task.verify(p, p.reference) == tasks.Verdict(True, "correct")  # the oracle's own format
+  bad_step = p.reference.replace("=", "=9", 1)
+  v = task.verify(p, bad_step)
+  assert "step 1:" in v.feedback  # a response in the oracle's format gets its step-by-step trace
