@@ -55,9 +55,7 @@ def smollm2(c):
   import os
 
   c.model.update(hf_path=os.path.expanduser(SMOLLM2), dtype="float32", remat="full")
-  c.task.update(
-    min_ops=1, max_ops=1, prompt_template="{question}\nPut the final answer in \\boxed{{}}.", eval_size=128
-  )
+  c.task.update(min_ops=1, max_ops=1, prompt_template="{question}\nPut the final answer in \\boxed{{}}.", eval_size=128)
   c.tokenizer.chat_template = "auto"
   # T = 0.7 for the sampler and the teacher alike: at T = 1 this small model writes noise after a few sentences, and a
   # self teacher scored at another temperature than the student's is not the student re-prompted

@@ -4,6 +4,9 @@ Every key a run reads is here, so `--config.section.key=value` on the command li
 ml_collections refuses an unknown key, and `main.py` turns that into one line naming it.
 """
 
+import importlib.util
+import os
+
 import ml_collections
 
 from distil_jax import sharding
@@ -143,3 +146,17 @@ def real(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.optim.update(lr=1e-6, lr_warmup_steps=10)
   c.train.update(warmup_steps=0, warmup_reprompt_fraction=0.0)
   return c
+
+
+def from_file(spec: str, **overrides) -> ml_collections.ConfigDict:
+  """`path/to/config.py[:arg]`'s `get_config(arg)` with dotted overrides (`**{"loss.kind": "grpo"}`), as `--config`
+  and `--config.x.y=` read them, for scripts and tests that build a run without the command line."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location(f"config_{os.path.basename(path)[:-3]}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(arg or None)
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    config[section][field] = value
+  return config

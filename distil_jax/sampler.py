@@ -233,7 +233,8 @@ def generate(
   """Sample up to `cfg.max_new_tokens` tokens for each of `samples_per_prompt` responses to each prompt row.
 
   `params` may be the float32 masters: they are cast to the model's compute dtype once, inside the call. Rows stop
-  at EOS or any of `cfg.stop_ids` (kept) and are padded after. Output row b * samples_per_prompt + g is response g to prompt row b.
+  at EOS or any of `cfg.stop_ids` (kept) and are padded after. Output row b * samples_per_prompt + g is response g
+  to prompt row b.
   """
   if cfg.max_new_tokens < 1 or samples_per_prompt < 1 or cfg.check_every < 1 or cfg.cache_segments < 1:
     raise ValueError(

@@ -25,7 +25,6 @@ two one-core runs finish in about the time of one two-core run. Wall times are t
 import argparse
 import collections
 import concurrent.futures
-import importlib.util
 import json
 import os
 import queue
@@ -37,6 +36,7 @@ import time
 
 import numpy as np
 
+from distil_jax import config_base
 from experiments import stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,10 +129,7 @@ SHAPE = ("prompts_per_iteration", "group_size", "batch_groups")  # a variant may
 def check_budget_is_shared(preset="compare"):
   """The comparison is fair only if every method samples and updates alike: method flags set the objective alone; a
   variant may regroup the same responses (prompts x samples per iteration, prompts x samples per update) and no more."""
-  spec = importlib.util.spec_from_file_location("arith_config", os.path.join(ROOT, "configs", "arith.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  train = module.get_config(preset).train
+  train = config_base.from_file(os.path.join(ROOT, "configs", "arith.py") + f":{preset}").train
   for method, flags in [*METHODS.items(), *((m, METHODS[b] + f) for m, (b, f) in VARIANTS.items())]:
     shape = {k: train[k] for k in SHAPE}
     for flag in flags:

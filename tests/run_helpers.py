@@ -1,6 +1,5 @@
 """Helpers for tests that run the whole loop: config loading, a fake OpenAI-compatible expert server, subprocesses."""
 
-import importlib.util
 import json
 import math
 import os
@@ -9,21 +8,15 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from distil_jax import config_base
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name: str, arg: str | None = "runlocal", **overrides):
   """configs/<name>.py:get_config(arg), with dotted overrides ("loss.kind": "grpo") and one device."""
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg)
-  config.mesh.num_devices = 1
-  config.log.tensorboard = False
-  for key, value in overrides.items():
-    section, field = key.split(".")
-    config[section][field] = value
-  return config
+  path = os.path.join(ROOT, "configs", f"{name}.py") + (f":{arg}" if arg else "")
+  return config_base.from_file(path, **{"mesh.num_devices": 1, "log.tensorboard": False, **overrides})
 
 
 def rot_one_bit(item_folder, name: str, index) -> None:
