@@ -19,14 +19,10 @@ from run_helpers import ROOT
         "train_tokens_per_second",
         "train_model_tflops_per_step",
         "train_peak_bytes_compiled",
+        "torch_step_seconds",  # bench.torch_reference's own lines, passed through by --vs_torch
         "torch_tokens_per_second",
         "train_speedup_vs_torch",
       },
-    ),
-    (
-      "bench.torch_reference",
-      ["--size", "tiny", "--batch", "4", "--seq", "32", "--warmup", "1", "--repeats", "1"],
-      {"torch_step_seconds", "torch_tokens_per_second"},
     ),
     (
       "bench.compile_depth",
