@@ -11,6 +11,9 @@ and the expert's labels, by kind of expert:
   "device"  teacher_tokens, teacher_mask [G,Pt]   the re-prompt the on-device teacher reads (self, model)
             teacher_valid                [G]      1 where the expert labels the response
   "none"    nothing (behaviour cloning reads only the fields above)
+"topk" and "device" rows also carry
+  whole_response_credit        [G]      1 where the expert's feedback read the response itself (its own verdict):
+                                        the loss then charges every token the whole response's cost (losses.py)
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ def fields(*, prompt: int, new: int, group: int, labels: str, top_k: int = 0, te
       teacher_mask=((group, teacher_prompt), "int32"),
       teacher_valid=((group,), "int32"),
     )
+  if labels != "none":
+    out["whole_response_credit"] = ((group,), "int32")
   return out
 
 

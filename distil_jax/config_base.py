@@ -70,7 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
     max_prompt_tokens=128,
     feedback="any",  # self / model: "sibling" labels only responses whose group has another, correct one;
     # "reference" shows the reference solution and the verdict (privileged information; reads no sibling)
-    ema_decay=0.0,  # self / model / http
+    ema_decay=0.0,  # self: the teacher is an EMA of the student (SDPO); 1: frozen at the start (OPSD); 0: live
     model_path="",  # model
     url="",
     model_name="",
@@ -86,13 +86,18 @@ def get_config() -> ml_collections.ConfigDict:
     normalize="auto",  # the kind's published convention (losses.py)
     cost="ce",
     clip_eps=0.2,
-    teacher_temperature=1.0,
+    # self / model teachers: q = softmax(logits / T); unset: the sampler's temperature (the student's own policy
+    # when it is shown no feedback). Top-k experts (oracle, http) give log-probs already: unset or 1.
+    teacher_temperature=ml_collections.config_dict.placeholder(float),
     topk_tail="bucket",
     jsd_beta=0.5,
     kl_coef=0.0,
     std_eps=1e-4,
     chunk_size=64,
     terminal="free",
+    student_topk=0,  # self / model teachers: divergences over the student's top k ids + a tail (SDPO: 100)
+    distil_weight=1.0,  # distil_grpo: GRPO + distil_weight * DistIL,
+    distil_weight_decay_iterations=0,  # falling linearly to 0 over this many iterations (0: constant)
   )
   c.optim = dict(
     lr=3e-4, lr_warmup_steps=20, schedule="constant", b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0

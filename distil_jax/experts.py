@@ -86,33 +86,52 @@ def reference_feedback(problem: Problem, verdict: Verdict) -> str:
   return f"{SIBLING}{problem.reference}; {verdict.feedback}"
 
 
-def reprompt_texts(rollouts: Rollouts, template: str, sibling_only: bool = False, feedback: str = "any"):
-  """(the feedback prompt of every response, [Bp,G] which responses the expert labels).
+@dataclasses.dataclass
+class Reprompts:
+  """What the expert of each response is shown: texts [Bp][G], and [Bp,G] int32 masks of the responses it labels
+  (`valid`) and of those whose feedback reads the response itself (`own`: its verdict; `losses` then credits every
+  token with the whole response's cost, since the expert's targets depend on tokens after each state)."""
+
+  texts: list[list[str]]
+  valid: np.ndarray
+  own: np.ndarray
+
+
+def reprompts(rollouts: Rollouts, template: str, sibling_only: bool = False, feedback: str = "any") -> Reprompts:
+  """The feedback prompt of every response, which responses the expert labels, and which it shows their own verdict.
 
   The feedback is a correct response from the other half of the group when there is one, else the verifier's own
-  feedback. With `sibling_only`, responses without such a sibling go unlabelled: a small student re-prompted with a
-  verdict alone can be a worse policy than the student (experiments/teacher_quality.py), and distilling it then does
-  harm. Whether row i is labelled, and what it is shown, never depends on the other rows of its own half.
-  With `feedback="reference"` every response is shown the task's reference solution and its own verdict (a problem
-  without a reference leaves its responses unlabelled), and no sibling is read.
+  feedback on this response. With `sibling_only`, responses without such a sibling go unlabelled: a small student
+  re-prompted with a verdict alone can be a worse policy than the student (experiments/teacher_quality.py), and
+  distilling it then does harm. Whether row i is labelled, and what it is shown, never depends on the other rows of
+  its own half. With `feedback="reference"` every response is shown the task's reference solution and its own
+  verdict (a problem without a reference leaves its responses unlabelled), and no sibling is read.
   """
   if feedback not in FEEDBACK:
     raise ValueError(f"expert.feedback={feedback!r}; expected one of {FEEDBACK}")
-  texts, valid = [], np.zeros(rollouts.tokens.shape[:2], np.int32)
+  texts = []
+  valid, own = np.zeros(rollouts.tokens.shape[:2], np.int32), np.zeros(rollouts.tokens.shape[:2], np.int32)
   for g, (problem, verdicts) in enumerate(zip(rollouts.problems, rollouts.verdicts, strict=True)):
     row = []
     for i, verdict in enumerate(verdicts):
       if feedback == "reference":
-        valid[g, i] = bool(problem.reference)
+        valid[g, i] = own[g, i] = bool(problem.reference)
         row.append(template.format(prompt=problem.prompt, feedback=reference_feedback(problem, verdict)))
         continue
       others = sibling_half(i, len(verdicts))
       sibling = next((rollouts.texts[g][j] for j in others if verdicts[j].correct), None)
       shown = SIBLING + sibling if sibling is not None else verdict.feedback
       valid[g, i] = bool(shown) and (sibling is not None or not sibling_only)
+      own[g, i] = valid[g, i] and sibling is None
       row.append(template.format(prompt=problem.prompt, feedback=shown))
     texts.append(row)
-  return texts, valid
+  return Reprompts(texts, valid, own)
+
+
+def reprompt_texts(rollouts: Rollouts, template: str, sibling_only: bool = False, feedback: str = "any"):
+  """(the feedback prompt of every response, [Bp,G] which responses the expert labels); see `reprompts`."""
+  shown = reprompts(rollouts, template, sibling_only, feedback)
+  return shown.texts, shown.valid
 
 
 class OracleExpert:
@@ -156,14 +175,16 @@ class OracleExpert:
           ids[b, j, t, 0] = self.next_token(r.problems[b], prefix)
           logq[b, j, t, 0] = self.logq
           prefix += surfaces[r.tokens[b, j, t]]
-    return {"target_ids": ids, "target_logprobs": logq}, {}
+    own = np.zeros((bp, g), np.int32)  # the oracle's targets depend on the prefix only
+    return {"target_ids": ids, "target_logprobs": logq, "whole_response_credit": own}, {}
 
 
 class DeviceExpert:
   """`self` and `model`: only the re-prompt tokens are stored; the teacher runs inside the train step.
 
   A re-prompt longer than `max_prompt_tokens` is not cut (that would hide the question from the teacher): the
-  response goes unlabelled and is counted in `rollout/teacher_truncated`.
+  response goes unlabelled and is counted in `rollout/teacher_truncated`, the fraction of responses the expert would
+  otherwise label (a response that feedback="sibling" leaves unlabelled anyway is not a truncation).
   """
 
   on_device = True
@@ -174,18 +195,21 @@ class DeviceExpert:
     self.reads_siblings = feedback != "reference"
 
   def label(self, r: Rollouts) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    texts, valid = reprompt_texts(r, self.template, self.feedback == "sibling", self.feedback)
-    bp, g = valid.shape
-    flat = [self.tok.prompt_ids(t, self.add_bos) for row in texts for t in row]
+    shown = reprompts(r, self.template, self.feedback == "sibling", self.feedback)
+    bp, g = shown.valid.shape
+    flat = [self.tok.prompt_ids(t, self.add_bos) for row in shown.texts for t in row]
     fits = np.array([len(ids) <= self.width for ids in flat]).reshape(bp, g)
     tokens, mask = left_pad_rows([ids if ok else [] for ids, ok in zip(flat, fits.flat, strict=True)], self.width, 0)
     tokens[mask == 0] = self.tok.pad_id
     labels = {
       "teacher_tokens": tokens.reshape(bp, g, -1),
       "teacher_mask": mask.reshape(bp, g, -1),
-      "teacher_valid": (valid * fits).astype(np.int32),
+      "teacher_valid": (shown.valid * fits).astype(np.int32),
+      "whole_response_credit": (shown.own * fits).astype(np.int32),
     }
-    return labels, {"rollout/teacher_truncated": float(np.mean(~fits))}
+    wanted = shown.valid > 0
+    truncated = float(np.sum(wanted & ~fits) / max(np.sum(wanted), 1))
+    return labels, {"rollout/teacher_truncated": truncated}
 
 
 class HttpExpert:
@@ -324,7 +348,8 @@ class HttpExpert:
       )
 
   def label(self, r: Rollouts) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    texts, _ = reprompt_texts(r, self.cfg.reprompt)
+    shown = reprompts(r, self.cfg.reprompt)
+    texts = shown.texts
     bp, g, n = r.tokens.shape
     ids = np.zeros((bp, g, n, self.top_k), np.int32)
     logq = np.full((bp, g, n, self.top_k), -np.inf, np.float32)
@@ -342,7 +367,7 @@ class HttpExpert:
       except ExpertError:  # the first bad reply ends the batch: nothing of it reaches the buffer
         pool.shutdown(cancel_futures=True)
         raise
-    return {"target_ids": ids, "target_logprobs": logq}, {}
+    return {"target_ids": ids, "target_logprobs": logq, "whole_response_credit": shown.own}, {}
 
 
 def make_expert(cfg, task, tokenizer: Tokenizer, add_bos: bool = False):

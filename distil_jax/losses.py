@@ -33,6 +33,13 @@ tokenizer's ids (as verl does), so on fresh rollouts the ratio is exactly 1 at a
 top-p truncation would make the sampled policy a different, non-smooth function of theta (and give the expert's
 mass outside the nucleus an infinite cost); the loop refuses them for the losses that use the ratio.
 
+Feedback that reads the row's own response: R_t assumes c_t' depends on the prefix y_<t' only, so that
+E[c_t' grad log pi(y_t)] = 0 for t' <= t. An expert shown the verdict on this very response (`expert.feedback=
+"reference"` always; "any" and the http expert on rows whose other half has no correct response) makes every q_t a
+function of the whole response, and that zero no longer holds. For such a row (`whole_response_credit`, marked by
+the expert) every token's score weight is the whole response's cost sum_t' c_t', which is exact: the row's cost is
+then a function of y whose score-function gradient is sum_t' c_t' * sum_t grad log pi(y_t | y_<t).
+
 Baseline: b_t must not depend on y_t. The leave-one-out mean over a group is such a baseline when the expert of row
 j does not read row i; an expert that shows row j a correct sibling does. With `baseline_parts=2` each group is two
 halves, the expert of a row reads only the other half (`experts.reprompt_texts`), and the baseline of a row is the
@@ -52,11 +59,11 @@ import jax.numpy as jnp
 from distil_jax import token_terms as tt
 from distil_jax.token_terms import HiddenTeacher, Samples, TopK  # noqa: F401  (public target types)
 
-KINDS = ("distil", "tokenwise_fce", "reverse_kl", "jsd", "grpo", "sft")
+KINDS = ("distil", "tokenwise_fce", "reverse_kl", "jsd", "grpo", "sft", "distil_grpo")
 BASELINES = ("none", "loo")
 NORMALIZATIONS = ("auto", "sequence", "token", "sequence_token_mean")
 _PUBLISHED_NORMALIZATION = {"grpo": "sequence_token_mean", "sft": "token"}  # every other kind: "sequence"
-USES_RATIO = ("distil", "grpo")  # the losses whose estimator compares log pi with the sampler's log-probs
+USES_RATIO = ("distil", "grpo", "distil_grpo")  # the losses whose estimator compares log pi with the sampler's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +85,9 @@ class LossConfig:
   std_eps: float = 1e-4  # grpo: advantage = (r - mean) / (std + eps)
   chunk_size: int = 64  # fused path: time steps per logits block (block = per-device batch x chunk x V)
   terminal: str = "free"  # distil / tokenwise_fce: "free" (costs end at EOS, the paper's J) or "hold"
+  student_topk: int = 0  # dense teachers: divergences over the student's top k ids + a tail bucket (SDPO: 100)
+  distil_weight: float = 1.0  # distil_grpo: GRPO + distil_weight * DistIL
+  distil_weight_decay_iterations: int = 0  # distil_grpo: the weight falls linearly to 0 over these (0: constant)
 
   def __post_init__(self):
     for name, value, allowed in [
@@ -93,6 +103,12 @@ class LossConfig:
     for name in ("policy_temperature", "teacher_temperature"):
       if not getattr(self, name) > 0:
         raise ValueError(f"loss.{name}={getattr(self, name)} must be > 0")
+    for name in ("student_topk", "distil_weight_decay_iterations"):
+      value = getattr(self, name)
+      if not (isinstance(value, int) and value >= 0):
+        raise ValueError(f"loss.{name}={value!r} must be an integer >= 0")
+    if not self.distil_weight >= 0:
+      raise ValueError(f"loss.distil_weight={self.distil_weight} must be >= 0")
 
   @property
   def normalization(self) -> str:
@@ -102,10 +118,12 @@ class LossConfig:
 
   @property
   def terms(self) -> tuple[str, ...]:
-    """Which per-position terms the objective needs (so the fused path computes nothing else)."""
-    if self.kind in ("distil", "tokenwise_fce"):
-      return ("ce", "teacher_entropy") if self.cost == "kl" else ("ce",)
-    return {"reverse_kl": ("rkl",), "jsd": ("jsd",)}.get(self.kind, ())
+    """Which per-position terms to compute (the fused path computes nothing else): the objective's, and for every
+    loss with a teacher the cross-entropy and the teacher's entropy, whose difference KL(q || pi) at the student's
+    states is logged (a teacher flatter or sharper than the student shows there first)."""
+    if not self.needs_teacher:
+      return ()
+    return ("ce", "teacher_entropy") + {"reverse_kl": ("rkl",), "jsd": ("jsd",)}.get(self.kind, ())
 
   @property
   def term_options(self) -> tt.TermOptions:
@@ -116,11 +134,21 @@ class LossConfig:
       jsd_beta=self.jsd_beta,
       policy_temperature=self.policy_temperature,
       vocab_size=self.vocab_size,
+      student_topk=self.student_topk,
     )
 
   @property
   def needs_teacher(self) -> bool:
     return self.kind not in ("grpo", "sft")
+
+  def distil_weight_at(self, iteration):
+    """distil_grpo's weight on DistIL at a DAgger iteration (1-based): `distil_weight`, falling linearly to 0 over
+    `distil_weight_decay_iterations` (the reward alone steers the end of a run; the expert's dense signal its
+    start, when rewards are rare)."""
+    if not self.distil_weight_decay_iterations:
+      return self.distil_weight
+    left = 1.0 - (iteration - 1) / self.distil_weight_decay_iterations
+    return self.distil_weight * jnp.clip(left, 0.0, 1.0)
 
 
 def normalize(per_token_BxT, mask_BxT, how: str):
@@ -181,7 +209,7 @@ def hold_terminal(c_BxT, mask_BxT):
   return jnp.where(after, last, c_BxT), jnp.where(ended[:, None], 1.0, mask_BxT)
 
 
-def _distil(cfg, terms, mask, group_size, behaviour_logprobs, sequence_term, score_weight):
+def _distil(cfg, terms, mask, group_size, behaviour_logprobs, sequence_term, score_weight, whole_response_credit):
   m = mask.astype(jnp.float32)
   c = terms["ce"] - (terms["teacher_entropy"] if cfg.cost == "kl" else 0.0)
   c = jnp.where(m > 0, c, 0.0)
@@ -192,6 +220,9 @@ def _distil(cfg, terms, mask, group_size, behaviour_logprobs, sequence_term, sco
   if not sequence_term:
     return c, metrics, cost_mask
   r = cost_to_go(jax.lax.stop_gradient(c))
+  if whole_response_credit is not None:  # the expert read y itself: every token is charged the response's cost
+    whole_B = jnp.sum(jax.lax.stop_gradient(c), axis=1)
+    r = jnp.where(whole_response_credit.astype(bool)[:, None], whole_B[:, None], r)
   if cfg.baseline == "loo":
     b = leave_one_out(r, group_size, parts=cfg.baseline_parts, valid_B=jnp.any(m > 0, axis=1))
   else:
@@ -200,9 +231,12 @@ def _distil(cfg, terms, mask, group_size, behaviour_logprobs, sequence_term, sco
   ratio = _ratio(terms["logp"], behaviour_logprobs)
   clipped = jnp.clip(ratio, 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps)
   score = jnp.maximum(ratio * adv, clipped * adv) * m
+  scored = m
   if score_weight is not None:  # e.g. 0 for stale buffer rows: their states still get the local (DAgger) term
     score = score * score_weight[:, None]
-  metrics.update(_ratio_metrics(ratio, m, cfg.clip_eps), advantage_abs=_token_mean(jnp.abs(adv), m))
+    scored = m * (score_weight[:, None] > 0)
+  # the ratio's figures over the tokens whose ratio enters the loss (a stale row's never does)
+  metrics.update(_ratio_metrics(ratio, scored, cfg.clip_eps), advantage_abs=_token_mean(jnp.abs(adv), m))
   # value: the cost alone (an estimate of J); gradient: local part + score part
   return c + score - jax.lax.stop_gradient(score), metrics, cost_mask
 
@@ -253,16 +287,40 @@ def loss_from_terms(
   behaviour_logprobs=None,
   ref_logprobs=None,
   score_weight=None,
+  whole_response_credit=None,
+  labelled=None,
+  distil_weight=None,
 ):
   """(scalar loss, metrics) of `cfg.kind` from per-position terms (see `token_terms`).
 
   score_weight [B]: optional per-sequence weight of DistIL's score term (1 on fresh rollouts, 0 on stale ones).
+  whole_response_credit [B] bool: rows whose expert read the row's own response; their score weight is the whole
+  response's cost at every token (module docstring). None: no such row.
+  labelled [B]: rows the expert labelled (None: all). A loss with a teacher sees only these; distil_grpo's GRPO part
+  sees every row (its reward needs no label).
+  distil_weight: distil_grpo's weight on DistIL (a traced scalar from `cfg.distil_weight_at`); None: the config's.
   """
   mask = mask_BxT.astype(jnp.float32)
+  if cfg.kind == "distil_grpo":
+    return _distil_grpo(
+      cfg,
+      terms,
+      mask,
+      group_size,
+      rewards,
+      behaviour_logprobs,
+      ref_logprobs,
+      score_weight,
+      whole_response_credit,
+      labelled,
+      cfg.distil_weight if distil_weight is None else distil_weight,
+    )
+  if labelled is not None:
+    mask = mask * labelled.astype(jnp.float32)[:, None]
   loss_mask = mask
   if cfg.kind in ("distil", "tokenwise_fce"):
     per_token, metrics, loss_mask = _distil(
-      cfg, terms, mask, group_size, behaviour_logprobs, cfg.kind == "distil", score_weight
+      cfg, terms, mask, group_size, behaviour_logprobs, cfg.kind == "distil", score_weight, whole_response_credit
     )
   elif cfg.kind == "reverse_kl":
     per_token, metrics = terms["rkl"], {}
@@ -273,6 +331,25 @@ def loss_from_terms(
   else:  # sft: the tokens are the expert's own response
     per_token, metrics = -terms["logp"], {}
   loss = normalize(per_token, loss_mask, cfg.normalization)
+  return loss, _common_metrics(cfg, terms, mask, metrics, loss)
+
+
+def _distil_grpo(cfg, terms, mask, group_size, rewards, behaviour, ref, score_weight, own, labelled, weight):
+  """GRPO on every response plus `weight` x DistIL on the labelled ones, each normalised by its own convention
+  ("auto"), or both by `normalize`."""
+  labelled_mask = mask if labelled is None else mask * labelled.astype(jnp.float32)[:, None]
+  per_token, metrics, cost_mask = _distil(cfg, terms, labelled_mask, group_size, behaviour, True, score_weight, own)
+  grpo_token, grpo_metrics = _grpo(cfg, terms, mask, group_size, rewards, behaviour, ref)
+  auto = cfg.normalize == "auto"
+  distil_part = normalize(per_token, cost_mask, "sequence" if auto else cfg.normalize)
+  grpo_part = normalize(grpo_token, mask, "sequence_token_mean" if auto else cfg.normalize)
+  loss = grpo_part + weight * distil_part
+  metrics.update(grpo_metrics, distil_part=distil_part, grpo_part=grpo_part, distil_weight=jnp.asarray(weight))
+  return loss, _common_metrics(cfg, terms, labelled_mask, metrics, loss)
+
+
+def _common_metrics(cfg, terms, mask, metrics, loss):
+  """Every kind's figures: the loss, the student's entropy and log pi(y_t), length, and the teacher's terms."""
   metrics.update(
     loss=loss,
     entropy=_token_mean(terms["entropy"], mask),
@@ -281,7 +358,9 @@ def loss_from_terms(
   )
   for name in cfg.terms:
     metrics[f"{name}_per_token"] = _token_mean(jnp.where(mask > 0, terms[name], 0.0), mask)
-  return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
+  if cfg.terms:
+    metrics["kl_per_token"] = metrics["ce_per_token"] - metrics["teacher_entropy_per_token"]  # KL(q || pi)
+  return jax.tree.map(jax.lax.stop_gradient, metrics)
 
 
 def compute_loss(
@@ -298,6 +377,9 @@ def compute_loss(
   behaviour_logprobs=None,
   ref_logprobs=None,
   score_weight=None,
+  whole_response_credit=None,
+  labelled=None,
+  distil_weight=None,
 ):
   """The loss from student logits, or fused from hidden states and the LM head when `hidden` is given."""
   teacher = teacher if cfg.needs_teacher else None
@@ -316,6 +398,9 @@ def compute_loss(
     behaviour_logprobs=behaviour_logprobs,
     ref_logprobs=ref_logprobs,
     score_weight=score_weight,
+    whole_response_credit=whole_response_credit,
+    labelled=labelled,
+    distil_weight=distil_weight,
   )
 
 
@@ -329,12 +414,22 @@ def _entry(kind, options, with_metrics, **inputs):
 
 
 def distil_loss(
-  student_logits, teacher, tokens, mask, *, group_size=1, behaviour_logprobs=None, with_metrics=False, **options
+  student_logits,
+  teacher,
+  tokens,
+  mask,
+  *,
+  group_size=1,
+  behaviour_logprobs=None,
+  whole_response_credit=None,
+  with_metrics=False,
+  **options,
 ):
   """DistIL surrogate: its value estimates J, its gradient is the DistIL estimator (module docstring).
 
   student_logits [B,T,V]: row t is the student's distribution of tokens[:, t]. teacher: dense logits [B,T,V], a
   top-k pair (ids [B,T,K], logprobs [B,T,K]), `Samples(ids)` or `HiddenTeacher`. mask [B,T]: response positions.
+  whole_response_credit [B] bool: rows whose expert read the row's own response (default: none).
   options: any LossConfig field, e.g. baseline="loo", cost="kl", terminal="hold", policy_temperature=0.7.
   Returns the scalar, or (scalar, metrics) with `with_metrics=True`.
   """
@@ -348,11 +443,22 @@ def distil_loss(
     logits=student_logits,
     group_size=group_size,
     behaviour_logprobs=behaviour_logprobs,
+    whole_response_credit=whole_response_credit,
   )
 
 
 def fused_distil_loss(
-  hidden, lm_head, teacher, tokens, mask, *, group_size=1, behaviour_logprobs=None, with_metrics=False, **options
+  hidden,
+  lm_head,
+  teacher,
+  tokens,
+  mask,
+  *,
+  group_size=1,
+  behaviour_logprobs=None,
+  whole_response_credit=None,
+  with_metrics=False,
+  **options,
 ):
   """`distil_loss(hidden @ lm_head, ...)` in value and gradient, without a [B,T,V] array (chunked, recomputed)."""
   return _entry(
@@ -366,6 +472,7 @@ def fused_distil_loss(
     lm_head=lm_head,
     group_size=group_size,
     behaviour_logprobs=behaviour_logprobs,
+    whole_response_credit=whole_response_credit,
   )
 
 

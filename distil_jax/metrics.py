@@ -6,6 +6,9 @@ replays, so the file of an interrupted-and-resumed run equals that of an uninter
 under `time/`, aside); TensorBoard purges its events past that iteration the same way. Both are flushed at each
 write, so a killed run loses nothing it reported.
 
+Each evaluation's line also carries the best `eval/pass@1` so far and its iteration (`eval/best_pass@1`,
+`eval/best_iteration`): a run that peaks early and then degrades shows both its last and its best checkpoint's figure.
+
 Figures are global: on a multi-process run each process computes its share and `global_mean` / `global_sum` combine
 them (every process must call them, with the same keys, at the same point).
 
@@ -52,6 +55,7 @@ class MetricsWriter:
       return
     for path in (self.path, self.samples_path):
       _truncate(path, resume_iteration)
+    self.best = _best(self.path)
     self._file = open(self.path, "a")
     self._samples = open(self.samples_path, "a")
     if tensorboard:
@@ -66,6 +70,10 @@ class MetricsWriter:
   def write(self, iteration: int, figures: dict) -> None:
     if self._file is None:
       return
+    if BEST in figures:
+      if self.best is None or figures[BEST] > self.best[0]:
+        self.best = (figures[BEST], iteration)
+      figures = {**figures, "eval/best_pass@1": self.best[0], "eval/best_iteration": self.best[1]}
     record = {"iteration": iteration, **{k: _plain(v) for k, v in sorted(figures.items())}}
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
@@ -135,6 +143,22 @@ class _Events:
 
   def close(self) -> None:
     self._writer.close()
+
+
+BEST = "eval/pass@1"  # the figure whose best value and iteration every evaluation line carries
+
+
+def _best(path: str) -> tuple[float, int] | None:
+  """(the best `BEST` in a metrics file, its first iteration), or None: a resumed run goes on from its history."""
+  if not os.path.exists(path):
+    return None
+  best = None
+  with open(path) as f:
+    for line in f:
+      row = json.loads(line) if line.strip() else {}
+      if BEST in row and (best is None or row[BEST] > best[0]):
+        best = (row[BEST], row["iteration"])
+  return best
 
 
 def _truncate(path: str, iteration: int | None) -> None:

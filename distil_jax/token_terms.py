@@ -7,6 +7,9 @@ Every expert target becomes a pair of distributions over "buckets" at each posit
   TopK(ids, logprobs) [B,T,K]     buckets = the K ids plus, with `topk_tail="bucket"`, one bucket for the rest of the
                                   vocabulary holding the expert's missing mass (a coarsened distribution); with
                                   `"renorm"` the expert's top-k is renormalised and the tail dropped
+  dense, `student_topk=k`         buckets = the student's own k likeliest ids at each position plus the tail bucket
+                                  (SDPO's reverse KL over the student's top 100: the teacher's mass on them is read
+                                  from its full distribution)
   Samples(ids) [B,T,M]            buckets = M expert samples, weight 1/M each: a Monte Carlo estimate of the CE
   HiddenTeacher(hidden, lm_head, positions)  dense, with the teacher's logits computed here from its hidden states
 Then CE = -sum_b q_b log pi_b, and the other divergences are sums over the same buckets, so one code path serves all
@@ -57,6 +60,7 @@ class TermOptions:
   jsd_beta: float = 0.5
   policy_temperature: float = 1.0  # the student: pi = softmax(logits / policy_temperature), the sampler's policy
   vocab_size: int = 0  # ids >= vocab_size have probability 0 (0: every row of the LM head is a real id)
+  student_topk: int = 0  # dense teachers: buckets = the student's top k ids + a tail (SDPO); 0: the vocabulary
 
   def __post_init__(self):
     unknown = set(self.terms) - set(TERMS)
@@ -113,6 +117,10 @@ def _buckets(z, lse, kind, arrays, opts: TermOptions):
   """(log q, log pi, log pi normalised over the buckets or None) for one block of student logits z [B,c,V]."""
   if kind == "dense":
     log_q = jax.nn.log_softmax(restrict(arrays[0], opts.teacher_temperature, opts.vocab_size), axis=-1)
+    if opts.student_topk:  # SDPO: the student's k likeliest ids (chosen without gradient) and one tail bucket
+      ids = jax.lax.top_k(jax.lax.stop_gradient(z), opts.student_topk)[1]
+      topk = (ids, jnp.take_along_axis(log_q, ids, axis=-1))
+      return _buckets(z, lse, "topk", topk, dataclasses.replace(opts, topk_tail="bucket", student_topk=0))
     log_pi = z - lse[..., None]
     return log_q, log_pi, log_pi
   ids = arrays[0]

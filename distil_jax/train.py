@@ -177,7 +177,8 @@ def warm_up(params, run, *, config, mesh):
   }
 
 
-ON_POLICY = ("grpo", "reverse_kl", "jsd")  # trained on this iteration's rollouts unless buffer.mix says otherwise
+# trained on this iteration's rollouts unless buffer.mix says otherwise
+ON_POLICY = ("grpo", "reverse_kl", "jsd", "distil_grpo")
 
 
 def buffer_mix(config) -> float:
@@ -190,9 +191,15 @@ def buffer_mix(config) -> float:
 
 def loss_config(config, tok, expert) -> losses.LossConfig:
   """The loss as the loop runs it: the config's `loss` section, plus what the rest of the run decides: the policy is
-  the sampler's (its temperature, the tokenizer's ids), and an expert that shows siblings splits the baseline."""
+  the sampler's (its temperature, the tokenizer's ids), an expert that shows siblings splits the baseline, and an
+  on-device teacher is scored at the sampler's temperature unless `loss.teacher_temperature` says otherwise (a self
+  teacher shown nothing is then the student itself: at T != 1 a teacher at temperature 1 is a flatter policy, and
+  forward CE to it drives the student towards uniform)."""
+  teacher_temperature = config.loss.teacher_temperature
+  if teacher_temperature is None:
+    teacher_temperature = config.sampling.temperature if expert.on_device else 1.0
   return losses.LossConfig(
-    **config.loss,
+    **{**config.loss, "teacher_temperature": teacher_temperature},
     policy_temperature=config.sampling.temperature,
     vocab_size=tok.vocab_size,
     baseline_parts=2 if expert.reads_siblings else 1,
@@ -256,6 +263,37 @@ def _finite_or_raise(m, it, k, ckpt, writer):
   return m
 
 
+def start_warnings(config) -> list[str]:
+  """Valid settings that are likely mistakes, said once at start (the console shows warnings)."""
+  out = []
+  stale = config.train.score_max_staleness
+  if stale > 0:
+    out.append(
+      f"train.score_max_staleness={stale}: buffer rows up to {stale} iterations old get DistIL's score term through "
+      "a per-token ratio to the policy that sampled them, which can be far from the current one (clipped at "
+      "1 +- loss.clip_eps); 0, the default, gives stale rows the local term only"
+    )
+  return out
+
+
+def label_shares(groups: dict) -> dict[str, float]:
+  """What the expert labelled this iteration: the fraction of responses with a label (`rollout/feedback_valid`), of
+  those whose feedback read the response itself, and for top-k experts the mass their k entries cover at the
+  student's states (a small mass means the tail bucket carries the target)."""
+  out = {}
+  if "teacher_valid" in groups:
+    out["rollout/feedback_valid"] = float(groups["teacher_valid"].mean())
+  if "target_logprobs" in groups:
+    mass = np.exp(groups["target_logprobs"].astype(np.float64)).sum(-1)  # [Bg,G,N]
+    at = groups["mask"] > 0
+    labelled = (mass * at).sum(-1) > 0  # [Bg,G]: a response with no target anywhere is unlabelled
+    out["rollout/feedback_valid"] = float(labelled.mean())
+    out["rollout/teacher_topk_mass"] = float(mass[at & labelled[..., None]].mean()) if labelled.any() else 0.0
+  if "whole_response_credit" in groups:
+    out["rollout/own_feedback"] = float(groups["whole_response_credit"].mean())
+  return out
+
+
 def _ema(config) -> bool:
   return config.expert.kind == "self" and config.expert.ema_decay > 0
 
@@ -275,6 +313,8 @@ def _meta(config, iteration: int, buffer_rows: int, sampled_tokens: int) -> dict
 def train(config, workdir: str) -> dict:
   """Run (or resume) the DAgger loop; returns the last iteration's figures."""
   _check(config, "train")
+  for line in start_warnings(config):
+    logging.warning(line)
   run = Run.build(config, workdir)
   c, mesh, tok, task = config, run.mesh, run.tok, run.task
   expert = experts.make_expert(c.expert, task, tok, c.tokenizer.add_bos)
@@ -284,7 +324,7 @@ def train(config, workdir: str) -> dict:
   total_updates = c.train.iterations * c.train.updates_per_iteration
   tx = update.make_optimizer(c.optim, total_updates)
   loss_cfg = loss_config(c, tok, expert)
-  reference = loss_cfg.kind == "grpo" and loss_cfg.kl_coef > 0
+  reference = loss_cfg.kind in ("grpo", "distil_grpo") and loss_cfg.kl_coef > 0
   state = update.init_state(tx, run.params, mesh, ema=_ema(c), ref=reference)
   spec = update.UpdateSpec(
     loss_cfg,
@@ -406,8 +446,7 @@ def train(config, workdir: str) -> dict:
         t3 = time.time()
         figures.update({f"train/{k}": float(np.mean([m[k] for m in step_figures])) for k in step_figures[0]})
         shares = {"rollout/reward": float(groups["reward"].mean()), "rollout/length": float(r.mask.sum(-1).mean())}
-        if "teacher_valid" in groups:
-          shares["rollout/feedback_valid"] = float(groups["teacher_valid"].mean())
+        shares.update(label_shares(groups))
         figures.update(metrics.global_mean(shares))
         figures.update(
           {

@@ -136,14 +136,19 @@ def loss_fn(params, batch, teacher_params, ref_params, iteration, *, graphdef, t
     thidden = response_hidden(tmodel, _rows(batch["teacher_tokens"], g), _rows(batch["teacher_mask"], g), responses)
     positions = jnp.broadcast_to(jnp.arange(n), (bg * g, n))
     teacher = losses.HiddenTeacher(thidden, tmodel.lm_head_kernel(), positions)
-    mask = mask * _rows(batch["teacher_valid"], g).astype(jnp.float32)[:, None]
+  labelled = None
+  if cfg.needs_teacher and "teacher_valid" in batch:
+    labelled = _rows(batch["teacher_valid"], g).astype(jnp.float32)
   behaviour = None
-  if spec.use_behaviour_logprobs and cfg.kind in ("distil", "grpo"):
+  if spec.use_behaviour_logprobs and cfg.kind in losses.USES_RATIO:
     behaviour = _rows(batch["logprobs"], g)
   ref_logprobs = None
   if spec.reference:
     ref_logprobs = _reference_logprobs(ref_params, graphdef, prompts, pmask, responses, cfg)
   fresh = (iteration - batch["iteration"]) <= spec.score_max_staleness
+  own = None  # rows whose expert read their own response (a distil row's score weight is then its whole cost)
+  if cfg.kind in ("distil", "distil_grpo") and "whole_response_credit" in batch:
+    own = _rows(batch["whole_response_credit"], g)
   return losses.compute_loss(
     cfg,
     teacher=teacher,
@@ -158,6 +163,9 @@ def loss_fn(params, batch, teacher_params, ref_params, iteration, *, graphdef, t
     behaviour_logprobs=behaviour,
     ref_logprobs=ref_logprobs,
     score_weight=jnp.repeat(fresh, group).astype(jnp.float32),
+    whole_response_credit=own,
+    labelled=labelled,
+    distil_weight=cfg.distil_weight_at(iteration) if cfg.kind == "distil_grpo" else None,
   )
 
 

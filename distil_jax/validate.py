@@ -271,7 +271,7 @@ def _expert_checks(ch: _Checks) -> None:
   ch.count("expert.top_k")
   ch.count("expert.max_prompt_tokens")
   ch.template("expert.reprompt", ["prompt", "feedback"])
-  ch.number("expert.ema_decay", lo=0, hi=1, hi_open=True)
+  ch.number("expert.ema_decay", lo=0, hi=1)
   if kind == "oracle":
     ch.number("expert.smoothing", lo=0, hi=1, lo_open=True, hi_open=True)
   feedback_ok = ch.enum("expert.feedback", experts.FEEDBACK)
@@ -308,15 +308,27 @@ def _loss_checks(ch: _Checks) -> None:
   ch.enum("loss.topk_tail", ("bucket", "renorm"))
   ch.enum("loss.terminal", ("free", "hold"))
   ch.number("loss.clip_eps", lo=0, lo_open=True)
-  ch.number("loss.teacher_temperature", lo=0, lo_open=True)
+  if ch.has("loss.teacher_temperature") and ch.value("loss.teacher_temperature") is not None:
+    ch.number("loss.teacher_temperature", lo=0, lo_open=True)
+    if ch.value("loss.teacher_temperature") != 1 and ch.value("expert.kind") in ("oracle", "http"):
+      ch.fail(
+        "loss.teacher_temperature",
+        f"applies to self and model teachers only; expert.kind={ch.value('expert.kind')!r} gives top-k log-probs "
+        "that no temperature is applied to (leave it unset or 1)",
+      )
   ch.number("loss.jsd_beta", lo=0, hi=1)
   ch.number("loss.kl_coef", lo=0)
   ch.number("loss.std_eps", lo=0, lo_open=True)
   ch.count("loss.chunk_size")
+  ch.number("loss.distil_weight", lo=0)
+  ch.number("loss.distil_weight_decay_iterations", lo=0, integer=True)
+  if ch.number("loss.student_topk", lo=0, integer=True) and ch.value("loss.student_topk"):
+    if ch.value("expert.kind") not in ("self", "model"):
+      ch.fail("loss.student_topk", "needs a teacher on the device (expert.kind self or model) to read its mass")
   if not (kind_ok and ch.count("train.group_size")):
     return
   kind, group = ch.value("loss.kind"), ch.value("train.group_size")
-  if kind == "distil" and ch.value("loss.baseline") == "loo":
+  if kind in ("distil", "distil_grpo") and ch.value("loss.baseline") == "loo":
     if group < 2:
       ch.fail("train.group_size", "loss.baseline='loo' needs at least 2 responses per prompt")
     elif experts.reads_siblings(ch.config.expert) and (group < 4 or group % 2):
@@ -326,8 +338,9 @@ def _loss_checks(ch: _Checks) -> None:
         f"{ch.value('expert.feedback')!r} needs an even group of >= 4 (the baseline is taken within each half of a "
         "group, the feedback from the other; expert.feedback='reference' reads no sibling)",
       )
-  if kind == "grpo" and group < 2:
-    ch.fail("train.group_size", "loss.kind='grpo' needs at least 2 responses per prompt (its advantage is 0 otherwise)")
+  if kind in ("grpo", "distil_grpo") and group < 2:
+    why = "needs at least 2 responses per prompt (its advantage is 0 otherwise)"
+    ch.fail("train.group_size", f"loss.kind={kind!r} {why}")
   # Settings under which a loss's estimator would be biased (losses.py: the policy is the sampler's).
   if kind in losses.USES_RATIO:
     for key, off in (("sampling.top_k", 0), ("sampling.top_p", 1.0)):
@@ -338,8 +351,9 @@ def _loss_checks(ch: _Checks) -> None:
           "be biased: sample with a temperature alone",
         )
   mix = ch.value("buffer.mix")
-  if kind == "grpo" and mix:
-    ch.fail("buffer.mix", "GRPO is on-policy: stale buffer rows would bias it (leave it unset, or 0)")
+  if kind in ("grpo", "distil_grpo") and mix:
+    name = "GRPO" if kind == "grpo" else f"loss.kind={kind!r}"
+    ch.fail("buffer.mix", f"{name} is on-policy: stale buffer rows would bias it (leave it unset, or 0)")
 
 
 def _optim_checks(ch: _Checks) -> None:

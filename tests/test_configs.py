@@ -12,6 +12,7 @@ from run_helpers import ROOT, load_config
 
 from distil_jax import config_base, losses, sharding, train, validate
 from distil_jax import model as model_lib
+from experiments import smollm2
 
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py")))
 
@@ -35,8 +36,10 @@ def _keys(cfg, prefix=""):
 def test_config_loads_and_builds(name, arg):
   config = load_config(name, arg)
   assert set(_keys(config)) == set(_keys(config_base.get_config())), "a config may set only the base's keys"
-  losses.LossConfig(**config.loss)  # a valid loss
+  losses.LossConfig(**{k: v for k, v in config.loss.items() if v is not None})  # a valid loss (unset: default)
   assert config.expert.kind in ("oracle", "self", "model", "http")
+  if config.model.hf_path == smollm2.DEFAULT_DIR:  # a real checkpoint's preset: the folder the set-up writes
+    smollm2.hf_folder()
   validate.config(config, devices=1, processes=1)  # every value in range, batch sizes fit a mesh
   tiny = train.model_config(config, vocab_size=50)
   tiny = model_lib.ModelConfig(

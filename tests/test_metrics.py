@@ -48,3 +48,23 @@ def test_tensorboard_is_flushed_at_each_write_and_purged_on_resume(tmp_path):
   assert starts == [2] and (2, "train/loss", 20.0) in _scalars(second)
   with open(tmp_path / "metrics.jsonl") as f:
     assert [json.loads(line)["iteration"] for line in f] == [1, 2]
+
+
+def test_each_evaluation_carries_the_best_so_far_across_a_resume(tmp_path):
+  """Pass@1 0.2, 0.5, 0.4, 0.5 at evaluations 0-3: the best is 0.5 from iteration 1 (a tie keeps the first); a run
+  resumed from iteration 2 reads its history and goes on: 0.6 at iteration 3 is the new best."""
+  kw = dict(tensorboard=False, progress_total=5, show_progress=False)
+  writer = metrics.MetricsWriter(str(tmp_path), resume_iteration=None, **kw)
+  for it, value in enumerate([0.2, 0.5, 0.4, 0.5]):
+    writer.write(it, {"eval/pass@1": value})
+    writer.write(it, {"train/loss": 1.0})  # a line without an evaluation carries no best
+  writer.close()
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  best = [(r["eval/best_pass@1"], r["eval/best_iteration"]) for r in rows if "eval/pass@1" in r]
+  assert best == [(0.2, 0), (0.5, 1), (0.5, 1), (0.5, 1)]
+  assert not any("eval/best_pass@1" in r for r in rows if "train/loss" in r)
+  resumed = metrics.MetricsWriter(str(tmp_path), resume_iteration=2, **kw)
+  resumed.write(3, {"eval/pass@1": 0.6})
+  resumed.close()
+  last = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")][-1]
+  assert (last["iteration"], last["eval/best_pass@1"], last["eval/best_iteration"]) == (3, 0.6, 3)

@@ -52,6 +52,7 @@ def _batch(seed=0):
     "teacher_tokens": rng.integers(1, 48, (BG, G, PT)).astype(np.int32),
     "teacher_mask": tmask,
     "teacher_valid": np.array([[1, 1], [1, 0], [1, 1], [0, 1]], np.int32),
+    "whole_response_credit": np.array([[0, 1], [0, 0], [1, 1], [0, 0]], np.int32),
   }
 
 
@@ -181,3 +182,20 @@ def test_batch_rows_are_checked_where_they_are_built():
     batch_lib.check({k: v for k, v in rows.items() if k != "reward"}, layout)
   with pytest.raises(ValueError, match="'tokens' has rows of shape"):
     batch_lib.check({**rows, "tokens": rows["tokens"][:, :, :-1]}, layout)
+
+
+def test_a_frozen_teacher_stays_at_the_start():
+  """expert.ema_decay=1 (OPSD's teacher, frozen at the initial checkpoint): the teacher copy is bitwise the starting
+  parameters after updates that move the student."""
+  spec = update.UpdateSpec(losses.LossConfig(kind="jsd", chunk_size=4), teacher="self", ema_decay=1.0)
+  mesh = sharding.make_mesh({"fsdp": 1}, jax.devices()[:1])
+  graphdef, params = sharding.init_params(lambda: model_lib.Transformer(CFG, rngs=nnx.Rngs(0)), mesh)
+  start = jax.device_get(params)
+  tx = update.make_optimizer(OPTIM, 30)
+  state = update.init_state(tx, params, mesh, ema=True)
+  step = update.make_update(graphdef, tx, spec)
+  for _ in range(3):
+    state, _ = step(state, _batch(0), None, jnp.int32(3))
+  for a, b in zip(jax.tree.leaves(jax.device_get(state["ema"])), jax.tree.leaves(start), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert not np.allclose(jax.tree.leaves(jax.device_get(state["params"]))[0], jax.tree.leaves(start)[0])
