@@ -281,6 +281,8 @@ def loss_from_terms(
   )
   for name in cfg.terms:
     metrics[f"{name}_per_token"] = _token_mean(jnp.where(mask > 0, terms[name], 0.0), mask)
+  if "teacher_nonfinite" in terms:  # the share of response positions where the expert's distribution is NaN or inf
+    metrics["teacher_nonfinite"] = _token_mean(jnp.where(mask > 0, terms["teacher_nonfinite"], 0.0), mask)
   return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
 
 
