@@ -114,6 +114,15 @@ def _reference_logprobs(ref_params, graphdef, prompts, pmask, responses, cfg):
   ]
 
 
+def topk_teacher(batch, g: int, mask_BxN):
+  """(the top-k targets [B,N,K] pair, the loss mask): a response whose top-k lists are all empty (-inf everywhere)
+  was not labelled (the http expert leaves a response without feedback so) and is masked out, as `teacher_valid`
+  masks it for the device experts."""
+  teacher = (_rows(batch["target_ids"], g), _rows(batch["target_logprobs"], g))
+  labelled = jnp.any(teacher[1] > -jnp.inf, axis=(1, 2)).astype(mask_BxN.dtype)
+  return teacher, mask_BxN * labelled[:, None]
+
+
 def loss_fn(params, batch, teacher_params, ref_params, iteration, *, graphdef, teacher_graphdef, spec: UpdateSpec):
   model = model_lib.merge_for_compute(graphdef, params)
   cfg = spec.loss
@@ -128,7 +137,7 @@ def loss_fn(params, batch, teacher_params, ref_params, iteration, *, graphdef, t
   hidden = response_hidden(model, prompts, pmask, responses)
   teacher = None
   if cfg.needs_teacher and spec.teacher == "topk":
-    teacher = (_rows(batch["target_ids"], g), _rows(batch["target_logprobs"], g))
+    teacher, mask = topk_teacher(batch, g, mask)
   elif cfg.needs_teacher:
     if teacher_params is None:
       teacher_params = jax.lax.stop_gradient(params)
