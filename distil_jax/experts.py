@@ -195,7 +195,9 @@ class HttpExpert:
   Every reply is checked for content, not only form, before anything reaches the buffer: the echoed tokens must be
   the ones sent (a server that adds its own BOS shifts every label by one position, silently), and each position's
   log-probs must be finite, <= 0 and their probabilities sum to at most 1 + `SUM_TOL` (NaN or positive log-probs
-  from a broken server otherwise train the student on garbage: loss 0.0 or 753).
+  from a broken server otherwise train the student on garbage: loss 0.0 or 753). The transport (`http_client.py`)
+  bounds each request in time and size and retries what a retry can fix. A response the re-prompt has no feedback
+  for is not sent: it keeps empty lists and stays out of the loss.
   """
 
   on_device = False

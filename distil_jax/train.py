@@ -246,22 +246,16 @@ class Run:
     return found[1]["params"], found[2]
 
 
-def _teacher_name(expert) -> str:
-  if expert.kind == "model":
-    return f"the model teacher {expert.model_path}"
-  return {"self": "the self teacher (the student's own parameters)", "http": f"the http expert {expert.url}"}.get(
-    expert.kind, f"the {expert.kind} expert"
-  )
-
-
 def _finite_or_raise(m, it, k, ckpt, writer, expert=None):
   """Update k's figures, or the error that stops the run when it was skipped for a non-finite loss or gradient.
 
-  A teacher whose distribution is not finite (a NaN or inf weight or activation) is named as the cause: its loss is
-  NaN by construction (token_terms), and blaming the step would send the user to the student."""
-  if m.get("teacher_nonfinite", 0.0) > 0 and expert is not None:
+  A teacher of its own whose distribution is not finite (a NaN or inf weight or activation) is named as the cause:
+  the loss is NaN by construction (token_terms), and blaming the step would send the user to the student. (A `self`
+  teacher is the student: the step's message holds.)"""
+  if m.get("teacher_nonfinite", 0.0) > 0 and expert is not None and expert.kind != "self":
+    name = f"the model teacher {expert.model_path}" if expert.kind == "model" else f"the {expert.kind} expert"
     raise ExpertError(
-      f"{_teacher_name(expert)} gives a distribution that is not finite (NaN or inf) at "
+      f"{name} gives a distribution that is not finite (NaN or inf) at "
       f"{m['teacher_nonfinite']:.1%} of the response positions at iteration {it}, update {k}: check its weights "
       f"for NaN or inf; the update was skipped, the last checkpoint (iteration {ckpt.latest_step()}) and "
       f"{writer.path} are intact"

@@ -97,5 +97,8 @@ def test_the_loop_names_the_teacher():
     train._finite_or_raise(m, 4, 1, ckpt, writer, expert)
   with pytest.raises(FloatingPointError, match="non-finite loss or gradient at iteration 4"):  # the student's fault
     train._finite_or_raise({**m, "teacher_nonfinite": 0.0}, 4, 1, ckpt, writer, expert)
+  self_teacher = types.SimpleNamespace(kind="self", model_path="", url="")  # the student: the step is at fault
+  with pytest.raises(FloatingPointError, match="non-finite loss or gradient at iteration 4"):
+    train._finite_or_raise(m, 4, 1, ckpt, writer, self_teacher)
   ok = {**m, "loss": 1.0, "grad_norm": 1.0, "nonfinite": 0.0, "teacher_nonfinite": 0.0}
   assert train._finite_or_raise(ok, 4, 1, ckpt, writer, expert) is ok
