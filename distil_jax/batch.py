@@ -7,7 +7,8 @@ One row per prompt group; a batch stacks Bg rows. Per row:
   iteration                   []       the DAgger iteration that sampled the row (staleness of the score term)
   sft_tokens, sft_mask        [N]      the expert's own response (SFT and the behaviour-cloning warm-up)
 and the expert's labels, by kind of expert:
-  "topk"    target_ids, target_logprobs  [G,N,K]  top-k (or one-hot) next-token targets; -inf pads a list
+  "topk"    target_ids, target_logprobs  [G,N,K]  top-k (or one-hot) next-token targets; -inf pads a list, and a
+                                                  response whose every list is empty is unlabelled (not in the loss)
   "device"  teacher_tokens, teacher_mask [G,Pt]   the re-prompt the on-device teacher reads (self, model)
             teacher_valid                [G]      1 where the expert labels the response
   "none"    nothing (behaviour cloning reads only the fields above)

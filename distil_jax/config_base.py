@@ -74,9 +74,11 @@ def get_config() -> ml_collections.ConfigDict:
     model_path="",  # model
     url="",
     model_name="",
-    timeout_s=30.0,
-    max_retries=3,
+    timeout_s=30.0,  # http: one try as a whole, connect to last byte
+    deadline_s=180.0,  # http: one request, every retry and wait included
+    max_retries=3,  # http: on HTTP 429 / 5xx, resets, cut or late replies (after Retry-After when sent)
     backoff_s=0.5,
+    max_reply_mb=64.0,  # http: one reply, read whole
     concurrency=8,  # http
     tokenizer_probe="distil_jax tokenizer probe 12+34=46",
   )

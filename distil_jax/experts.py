@@ -27,12 +27,10 @@ import concurrent.futures
 import dataclasses
 import json
 import math
-import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 
+from distil_jax import http_client
 from distil_jax.errors import ExpertError  # noqa: F401  (re-exported: experts.ExpertError)
 from distil_jax.tasks.base import Problem, Verdict
 from distil_jax.tokenizer import Tokenizer
@@ -221,7 +219,9 @@ class HttpExpert:
   Every reply is checked for content, not only form, before anything reaches the buffer: the echoed tokens must be
   the ones sent (a server that adds its own BOS shifts every label by one position, silently), and each position's
   log-probs must be finite, <= 0 and their probabilities sum to at most 1 + `SUM_TOL` (NaN or positive log-probs
-  from a broken server otherwise train the student on garbage: loss 0.0 or 753).
+  from a broken server otherwise train the student on garbage: loss 0.0 or 753). The transport (`http_client.py`)
+  bounds each request in time and size and retries what a retry can fix. A response the re-prompt has no feedback
+  for is not sent: it keeps empty lists and stays out of the loss.
   """
 
   on_device = False
@@ -233,32 +233,11 @@ class HttpExpert:
     self.tok, self.cfg, self.add_bos = tokenizer, cfg, add_bos
     self.url = cfg.url.rstrip("/")
     self.top_k = cfg.top_k
+    self.policy = http_client.Policy.from_config(cfg)
     self._check_tokenizer()
 
-  def _post(self, path: str, payload: dict) -> dict:
-    url = self.url + path
-    body = json.dumps(payload).encode()
-    last = None
-    for attempt in range(self.cfg.max_retries + 1):
-      if attempt:
-        time.sleep(self.cfg.backoff_s * 2 ** (attempt - 1))
-      try:
-        req = urllib.request.Request(url, body, {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
-          raw = resp.read()
-      except urllib.error.HTTPError as e:
-        if e.code < 500:
-          raise ExpertError(f"expert {url}: HTTP {e.code}: {e.read()[:200]!r}") from None
-        last = f"HTTP {e.code}"
-        continue
-      except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-        last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-        continue
-      try:
-        return json.loads(raw)
-      except json.JSONDecodeError as e:
-        raise ExpertError(f"expert {url}: reply is not valid JSON ({e.msg}): {raw[:200]!r}") from None
-    raise ExpertError(f"expert {url}: no answer after {self.cfg.max_retries + 1} tries ({last})")
+  def _post(self, path: str, payload: dict):
+    return http_client.post_json(self.url + path, payload, self.policy)
 
   def _check_tokenizer(self):
     probe = self.cfg.tokenizer_probe
@@ -293,16 +272,20 @@ class HttpExpert:
     sent = teacher_ids + response
     self._check_echo(sent, echoed)
     n, start = len(response), len(teacher_ids)
+    if not isinstance(top, list):
+      raise ExpertError(f"expert {self.url}: top_logprobs is {type(top).__name__}, not a list of positions")
     if len(top) < start + n:
       raise ExpertError(f"expert {self.url}: {len(top)} positions scored, expected at least {start + n}")
     ids = np.zeros((n, self.top_k), np.int32)
     logq = np.full((n, self.top_k), -np.inf, np.float32)
     for t in range(n):
-      entries = sorted((top[start + t] or {}).items(), key=lambda kv: -kv[1])[: self.top_k]
+      entries = self._entries(top[start + t], t)
       if not entries:
         raise ExpertError(f"expert {self.url}: no log-probs for response position {t}")
-      for k, (token, lp) in enumerate(entries):
-        ids[t, k], logq[t, k] = self._token_id(token), self._logprob(lp, t, token)
+      # vLLM adds the scored token when it is outside the top K (K + 1 entries): the K most likely are kept
+      entries = sorted(entries, key=lambda e: -e[1])[: self.top_k]
+      for k, (tid, lp) in enumerate(entries):
+        ids[t, k], logq[t, k] = tid, lp
       mass = float(np.sum(np.exp(logq[t].astype(np.float64))))
       if mass > 1 + self.SUM_TOL:
         raise ExpertError(
@@ -310,6 +293,29 @@ class HttpExpert:
           f"(log-probs {[round(float(v), 4) for v in logq[t, : len(entries)]]}): not a distribution"
         )
     return ids, logq
+
+  def _entries(self, listed, t: int) -> list[tuple[int, float]]:
+    """(token id, log-prob) of one position's top log-probs, in either form servers write: {"token_id:N": lp}
+    (completions) or [{"token": "token_id:N", "logprob": lp}, ...] (chat completions); each id at most once."""
+    if listed is None:
+      return []
+    if isinstance(listed, dict):
+      pairs = list(listed.items())
+    elif isinstance(listed, list) and all(isinstance(e, dict) and {"token", "logprob"} <= e.keys() for e in listed):
+      pairs = [(e["token"], e["logprob"]) for e in listed]
+    else:
+      raise ExpertError(
+        f"expert {self.url}: top_logprobs of response position {t} is {json.dumps(listed)[:80]}, neither "
+        '{"token_id:N": logprob} nor [{"token": "token_id:N", "logprob": logprob}, ...]'
+      )
+    out, seen = [], set()
+    for token, lp in pairs:
+      tid = self._token_id(token)
+      if tid in seen:
+        raise ExpertError(f"expert {self.url}: token id {tid} listed twice at response position {t}")
+      seen.add(tid)
+      out.append((tid, self._logprob(lp, t, token)))
+    return out
 
   def _token_id(self, token) -> int:
     if not isinstance(token, str) or not token.startswith("token_id:"):
@@ -349,8 +355,10 @@ class HttpExpert:
 
   def label(self, r: Rollouts) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     shown = reprompts(r, self.cfg.reprompt)
-    texts = shown.texts
+    texts, valid = shown.texts, shown.valid
     bp, g, n = r.tokens.shape
+    # An unlabelled response keeps empty lists (-inf everywhere): the update masks it out of the loss
+    # (update.topk_teacher), as teacher_valid does for the device experts.
     ids = np.zeros((bp, g, n, self.top_k), np.int32)
     logq = np.full((bp, g, n, self.top_k), -np.inf, np.float32)
     jobs = {}
@@ -358,6 +366,8 @@ class HttpExpert:
       for b in range(bp):
         for j in range(g):
           length = int(r.mask[b, j].sum())
+          if not valid[b, j]:
+            continue
           teacher = self.tok.prompt_ids(texts[b][j], self.add_bos)
           jobs[pool.submit(self._score, teacher, r.tokens[b, j, :length].tolist())] = (b, j, length)
       try:

@@ -360,6 +360,8 @@ def _common_metrics(cfg, terms, mask, metrics, loss):
     metrics[f"{name}_per_token"] = _token_mean(jnp.where(mask > 0, terms[name], 0.0), mask)
   if cfg.terms:
     metrics["kl_per_token"] = metrics["ce_per_token"] - metrics["teacher_entropy_per_token"]  # KL(q || pi)
+  if "teacher_nonfinite" in terms:  # the share of response positions where the expert's distribution is NaN or inf
+    metrics["teacher_nonfinite"] = _token_mean(jnp.where(mask > 0, terms["teacher_nonfinite"], 0.0), mask)
   return jax.tree.map(jax.lax.stop_gradient, metrics)
 
 

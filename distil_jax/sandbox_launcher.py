@@ -2,9 +2,11 @@
 
 It is kept in its own module so that it can be read in one sitting: it runs with the child's initial privileges
 (root, when the trainer is root) and every line of it is part of the isolation. The order matters:
-  read the program's files -> mount namespace (root) or user + mount namespace -> as root, uncover the interpreter
+  read the program's files -> (root) fork the helper that writes the uid maps -> mount namespace (root) or user +
+  mount namespace -> as root, uncover the interpreter
   for the unprivileged uid -> hide installed packages -> every mount read-only -> a capped tmpfs on the temp dir
-  -> drop to the unprivileged uid and no capabilities -> write the files -> rlimits -> Landlock -> seccomp
+  -> drop to the unprivileged uid (as root, in a user namespace of its own) and no capabilities -> write the files
+  -> die with the trainer -> rlimits -> Landlock -> seccomp
   -> close the status pipe -> the program, as __main__.
 Any failure before the program starts is written to the status pipe (which the program never sees) and the child
 exits; the parent turns that into `SandboxUnavailable`.
@@ -24,16 +26,16 @@ ALLOW = 0x7FFF0000
 
 machine = os.uname().machine
 NR = {  # syscall numbers of the two ABIs we know; those from 424 on are shared
-  "x86_64": dict(arch=0xC000003E, socket=41, fork=57, vfork=58, clone=56, kill=62, tkill=200, tgkill=234,
+  "x86_64": dict(arch=0xC000003E, socket=41, fcntl=72, fork=57, vfork=58, clone=56, kill=62, tkill=200, tgkill=234,
                  rt_sigqueueinfo=129, rt_tgsigqueueinfo=297, ptrace=101, process_vm_readv=310, process_vm_writev=311,
-                 prlimit64=302, unshare=272, setns=308, bpf=321, perf_event_open=298, capset=126, mount=165,
-                 umount2=166, pivot_root=155, chroot=161, name_to_handle_at=303, open_by_handle_at=304, setsid=112,
-                 setpgid=109, add_key=248, request_key=249, keyctl=250),
-  "aarch64": dict(arch=0xC00000B7, socket=198, clone=220, kill=129, tkill=130, tgkill=131, rt_sigqueueinfo=138,
-                  rt_tgsigqueueinfo=240, ptrace=117, process_vm_readv=270, process_vm_writev=271, prlimit64=261,
-                  unshare=97, setns=268, bpf=280, perf_event_open=241, capset=91, mount=40, umount2=39, pivot_root=41,
-                  chroot=51, name_to_handle_at=264, open_by_handle_at=265, setsid=157, setpgid=154, add_key=217,
-                  request_key=218, keyctl=219),
+                 prlimit64=302, unshare=272, setns=308, bpf=321, perf_event_open=298, capset=126,
+                 mount=165, umount2=166, pivot_root=155, chroot=161, name_to_handle_at=303, open_by_handle_at=304,
+                 setsid=112, setpgid=109, add_key=248, request_key=249, keyctl=250),
+  "aarch64": dict(arch=0xC00000B7, socket=198, fcntl=25, clone=220, kill=129, tkill=130, tgkill=131,
+                  rt_sigqueueinfo=138, rt_tgsigqueueinfo=240, ptrace=117, process_vm_readv=270, process_vm_writev=271,
+                  prlimit64=261, unshare=97, setns=268, bpf=280, perf_event_open=241, capset=91, mount=40,
+                  umount2=39, pivot_root=41, chroot=51, name_to_handle_at=264, open_by_handle_at=265, setsid=157,
+                  setpgid=154, add_key=217, request_key=218, keyctl=219),
 }.get(machine, {})
 NR.update(io_uring_setup=425, pidfd_send_signal=424, open_tree=428, move_mount=429, fsopen=430, fsconfig=431,
           fsmount=432, fspick=433, pidfd_open=434, clone3=435, mount_setattr=442)
@@ -115,12 +117,44 @@ def read_only_but_dir(uid, gid):
   mount("tmpfs", cfg["dir"], "tmpfs", MS_NOSUID | MS_NODEV, opts)
 
 
+def map_helper(uid, gid):
+  # As root, a user namespace's uid and gid maps are written from outside it, by this helper forked before the
+  # mount namespace (whose /proc is read-only by the time the namespace exists). It waits for the word, writes
+  # the maps of its parent, and exits; if the launcher dies first, the pipe's end frees it.
+  go_r, go_w = os.pipe()
+  pid = os.fork()
+  if pid == 0:
+    os.close(go_w)
+    ok = False
+    try:
+      if os.read(go_r, 1) == b"u":
+        for name, text in (("uid_map", "%d %d 1" % (uid, uid)), ("gid_map", "%d %d 1" % (gid, gid))):
+          with open("/proc/%d/%s" % (os.getppid(), name), "w") as f:
+            f.write(text)
+        ok = True
+    finally:
+      os._exit(0 if ok else 1)
+  os.close(go_r)
+  return pid, go_w
+
+
+def own_user_namespace(helper):
+  # As root: a user namespace of its own that maps only the unprivileged uid and gid. The kernel counts
+  # RLIMIT_NPROC per user namespace and uid, so the program's threads and processes are its own count whatever
+  # other sandboxes (of the same uid) or the trainer run; and the namespace holds no capability outside it.
+  pid, go = helper
+  os.setgroups([])
+  check(libc.unshare(CLONE_NEWUSER) == 0, "unshare of a user namespace (the program's own task count)")
+  os.write(go, b"u")
+  os.close(go)
+  check(os.waitpid(pid, 0)[1] == 0, "uid and gid maps of the user namespace")
+
+
 def drop_privileges(uid, gid):
   for cap in range(64):
     libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP; EINVAL past the last capability
   libc.prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT_CLEAR_ALL
   if cfg["mode"] == "root":
-    os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
   header = (ctypes.c_uint32 * 2)(0x20080522, 0)
@@ -128,11 +162,18 @@ def drop_privileges(uid, gid):
   check(libc.prctl(38, 1, 0, 0, 0) == 0, "no_new_privs")
 
 
+def tie_to_trainer():
+  # SIGKILL when the trainer dies (SIGKILL, SIGTERM, a crash): set after the last credential change, which clears
+  # it; and if the trainer died before it was set, the program never starts.
+  check(libc.prctl(1, 9, 0, 0, 0) == 0, "PR_SET_PDEATHSIG")
+  if os.getppid() != cfg["parent"]:
+    os._exit(112)
+
+
 def rlimits():
+  # RLIMIT_NPROC counts threads and processes of the uid in the program's own user namespace: the program's alone
   limits = [("RLIMIT_CPU", cfg["cpu"]), ("RLIMIT_AS", cfg["mem"]), ("RLIMIT_FSIZE", cfg["fsize"]),
-            ("RLIMIT_NOFILE", cfg["nofile"]), ("RLIMIT_CORE", 0)]
-  if cfg["nproc"] > 1:  # counts threads and every process of the uid; with one process seccomp alone forbids fork
-    limits.append(("RLIMIT_NPROC", cfg["nproc"]))
+            ("RLIMIT_NOFILE", cfg["nofile"]), ("RLIMIT_CORE", 0), ("RLIMIT_NPROC", cfg["tasks"])]
   for name, value in limits:
     resource.setrlimit(getattr(resource, name), (value, value + 1 if name == "RLIMIT_CPU" else value))
 
@@ -148,7 +189,10 @@ def landlock():
   handled |= IOCTL_DEV if abi >= 5 else 0
   rules = [(cfg["dir"], handled & ~EXECUTE), ("/dev/null", READ_FILE | WRITE | TRUNCATE)]
   rules += [(p, READ_FILE | READ_DIR) for p in cfg["read"]]
-  ruleset = libc.syscall(444, ctypes.byref(ctypes.c_uint64(handled)), ctypes.c_size_t(8), 0)
+  # ABI 6 (Linux 6.12): no signal to, and no abstract unix socket of, a process outside the sandbox (seccomp below
+  # denies both on any kernel; this is the second lock)
+  attr = (ctypes.c_uint64 * 3)(handled, 0, 3 if abi >= 6 else 0)
+  ruleset = libc.syscall(444, attr, ctypes.c_size_t(24 if abi >= 6 else 8), 0)
   check(ruleset >= 0, "landlock ruleset")
   for path, allowed in rules:
     fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
@@ -176,10 +220,15 @@ def seccomp():
   if cfg["nproc"] <= 1:
     code += [("jeq", NR[n], "eagain", None) for n in ("fork", "vfork") if n in NR]
   code += [("jeq", NR["clone3"], "enosys", None), ("jeq", NR["clone"], "clone", None)]  # clone3 args: unreadable
+  code += [("jeq", NR["fcntl"], "fcntl", None)]
   code += [("jeq", NR[n], "self", None) for n in ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo",
                                                   "prlimit64")]
   code += [("ret", ALLOW), "clone", ("ld", 16), ("jset", NS_FLAGS, "eperm", None)]
   code += [("jset", CLONE_THREAD, "allow", "eagain")] if cfg["nproc"] <= 1 else [("ret", ALLOW)]
+  # F_SETOWN, F_SETOWN_EX, F_SETSIG: the owner of an fd gets a signal (any, with F_SETSIG) when it is ready, so a
+  # pipe to the trainer would be a way to signal the trainer
+  code += ["fcntl", ("ld", 24), ("jeq", 8, "eperm", None), ("jeq", 15, "eperm", None), ("jeq", 10, "eperm", None),
+           ("ret", ALLOW)]
   code += ["self", ("ld", 16), ("jeq", os.getpid(), "allow", None), ("jeq", 0, "allow", "eperm"),
            "allow", ("ret", ALLOW), "eacces", ("ret", ERR(13)), "eagain", ("ret", ERR(11)),
            "enosys", ("ret", ERR(38)), "eperm", ("ret", ERR(1)), "kill", ("ret", 0x80000000)]
@@ -209,11 +258,14 @@ try:
   for name in os.listdir(cfg["dir"]):
     with open(os.path.join(cfg["dir"], name), "rb") as f:
       files[name] = f.read()
+  helper = map_helper(uid, gid) if cfg["mode"] == "root" else None
   namespaces(uid, gid)
   if cfg["mode"] == "root":
     uncover(cfg["read"] + [cfg["dir"]])
   hide(cfg["hide"])
   read_only_but_dir(uid, gid)
+  if cfg["mode"] == "root":
+    own_user_namespace(helper)
   drop_privileges(uid, gid)
   for name, data in files.items():
     with open(os.path.join(cfg["dir"], name), "wb") as f:
@@ -222,6 +274,7 @@ try:
     os.listdir(os.path.dirname(os.__file__))
   except OSError as e:
     raise SetupError("uid %d cannot read the standard library (%s)" % (uid, e)) from None
+  tie_to_trainer()
   rlimits()
   landlock()
   seccomp()

@@ -47,6 +47,7 @@ import numpy as np
 from distil_jax import sharding
 
 TERMS = ("ce", "teacher_entropy", "rkl", "jsd")
+METRIC_TERMS = ("entropy", "teacher_nonfinite")  # per-position outputs under stop_gradient: no cotangent
 _MASKED = -1e30  # logit of an id outside the vocabulary: finite, so 0 * logit stays 0 (no NaN in entropy or grads)
 
 
@@ -109,8 +110,15 @@ def as_target(teacher):
 
 
 def _where_pos(q, x):
-  """q * x with 0 wherever q == 0 (so 0 * -inf is 0, and no NaN reaches the gradient)."""
-  return jnp.where(q > 0, q * jnp.where(q > 0, x, 0.0), 0.0)
+  """q * x with 0 wherever q == 0 (so 0 * -inf is 0, and no NaN reaches the gradient). A NaN q stays NaN: a broken
+  expert's distribution must make the loss non-finite (the update is then skipped and the loop stops), never count
+  as zero mass that trains silently to a loss of 0."""
+  return jnp.where(q > 0, q * jnp.where(q > 0, x, 0.0), jnp.where(q == 0, 0.0, q))
+
+
+def _nonfinite(log_q):
+  """[B,c] 1.0 where the expert's distribution holds a NaN or a +inf log-prob (-inf is zero mass: top-k padding)."""
+  return jax.lax.stop_gradient(jnp.any(jnp.isnan(log_q) | (log_q == jnp.inf), axis=-1).astype(jnp.float32))
 
 
 def _buckets(z, lse, kind, arrays, opts: TermOptions):
@@ -206,7 +214,7 @@ def _block_terms(z, tokens, kind, arrays, opts: TermOptions, mask=None):
   }
   if kind is not None and opts.terms:
     log_q, log_pi, log_pi_norm = _buckets(z, lse, kind, arrays, opts)
-    out.update(_divergences(log_q, log_pi, log_pi_norm, opts))
+    out.update(_divergences(log_q, log_pi, log_pi_norm, opts), teacher_nonfinite=_nonfinite(log_q))
   return out
 
 
@@ -237,7 +245,8 @@ def _teacher_logits(kind, arrays, teacher_head):
 def token_terms(student_logits, teacher, tokens, *, mask=None, opts: TermOptions = TermOptions()):
   """Per-position terms [B,T] from full student logits [B,T,V] (the unfused reference path).
 
-  `teacher` may be None (GRPO, SFT need only log pi(y_t)). Returns a dict with `logp`, `entropy` and `opts.terms`.
+  `teacher` may be None (GRPO, SFT need only log pi(y_t)). Returns a dict with `logp`, `entropy` and `opts.terms`,
+  and with a teacher and terms also `teacher_nonfinite` (1.0 where the expert's distribution is not finite).
   """
   kind, arrays, head = _split_target(teacher)
   kind, arrays = _teacher_logits(kind, arrays, head)
@@ -248,9 +257,9 @@ def fused_token_terms(hidden, lm_head, teacher, tokens, *, mask=None, chunk_size
   """The same terms as `token_terms(hidden @ lm_head, ...)` without any [B,T,V] array.
 
   hidden [B,T,D] in the compute dtype; lm_head [D,V] (the float32 master kernel, or any dtype: it is cast to hidden's
-  dtype once, and its gradient is summed in float32 and returned in lm_head's dtype). `entropy` is a metric: no
-  gradient flows through it. Memory: O(B * chunk_size * V) for the logits block, plus O(D * V) for the head's
-  gradient and one compute-dtype copy of the head.
+  dtype once, and its gradient is summed in float32 and returned in lm_head's dtype). `entropy` and
+  `teacher_nonfinite` are metrics: no gradient flows through them. Memory: O(B * chunk_size * V) for the logits
+  block, plus O(D * V) for the head's gradient and one compute-dtype copy of the head.
   """
   kind, arrays, teacher_head = _split_target(teacher)
   b, t = tokens.shape
@@ -302,7 +311,7 @@ def _fused_scan(kind, opts: TermOptions, head_dtype):
   def bwd(res, ct):
     h_n, head, fixed = res
     tok_n, m_n, tarrays_n, thead = fixed
-    ct = {k: v for k, v in ct.items() if k != "entropy"}  # a metric, under stop_gradient
+    ct = {k: v for k, v in ct.items() if k not in METRIC_TERMS}
 
     def body(dw, xs):
       h, ct_chunk, *rest = xs

@@ -24,7 +24,7 @@ from distil_jax import checkpoint, data, evaluate, experts, hf, losses, metrics,
 from distil_jax import model as model_lib
 from distil_jax import rollout as rollout_lib
 from distil_jax import tokenizer as tok_lib
-from distil_jax.errors import CheckpointError, ConfigError, InputError
+from distil_jax.errors import CheckpointError, ConfigError, ExpertError, InputError
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Set-up
@@ -253,8 +253,20 @@ class Run:
     return found[1]["params"], found[2]
 
 
-def _finite_or_raise(m, it, k, ckpt, writer):
-  """Update k's figures, or the error that stops the run when it was skipped for a non-finite loss or gradient."""
+def _finite_or_raise(m, it, k, ckpt, writer, expert=None):
+  """Update k's figures, or the error that stops the run when it was skipped for a non-finite loss or gradient.
+
+  A teacher of its own whose distribution is not finite (a NaN or inf weight or activation) is named as the cause:
+  the loss is NaN by construction (token_terms), and blaming the step would send the user to the student. (A `self`
+  teacher is the student: the step's message holds.)"""
+  if m.get("teacher_nonfinite", 0.0) > 0 and expert is not None and expert.kind != "self":
+    name = f"the model teacher {expert.model_path}" if expert.kind == "model" else f"the {expert.kind} expert"
+    raise ExpertError(
+      f"{name} gives a distribution that is not finite (NaN or inf) at "
+      f"{m['teacher_nonfinite']:.1%} of the response positions at iteration {it}, update {k}: check its weights "
+      f"for NaN or inf; the update was skipped, the last checkpoint (iteration {ckpt.latest_step()}) and "
+      f"{writer.path} are intact"
+    )
   if m["nonfinite"]:
     raise FloatingPointError(
       f"non-finite loss or gradient at iteration {it}, update {k} (loss={m['loss']}, grad_norm={m['grad_norm']}); "
@@ -441,7 +453,7 @@ def train(config, workdir: str) -> dict:
           if batch is not None:
             state, m = step_fn(state, data.to_global(batch, mesh), teacher_params, jnp.int32(it))
           if pending is not None:
-            step_figures.append(_finite_or_raise(jax.device_get(pending), it, k, ckpt, writer))
+            step_figures.append(_finite_or_raise(jax.device_get(pending), it, k, ckpt, writer, c.expert))
           pending = m if batch is not None else None
         t3 = time.time()
         figures.update({f"train/{k}": float(np.mean([m[k] for m in step_figures])) for k in step_figures[0]})

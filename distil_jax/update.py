@@ -114,6 +114,14 @@ def _reference_logprobs(ref_params, graphdef, prompts, pmask, responses, cfg):
   ]
 
 
+def topk_teacher(batch, g: int):
+  """(the top-k targets [B,N,K] pair, [B] 1 where the response is labelled): a response whose top-k lists are all
+  empty (-inf everywhere) was not labelled (the http expert leaves a response without feedback so) and stays out of
+  the loss, as `teacher_valid` keeps it out for the device experts."""
+  teacher = (_rows(batch["target_ids"], g), _rows(batch["target_logprobs"], g))
+  return teacher, jnp.any(teacher[1] > -jnp.inf, axis=(1, 2)).astype(jnp.float32)
+
+
 def loss_fn(params, batch, teacher_params, ref_params, iteration, *, graphdef, teacher_graphdef, spec: UpdateSpec):
   model = model_lib.merge_for_compute(graphdef, params)
   cfg = spec.loss
@@ -126,9 +134,9 @@ def loss_fn(params, batch, teacher_params, ref_params, iteration, *, graphdef, t
     responses, mask, group = _rows(batch["tokens"], g), _rows(batch["mask"], g), g
   mask = mask.astype(jnp.float32)
   hidden = response_hidden(model, prompts, pmask, responses)
-  teacher = None
+  teacher, labelled = None, None  # labelled [B]: the responses the expert labelled (the loss reads only these)
   if cfg.needs_teacher and spec.teacher == "topk":
-    teacher = (_rows(batch["target_ids"], g), _rows(batch["target_logprobs"], g))
+    teacher, labelled = topk_teacher(batch, g)
   elif cfg.needs_teacher:
     if teacher_params is None:
       teacher_params = jax.lax.stop_gradient(params)
@@ -136,8 +144,6 @@ def loss_fn(params, batch, teacher_params, ref_params, iteration, *, graphdef, t
     thidden = response_hidden(tmodel, _rows(batch["teacher_tokens"], g), _rows(batch["teacher_mask"], g), responses)
     positions = jnp.broadcast_to(jnp.arange(n), (bg * g, n))
     teacher = losses.HiddenTeacher(thidden, tmodel.lm_head_kernel(), positions)
-  labelled = None
-  if cfg.needs_teacher and "teacher_valid" in batch:
     labelled = _rows(batch["teacher_valid"], g).astype(jnp.float32)
   behaviour = None
   if spec.use_behaviour_logprobs and cfg.kind in losses.USES_RATIO:

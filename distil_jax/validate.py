@@ -289,9 +289,13 @@ def _expert_checks(ch: _Checks) -> None:
     url = ch.value("expert.url") if ch.has("expert.url") else ""
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
       ch.fail("expert.url", "expert.kind='http' needs the server's http:// or https:// address")
-    ch.number("expert.timeout_s", lo=0, lo_open=True)
+    timeout_ok = ch.number("expert.timeout_s", lo=0, lo_open=True)
+    if ch.number("expert.deadline_s", lo=0, lo_open=True) and timeout_ok:
+      if ch.value("expert.deadline_s") < ch.value("expert.timeout_s"):
+        ch.fail("expert.deadline_s", f"must be >= expert.timeout_s={ch.value('expert.timeout_s')} (one try fits in it)")
     ch.number("expert.max_retries", lo=0, integer=True)
     ch.number("expert.backoff_s", lo=0)
+    ch.number("expert.max_reply_mb", lo=0, lo_open=True)
     ch.count("expert.concurrency")
     if ch.has("expert.tokenizer_probe") and not ch.value("expert.tokenizer_probe"):
       ch.fail("expert.tokenizer_probe", "must be a non-empty text (the tokenizer check sends it)")

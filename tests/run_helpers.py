@@ -1,11 +1,13 @@
 """Helpers for tests that run the whole loop: config loading, a fake OpenAI-compatible expert server, subprocesses."""
 
+import email.utils
 import json
 import math
 import os
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from distil_jax import config_base
@@ -51,9 +53,15 @@ class FakeExpertServer:
   tokens, then one generated) + top-k logprobs keyed "token_id:N" (the true next token gets log 0.6, the next ids
   0.1 each), as vLLM answers with `return_tokens_as_token_ids`. Broken servers: `mode="garbage"` answers with HTML
   instead of JSON; "nan" and "positive" put NaN or +3.0 at one position; "bos" scores its own BOS in front of the
-  prompt (every position shifted by one); "overfull" gives one position k probabilities of 0.5 each."""
+  prompt (every position shifted by one); "overfull" gives one position k probabilities of 0.5 each.
+  Replies as other servers write them: "list" writes each position as [{"token", "logprob"}, ...]; "k+1" adds the
+  scored token at log 0.01 (outside the top k) to every position, as vLLM does.
+  Hostile or failing transports (completions only; the first `failures` requests, then good replies): "drip" sends
+  the reply 2 bytes a second; "huge" announces and sends 4 MB of padding; "stream" sends 4 MB with no length
+  (close-delimited); "cut" closes half-way through the announced length; "busy" answers 429 with `Retry-After:
+  retry_after`; "unavailable" 503 with an HTTP-date Retry-After that far ahead; "redirect" answers 307."""
 
-  def __init__(self, tokenizer, mode="ok"):
+  def __init__(self, tokenizer, mode="ok", failures=1 << 30, retry_after=1):
     server = self
 
     class Handler(BaseHTTPRequestHandler):
@@ -63,6 +71,10 @@ class FakeExpertServer:
       def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         server.requests += 1
+        if self.path != "/tokenize" and server.mode in server.TRANSPORT and server.failures > 0:
+          server.failures -= 1
+          server.failed += 1
+          return self.fail(server.mode)
         if server.mode == "garbage":
           payload = b"<html>502 bad gateway</html>"
         elif self.path == "/tokenize":
@@ -78,6 +90,9 @@ class FakeExpertServer:
               entry[f"token_id:{(tid + j) % vocab}"] = math.log(0.1)
             top.append(entry)
           last = f"token_id:{ids[-1]}"
+          if server.mode == "k+1":
+            for entry, tid in zip(top[1:], ids[1:], strict=True):
+              entry[f"token_id:{(tid + k) % vocab}"] = math.log(0.01)
           if server.mode == "nan":
             top[-1][last] = float("nan")
           elif server.mode == "positive":
@@ -86,6 +101,8 @@ class FakeExpertServer:
             top[-1] = {key: math.log(0.5) for key in top[-1]}
           tokens = [f"token_id:{t}" for t in ids] + [f"token_id:{server.tokenizer.eos_id}"]
           top.append({tokens[-1]: 0.0})
+          if server.mode == "list":
+            top = [e and [{"token": t, "logprob": lp, "bytes": []} for t, lp in e.items()] for e in top]
           logprobs = {"tokens": tokens, "top_logprobs": top}
           payload = json.dumps({"choices": [{"text": "", "logprobs": logprobs}]}).encode()
         self.send_response(200)
@@ -94,10 +111,46 @@ class FakeExpertServer:
         self.end_headers()
         self.wfile.write(payload)
 
+      def fail(self, mode):
+        if mode in ("busy", "unavailable", "redirect"):
+          code = {"busy": 429, "unavailable": 503, "redirect": 307}[mode]
+          self.send_response(code)
+          if mode == "redirect":
+            self.send_header("Location", "http://127.0.0.1:9/v1/completions")
+          elif mode == "busy":
+            self.send_header("Retry-After", str(server.retry_after))
+          else:
+            self.send_header("Retry-After", email.utils.formatdate(time.time() + server.retry_after, usegmt=True))
+          self.send_header("Content-Length", "0")
+          self.end_headers()
+          return
+        size = 4 << 20 if mode in ("huge", "stream") else 1000
+        self.send_response(200)
+        if mode != "stream":
+          self.send_header("Content-Length", str(size))
+        self.end_headers()
+        try:
+          if mode == "drip":  # 2 bytes a second, for at most 20 s
+            for _ in range(40):
+              self.wfile.write(b"  ")
+              self.wfile.flush()
+              time.sleep(0.5)
+          elif mode == "cut":
+            self.wfile.write(b" " * (size // 2))
+          else:
+            for _ in range(size >> 16):
+              self.wfile.write(b" " * (1 << 16))
+        except OSError:  # the client hung up: what it should do
+          pass
+        self.close_connection = True
+
     self.tokenizer, self.mode, self.requests = tokenizer, mode, 0
+    self.failures, self.failed, self.retry_after = failures, 0, retry_after
     self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-    self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+    self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+
+  TRANSPORT = ("drip", "huge", "stream", "cut", "busy", "unavailable", "redirect")
 
   def __enter__(self):
     self.thread.start()

@@ -265,3 +265,22 @@ def test_anything_else_is_not_plain_data(value):
 def test_decoding_accepts_only_tagged_plain_data(text):
   with pytest.raises((TypeError, ValueError)):
     code_codec.loads(text)
+
+
+@pytest.mark.parametrize(
+  "record",
+  [
+    {"prompt": "def f(x):\n", "tests": []},
+    {"prompt": "def f(x):\n", "tests": ""},
+    {"prompt": "def f(x):\n", "tests": ["# no test here", "pass"]},
+    {"prompt": "def f(x):\n", "test": "def check(candidate):\n    pass\n", "entry_point": "f"},
+  ],
+)
+def test_a_record_without_tests_is_refused(tmp_path, record):
+  """An empty suite would grade every program that loads as correct."""
+  path = tmp_path / "empty.jsonl"
+  good = {"prompt": "def f(x):\n", "tests": ["assert f(1) == 2"]}
+  path.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
+  field = "test" if "test" in record else "tests"
+  with pytest.raises(DataError, match=rf"empty\.jsonl:2: field '{field}' holds no test"):
+    _task(str(path))

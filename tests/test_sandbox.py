@@ -337,3 +337,116 @@ def test_a_non_root_trainer_gets_the_same_isolation_from_a_user_namespace(outsid
   assert (mode, uid) == ("userns", "1234")
   assert "Read-only file system" in chmod and "PermissionError" in read and "No space left" in fill
   assert os.stat(public).st_mode & 0o777 == 0o644
+
+
+TRAINER = """
+import sys, time
+from distil_jax import sandbox
+box = sandbox.Sandbox("import time; time.sleep(60)", sandbox.Limits(wall_seconds=60, cpu_seconds=60))
+print(box._proc.pid, box._dir, flush=True)
+time.sleep(60)
+"""
+
+
+def _gone(pid: int) -> bool:
+  """No such process, or a zombie nobody reaps (a container's init may not)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rpartition(")")[2].split()[0] == "Z"
+  except FileNotFoundError:
+    return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_programs_die_with_a_killed_trainer_and_its_temp_dirs_are_cleaned(sig, code_dir):
+  """A trainer killed in the middle of a sandboxed run (no `close`) leaves no program running; its temp dir is
+  removed when the next sandbox starts."""
+  env = {"PATH": os.environ["PATH"], "PYTHONPATH": code_dir}
+  trainer = subprocess.Popen([sys.executable, "-c", TRAINER], stdout=subprocess.PIPE, text=True, env=env, cwd="/")
+  try:
+    pid, folder = trainer.stdout.readline().split()
+    assert not _gone(int(pid)) and os.path.isdir(folder)
+  finally:
+    trainer.send_signal(sig)
+    trainer.wait(timeout=10)
+  deadline = time.monotonic() + 5
+  while not _gone(int(pid)) and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert _gone(int(pid)), f"the sandboxed program {pid} outlived its trainer"
+  assert os.path.isdir(folder)  # nothing ran at the trainer's death...
+  alive = tempfile.mkdtemp(prefix=f"distil-sandbox-{os.getpid()}-")  # a live trainer's dir
+  try:
+    assert folder in sandbox.clean_stale_dirs()  # ...until a sandbox starts
+    assert not os.path.exists(folder) and os.path.isdir(alive)
+  finally:
+    shutil.rmtree(alive)
+
+
+THREADS = """
+import threading, time
+threading.stack_size(1 << 16)
+started = 0
+try:
+  for _ in range(500):
+    threading.Thread(target=time.sleep, args=(3,), daemon=True).start()
+    started += 1
+except RuntimeError:
+  pass
+print(started, flush=True)
+time.sleep({hold})
+"""
+
+
+def test_a_thread_flood_is_bounded_per_program():
+  """Each program has its own task count (threads + processes): a flood stops at `tasks`, and a second program
+  running beside a full one still gets its whole share (a count per uid would leave it none)."""
+  limits = dataclasses.replace(LIMITS, tasks=12, wall_seconds=8, cpu_seconds=8)
+  with sandbox.Sandbox(THREADS.format(hold=2), limits) as first:
+    second = sandbox.run(THREADS.format(hold=0), limits)
+    assert first.finish().stdout.strip() == str(limits.tasks - 1)  # the main thread is one of the tasks
+  assert second.returncode == 0 and second.stdout.strip() == str(limits.tasks - 1), second.stderr
+
+
+ATTACKS = """
+import ctypes, json, os, signal, socket
+out = {}
+def attempt(name, fn, *args):
+  try:
+    fn(*args)
+    out[name] = "done"
+  except OSError as e:
+    out[name] = e.strerror
+ppid = os.getppid()
+out["environment"] = sorted(os.environ)
+attempt("/proc/ppid/environ", lambda: open("/proc/%d/environ" % ppid).read())
+attempt("/proc/ppid/cmdline", lambda: open("/proc/%d/cmdline" % ppid).read())
+attempt("/proc/ppid/fd", os.listdir, "/proc/%d/fd" % ppid)
+attempt("/proc/self/environ", lambda: open("/proc/self/environ").read())
+attempt("abstract unix socket", lambda: socket.socket(socket.AF_UNIX).connect("\\0distil-test"))
+attempt("SIGTERM to the parent", os.kill, ppid, signal.SIGTERM)
+attempt("SIGKILL to every process", os.kill, -1, signal.SIGKILL)
+attempt("SIGKILL to the parent's group", os.killpg, os.getpgid(ppid), signal.SIGKILL)
+import fcntl
+attempt("F_SETOWN the parent on stdout", fcntl.fcntl, 1, fcntl.F_SETOWN, ppid)
+attempt("F_SETSIG on stdout", fcntl.fcntl, 1, 10, signal.SIGKILL)
+attempt("write /dev/shm", lambda: open("/dev/shm/distil-sandbox-escape", "w").write("x"))
+def shared_memory():
+  from multiprocessing import shared_memory
+  shared_memory.SharedMemory("distil-sandbox-escape", create=True, size=4096)
+attempt("POSIX shared memory", shared_memory)
+print(json.dumps(out))
+"""
+
+
+def test_hostile_programs_cannot_reach_the_trainer():
+  """What a program tries next: the trainer's environment and /proc of its parent, an abstract unix socket,
+  signals to the parent (directly, to all, to its group, through an fd's owner), /dev/shm. Each is refused."""
+  secret = "DISTIL_SANDBOX_SECRET"
+  os.environ[secret] = "x"
+  try:
+    out = _attempts(ATTACKS)
+  finally:
+    del os.environ[secret]
+  assert out.pop("environment") == ["HOME", "LANG", "PATH", "PYTHONHASHSEED", "TMPDIR"]
+  assert len(out) == 12 and "done" not in out.values(), out
+  assert not os.path.exists("/dev/shm/distil-sandbox-escape")

@@ -39,6 +39,9 @@ def _problem_from_record(record, path_hint) -> Problem:
   except (SyntaxError, ValueError) as e:
     field = "test" if tests is None else "tests"
     raise DataError(f"{path_hint}: field {field!r}: {type(e).__name__}: {e}") from None
+  if not suite.checks and suite.rest is None:  # nothing could fail: every program that loads would be correct
+    field = "test" if tests is None else "tests"
+    raise DataError(f"{path_hint}: field {field!r} holds no test (an empty suite grades every program as correct)")
   solution = record.get("canonical_solution") or record.get("solution")
   return Problem(prompt, "", solution, suite, source=f"{path_hint}:prompt")
 
