@@ -71,7 +71,7 @@ class Limits:
   file_bytes: int = 1 << 20  # one file
   dir_bytes: int = 32 << 20  # the whole temp dir (a tmpfs, so it is also RAM)
   open_files: int = 64
-  processes: int = 1  # no fork at all by default
+  processes: int = 1  # no fork at all by default (above 1, the program's own children are not tied to the trainer)
   tasks: int = 32  # threads and processes together (RLIMIT_NPROC, counted per sandbox); `processes` when above 1
   output_bytes: int = 1 << 20  # kept of stdout, and of stderr; the longest channel line
   flood_bytes: int = 16 << 20  # written in all (stdout, stderr, channel): past this the program is killed
