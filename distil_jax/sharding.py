@@ -10,6 +10,7 @@ The same code runs on one device, on 8 fake CPU devices, on a GPU host and on a 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Mapping, Sequence
@@ -110,8 +111,17 @@ def put_batch(batch, mesh):
   return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x))), batch)
 
 
+@contextlib.contextmanager
+def use(mesh, rules=None):
+  """The mesh and the logical rules that activation constraints read while jitted code traces: the run's one set of
+  rules (`config.sharding_rules`) places parameters (`param_shardings`) and activations (`constrain`) alike."""
+  with jax.set_mesh(mesh), flax_spmd.logical_axis_rules(tuple(rules or DEFAULT_RULES)):
+    yield
+
+
 def activation_spec(logical_axes: Sequence[str | None], shape) -> P | None:
-  """The PartitionSpec of an activation under the current mesh and rules; None when no mesh is set (one device)."""
+  """The PartitionSpec of an activation under the current mesh and rules (`use`; the default rules outside it);
+  None when no mesh is set (one device)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return None

@@ -396,7 +396,7 @@ def train(config, workdir: str) -> dict:
   sampling_cfg = rollout_lib.sampling_config(c, tok)
   last = {}
   try:
-    with jax.set_mesh(mesh):
+    with sharding.use(mesh, run.rules):
       if start == 0:
         t0 = time.time()
         figures = {}
@@ -500,7 +500,7 @@ def evaluate_only(config, workdir: str) -> dict:
   run = Run.build(config, workdir)
   params, meta = run.restore_params()
   run.write_workdir()
-  with jax.set_mesh(run.mesh):
+  with sharding.use(run.mesh, run.rules):
     out = evaluate.evaluate_policy(
       run.graphdef, params, jax.random.key(config.seed), config=config, tok=run.tok, task=run.task, mesh=run.mesh
     )

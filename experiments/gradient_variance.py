@@ -32,7 +32,7 @@ from absl import app, flags
 from jax.flatten_util import ravel_pytree
 from ml_collections import config_flags
 
-from distil_jax import checkpoint, data, experts, rollout, train, update
+from distil_jax import checkpoint, data, experts, rollout, sharding, train, update
 
 config_flags.DEFINE_config_file("config", None, "Config file (the run's, with its overrides).", lock_config=True)
 flags.DEFINE_string("workdir", None, "A DistIL run's workdir (its kept checkpoints are measured).", required=True)
@@ -94,7 +94,7 @@ def measure(c, workdir, minibatches):
   if c.expert.kind == "self" and c.expert.ema_decay > 0:  # the teacher the run trained with
     targets["ema"] = targets["params"]
   out = {}
-  with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt, jax.set_mesh(run.mesh):
+  with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt, sharding.use(run.mesh, run.rules):
     steps = ckpt.all_steps()
     if not steps:
       raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint")

@@ -27,7 +27,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from distil_jax import data, evaluate, experts, rollout, sampler, train
+from distil_jax import data, evaluate, experts, rollout, sampler, sharding, train
 from experiments import stats
 
 config_flags.DEFINE_config_file("config", None, "Config file (the run's).", lock_config=True)
@@ -81,7 +81,7 @@ def main(_):
   template, width = c.expert.reprompt, c.expert.max_prompt_tokens
   fits = lambda text: len(run.tok.prompt_ids(text, c.tokenizer.add_bos)) <= width
   keys = jax.random.split(jax.random.key(c.seed), 6)
-  with jax.set_mesh(run.mesh):
+  with sharding.use(run.mesh, run.rules):
     r = rollout.rollout(
       run.graphdef, params, problems, keys[0], config=c, tok=run.tok, task=run.task, mesh=run.mesh,
       samples_per_prompt=g, sampling_cfg=base,

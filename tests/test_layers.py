@@ -88,3 +88,21 @@ def test_master_parameters_are_cast_once_per_step():
   per_layer = {s for s in per_layer if "x" in s}  # the 2-D kernels: no activation has their shape
   converts = re.findall(r"stablehlo\.convert %\S+ : \(tensor<([\dx]+)xf32>\) -> tensor<[\dx]+xbf16>", text)
   assert not per_layer & set(converts), per_layer & set(converts)
+
+
+def test_the_runs_rules_place_activations_as_they_place_parameters():
+  """`config.sharding_rules` moved parameters but activation constraints read the default rules: with the vocabulary
+  taken off `tensor`, the LM head and the logits both stay whole on that axis under `sharding.use`, and both are split
+  over it under the default rules (checked on the compiled outputs' shardings)."""
+  mesh = sharding.make_mesh({"fsdp": 2, "tensor": 4})
+  custom = [r for r in sharding.DEFAULT_RULES if r[0] != "vocab"] + [("vocab", None)]
+  x = jnp.zeros((8, 3, 16), jnp.float32)
+  for rules, split in ((custom, False), (sharding.DEFAULT_RULES, True)):
+    logits = jax.jit(lambda x: sharding.constrain(x * 2.0, ("batch", None, "vocab")))  # one trace per rule set
+    with sharding.use(mesh, rules):
+      out = logits(x)
+    _, params = sharding.abstract_params(lambda: model_lib.Transformer(CFG, rngs=nnx.Rngs(0)), mesh, tuple(rules))
+    head = params["lm_head"]["kernel"].sharding
+    spec = tuple(out.sharding.spec) + (None,) * (3 - len(out.sharding.spec))  # trailing Nones may be dropped
+    assert spec[-1] == ("tensor" if split else None), out.sharding.spec
+    assert ("tensor" in str(head.spec)) == split, head.spec
