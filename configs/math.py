@@ -57,10 +57,9 @@ def smollm2(c):
   c.model.update(hf_path=os.path.expanduser(SMOLLM2), dtype="float32", remat="full")
   c.task.update(min_ops=1, max_ops=1, prompt_template="{question}\nPut the final answer in \\boxed{{}}.", eval_size=128)
   c.tokenizer.chat_template = "auto"
-  # T = 0.7 for the sampler and the teacher alike: at T = 1 this small model writes noise after a few sentences, and a
-  # self teacher scored at another temperature than the student's is not the student re-prompted
+  # T = 0.7: at T = 1 this small model writes noise after a few sentences (the self teacher is scored at the
+  # sampler's temperature unless loss.teacher_temperature says otherwise)
   c.sampling.update(max_prompt_tokens=64, prompt_buckets=(64,), max_new_tokens=96, temperature=0.7)
-  c.loss.teacher_temperature = 0.7
   c.expert.update(
     kind="self",
     feedback="sibling",
