@@ -38,7 +38,10 @@ E[c_t' grad log pi(y_t)] = 0 for t' <= t. An expert shown the verdict on this ve
 "reference"` always; "any" and the http expert on rows whose other half has no correct response) makes every q_t a
 function of the whole response, and that zero no longer holds. For such a row (`whole_response_credit`, marked by
 the expert) every token's score weight is the whole response's cost sum_t' c_t', which is exact: the row's cost is
-then a function of y whose score-function gradient is sum_t' c_t' * sum_t grad log pi(y_t | y_<t).
+then a function of y whose score-function gradient is sum_t' c_t' * sum_t grad log pi(y_t | y_<t). "Exact" means:
+for each row's expected cost under its own sampling distribution, with the other responses its feedback shows held
+as sampled (the expert is a constant given what it is shown, as in DAgger), and on fresh rows (ratio 1; a reused
+row's clipped ratio is a first-order correction, as for unmarked rows).
 
 Baseline: b_t must not depend on y_t. The leave-one-out mean over a group is such a baseline when the expert of row
 j does not read row i; an expert that shows row j a correct sibling does. With `baseline_parts=2` each group is two
@@ -109,6 +112,11 @@ class LossConfig:
         raise ValueError(f"loss.{name}={value!r} must be an integer >= 0")
     if not self.distil_weight >= 0:
       raise ValueError(f"loss.distil_weight={self.distil_weight} must be >= 0")
+    if self.student_topk and self.kind not in ("reverse_kl", "jsd"):
+      raise ValueError(
+        f"loss.student_topk={self.student_topk} with loss.kind={self.kind!r}: the student's top-k buckets move with "
+        "theta, so a forward cross-entropy over them is not J; use it with reverse_kl (SDPO) or jsd"
+      )
 
   @property
   def normalization(self) -> str:

@@ -8,6 +8,7 @@ write, so a killed run loses nothing it reported.
 
 Each evaluation's line also carries the best `eval/pass@1` so far and its iteration (`eval/best_pass@1`,
 `eval/best_iteration`): a run that peaks early and then degrades shows both its last and its best checkpoint's figure.
+It is a diagnostic: a maximum over noisy evaluations of the split it selects on, biased upwards as a result.
 
 Figures are global: on a multi-process run each process computes its share and `global_mean` / `global_sum` combine
 them (every process must call them, with the same keys, at the same point).

@@ -121,14 +121,17 @@ def _nonfinite(log_q):
   return jax.lax.stop_gradient(jnp.any(jnp.isnan(log_q) | (log_q == jnp.inf), axis=-1).astype(jnp.float32))
 
 
-def _buckets(z, lse, kind, arrays, opts: TermOptions):
-  """(log q, log pi, log pi normalised over the buckets or None) for one block of student logits z [B,c,V]."""
+def _buckets(z, lse, kind, arrays, opts: TermOptions, dense_log_q=None):
+  """(log q, log pi, log pi normalised over the buckets or None) for one block of student logits z [B,c,V].
+  `dense_log_q`: the expert's whole log-distribution behind top-k targets, when known (its tail is then taken in
+  log space, finite however small, where 1 - sum q_k would round to 0 for a confident teacher)."""
   if kind == "dense":
     log_q = jax.nn.log_softmax(restrict(arrays[0], opts.teacher_temperature, opts.vocab_size), axis=-1)
     if opts.student_topk:  # SDPO: the student's k likeliest ids (chosen without gradient) and one tail bucket
       ids = jax.lax.top_k(jax.lax.stop_gradient(z), opts.student_topk)[1]
       topk = (ids, jnp.take_along_axis(log_q, ids, axis=-1))
-      return _buckets(z, lse, "topk", topk, dataclasses.replace(opts, topk_tail="bucket", student_topk=0))
+      opts = dataclasses.replace(opts, topk_tail="bucket", student_topk=0)
+      return _buckets(z, lse, "topk", topk, opts, dense_log_q=log_q)
     log_pi = z - lse[..., None]
     return log_q, log_pi, log_pi
   ids = arrays[0]
@@ -152,8 +155,13 @@ def _buckets(z, lse, kind, arrays, opts: TermOptions):
   listed = jnp.zeros(z.shape, bool).at[b[..., None], c[..., None], drop].set(True, mode="drop")
   rest = jnp.where(listed & has_tail[..., None], -jnp.inf, z)  # finite everywhere when there is no tail
   log_pi_tail = jnp.where(has_tail, jax.nn.logsumexp(rest, axis=-1) - lse, -jnp.inf)
-  q_tail = jnp.where(has_tail, jnp.clip(1.0 - jnp.sum(jnp.exp(log_q), axis=-1), 0.0, 1.0), 0.0)
-  log_q = jnp.concatenate([log_q, jnp.log(q_tail)[..., None]], axis=-1)
+  if dense_log_q is None:
+    q_tail = jnp.where(has_tail, jnp.clip(1.0 - jnp.sum(jnp.exp(log_q), axis=-1), 0.0, 1.0), 0.0)
+    log_q_tail = jnp.log(q_tail)
+  else:
+    rest_q = jnp.where(listed & has_tail[..., None], -jnp.inf, dense_log_q)
+    log_q_tail = jnp.where(has_tail, jax.nn.logsumexp(rest_q, axis=-1), -jnp.inf)
+  log_q = jnp.concatenate([log_q, log_q_tail[..., None]], axis=-1)
   log_pi = jnp.concatenate([jnp.where(valid, log_pi, -jnp.inf), log_pi_tail[..., None]], axis=-1)
   return log_q, log_pi, log_pi
 

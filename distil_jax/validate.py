@@ -329,6 +329,11 @@ def _loss_checks(ch: _Checks) -> None:
   if ch.number("loss.student_topk", lo=0, integer=True) and ch.value("loss.student_topk"):
     if ch.value("expert.kind") not in ("self", "model"):
       ch.fail("loss.student_topk", "needs a teacher on the device (expert.kind self or model) to read its mass")
+    if ch.value("loss.kind") not in ("reverse_kl", "jsd"):
+      ch.fail(
+        "loss.student_topk",
+        "applies to loss.kind reverse_kl (SDPO) or jsd: a forward CE over buckets that move with theta is not J",
+      )
   if not (kind_ok and ch.count("train.group_size")):
     return
   kind, group = ch.value("loss.kind"), ch.value("train.group_size")

@@ -347,11 +347,13 @@ def test_student_topk_reverse_kl_closed_form_fused_and_unfused():
   k = 4
   teacher = _dense_equivalent(targets["hidden"])
 
-  def direct(z):
+  def direct(z, teacher=teacher):
     logp, logq = jax.nn.log_softmax(z, -1), jax.nn.log_softmax(teacher, -1)
-    ids = jnp.asarray(np.argsort(-np.asarray(jax.lax.stop_gradient(z)), -1)[..., :k])
+    order = np.argsort(-np.asarray(jax.lax.stop_gradient(z)), -1)
+    ids, rest = jnp.asarray(order[..., :k]), jnp.asarray(order[..., k:])
     lp, lq = jnp.take_along_axis(logp, ids, -1), jnp.take_along_axis(logq, ids, -1)
-    lp_tail, lq_tail = jnp.log1p(-jnp.exp(lp).sum(-1)), jnp.log1p(-jnp.exp(lq).sum(-1))
+    tail = lambda logx: jax.nn.logsumexp(jnp.take_along_axis(logx, rest, -1), -1)  # the unlisted ids' mass
+    lp_tail, lq_tail = tail(logp), tail(logq)
     kl = (jnp.exp(lp) * (lp - lq)).sum(-1) + jnp.exp(lp_tail) * (lp_tail - lq_tail)
     return jnp.mean(jnp.sum(kl * mask, 1))
 
@@ -373,6 +375,15 @@ def test_student_topk_reverse_kl_closed_form_fused_and_unfused():
   np.testing.assert_allclose(g2, g1, rtol=1e-4, atol=1e-6)
   full = losses.reverse_kl_loss(z, teacher, tokens, mask)
   assert abs(float(full) - float(got_v)) > 1e-2 * float(full)
+  # a confident teacher (all but ~e^-40 of its mass on the student's top id): 1 - sum q_k rounds to 0 in float32, the
+  # tail in log space stays finite
+  confident = teacher.at[..., :].set(0.0)
+  confident = confident.at[jnp.arange(B)[:, None], jnp.arange(T)[None], jnp.argmax(z, -1)].set(40.0)
+  want_v, want_g = jax.value_and_grad(lambda z: direct(z, confident))(z)
+  got_v, got_g = jax.value_and_grad(lambda z: losses.reverse_kl_loss(z, confident, tokens, mask, student_topk=k))(z)
+  assert np.isfinite(float(got_v)) and np.isfinite(np.asarray(got_g)).all()
+  np.testing.assert_allclose(got_v, want_v, rtol=1e-5)
+  np.testing.assert_allclose(got_g, want_g, rtol=1e-4, atol=1e-6)
 
 
 def test_distil_grpo_is_grpo_plus_weighted_distil():
