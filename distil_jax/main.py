@@ -45,7 +45,7 @@ def _run(config):
 
 def main(argv):
   del argv
-  from distil_jax import errors, metrics, multihost
+  from distil_jax import errors, metrics, multihost, preemption
   from distil_jax.sandbox import SandboxUnavailable
 
   if FLAGS.workdir is None:
@@ -53,13 +53,13 @@ def main(argv):
   if FLAGS.mode == "export" and not FLAGS.export_dir:
     raise app.UsageError("--mode=export needs --export_dir")
   metrics.quiet_console()
+  import jax
+
   try:
     if FLAGS.distributed:
       multihost.initialize(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, timeout_s=FLAGS.peer_timeout_s
       )
-    import jax
-
     if FLAGS.log_dir:  # absl's flag: the log file goes there from the start (else to workdir/logs, once it is valid)
       metrics.log_to_file(FLAGS.log_dir)
     config = _CONFIG.value
@@ -67,6 +67,15 @@ def main(argv):
     if jax.process_index() == 0:
       print(f"config:\n{config}", file=sys.stderr, flush=True)
     out = _run(config)
+  except preemption.Preempted as e:  # a clean stop at SIGTERM / SIGINT: one line, exit 0 (a scheduler requeues)
+    logging.info("stopped at a signal", exc_info=True)
+    multihost.finish(ok=True)
+    if jax.process_index() == 0:
+      print(f"distil_jax: {e}", file=sys.stderr, flush=True)
+    return
+  except KeyboardInterrupt:  # Ctrl-C outside the training loop (which takes SIGINT over): reading input, eval, export
+    multihost.finish(ok=False)
+    sys.exit(f"distil_jax: interrupted (SIGINT) during --mode={FLAGS.mode} before any checkpoint was written")
   except (errors.Error, SandboxUnavailable, FloatingPointError) as e:
     # The library's own message: one line naming the cause (the traceback goes to the log file).
     logging.info("stopped", exc_info=True)

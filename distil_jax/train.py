@@ -22,6 +22,7 @@ from flax import nnx
 from distil_jax import buffer as buffer_lib
 from distil_jax import checkpoint, data, evaluate, experts, hf, losses, metrics, sharding, tasks, update, validate
 from distil_jax import model as model_lib
+from distil_jax import preemption
 from distil_jax import rollout as rollout_lib
 from distil_jax import tokenizer as tok_lib
 from distil_jax.errors import CheckpointError, ConfigError, InputError
@@ -150,10 +151,10 @@ def load_teacher(config, student_cfg, tok, mesh, rules):
 # The run
 
 
-def warm_up(params, run, *, config, mesh):
+def warm_up(params, run, *, config, mesh, stop=lambda: False):
   """DAgger's round 0: `train.warmup_steps` behaviour-cloning updates on the expert's own responses to fresh
   prompts (no sampling), with an optimizer of its own at `train.warmup_lr`, as a separate SFT run would be.
-  Returns the parameters and figures."""
+  Returns the parameters and figures, or None when `stop()` said to abandon it (asked before each step)."""
   c = config
   optim = c.optim.copy_and_resolve_references()
   optim.lr = c.train.warmup_lr
@@ -164,6 +165,8 @@ def warm_up(params, run, *, config, mesh):
   stream = data.prompt_stream(run.task.problems("train"), seed=c.seed + 1, per_iteration=c.train.warmup_batch)
   losses_seen = []
   for k in range(c.train.warmup_steps):
+    if stop():
+      return None
     problems = rollout_lib.with_feedback(stream[k], c.train.warmup_reprompt_fraction, config=c, task=run.task)
     batch = rollout_lib.warmup_batch(problems, config=c, tok=run.tok)
     state, m = step(state, data.to_global(batch, mesh), None, jnp.int32(0))
@@ -273,7 +276,13 @@ def _meta(config, iteration: int, buffer_rows: int, sampled_tokens: int) -> dict
 
 
 def train(config, workdir: str) -> dict:
-  """Run (or resume) the DAgger loop; returns the last iteration's figures."""
+  """Run (or resume) the DAgger loop; returns the last iteration's figures. Raises `preemption.Preempted` when it
+  stopped at SIGTERM or SIGINT, after saving the last completed iteration (see `preemption.py`)."""
+  with preemption.Stopper() as stopper:
+    return _train(config, workdir, stopper)
+
+
+def _train(config, workdir: str, stopper: preemption.Stopper) -> dict:
   _check(config, "train")
   run = Run.build(config, workdir)
   c, mesh, tok, task = config, run.mesh, run.tok, run.task
@@ -343,15 +352,28 @@ def train(config, workdir: str) -> dict:
   prompts = data.prompt_stream(task.problems("train"), seed=c.seed, per_iteration=c.train.prompts_per_iteration)
   sampling_cfg = rollout_lib.sampling_config(c, tok)
   last = {}
+  # The last completed iteration, what a stop at a signal saves: (iteration, buffer rows, sampled tokens).
+  done = (start, buf.rows, sampled_tokens)
+
+  def stop_here():
+    """At a signal: the last completed iteration checkpointed (unless it is already), then `Preempted`."""
+    it_done, rows, tokens = done
+    if ckpt.latest_step() != it_done:
+      ckpt.save(it_done, state, _meta(c, it_done, rows, tokens))
+    raise preemption.Preempted(stopper.signame, it_done, ckpt.directory)
+
   try:
     with jax.set_mesh(mesh):
-      if start == 0:
+      if latest is None:
         t0 = time.time()
         figures = {}
         if c.train.warmup_steps:
           before = eval_fn(run.graphdef, state["params"], jax.random.fold_in(eval_keys, 0))
           figures = {f"before_warmup/{k}": v for k, v in before.items()}
-          params, warm = warm_up(state["params"], run, config=c, mesh=mesh)
+          warmed = warm_up(state["params"], run, config=c, mesh=mesh, stop=stopper.requested)
+          if warmed is None:
+            raise preemption.Preempted(stopper.signame, None, ckpt.directory)
+          params, warm = warmed
           state = update.init_state(tx, params, mesh, ema=_ema(c), ref=reference)
           figures.update(warm, **{"time/warmup_s": time.time() - t0})
         t1 = time.time()
@@ -362,6 +384,10 @@ def train(config, workdir: str) -> dict:
         if c.train.iterations == 0:  # a warm-up-only run (e.g. a shared start for model.init_from)
           ckpt.save(0, state, _meta(c, 0, 0, 0))
       for it in range(start + 1, c.train.iterations + 1):
+        # A signal abandons the iteration at any of these points, before its first update (a resume replays it
+        # exactly); once updates began, the iteration is finished, then saved.
+        if stopper.requested():
+          stop_here()
         figures = {}
         t0 = time.time()
         # -- Rollouts and feedback --------------------------------------------------------------------------------
@@ -377,12 +403,16 @@ def train(config, workdir: str) -> dict:
           samples_per_prompt=c.train.group_size,
           sampling_cfg=sampling_cfg,
         )
+        if stopper.requested():
+          stop_here()
         sampled_tokens += metrics.global_sum(int(r.mask.sum()))
         t1 = time.time()
         # -- Expert labels, into the buffer -----------------------------------------------------------------------
         labels, label_figures = expert.label(r)
         figures.update(label_figures)
         groups = rollout_lib.group_records(r, labels, it, config=c, tok=tok, layout=layout)
+        if stopper.requested():
+          stop_here()
         old = buf.window(before=buf.rows)
         buf.append(groups)
         t2 = time.time()
@@ -428,6 +458,7 @@ def train(config, workdir: str) -> dict:
         figures["time/iteration_s"] = time.time() - t0
         writer.write(it, figures)
         last = figures
+        done = (it, buf.rows, sampled_tokens)
         if it % c.checkpoint.every == 0 or it == c.train.iterations:
           ckpt.save(it, state, _meta(c, it, buf.rows, sampled_tokens))
           rows_at[it] = buf.rows
