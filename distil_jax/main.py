@@ -3,6 +3,7 @@
 --mode=train   run or resume the DAgger loop (resumes when the workdir holds a checkpoint)
 --mode=eval    pass@k of the latest checkpoint
 --mode=export  the latest checkpoint as a Hugging Face checkpoint in --export_dir
+--allow_changed=optim.lr,...  keys a resume may change (any other change to what is trained is refused)
 --distributed  join the other processes of a multi-host run first (see `multihost.py` for where it finds them)
 Config files follow big_vision: `get_config(arg)` returns an ml_collections ConfigDict; `configs/x.py:runlocal`
 passes "runlocal" as `arg`.
@@ -25,6 +26,12 @@ _CONFIG = config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "Where checkpoints, the buffer, metrics, logs and the tokenizer live.")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "export"], "What to run.")
 flags.DEFINE_string("export_dir", None, "Output folder for --mode=export.")
+flags.DEFINE_list(
+  "allow_changed",
+  [],
+  "Config keys a resume may change (e.g. optim.lr,loss.kind); a resume with any other change to what is trained is "
+  "refused. Naming train.iterations also lays the learning-rate schedule out for the new length.",
+)
 flags.DEFINE_bool("distributed", False, "Join a multi-process run first (jax.distributed).")
 flags.DEFINE_string("coordinator_address", None, "--distributed: process 0's host:port (else JAX_COORDINATOR_ADDRESS).")
 flags.DEFINE_integer("num_processes", None, "--distributed: how many processes (else JAX_NUM_PROCESSES).")
@@ -37,7 +44,7 @@ def _run(config):
   from distil_jax import train
 
   if FLAGS.mode == "train":
-    return train.train(config, FLAGS.workdir)
+    return train.train(config, FLAGS.workdir, allow_changed=FLAGS.allow_changed)
   if FLAGS.mode == "eval":
     return train.evaluate_only(config, FLAGS.workdir)
   return {"exported": train.export(config, FLAGS.workdir, FLAGS.export_dir)}

@@ -24,6 +24,7 @@ from distil_jax import checkpoint, data, evaluate, experts, hf, losses, metrics,
 from distil_jax import model as model_lib
 from distil_jax import preemption
 from distil_jax import rollout as rollout_lib
+from distil_jax import run_config
 from distil_jax import tokenizer as tok_lib
 from distil_jax.errors import CheckpointError, ConfigError, InputError
 
@@ -263,27 +264,36 @@ def _ema(config) -> bool:
   return config.expert.kind == "self" and config.expert.ema_decay > 0
 
 
-def _meta(config, iteration: int, buffer_rows: int, sampled_tokens: int) -> dict:
+def _meta(config, iteration: int, buffer_rows: int, sampled_tokens: int, schedule_updates: int) -> dict:
   """The host-side state a checkpoint carries (`buffer_rows`: this process's rows, as many on every process: each
-  labels an equal share of the prompts)."""
+  labels an equal share of the prompts), the config it was trained with and the number of updates its learning-rate
+  schedule was laid out for."""
   return {
     "iteration": iteration,
     "buffer_rows": buffer_rows,
     "sampled_tokens": sampled_tokens,
     "seed": config.seed,
     "processes": jax.process_count(),
+    "config": run_config.flat(config),
+    "schedule_updates": schedule_updates,
   }
 
 
-def train(config, workdir: str) -> dict:
+def train(config, workdir: str, *, allow_changed=()) -> dict:
   """Run (or resume) the DAgger loop; returns the last iteration's figures. Raises `preemption.Preempted` when it
-  stopped at SIGTERM or SIGINT, after saving the last completed iteration (see `preemption.py`)."""
+  stopped at SIGTERM or SIGINT, after saving the last completed iteration (see `preemption.py`).
+
+  A resume must have the checkpoint's config except for the keys `allow_changed` names (`run_config.py`). Its
+  learning-rate schedule is the one the run started with (laid out for that run's `train.iterations`), unless
+  `allow_changed` names `train.iterations`: the schedule is then laid out anew for the new length."""
   with preemption.Stopper() as stopper:
-    return _train(config, workdir, stopper)
+    return _train(config, workdir, stopper, tuple(allow_changed))
 
 
-def _train(config, workdir: str, stopper: preemption.Stopper) -> dict:
+def _train(config, workdir: str, stopper: preemption.Stopper, allow_changed: tuple) -> dict:
   _check(config, "train")
+  run_config.check_allowed_names(allow_changed, config)
+  run_config.check_processes(config)
   run = Run.build(config, workdir)
   c, mesh, tok, task = config, run.mesh, run.tok, run.task
   expert = experts.make_expert(c.expert, task, tok, c.tokenizer.add_bos)
@@ -305,8 +315,6 @@ def _train(config, workdir: str, stopper: preemption.Stopper) -> dict:
   )
   if (spec.loss.kind == "sft" or c.train.warmup_steps) and task.problems("train")[0].reference is None:
     raise ConfigError(f"loss.kind='sft' and train.warmup_steps need reference solutions; task {task.name!r} has none")
-  shardings = jax.tree.map(lambda x: x.sharding, state)
-  step_fn = update.make_update(run.graphdef, tx, spec, teacher_graphdef=teacher_graphdef, state_shardings=shardings)
 
   # -- Resume (read and checked before anything is written) -----------------------------------------------------------
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.checkpoint.keep)
@@ -315,8 +323,14 @@ def _train(config, workdir: str, stopper: preemption.Stopper) -> dict:
     found = ckpt.restore_latest(checkpoint.abstract_like(state))
     if found is not None:
       latest, state, meta = found
-      if meta["seed"] != c.seed:  # every random stream is fold_in(key(seed), iteration): a new seed breaks replay
+      if "config" in meta:
+        for key, before, now in run_config.check_resume(meta["config"], c, allow_changed, workdir):
+          logging.warning("resuming %s with %s=%r (it was %r): --allow_changed names it", workdir, key, now, before)
+      elif meta["seed"] != c.seed:  # every random stream is fold_in(key(seed), iteration): a new seed breaks replay
         raise ConfigError(f"{workdir} was trained with seed {meta['seed']}, this config has seed {c.seed}")
+      if meta.get("schedule_updates") and "train.iterations" not in allow_changed:
+        total_updates = meta["schedule_updates"]  # the same rates at every step as the run that was extended
+        tx = update.make_optimizer(c.optim, total_updates)
       if meta.get("processes", 1) != jax.process_count():  # the buffer is split by process: rows would be lost
         raise CheckpointError(
           f"{workdir} was written by {meta.get('processes', 1)} processes, this run has {jax.process_count()}; "
@@ -325,6 +339,8 @@ def _train(config, workdir: str, stopper: preemption.Stopper) -> dict:
   except BaseException:
     ckpt.close()
     raise
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  step_fn = update.make_update(run.graphdef, tx, spec, teacher_graphdef=teacher_graphdef, state_shardings=shardings)
   run.write_workdir()
   ckpt.set_aside_unusable()
   # Each process labels its own prompts and keeps its own part of the aggregated data set.
@@ -359,7 +375,7 @@ def _train(config, workdir: str, stopper: preemption.Stopper) -> dict:
     """At a signal: the last completed iteration checkpointed (unless it is already), then `Preempted`."""
     it_done, rows, tokens = done
     if ckpt.latest_step() != it_done:
-      ckpt.save(it_done, state, _meta(c, it_done, rows, tokens))
+      ckpt.save(it_done, state, _meta(c, it_done, rows, tokens, total_updates))
     raise preemption.Preempted(stopper.signame, it_done, ckpt.directory)
 
   try:
@@ -382,7 +398,7 @@ def _train(config, workdir: str, stopper: preemption.Stopper) -> dict:
         writer.write(0, {**figures, **last, "samples/train_tokens": 0, "time/eval_s": time.time() - t1})
         writer.write_samples(0, shown)
         if c.train.iterations == 0:  # a warm-up-only run (e.g. a shared start for model.init_from)
-          ckpt.save(0, state, _meta(c, 0, 0, 0))
+          ckpt.save(0, state, _meta(c, 0, 0, 0, total_updates))
       for it in range(start + 1, c.train.iterations + 1):
         # A signal abandons the iteration at any of these points, before its first update (a resume replays it
         # exactly); once updates began, the iteration is finished, then saved.
@@ -460,7 +476,7 @@ def _train(config, workdir: str, stopper: preemption.Stopper) -> dict:
         last = figures
         done = (it, buf.rows, sampled_tokens)
         if it % c.checkpoint.every == 0 or it == c.train.iterations:
-          ckpt.save(it, state, _meta(c, it, buf.rows, sampled_tokens))
+          ckpt.save(it, state, _meta(c, it, buf.rows, sampled_tokens, total_updates))
           rows_at[it] = buf.rows
           kept = [rows_at[s] for s in ckpt.all_steps() if s in rows_at]
           if len(kept) == len(ckpt.all_steps()):
