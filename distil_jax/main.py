@@ -86,10 +86,9 @@ def main(argv):
   except (errors.Error, SandboxUnavailable, FloatingPointError) as e:
     # The library's own message: one line naming the cause (the traceback goes to the log file).
     logging.info("stopped", exc_info=True)
-    multihost.finish(ok=False)
     message = f"distil_jax: {type(e).__name__}: " + "\n  ".join(str(e).splitlines())
     if FLAGS.distributed:
-      multihost.exit_now(message)
+      multihost.exit_now(message, failed=True)
     sys.exit(message)
   except Exception:
     if FLAGS.distributed:  # a collective that failed because a peer died: the watchdog names it and ends the run
