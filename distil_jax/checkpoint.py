@@ -228,10 +228,13 @@ class Checkpointer:
     except _Unusable as e:
       raise CheckpointError(f"checkpoint {step} in {self.directory} is unusable: {e}") from None
 
-  def _restore(self, step, targets):
+  def _restore(self, step, targets, check=None):
     error, meta, out, recorded = None, None, None, None
     try:
       meta = self._read_meta(step)
+      why = check(step, meta) if check is not None else None
+      if why:
+        raise _Unusable(why)
       recorded = meta.get(_ITEMS)
       for name in sorted(targets, key=lambda n: (n != "params", n)):  # a changed model is best named by its params
         if recorded is not None and name not in recorded:
@@ -265,8 +268,9 @@ class Checkpointer:
     meta = {k: v for k, v in meta.items() if k not in (_ITEMS, _META_SUM)}
     return {name: _unwrap(out[name], targets[name]) for name in targets}, meta
 
-  def restore_latest(self, targets: Mapping[str, Any]):
-    """(step, state, meta) of the newest usable checkpoint, or None when there is none at all.
+  def restore_latest(self, targets: Mapping[str, Any], *, check=None):
+    """(step, state, meta) of the newest usable checkpoint, or None when there is none at all. `check(step, meta)`
+    may name a reason, outside the checkpoint, not to use it (e.g. damaged data it refers to), in a few words.
 
     Unusable newer ones are named in one warning line each and listed in `self.unusable` (training, which will save
     those steps again, moves them aside with `set_aside_unusable`). Raises CheckpointError when checkpoints exist but
@@ -274,7 +278,7 @@ class Checkpointer:
     skipped = []
     for step in sorted(self.all_steps(), reverse=True):
       try:
-        state, meta = self._restore(step, targets)
+        state, meta = self._restore(step, targets, check)
       except _Unusable as e:
         skipped.append((step, str(e)))
         continue

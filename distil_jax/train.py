@@ -319,8 +319,26 @@ def _train(config, workdir: str, stopper: preemption.Stopper, allow_changed: tup
   # -- Resume (read and checked before anything is written) -----------------------------------------------------------
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.checkpoint.keep)
   start, sampled_tokens, rows_at, latest = 0, 0, {}, None
+  # Each process labels its own prompts and keeps its own part of the aggregated data set.
+  layout = rollout_lib.layout(c, expert)
+  buffer_dir = os.path.join(workdir, "buffer", f"process_{jax.process_index()}")
+  buf = None
+  if os.path.isdir(buffer_dir):
+    try:
+      buf = buffer_lib.Buffer(buffer_dir, layout, c.buffer.max_groups)
+    except InputError:  # rows of another shape: the config's check below, or the second open, names it
+      pass
+
+  def buffer_damage(step, meta):
+    """A checkpoint whose training window of the buffer is damaged is not resumed from (an older one may be)."""
+    rows = meta.get("buffer_rows", 0)
+    if buf is None or rows > buf.rows:  # rows lost altogether: `truncate` names them
+      return None
+    why = buf.damage(*buf.window(before=rows))
+    return why and f"its buffer rows are damaged: {why}"
+
   try:
-    found = ckpt.restore_latest(checkpoint.abstract_like(state))
+    found = ckpt.restore_latest(checkpoint.abstract_like(state), check=buffer_damage)
     if found is not None:
       latest, state, meta = found
       if "config" in meta:
@@ -343,11 +361,7 @@ def _train(config, workdir: str, stopper: preemption.Stopper, allow_changed: tup
   step_fn = update.make_update(run.graphdef, tx, spec, teacher_graphdef=teacher_graphdef, state_shardings=shardings)
   run.write_workdir()
   ckpt.set_aside_unusable()
-  # Each process labels its own prompts and keeps its own part of the aggregated data set.
-  layout = rollout_lib.layout(c, expert)
-  buf = buffer_lib.Buffer(
-    os.path.join(workdir, "buffer", f"process_{jax.process_index()}"), layout, c.buffer.max_groups
-  )
+  buf = buf or buffer_lib.Buffer(buffer_dir, layout, c.buffer.max_groups)
   if found is not None:
     start, sampled_tokens = meta["iteration"], meta["sampled_tokens"]
     buf.truncate(meta["buffer_rows"])
