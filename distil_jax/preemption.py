@@ -37,8 +37,8 @@ class Preempted(Exception):  # noqa: N818 (not an error: the run stopped where i
     if iteration is None:
       text = f"stopped by {signame} before the first iteration completed; nothing to resume from: a rerun starts afresh"
     else:
-      text = f"stopped by {signame}; iteration {iteration} is checkpointed in {checkpoint_dir}: run the same command to "
-      text += f"resume from iteration {iteration}"
+      text = f"stopped by {signame}; iteration {iteration} is checkpointed in {checkpoint_dir}: "
+      text += f"run the same command to resume from iteration {iteration}"
     super().__init__(text)
 
 

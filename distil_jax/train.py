@@ -20,11 +20,23 @@ from absl import logging
 from flax import nnx
 
 from distil_jax import buffer as buffer_lib
-from distil_jax import checkpoint, data, evaluate, experts, hf, losses, metrics, sharding, tasks, update, validate
+from distil_jax import (
+  checkpoint,
+  data,
+  evaluate,
+  experts,
+  hf,
+  losses,
+  metrics,
+  preemption,
+  run_config,
+  sharding,
+  tasks,
+  update,
+  validate,
+)
 from distil_jax import model as model_lib
-from distil_jax import preemption
 from distil_jax import rollout as rollout_lib
-from distil_jax import run_config
 from distil_jax import tokenizer as tok_lib
 from distil_jax.errors import CheckpointError, ConfigError, InputError
 

@@ -91,7 +91,8 @@ def test_a_signal_abandons_or_finishes_the_iteration_and_the_resume_is_exact(tmp
 
   strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
   assert strip(_metrics(tmp_path / "cut")) == strip(_metrics(tmp_path / "whole"))
-  for x, y in zip(jax.tree.leaves(_state(tmp_path / "whole", 3)), jax.tree.leaves(_state(tmp_path / "cut", 3))):
+  whole, cut = _state(tmp_path / "whole", 3), _state(tmp_path / "cut", 3)
+  for x, y in zip(jax.tree.leaves(whole), jax.tree.leaves(cut), strict=True):
     np.testing.assert_array_equal(x, y)
   whole, cut = _buffer(tmp_path / "whole"), _buffer(tmp_path / "cut")
   assert whole.keys() == cut.keys() and len(whole["reward"]) == 3 * 2
@@ -142,7 +143,7 @@ def test_slurm_script_forwards_sigterm_and_requeues(tmp_path):
     f"signal.signal(signal.SIGTERM, lambda *a: (open('{tmp_path}/step', 'w').write('TERM'), sys.exit(0)))\n"
     f"open('{tmp_path}/started', 'w').close()\ntime.sleep(60)\nsys.exit(3)\n"
   )
-  (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/scontrol\n")
+  (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/scontrol\n')
   for name in ("srun", "scontrol"):
     (bin_dir / name).chmod(0o755)
   script = open(os.path.join(ROOT, "launch", "slurm.sbatch")).read()
