@@ -427,9 +427,11 @@ def _train(config, workdir: str, stopper: preemption.Stopper, allow_changed: tup
           ckpt.save(0, state, _meta(c, 0, 0, 0, total_updates))
       for it in range(start + 1, c.train.iterations + 1):
         # A signal abandons the iteration at any of these points, before its first update (a resume replays it
-        # exactly); once updates began, the iteration is finished, then saved.
+        # exactly); once updates began, the iteration is finished, then saved, unless the iteration before it is
+        # checkpointed already: then it is abandoned between updates and before its evaluation too.
         if stopper.requested():
           stop_here()
+        saved_before = ckpt.latest_step() == it - 1
         figures = {}
         t0 = time.time()
         # -- Rollouts and feedback --------------------------------------------------------------------------------
@@ -470,6 +472,8 @@ def _train(config, workdir: str, stopper: preemption.Stopper, allow_changed: tup
         # Metrics of update k are read after update k+1 is dispatched, so the host never waits on the device.
         step_figures, pending = [], None
         for k, batch in enumerate([*batches, None]):
+          if k and batch is not None and saved_before and stopper.requested():
+            stop_here()
           if batch is not None:
             state, m = step_fn(state, data.to_global(batch, mesh), teacher_params, jnp.int32(it))
           if pending is not None:
@@ -491,6 +495,8 @@ def _train(config, workdir: str, stopper: preemption.Stopper, allow_changed: tup
           }
         )
         # -- Evaluation and checkpoint ----------------------------------------------------------------------------
+        if saved_before and stopper.requested():
+          stop_here()
         if it % c.eval.every == 0 or it == c.train.iterations:
           t4, shown = time.time(), []
           figures.update(eval_fn(run.graphdef, state["params"], jax.random.fold_in(eval_keys, it), samples=shown))

@@ -62,40 +62,42 @@ def _signal_once(signum, when):
 
 
 def test_a_signal_abandons_or_finishes_the_iteration_and_the_resume_is_exact(tmp_path, monkeypatch):
-  config = load_config("arith", **{"train.iterations": 3, "checkpoint.every": 3, "eval.every": 3})
+  config = load_config("arith", **{"train.iterations": 4, "checkpoint.every": 4, "eval.every": 4})
   train.train(config, str(tmp_path / "whole"))
+  cut = tmp_path / "cut"
 
   # SIGTERM while iteration 2 is labelled: abandoned before its first update; iteration 1 had no checkpoint.
   group_records = train.rollout_lib.group_records
   when = lambda r, labels, it, **kw: it == 2
   monkeypatch.setattr(train.rollout_lib, "group_records", _signal_once(signal.SIGTERM, when)(group_records))
   with pytest.raises(preemption.Preempted, match=r"^stopped by SIGTERM; iteration 1 is checkpointed in .*") as e:
-    train.train(config, str(tmp_path / "cut"))
+    train.train(config, str(cut))
   assert e.value.iteration == 1 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone
-  assert sorted(os.listdir(tmp_path / "cut" / "checkpoints")) == ["1"]
-  assert [r["iteration"] for r in _metrics(tmp_path / "cut")] == [0, 1]
-
-  # SIGINT during iteration 2's update: that iteration is finished, checkpointed, and the loop stops there.
+  assert sorted(os.listdir(cut / "checkpoints")) == ["1"]
+  assert [r["iteration"] for r in _metrics(cut)] == [0, 1]
   monkeypatch.setattr(train.rollout_lib, "group_records", group_records)
+
+  # A signal during an update of iteration `at`: finished and saved when iteration `at - 1` has no checkpoint
+  # (iteration 3), abandoned when it has one (iteration 4, after checkpoint 3).
   make_update = train.update.make_update
-  monkeypatch.setattr(
-    train.update,
-    "make_update",
-    lambda *a, **k: _signal_once(signal.SIGINT, lambda *args: True)(make_update(*a, **k)),
-  )
-  with pytest.raises(preemption.Preempted, match=r"^stopped by SIGINT; iteration 2 is checkpointed"):
-    train.train(config, str(tmp_path / "cut"))
-  assert sorted(os.listdir(tmp_path / "cut" / "checkpoints")) == ["1", "2"]
+  for signum, at, stopped_at in ((signal.SIGINT, 3, 3), (signal.SIGTERM, 4, 3)):
+    in_update = _signal_once(signum, lambda state, batch, teacher, it, at=at: int(it) == at)
+    monkeypatch.setattr(train.update, "make_update", lambda *a, wrap=in_update, **k: wrap(make_update(*a, **k)))
+    name = signal.Signals(signum).name
+    with pytest.raises(preemption.Preempted, match=rf"^stopped by {name}; iteration {stopped_at} is checkpointed"):
+      train.train(config, str(cut))
+    assert sorted(os.listdir(cut / "checkpoints")) == ["1", "3"]
+    assert [r["iteration"] for r in _metrics(cut)] == [0, 1, 2, 3]
   monkeypatch.setattr(train.update, "make_update", make_update)
-  train.train(config, str(tmp_path / "cut"))
+  train.train(config, str(cut))
 
   strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
-  assert strip(_metrics(tmp_path / "cut")) == strip(_metrics(tmp_path / "whole"))
-  whole, cut = _state(tmp_path / "whole", 3), _state(tmp_path / "cut", 3)
-  for x, y in zip(jax.tree.leaves(whole), jax.tree.leaves(cut), strict=True):
+  assert strip(_metrics(cut)) == strip(_metrics(tmp_path / "whole"))
+  whole_params, cut_params = _state(tmp_path / "whole", 4), _state(cut, 4)
+  for x, y in zip(jax.tree.leaves(whole_params), jax.tree.leaves(cut_params), strict=True):
     np.testing.assert_array_equal(x, y)
-  whole, cut = _buffer(tmp_path / "whole"), _buffer(tmp_path / "cut")
-  assert whole.keys() == cut.keys() and len(whole["reward"]) == 3 * 2
+  whole, cut = _buffer(tmp_path / "whole"), _buffer(cut)
+  assert whole.keys() == cut.keys() and len(whole["reward"]) == 4 * 2
   for name in whole:
     np.testing.assert_array_equal(whole[name], cut[name])
 
