@@ -90,7 +90,14 @@ def main(argv):
     if FLAGS.distributed:
       multihost.exit_now(message, failed=True)
     sys.exit(message)
-  except Exception:
+  except Exception as e:
+    full = errors.disk_full(e)
+    if full:  # a write of the buffer, the metrics or the log: checkpoints are written atomically, the last is intact
+      logging.info("stopped", exc_info=True)
+      message = f"distil_jax: the disk is full ({full}); the last checkpoint is intact: free some space and resume"
+      if FLAGS.distributed:
+        multihost.exit_now(message, failed=True)
+      sys.exit(message)
     if FLAGS.distributed:  # a collective that failed because a peer died: the watchdog names it and ends the run
       multihost.blame_peer_or_return()
       multihost.finish(ok=False)

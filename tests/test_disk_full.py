@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distil_jax import checkpoint
+from distil_jax import checkpoint, errors
 from distil_jax.errors import CheckpointError
 
 
@@ -41,3 +41,20 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(small_disk):
     step, state, meta = again.restore_latest(checkpoint.abstract_like(small))
   assert step == 1 and meta["iteration"] == 1
   np.testing.assert_array_equal(state["params"]["w"], small["params"]["w"])
+
+
+def test_a_full_disk_anywhere_else_is_recognised_in_the_error_chain(small_disk):
+  """A write of the buffer or the metrics that fails for space (an OSError, or tensorstore's error text) is told
+  apart from other errors, for `main` to report in one line."""
+  from distil_jax import buffer as buffer_lib
+
+  with pytest.raises(OSError) as e:
+    with open(small_disk / "metrics.jsonl", "wb") as f:
+      f.write(b"x" * (17 << 20))
+  assert errors.disk_full(e.value).endswith("No space left on device")
+  os.remove(small_disk / "metrics.jsonl")
+  buf = buffer_lib.Buffer(str(small_disk / "buffer"), {"x": ((1024, 1024), "float32")}, max_groups=8)
+  with pytest.raises(ValueError) as e:
+    buf.append({"x": np.random.default_rng(0).standard_normal((5, 1024, 1024), np.float32)})
+  assert "no space left on device" in errors.disk_full(e.value).lower()
+  assert errors.disk_full(ValueError("RESOURCE_EXHAUSTED: too many open files")) is None
