@@ -122,6 +122,7 @@ class _Watchdog(threading.Thread):
     super().__init__(name="distil_jax-watchdog", daemon=True)
     self.client, self.index, self.count = client, index, count
     self.timeout_s, self.interval_s = timeout_s, interval_s
+    self.leave_after_s = 1.0
     self.neighbours = sorted({(index + d) % count for d in (1, 2)} - {index})
     self._stopped = threading.Event()
 
@@ -145,6 +146,7 @@ class _Watchdog(threading.Thread):
         return
       if waiting:
         time.sleep(0.05)
+    time.sleep(self.leave_after_s)  # a peer posts its state, then exits: it must not see this process gone first
 
   def _post(self, why: str) -> None:
     self.client.key_value_set(_STOP, why, allow_overwrite=False)
@@ -208,7 +210,10 @@ def _fold_fatal_reports(index) -> None:
   if os.fork() == 0:  # the filter: only os.read / os.write, safe in a forked child
     try:
       os.close(write_fd)
-      signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the trainer; the filter drains its last words
+      # Ctrl-C and a scheduler's SIGTERM (sent to every process of the job step) are for the trainer: the filter
+      # drains its last words, and ends when the trainer's end closes the pipe
+      signal.signal(signal.SIGINT, signal.SIG_IGN)
+      signal.signal(signal.SIGTERM, signal.SIG_IGN)
       _filter(read_fd, 2, "?" if index is None else index)
     finally:
       os._exit(0)

@@ -45,7 +45,9 @@ def _start(workdir, *args, processes=2, port=None, peer_timeout_s=5, only=None):
     err = open(os.path.join(workdir.parent, f"{workdir.name}.{processes}.{index}.err"), "w")
     mine = (only or {}).get(index, [])
     cmd = [sys.executable, "-m", "distil_jax.main", *flags, *ARGS, *args, *mine, f"--workdir={workdir}"]
-    procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err), err))
+    # a session of its own: a signal to its process group reaches the trainer and its stderr filter, as SLURM's does
+    popen = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    procs.append((popen, err))
   return procs
 
 
@@ -161,8 +163,8 @@ def test_a_dead_peer_stops_the_other_within_seconds_naming_it(tmp_path):
 
 def test_processes_refuse_different_configs_and_stop_together_at_sigterm(tmp_path):
   """Another train.iterations on one process: both refuse at start in one line (they used to hang). SIGTERM to
-  process 1 alone (jax.distributed installs its own SIGTERM handler; ours replaces it): both stop after the same
-  iteration, save it and exit 0."""
+  process 1's process group alone (jax.distributed installs its own SIGTERM handler; ours replaces it): both stop
+  after the same iteration, save it and exit 0."""
   workdir = tmp_path / "run"
   for rc, err in _finish(_start(workdir, only={1: ["--config.train.iterations=5"]}), timeout=120):
     last = err.strip().splitlines()[-1]
@@ -177,7 +179,7 @@ def test_processes_refuse_different_configs_and_stop_together_at_sigterm(tmp_pat
   while time.time() < deadline and not ((workdir / "metrics.jsonl").exists() and len(_metrics(workdir)) >= 3):
     assert all(p.poll() is None for p, _ in procs), _finish(procs)
     time.sleep(0.05)
-  procs[1][0].send_signal(signal.SIGTERM)
+  os.killpg(procs[1][0].pid, signal.SIGTERM)  # the trainer and its stderr filter, as srun / slurmstepd do
   results = _finish(procs, timeout=120)
   done = _metrics(workdir)[-1]["iteration"]
   assert [rc for rc, _ in results] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
