@@ -36,6 +36,8 @@ FREE = (
   "expert.max_retries",
   "expert.backoff_s",
   "expert.concurrency",
+  "expert.deadline_s",  # the http transport's bounds, where the config has them
+  "expert.max_reply_mb",
 )
 
 
