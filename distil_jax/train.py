@@ -407,6 +407,8 @@ def _train(config, workdir: str, stopper: preemption.Stopper, allow_changed: tup
   try:
     with jax.set_mesh(mesh):
       if latest is None:
+        if stopper.requested():  # signalled while the run was being set up: nothing done yet, nothing to save
+          raise preemption.Preempted(stopper.signame, None, ckpt.directory)
         t0 = time.time()
         figures = {}
         if c.train.warmup_steps:
