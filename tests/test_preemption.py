@@ -159,3 +159,18 @@ def test_slurm_script_forwards_sigterm_and_requeues(tmp_path):
   assert proc.wait(timeout=30) == 0
   assert (tmp_path / "step").read_text() == "TERM"
   assert (tmp_path / "scontrol").read_text().split() == ["requeue", "77"]
+
+
+def test_a_signal_during_set_up_stops_before_any_work(tmp_path, monkeypatch):
+  build = train.Run.build.__func__
+  monkeypatch.setattr(train.Run, "build", classmethod(_signal_once(signal.SIGTERM, lambda *a: True)(build)))
+  with pytest.raises(preemption.Preempted) as e:
+    train.train(load_config("arith"), str(tmp_path))
+  assert str(e.value) == (
+    "stopped by SIGTERM before the first iteration completed; nothing to resume from: a rerun starts afresh"
+  )
+  assert (
+    e.value.iteration is None
+    and not (tmp_path / "checkpoints").exists()
+    and not (tmp_path / "metrics.jsonl").read_text()
+  )
