@@ -10,19 +10,35 @@ stores as absent chunks, so disk use stays bounded by about `max_groups` plus on
 
 A group keeps its G responses together, so leave-one-out baselines and GRPO's group statistics stay valid for old
 data. Grain reads rows by index (`source`), which is what its random-access sources need.
+
+Why checksums: the buffer is training data, and tensorstore reads back whatever is on disk. Flipped bytes loaded as
+other targets (the run stopped later on a "non-finite loss", blamed on the step), a deleted chunk read as its fill
+value (silent -inf / zero rows), a truncated one failed inside Grain. Each append therefore records a 64-bit hash of
+every appended row of every field in `checksums.json` (written whole, atomically, after the rows), and each row is
+checked against it when training reads it; a resume checks the whole window it will train on first
+(`damage`), so that damage is named in one line and the run falls back to a checkpoint whose window is intact, or
+stops before any update.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Mapping
 
 import numpy as np
 import tensorstore as ts
+from absl import logging
 
-from distil_jax.errors import InputError
+from distil_jax.errors import DataError, InputError
 
 _CHUNK_ROWS = 16
+_SUMS = "checksums.json"  # {"first": row of sums[field][0], "sums": {field: [16 hex digits per row]}}
+
+
+def _row_sum(value: np.ndarray) -> str:
+  return hashlib.blake2b(np.ascontiguousarray(value).tobytes(), digest_size=8).hexdigest()
 
 
 def _kvstore(path: str) -> dict:
@@ -42,6 +58,32 @@ class Buffer:
     self._arrays = {name: self._open(name, shape, dtype) for name, (shape, dtype) in self.schema.items()}
     self.rows = min(a.shape[0] for a in self._arrays.values())
     self.released = 0
+    self._kv = ts.KvStore.open(_kvstore(directory.rstrip("/") + "/")).result()
+    self._first, self._sums = self._read_sums()
+
+  def _read_sums(self) -> tuple[int, dict[str, list[str]] | None]:
+    """(first row, {field: per-row sums}); None for a buffer written before rows had checksums."""
+    found = self._kv.read(_SUMS).result()
+    if found.state != "value":
+      if self.rows:
+        logging.warning("%s has %d rows and no %s: rows are read unverified", self.directory, self.rows, _SUMS)
+        return 0, None
+      return 0, {name: [] for name in self.schema}
+    try:
+      record = json.loads(found.value)
+      return int(record["first"]), {name: list(record["sums"][name]) for name in self.schema}
+    except (ValueError, KeyError, TypeError) as e:
+      raise DataError(f"{self.directory}/{_SUMS} is unreadable ({e}): the buffer's rows cannot be verified") from None
+
+  def _write_sums(self) -> None:
+    if self._sums is not None:
+      self._kv.write(_SUMS, json.dumps({"first": self._first, "sums": self._sums}).encode()).result()
+
+  def _expected(self, name: str, row: int) -> str | None:
+    if self._sums is None or row < self._first:
+      return None
+    sums = self._sums[name]
+    return sums[row - self._first] if row - self._first < len(sums) else "(none recorded)"
 
   def _open(self, name, shape, dtype):
     spec = {"driver": "zarr3", "kvstore": _kvstore(os.path.join(self.directory, name))}
@@ -81,6 +123,11 @@ class Buffer:
       writes.append(arr[start:stop].write(value))
     for w in writes:
       w.result()
+    if self._sums is not None:
+      for name in self._arrays:
+        value = np.asarray(records[name], self.schema[name][1])
+        self._sums[name] += [_row_sum(row) for row in value]
+      self._write_sums()
     self.rows = stop
 
   def truncate(self, rows: int) -> None:
@@ -90,6 +137,10 @@ class Buffer:
     for name, arr in self._arrays.items():
       self._arrays[name] = arr.resize(exclusive_max=[rows, *self.schema[name][0]]).result()
     self.rows = rows
+    if self._sums is not None:
+      self._first = min(self._first, rows)
+      self._sums = {name: sums[: rows - self._first] for name, sums in self._sums.items()}
+      self._write_sums()
 
   def window(self, before: int | None = None) -> tuple[int, int]:
     """The rows training may sample: the last `max_groups` of those before row `before` (default: all)."""
@@ -105,6 +156,29 @@ class Buffer:
       fill = np.full((stop - self.released, *self.schema[name][0]), arr.fill_value, arr.dtype.numpy_dtype)
       arr[self.released : stop].write(fill).result()
     self.released = stop
+    if self._sums is not None and stop > self._first:
+      self._sums = {name: sums[stop - self._first :] for name, sums in self._sums.items()}
+      self._first = stop
+      self._write_sums()
+
+  def damage(self, start: int, stop: int) -> str | None:
+    """What is wrong with rows [start, stop), in a few words naming the field and rows, or None when every row reads
+    back as it was written (read a chunk at a time: an unreadable chunk spoils its rows only)."""
+    for name, arr in self._arrays.items():
+      lo = start
+      while lo < stop:
+        hi = min(stop, (lo // _CHUNK_ROWS + 1) * _CHUNK_ROWS)
+        try:
+          values = arr[lo:hi].read().result()
+        except Exception as e:  # tensorstore: a truncated or garbled chunk file
+          why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+          return f"{self.directory}/{name} rows {lo}-{hi - 1} are unreadable ({why})"
+        for i, value in enumerate(values):
+          want = self._expected(name, lo + i)
+          if want is not None and _row_sum(value) != want:
+            return f"{self.directory}/{name} row {lo + i} differs from its checksum (bytes changed or lost on disk)"
+        lo = hi
+    return None
 
   def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
     return {name: arr[start:stop].read().result() for name, arr in self._arrays.items()}
@@ -125,4 +199,13 @@ class _Rows:
     if not 0 <= i < len(self):
       raise IndexError(i)
     row = self.start + i
-    return {name: arr[row].read().result() for name, arr in self.buffer._arrays.items()}
+    out = {}
+    for name, arr in self.buffer._arrays.items():
+      out[name] = value = arr[row].read().result()
+      want = self.buffer._expected(name, row)
+      if want is not None and _row_sum(value) != want:
+        raise DataError(
+          f"{self.buffer.directory}/{name} row {row} differs from its checksum (bytes changed on disk since the "
+          "run started); the last checkpoint is intact: run the same command to resume from it"
+        )
+    return out

@@ -29,6 +29,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -179,6 +180,8 @@ class Checkpointer:
   def __init__(self, directory: str, *, max_to_keep: int = 3):
     self.directory = os.path.abspath(directory)
     self.unusable: list[int] = []  # steps `restore_latest` skipped, newest first
+    self._pending: int | None = None  # the step of the save last started
+    self._failed = False  # a failed save was reported: closing does not report it again
     # create=False: reading a workdir must not change it (the folder is made at the first save)
     self._manager = ocp.CheckpointManager(
       self.directory,
@@ -202,7 +205,36 @@ class Checkpointer:
     meta[_ITEMS] = {name: content_sums(_wrap(tree)) for name, tree in state.items()}
     meta[_META_SUM] = _meta_digest(meta)
     items = {name: ocp.args.StandardSave(_wrap(tree)) for name, tree in state.items()}
-    self._manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items), force=True)
+    args = ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items)
+    self._written(self._manager.save, step, args=args, force=True)  # raises a failure of the save before it
+    self._pending = step
+
+  def _written(self, fn, *args, **kwargs):
+    """`fn` (an orbax call that may report a failed asynchronous save); a full disk becomes one CheckpointError that
+    names the checkpoint lost and the one still intact, with the half-written folder removed."""
+    try:
+      return fn(*args, **kwargs)
+    except Exception as e:
+      if self._failed:
+        return None
+      chain, cause = [], e
+      while cause is not None:
+        chain.append(str(cause))
+        cause = cause.__cause__ or cause.__context__
+      if not any("No space left" in t or "RESOURCE_EXHAUSTED" in t for t in chain):
+        raise
+      self._failed = True
+      step = self._pending if self._pending is not None else args[0]
+      if jax.process_index() == 0:
+        for name in os.listdir(self.directory):
+          if name.startswith(f"{step}.orbax-checkpoint-tmp"):
+            shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+      intact = [s for s in self.all_steps() if s != step]
+      kept = f"checkpoint {max(intact)} is intact" if intact else "no earlier checkpoint exists"
+      raise CheckpointError(
+        f"the disk is full: checkpoint {step} could not be written in {self.directory} (no space left on device); "
+        f"{kept}: free some space and run the same command to resume"
+      ) from None
 
   def _read_meta(self, step: int) -> dict:
     folder = os.path.join(self.directory, str(step))
@@ -228,10 +260,13 @@ class Checkpointer:
     except _Unusable as e:
       raise CheckpointError(f"checkpoint {step} in {self.directory} is unusable: {e}") from None
 
-  def _restore(self, step, targets):
+  def _restore(self, step, targets, check=None):
     error, meta, out, recorded = None, None, None, None
     try:
       meta = self._read_meta(step)
+      why = check(step, meta) if check is not None else None
+      if why:
+        raise _Unusable(why)
       recorded = meta.get(_ITEMS)
       for name in sorted(targets, key=lambda n: (n != "params", n)):  # a changed model is best named by its params
         if recorded is not None and name not in recorded:
@@ -265,8 +300,9 @@ class Checkpointer:
     meta = {k: v for k, v in meta.items() if k not in (_ITEMS, _META_SUM)}
     return {name: _unwrap(out[name], targets[name]) for name in targets}, meta
 
-  def restore_latest(self, targets: Mapping[str, Any]):
-    """(step, state, meta) of the newest usable checkpoint, or None when there is none at all.
+  def restore_latest(self, targets: Mapping[str, Any], *, check=None):
+    """(step, state, meta) of the newest usable checkpoint, or None when there is none at all. `check(step, meta)`
+    may name a reason, outside the checkpoint, not to use it (e.g. damaged data it refers to), in a few words.
 
     Unusable newer ones are named in one warning line each and listed in `self.unusable` (training, which will save
     those steps again, moves them aside with `set_aside_unusable`). Raises CheckpointError when checkpoints exist but
@@ -274,7 +310,7 @@ class Checkpointer:
     skipped = []
     for step in sorted(self.all_steps(), reverse=True):
       try:
-        state, meta = self._restore(step, targets)
+        state, meta = self._restore(step, targets, check)
       except _Unusable as e:
         skipped.append((step, str(e)))
         continue
@@ -307,11 +343,17 @@ class Checkpointer:
     self._manager.reload()
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    self._written(self._manager.wait_until_finished)
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self._written(self._manager.wait_until_finished)
+    finally:
+      try:
+        self._manager.close()
+      except Exception:
+        if not self._failed:
+          raise
 
   def __enter__(self):
     return self

@@ -7,6 +7,8 @@ Each message names the cause the user can act on: a config key, a file:line:fiel
 
 from __future__ import annotations
 
+import errno
+
 
 class Error(Exception):
   """Raised with a message written for the user; `main.py` prints it as `distil_jax: <Type>: <message>`."""
@@ -33,3 +35,14 @@ class CheckpointError(InputError):
 class ExpertError(Error, RuntimeError):
   """An expert could not label a batch, or labelled it with content that cannot be right (the message names the
   expert and the cause; nothing of that batch reaches the buffer)."""
+
+
+def disk_full(e: BaseException) -> str | None:
+  """The first line of the error in `e`'s chain that says the disk is full (ENOSPC: an OSError, or tensorstore's
+  text for it), else None: `main.py` reports it in one line, whichever write hit it."""
+  while e is not None:
+    text = (str(e).strip().splitlines() or [""])[0]
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in text:
+      return text if len(text) <= 300 else text[:240] + " ... (no space left on device)"
+    e = e.__cause__ or e.__context__
+  return None

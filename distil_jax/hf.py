@@ -46,8 +46,15 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> model_lib.ModelConfig:
     raise InputError(f"config.json: hidden_act={hf['hidden_act']!r}; only silu (SwiGLU) is supported")
   rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
   theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-  if rope.get("rope_type", rope.get("type", "default")) == "default":
+  kind = rope.get("rope_type", rope.get("type", "default"))
+  if kind == "default":
     rope = {}
+  elif kind not in model_lib.ROPE_SCALINGS:  # refused here, naming the field, not deep inside the first forward
+    field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    raise InputError(
+      f"config.json: {field} of type {kind!r} is not supported (supported: default, "
+      f"{', '.join(model_lib.ROPE_SCALINGS)})"
+    )
   eos = hf.get("eos_token_id")
   fields = dict(
     vocab_size=hf["vocab_size"],
@@ -154,6 +161,12 @@ def load_hf(path: str, *, mesh=None, rules=None, dtype: str = "float32", **overr
         keys, layer, transpose = wanted[name]
         target = keyed[keys]
         array = f.get_tensor(name)
+        if not np.isfinite(array).all():  # a NaN weight trains to nothing (a teacher's) or stops at update 1
+          bad = ~np.isfinite(array)
+          raise InputError(
+            f"{file}: {name} has {int(bad.sum())} non-finite values (the first, {array[bad][0]}, at index "
+            f"{tuple(int(i) for i in np.argwhere(bad)[0])}): the checkpoint is damaged"
+          )
         if transpose:
           array = array.T
         shape = target.shape if layer is None else target.shape[1:]

@@ -3,6 +3,7 @@
 --mode=train   run or resume the DAgger loop (resumes when the workdir holds a checkpoint)
 --mode=eval    pass@k of the latest checkpoint
 --mode=export  the latest checkpoint as a Hugging Face checkpoint in --export_dir
+--allow_changed=optim.lr,...  keys a resume may change (any other change to what is trained is refused)
 --distributed  join the other processes of a multi-host run first (see `multihost.py` for where it finds them)
 Config files follow big_vision: `get_config(arg)` returns an ml_collections ConfigDict; `configs/x.py:runlocal`
 passes "runlocal" as `arg`.
@@ -25,6 +26,12 @@ _CONFIG = config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "Where checkpoints, the buffer, metrics, logs and the tokenizer live.")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "export"], "What to run.")
 flags.DEFINE_string("export_dir", None, "Output folder for --mode=export.")
+flags.DEFINE_list(
+  "allow_changed",
+  [],
+  "Config keys a resume may change (e.g. optim.lr,loss.kind); a resume with any other change to what is trained is "
+  "refused. Naming train.iterations also lays the learning-rate schedule out for the new length.",
+)
 flags.DEFINE_bool("distributed", False, "Join a multi-process run first (jax.distributed).")
 flags.DEFINE_string("coordinator_address", None, "--distributed: process 0's host:port (else JAX_COORDINATOR_ADDRESS).")
 flags.DEFINE_integer("num_processes", None, "--distributed: how many processes (else JAX_NUM_PROCESSES).")
@@ -37,7 +44,7 @@ def _run(config):
   from distil_jax import train
 
   if FLAGS.mode == "train":
-    return train.train(config, FLAGS.workdir)
+    return train.train(config, FLAGS.workdir, allow_changed=FLAGS.allow_changed)
   if FLAGS.mode == "eval":
     return train.evaluate_only(config, FLAGS.workdir)
   return {"exported": train.export(config, FLAGS.workdir, FLAGS.export_dir)}
@@ -45,7 +52,7 @@ def _run(config):
 
 def main(argv):
   del argv
-  from distil_jax import errors, metrics, multihost
+  from distil_jax import errors, metrics, multihost, preemption
   from distil_jax.sandbox import SandboxUnavailable
 
   if FLAGS.workdir is None:
@@ -53,13 +60,13 @@ def main(argv):
   if FLAGS.mode == "export" and not FLAGS.export_dir:
     raise app.UsageError("--mode=export needs --export_dir")
   metrics.quiet_console()
+  import jax
+
   try:
     if FLAGS.distributed:
       multihost.initialize(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, timeout_s=FLAGS.peer_timeout_s
       )
-    import jax
-
     if FLAGS.log_dir:  # absl's flag: the log file goes there from the start (else to workdir/logs, once it is valid)
       metrics.log_to_file(FLAGS.log_dir)
     config = _CONFIG.value
@@ -67,15 +74,30 @@ def main(argv):
     if jax.process_index() == 0:
       print(f"config:\n{config}", file=sys.stderr, flush=True)
     out = _run(config)
+  except preemption.Preempted as e:  # a clean stop at SIGTERM / SIGINT: one line, exit 0 (a scheduler requeues)
+    logging.info("stopped at a signal", exc_info=True)
+    multihost.finish(ok=True)
+    if jax.process_index() == 0:
+      print(f"distil_jax: {e}", file=sys.stderr, flush=True)
+    return
+  except KeyboardInterrupt:  # Ctrl-C outside the training loop (which takes SIGINT over): reading input, eval, export
+    multihost.finish(ok=False)
+    sys.exit(f"distil_jax: interrupted (SIGINT) during --mode={FLAGS.mode} before any checkpoint was written")
   except (errors.Error, SandboxUnavailable, FloatingPointError) as e:
     # The library's own message: one line naming the cause (the traceback goes to the log file).
     logging.info("stopped", exc_info=True)
-    multihost.finish(ok=False)
     message = f"distil_jax: {type(e).__name__}: " + "\n  ".join(str(e).splitlines())
     if FLAGS.distributed:
-      multihost.exit_now(message)
+      multihost.exit_now(message, failed=True)
     sys.exit(message)
-  except Exception:
+  except Exception as e:
+    full = errors.disk_full(e)
+    if full:  # a write of the buffer, the metrics or the log: checkpoints are written atomically, the last is intact
+      logging.info("stopped", exc_info=True)
+      message = f"distil_jax: the disk is full ({full}); the last checkpoint is intact: free some space and resume"
+      if FLAGS.distributed:
+        multihost.exit_now(message, failed=True)
+      sys.exit(message)
     if FLAGS.distributed:  # a collective that failed because a peer died: the watchdog names it and ends the run
       multihost.blame_peer_or_return()
       multihost.finish(ok=False)

@@ -31,6 +31,8 @@ import time
 import jax
 import numpy as np
 
+from distil_jax.errors import InputError
+
 
 def _plain(v):
   v = np.asarray(v).item() if hasattr(v, "shape") or isinstance(v, np.generic) else v
@@ -170,7 +172,18 @@ def _truncate(path: str, iteration: int | None) -> None:
     os.remove(path)
     return
   with open(path) as f:
-    keep = [line for line in f if line.strip() and json.loads(line)["iteration"] <= iteration]
+    lines = [line for line in f if line.strip()]
+  keep = []
+  for n, line in enumerate(lines):
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      if n == len(lines) - 1:  # a crash mid-write cut the last line: it is dropped (its iteration is replayed)
+        logging.warning("%s: its last line is cut (a crash while writing it); dropped", path)
+        break
+      raise InputError(f"{path}:{n + 1}: not valid JSON (only the last line of this log may be cut)") from None
+    if record["iteration"] <= iteration:
+      keep.append(line if line.endswith("\n") else line + "\n")
   with open(path + ".tmp", "w") as f:
     f.writelines(keep)
   os.replace(path + ".tmp", path)
@@ -230,6 +243,8 @@ def quiet_console() -> None:
     return
   if not flags.FLAGS.alsologtostderr:
     absl_logging.get_absl_handler().setLevel(logging.WARNING)
+    # orbax logs a failed background save with its traceback, several times; `checkpoint.py` reports it in one line
+    absl_logging.get_absl_handler().addFilter(lambda record: f"{os.sep}orbax{os.sep}" not in record.pathname)
   _held = _Held()
   logging.getLogger().addHandler(_held)
 

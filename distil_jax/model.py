@@ -144,6 +144,9 @@ def rms_norm(x, weight, eps: float, dtype):
   return weight.astype(dtype) * x32.astype(dtype)
 
 
+ROPE_SCALINGS = ("llama3",)  # rope_type values besides "default"
+
+
 def rope_inverse_frequencies(cfg: ModelConfig):
   """Inverse frequencies [E/2], with Llama-3 scaling when the checkpoint asks for it."""
   e = cfg.head_size
@@ -154,8 +157,8 @@ def rope_inverse_frequencies(cfg: ModelConfig):
   kind = rs.get("rope_type", rs.get("type", "default"))
   if kind == "default":
     return inv
-  if kind != "llama3":
-    raise ValueError(f"rope scaling {kind!r} is not supported (supported: default, llama3)")
+  if kind not in ROPE_SCALINGS:
+    raise ValueError(f"rope scaling {kind!r} is not supported (supported: default, {', '.join(ROPE_SCALINGS)})")
   factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
   old_len = rs["original_max_position_embeddings"]
   wavelen = 2 * math.pi / inv

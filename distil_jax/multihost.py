@@ -79,9 +79,14 @@ def initialize(address=None, count=None, index=None, *, timeout_s: float = 10.0)
 
 
 def finish(ok: bool) -> None:
-  """Tell the peers this process is done (or failed) and stop watching them; call before exiting."""
+  """Tell the peers this process is done (or failed) and stop watching them; call before exiting. Process 0 then
+  waits (up to the peer timeout) until every peer has said so too: it hosts the coordination service, and a peer
+  that still needs it when it leaves would stop with jax's abort instead of its own message (e.g. every process
+  refusing the same bad input at once)."""
   if _watchdog is not None:
     _watchdog.stop(_DONE if ok else _FAILED)
+    if _watchdog.index == 0:
+      _watchdog.wait_for_peers()
 
 
 def blame_peer_or_return(grace_s: float | None = None) -> None:
@@ -93,11 +98,14 @@ def blame_peer_or_return(grace_s: float | None = None) -> None:
       time.sleep(0.1)
 
 
-def exit_now(message: str, code: int = 1) -> None:
+def exit_now(message: str, code: int = 1, *, failed: bool = False) -> None:
   """Print one line and leave at once: a normal exit would wait in jax's shutdown barrier for peers that are gone,
-  then print pages of C++ logs."""
+  then print pages of C++ logs. `failed`: then tell the peers this process failed (after the line is out: once they
+  know, process 0 may leave, and the coordination errors that follow would hold this process's output back)."""
   sys.stdout.flush()
   print(message, file=sys.stderr, flush=True)
+  if failed:
+    finish(ok=False)
   import logging
 
   for handler in logging.getLogger().handlers:
@@ -114,6 +122,7 @@ class _Watchdog(threading.Thread):
     super().__init__(name="distil_jax-watchdog", daemon=True)
     self.client, self.index, self.count = client, index, count
     self.timeout_s, self.interval_s = timeout_s, interval_s
+    self.leave_after_s = 1.0
     self.neighbours = sorted({(index + d) % count for d in (1, 2)} - {index})
     self._stopped = threading.Event()
 
@@ -126,6 +135,18 @@ class _Watchdog(threading.Thread):
         self._post(f"process {self.index} of {self.count} stopped with an error (see its output)")
     except Exception:  # the coordinator is gone too; nobody is left to tell
       pass
+
+  def wait_for_peers(self) -> None:
+    deadline = time.monotonic() + self.timeout_s
+    waiting = set(range(1, self.count))
+    while waiting and time.monotonic() < deadline:
+      try:
+        waiting = {p for p in waiting if self._get(_PREFIX + str(p)) not in (_DONE, _FAILED)}
+      except Exception:  # the service is going away: nothing left to wait for
+        return
+      if waiting:
+        time.sleep(0.05)
+    time.sleep(self.leave_after_s)  # a peer posts its state, then exits: it must not see this process gone first
 
   def _post(self, why: str) -> None:
     self.client.key_value_set(_STOP, why, allow_overwrite=False)
@@ -189,7 +210,10 @@ def _fold_fatal_reports(index) -> None:
   if os.fork() == 0:  # the filter: only os.read / os.write, safe in a forked child
     try:
       os.close(write_fd)
-      signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the trainer; the filter drains its last words
+      # Ctrl-C and a scheduler's SIGTERM (sent to every process of the job step) are for the trainer: the filter
+      # drains its last words, and ends when the trainer's end closes the pipe
+      signal.signal(signal.SIGINT, signal.SIG_IGN)
+      signal.signal(signal.SIGTERM, signal.SIG_IGN)
       _filter(read_fd, 2, "?" if index is None else index)
     finally:
       os._exit(0)

@@ -105,7 +105,12 @@ class SentencePieceTokenizer(Tokenizer):
   @classmethod
   def from_file(cls, path: str) -> SentencePieceTokenizer:
     with open(path, "rb") as f:
-      return cls(f.read())
+      proto = f.read()
+    try:
+      return cls(proto)
+    except RuntimeError as e:  # sentencepiece's "INTERNAL: ... ParseFromArray" for a damaged file
+      why = (str(e).strip().splitlines() or ["unreadable"])[0][:200]
+      raise InputError(f"{path}: not a SentencePiece model, the file is damaged ({why})") from None
 
   def save(self, path: str) -> None:
     with open(path, "wb") as f:
@@ -163,7 +168,11 @@ class HFTokenizer(Tokenizer):
     from tokenizers import Tokenizer as _Tok
 
     file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-    self._tok = _Tok.from_file(file)
+    try:
+      self._tok = _Tok.from_file(file)
+    except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+      why = (str(e).strip().splitlines() or ["unreadable"])[0][:200]
+      raise InputError(f"{file}: not a Hugging Face tokenizer.json, the file is damaged ({why})") from None
     folder = os.path.dirname(file)
     special = {}
     for name in ("tokenizer_config.json", "special_tokens_map.json"):

@@ -20,7 +20,21 @@ from absl import logging
 from flax import nnx
 
 from distil_jax import buffer as buffer_lib
-from distil_jax import checkpoint, data, evaluate, experts, hf, losses, metrics, sharding, tasks, update, validate
+from distil_jax import (
+  checkpoint,
+  data,
+  evaluate,
+  experts,
+  hf,
+  losses,
+  metrics,
+  preemption,
+  run_config,
+  sharding,
+  tasks,
+  update,
+  validate,
+)
 from distil_jax import model as model_lib
 from distil_jax import rollout as rollout_lib
 from distil_jax import tokenizer as tok_lib
@@ -150,10 +164,10 @@ def load_teacher(config, student_cfg, tok, mesh, rules):
 # The run
 
 
-def warm_up(params, run, *, config, mesh):
+def warm_up(params, run, *, config, mesh, stop=lambda: False):
   """DAgger's round 0: `train.warmup_steps` behaviour-cloning updates on the expert's own responses to fresh
   prompts (no sampling), with an optimizer of its own at `train.warmup_lr`, as a separate SFT run would be.
-  Returns the parameters and figures."""
+  Returns the parameters and figures, or None when `stop()` said to abandon it (asked before each step)."""
   c = config
   optim = c.optim.copy_and_resolve_references()
   optim.lr = c.train.warmup_lr
@@ -164,6 +178,8 @@ def warm_up(params, run, *, config, mesh):
   stream = data.prompt_stream(run.task.problems("train"), seed=c.seed + 1, per_iteration=c.train.warmup_batch)
   losses_seen = []
   for k in range(c.train.warmup_steps):
+    if stop():
+      return None
     problems = rollout_lib.with_feedback(stream[k], c.train.warmup_reprompt_fraction, config=c, task=run.task)
     batch = rollout_lib.warmup_batch(problems, config=c, tok=run.tok)
     state, m = step(state, data.to_global(batch, mesh), None, jnp.int32(0))
@@ -310,23 +326,38 @@ def _ema(config) -> bool:
   return config.expert.kind == "self" and config.expert.ema_decay > 0
 
 
-def _meta(config, iteration: int, buffer_rows: int, sampled_tokens: int) -> dict:
+def _meta(config, iteration: int, buffer_rows: int, sampled_tokens: int, schedule_updates: int) -> dict:
   """The host-side state a checkpoint carries (`buffer_rows`: this process's rows, as many on every process: each
-  labels an equal share of the prompts)."""
+  labels an equal share of the prompts), the config it was trained with and the number of updates its learning-rate
+  schedule was laid out for."""
   return {
     "iteration": iteration,
     "buffer_rows": buffer_rows,
     "sampled_tokens": sampled_tokens,
     "seed": config.seed,
     "processes": jax.process_count(),
+    "config": run_config.flat(config),
+    "schedule_updates": schedule_updates,
   }
 
 
-def train(config, workdir: str) -> dict:
-  """Run (or resume) the DAgger loop; returns the last iteration's figures."""
+def train(config, workdir: str, *, allow_changed=()) -> dict:
+  """Run (or resume) the DAgger loop; returns the last iteration's figures. Raises `preemption.Preempted` when it
+  stopped at SIGTERM or SIGINT, after saving the last completed iteration (see `preemption.py`).
+
+  A resume must have the checkpoint's config except for the keys `allow_changed` names (`run_config.py`). Its
+  learning-rate schedule is the one the run started with (laid out for that run's `train.iterations`), unless
+  `allow_changed` names `train.iterations`: the schedule is then laid out anew for the new length."""
+  with preemption.Stopper() as stopper:
+    return _train(config, workdir, stopper, tuple(allow_changed))
+
+
+def _train(config, workdir: str, stopper: preemption.Stopper, allow_changed: tuple) -> dict:
   _check(config, "train")
   for line in start_warnings(config):
     logging.warning(line)
+  run_config.check_allowed_names(allow_changed, config)
+  run_config.check_processes(config)
   run = Run.build(config, workdir)
   c, mesh, tok, task = config, run.mesh, run.tok, run.task
   expert = experts.make_expert(c.expert, task, tok, c.tokenizer.add_bos)
@@ -348,18 +379,40 @@ def train(config, workdir: str) -> dict:
   )
   if (spec.loss.kind == "sft" or c.train.warmup_steps) and task.problems("train")[0].reference is None:
     raise ConfigError(f"loss.kind='sft' and train.warmup_steps need reference solutions; task {task.name!r} has none")
-  shardings = jax.tree.map(lambda x: x.sharding, state)
-  step_fn = update.make_update(run.graphdef, tx, spec, teacher_graphdef=teacher_graphdef, state_shardings=shardings)
 
   # -- Resume (read and checked before anything is written) -----------------------------------------------------------
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.checkpoint.keep)
   start, sampled_tokens, rows_at, latest = 0, 0, {}, None
+  # Each process labels its own prompts and keeps its own part of the aggregated data set.
+  layout = rollout_lib.layout(c, expert)
+  buffer_dir = os.path.join(workdir, "buffer", f"process_{jax.process_index()}")
+  buf = None
+  if os.path.isdir(buffer_dir):
+    try:
+      buf = buffer_lib.Buffer(buffer_dir, layout, c.buffer.max_groups)
+    except InputError:  # rows of another shape: the config's check below, or the second open, names it
+      pass
+
+  def buffer_damage(step, meta):
+    """A checkpoint whose training window of the buffer is damaged is not resumed from (an older one may be)."""
+    rows = meta.get("buffer_rows", 0)
+    if buf is None or rows > buf.rows:  # rows lost altogether: `truncate` names them
+      return None
+    why = buf.damage(*buf.window(before=rows))
+    return why and f"its buffer rows are damaged: {why}"
+
   try:
-    found = ckpt.restore_latest(checkpoint.abstract_like(state))
+    found = ckpt.restore_latest(checkpoint.abstract_like(state), check=buffer_damage)
     if found is not None:
       latest, state, meta = found
-      if meta["seed"] != c.seed:  # every random stream is fold_in(key(seed), iteration): a new seed breaks replay
+      if "config" in meta:
+        for key, before, now in run_config.check_resume(meta["config"], c, allow_changed, workdir):
+          logging.warning("resuming %s with %s=%r (it was %r): --allow_changed names it", workdir, key, now, before)
+      elif meta["seed"] != c.seed:  # every random stream is fold_in(key(seed), iteration): a new seed breaks replay
         raise ConfigError(f"{workdir} was trained with seed {meta['seed']}, this config has seed {c.seed}")
+      if meta.get("schedule_updates") and "train.iterations" not in allow_changed:
+        total_updates = meta["schedule_updates"]  # the same rates at every step as the run that was extended
+        tx = update.make_optimizer(c.optim, total_updates)
       if meta.get("processes", 1) != jax.process_count():  # the buffer is split by process: rows would be lost
         raise CheckpointError(
           f"{workdir} was written by {meta.get('processes', 1)} processes, this run has {jax.process_count()}; "
@@ -368,13 +421,11 @@ def train(config, workdir: str) -> dict:
   except BaseException:
     ckpt.close()
     raise
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  step_fn = update.make_update(run.graphdef, tx, spec, teacher_graphdef=teacher_graphdef, state_shardings=shardings)
   run.write_workdir()
   ckpt.set_aside_unusable()
-  # Each process labels its own prompts and keeps its own part of the aggregated data set.
-  layout = rollout_lib.layout(c, expert)
-  buf = buffer_lib.Buffer(
-    os.path.join(workdir, "buffer", f"process_{jax.process_index()}"), layout, c.buffer.max_groups
-  )
+  buf = buf or buffer_lib.Buffer(buffer_dir, layout, c.buffer.max_groups)
   if found is not None:
     start, sampled_tokens = meta["iteration"], meta["sampled_tokens"]
     buf.truncate(meta["buffer_rows"])
@@ -395,15 +446,30 @@ def train(config, workdir: str) -> dict:
   prompts = data.prompt_stream(task.problems("train"), seed=c.seed, per_iteration=c.train.prompts_per_iteration)
   sampling_cfg = rollout_lib.sampling_config(c, tok)
   last = {}
+  # The last completed iteration, what a stop at a signal saves: (iteration, buffer rows, sampled tokens).
+  done = (start, buf.rows, sampled_tokens)
+
+  def stop_here():
+    """At a signal: the last completed iteration checkpointed (unless it is already), then `Preempted`."""
+    it_done, rows, tokens = done
+    if ckpt.latest_step() != it_done:
+      ckpt.save(it_done, state, _meta(c, it_done, rows, tokens, total_updates))
+    raise preemption.Preempted(stopper.signame, it_done, ckpt.directory)
+
   try:
     with sharding.use(mesh, run.rules):
-      if start == 0:
+      if latest is None:
+        if stopper.requested():  # signalled while the run was being set up: nothing done yet, nothing to save
+          raise preemption.Preempted(stopper.signame, None, ckpt.directory)
         t0 = time.time()
         figures = {}
         if c.train.warmup_steps:
           before = eval_fn(run.graphdef, state["params"], jax.random.fold_in(eval_keys, 0))
           figures = {f"before_warmup/{k}": v for k, v in before.items()}
-          params, warm = warm_up(state["params"], run, config=c, mesh=mesh)
+          warmed = warm_up(state["params"], run, config=c, mesh=mesh, stop=stopper.requested)
+          if warmed is None:
+            raise preemption.Preempted(stopper.signame, None, ckpt.directory)
+          params, warm = warmed
           state = update.init_state(tx, params, mesh, ema=_ema(c), ref=reference)
           figures.update(warm, **{"time/warmup_s": time.time() - t0})
         t1 = time.time()
@@ -412,8 +478,14 @@ def train(config, workdir: str) -> dict:
         writer.write(0, {**figures, **last, "samples/train_tokens": 0, "time/eval_s": time.time() - t1})
         writer.write_samples(0, shown)
         if c.train.iterations == 0:  # a warm-up-only run (e.g. a shared start for model.init_from)
-          ckpt.save(0, state, _meta(c, 0, 0, 0))
+          ckpt.save(0, state, _meta(c, 0, 0, 0, total_updates))
       for it in range(start + 1, c.train.iterations + 1):
+        # A signal abandons the iteration at any of these points, before its first update (a resume replays it
+        # exactly); once updates began, the iteration is finished, then saved, unless the iteration before it is
+        # checkpointed already: then it is abandoned between updates and before its evaluation too.
+        if stopper.requested():
+          stop_here()
+        saved_before = ckpt.latest_step() == it - 1
         figures = {}
         t0 = time.time()
         # -- Rollouts and feedback --------------------------------------------------------------------------------
@@ -429,12 +501,16 @@ def train(config, workdir: str) -> dict:
           samples_per_prompt=c.train.group_size,
           sampling_cfg=sampling_cfg,
         )
+        if stopper.requested():
+          stop_here()
         sampled_tokens += metrics.global_sum(int(r.mask.sum()))
         t1 = time.time()
         # -- Expert labels, into the buffer -----------------------------------------------------------------------
         labels, label_figures = expert.label(r)
         figures.update(label_figures)
         groups = rollout_lib.group_records(r, labels, it, config=c, tok=tok, layout=layout)
+        if stopper.requested():
+          stop_here()
         old = buf.window(before=buf.rows)
         buf.append(groups)
         t2 = time.time()
@@ -450,6 +526,8 @@ def train(config, workdir: str) -> dict:
         # Metrics of update k are read after update k+1 is dispatched, so the host never waits on the device.
         step_figures, pending = [], None
         for k, batch in enumerate([*batches, None]):
+          if k and batch is not None and saved_before and stopper.requested():
+            stop_here()
           if batch is not None:
             state, m = step_fn(state, data.to_global(batch, mesh), teacher_params, jnp.int32(it))
           if pending is not None:
@@ -470,6 +548,8 @@ def train(config, workdir: str) -> dict:
           }
         )
         # -- Evaluation and checkpoint ----------------------------------------------------------------------------
+        if saved_before and stopper.requested():
+          stop_here()
         if it % c.eval.every == 0 or it == c.train.iterations:
           t4, shown = time.time(), []
           figures.update(eval_fn(run.graphdef, state["params"], jax.random.fold_in(eval_keys, it), samples=shown))
@@ -479,8 +559,9 @@ def train(config, workdir: str) -> dict:
         figures["time/iteration_s"] = time.time() - t0
         writer.write(it, figures)
         last = figures
+        done = (it, buf.rows, sampled_tokens)
         if it % c.checkpoint.every == 0 or it == c.train.iterations:
-          ckpt.save(it, state, _meta(c, it, buf.rows, sampled_tokens))
+          ckpt.save(it, state, _meta(c, it, buf.rows, sampled_tokens, total_updates))
           rows_at[it] = buf.rows
           kept = [rows_at[s] for s in ckpt.all_steps() if s in rows_at]
           if len(kept) == len(ckpt.all_steps()):

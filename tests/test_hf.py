@@ -1,5 +1,7 @@
 """Policy logits against `transformers` (the reference) through a checkpoint in both directions."""
 
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -71,4 +73,30 @@ def test_sharded_index_and_bf16_export(tmp_path):
 def test_unsupported_architecture_is_named(tmp_path):
   (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
   with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+    hf.load_hf(str(tmp_path))
+
+
+def test_a_non_finite_weight_and_an_unsupported_rope_scaling_are_named(tmp_path):
+  """A NaN weight used to load silently (a `model` teacher then trained the student to nothing); rope scaling of
+  type yarn used to fail inside the first forward pass."""
+  from safetensors.numpy import load_file, save_file
+
+  random_hf_model("llama", seed=1).save_pretrained(tmp_path)
+  weights = load_file(str(tmp_path / "model.safetensors"))
+  name = "model.layers.1.mlp.up_proj.weight"
+  weights[name] = weights[name].copy()
+  weights[name][3, 5] = np.inf
+  weights[name][4, 0] = np.nan
+  save_file(weights, str(tmp_path / "model.safetensors"))
+  message = rf"model\.safetensors: {name} has 2 non-finite values \(the first, inf, at index \(3, 5\)\): the"
+  with pytest.raises(hf.InputError, match=message):
+    hf.load_hf(str(tmp_path))
+
+  config = json.loads((tmp_path / "config.json").read_text())
+  config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+  config.pop("rope_parameters", None)
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(
+    hf.InputError, match=r"^config\.json: rope_scaling of type 'yarn' is not supported \(supported: default, llama3\)$"
+  ):
     hf.load_hf(str(tmp_path))

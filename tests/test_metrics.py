@@ -6,6 +6,7 @@ import json
 import os
 import struct
 
+import pytest
 from tensorboardX.proto import event_pb2
 
 from distil_jax import metrics
@@ -68,3 +69,16 @@ def test_each_evaluation_carries_the_best_so_far_across_a_resume(tmp_path):
   resumed.close()
   last = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")][-1]
   assert (last["iteration"], last["eval/best_pass@1"], last["eval/best_iteration"]) == (3, 0.6, 3)
+
+
+def test_a_cut_last_line_is_dropped_at_resume_and_a_cut_earlier_line_is_named(tmp_path):
+  """A crash mid-write leaves the last line of the append-only log partial: the resume drops it (its iteration is
+  replayed) instead of stopping with a JSONDecodeError."""
+  path = tmp_path / "metrics.jsonl"
+  rows = [{"iteration": i, "train/loss": 1.0 / (i + 1)} for i in range(4)]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"iteration": 4, "train/lo')
+  metrics._truncate(str(path), 2)
+  assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:3]
+  path.write_text(json.dumps(rows[0]) + "\n" + '{"iteration": 1, "tr\n' + json.dumps(rows[2]) + "\n")
+  with pytest.raises(metrics.InputError, match=r"metrics\.jsonl:2: not valid JSON \(only the last line"):
+    metrics._truncate(str(path), 2)

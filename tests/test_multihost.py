@@ -3,6 +3,7 @@ with another process count refused, and a dead peer that stops the other within 
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -28,8 +29,9 @@ def _port() -> int:
     return s.getsockname()[1]
 
 
-def _start(workdir, *args, processes=2, port=None, peer_timeout_s=5):
-  """`processes` copies of main, told where they are only through JAX_* variables; stderr to files."""
+def _start(workdir, *args, processes=2, port=None, peer_timeout_s=5, only=None):
+  """`processes` copies of main, told where they are only through JAX_* variables; stderr to files. `only`:
+  {process index: more arguments for it alone}."""
   port = port or _port()
   procs = []
   for index in range(processes):
@@ -41,8 +43,11 @@ def _start(workdir, *args, processes=2, port=None, peer_timeout_s=5):
       env["JAX_PROCESS_ID"] = str(index)
       flags = ["--distributed", f"--peer_timeout_s={peer_timeout_s}"]
     err = open(os.path.join(workdir.parent, f"{workdir.name}.{processes}.{index}.err"), "w")
-    cmd = [sys.executable, "-m", "distil_jax.main", *flags, *ARGS, *args, f"--workdir={workdir}"]
-    procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err), err))
+    mine = (only or {}).get(index, [])
+    cmd = [sys.executable, "-m", "distil_jax.main", *flags, *ARGS, *args, *mine, f"--workdir={workdir}"]
+    # a session of its own: a signal to its process group reaches the trainer and its stderr filter, as SLURM's does
+    popen = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    procs.append((popen, err))
   return procs
 
 
@@ -154,6 +159,37 @@ def test_a_dead_peer_stops_the_other_within_seconds_naming_it(tmp_path):
   last = err.strip().splitlines()[-1]
   assert rc != 0 and "process 1 of 2 stopped responding" in last and "stopping process 0 too" in last, err[-3000:]
   assert took < 5 + 10, took  # the peer timeout, plus a watchdog beat and the exit
+
+
+def test_processes_refuse_different_configs_and_stop_together_at_sigterm(tmp_path):
+  """Another train.iterations on one process: both refuse at start in one line (they used to hang). SIGTERM to
+  process 1's process group alone (jax.distributed installs its own SIGTERM handler; ours replaces it): both stop
+  after the same iteration, save it and exit 0."""
+  workdir = tmp_path / "run"
+  for rc, err in _finish(_start(workdir, only={1: ["--config.train.iterations=5"]}), timeout=120):
+    last = err.strip().splitlines()[-1]
+    assert rc != 0 and last == (
+      "distil_jax: ConfigError: the processes were started with different configs: train.iterations is 2 on "
+      "process 0, 5 on process 1"
+    ), err[-3000:]
+  assert not workdir.exists()
+
+  procs = _start(workdir, "--config.train.iterations=40", "--config.eval.every=100", "--config.checkpoint.every=100")
+  deadline = time.time() + 300
+  while time.time() < deadline and not ((workdir / "metrics.jsonl").exists() and len(_metrics(workdir)) >= 3):
+    assert all(p.poll() is None for p, _ in procs), _finish(procs)
+    time.sleep(0.05)
+  os.killpg(procs[1][0].pid, signal.SIGTERM)  # the trainer and its stderr filter, as srun / slurmstepd do
+  results = _finish(procs, timeout=120)
+  done = _metrics(workdir)[-1]["iteration"]
+  assert [rc for rc, _ in results] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+  assert "Traceback" not in results[0][1] + results[1][1]
+  assert results[0][1].strip().splitlines()[-1] == (
+    f"distil_jax: stopped by a signal to another process; iteration {done} is checkpointed in "
+    f"{workdir / 'checkpoints'}: run the same command to resume from iteration {done}"
+  )
+  assert 2 <= done < 40 and os.listdir(workdir / "checkpoints") == [str(done)]
+  assert [len(_buffer(workdir, p)["mask"]) for p in (0, 1)] == [done, done]
 
 
 class _FakeCoordinator:

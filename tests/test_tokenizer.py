@@ -60,3 +60,15 @@ def test_hf_tokenizer_json_roundtrip(tmp_path):
   for text in _corpus(20, seed=1) + ["naïve café 3×4"]:
     ids = tok.encode(text)
     assert tok.decode(ids) == text
+
+
+def test_a_damaged_tokenizer_file_is_named(tmp_path):
+  good = tok_lib.train_sentencepiece(_corpus(60), 64, "char")
+  path = tmp_path / "tokenizer.model"
+  good.save(str(path))
+  path.write_bytes(path.read_bytes()[:40] + b"\xff\x00garbage" * 8)
+  with pytest.raises(tok_lib.InputError, match=rf"^{path}: not a SentencePiece model, the file is damaged \("):
+    tok_lib.load_tokenizer(str(path))
+  (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE", "vocab": ')
+  with pytest.raises(tok_lib.InputError, match=r"tokenizer\.json: not a Hugging Face tokenizer\.json, the file is dam"):
+    tok_lib.load_tokenizer(str(tmp_path))

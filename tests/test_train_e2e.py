@@ -154,7 +154,8 @@ def _read_buffer(workdir):
 
   folder = os.path.join(workdir, "buffer", "process_0")
   spec = lambda name: {"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(folder, name)}}
-  return {name: ts.open(spec(name), open=True).result().read().result() for name in os.listdir(folder)}
+  names = [name for name in os.listdir(folder) if os.path.isdir(os.path.join(folder, name))]  # not checksums.json
+  return {name: ts.open(spec(name), open=True).result().read().result() for name in names}
 
 
 def _final_params(workdir, step):
