@@ -365,8 +365,9 @@ def _common_metrics(cfg, terms, mask, metrics, loss):
     length=jnp.mean(jnp.sum(mask, axis=1)),
   )
   for name in cfg.terms:
-    metrics[f"{name}_per_token"] = _token_mean(jnp.where(mask > 0, terms[name], 0.0), mask)
-  if cfg.terms:
+    if name in terms:  # a caller's own terms may hold only what its objective needs
+      metrics[f"{name}_per_token"] = _token_mean(jnp.where(mask > 0, terms[name], 0.0), mask)
+  if "ce" in terms and "teacher_entropy" in terms:
     metrics["kl_per_token"] = metrics["ce_per_token"] - metrics["teacher_entropy_per_token"]  # KL(q || pi)
   if "teacher_nonfinite" in terms:  # the share of response positions where the expert's distribution is NaN or inf
     metrics["teacher_nonfinite"] = _token_mean(jnp.where(mask > 0, terms["teacher_nonfinite"], 0.0), mask)

@@ -407,15 +407,10 @@ def test_a_thread_flood_is_bounded_per_program():
   assert second.returncode == 0 and second.stdout.strip() == str(limits.tasks - 1), second.stderr
 
 
-ATTACKS = """
-import ctypes, json, os, signal, socket
-out = {}
-def attempt(name, fn, *args):
-  try:
-    fn(*args)
-    out[name] = "done"
-  except OSError as e:
-    out[name] = e.strerror
+ATTACKS = (
+  "import ctypes, signal, socket\n"
+  + TRY
+  + """
 ppid = os.getppid()
 out["environment"] = sorted(os.environ)
 attempt("/proc/ppid/environ", lambda: open("/proc/%d/environ" % ppid).read())
@@ -436,6 +431,7 @@ def shared_memory():
 attempt("POSIX shared memory", shared_memory)
 print(json.dumps(out))
 """
+)
 
 
 def test_hostile_programs_cannot_reach_the_trainer():

@@ -20,6 +20,7 @@ import torch
 import transformers
 from flax import nnx
 from run_helpers import ROOT, FakeExpertServer, load_config, rot_one_bit, run_main
+from test_http_expert import _rollouts
 
 from distil_jax import checkpoint, experts, hf, losses, train
 from distil_jax import model as model_lib
@@ -424,17 +425,7 @@ def test_resume_skips_a_damaged_checkpoint_and_metrics_precede_each_checkpoint(t
 
 
 def _one_response(tok):
-  tokens = np.asarray(tok.encode("2+13"), np.int32)[None, None]  # 1 prompt x 1 response x 4 tokens
-  return experts.Rollouts(
-    problems=[experts.Problem("1+1=", "2")],
-    prompt_tokens=np.zeros((1, 1), np.int32),
-    prompt_mask=np.ones((1, 1), np.int32),
-    tokens=tokens,
-    mask=np.ones_like(tokens),
-    logprobs=np.zeros(tokens.shape, np.float32),
-    texts=[["2+13"]],
-    verdicts=[[experts.Verdict(False, "wrong")]],
-  )
+  return _rollouts(tok, feedback=("wrong",))  # 1 prompt x 1 response "2+13" (4 tokens), verdict "wrong"
 
 
 HTTP_FAULTS = {  # what each used to do: NaN in the buffer (loss 0.0), loss 753, labels shifted by one
