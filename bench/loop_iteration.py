@@ -44,7 +44,7 @@ def ours(args) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from distil_jax import config_base, data, experts, train, update
+  from distil_jax import build, config_base, data, experts, update
   from distil_jax import rollout as rollout_lib
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,12 +63,12 @@ def ours(args) -> dict:
     },
   )
   work = tempfile.mkdtemp()
-  run = train.Run.build(config, work)
+  run = build.Run.build(config, work)
   tok, mesh = run.tok, run.mesh
   expert = experts.make_expert(config.expert, run.task, tok, config.tokenizer.add_bos)
   tx = update.make_optimizer(config.optim, 2 * args.updates)
   state = update.init_state(tx, run.params, mesh)
-  spec = update.UpdateSpec(train.loss_config(config, tok, expert), teacher="self")
+  spec = update.UpdateSpec(build.loss_config(config, tok, expert), teacher="self")
   step = update.make_update(run.graphdef, tx, spec, state_shardings=jax.tree.map(lambda x: x.sharding, state))
   sampling = rollout_lib.sampling_config(config, tok)
   sampling = sampling.__class__(**{**sampling.__dict__, "eos_id": None, "stop_ids": ()})  # exactly --new tokens

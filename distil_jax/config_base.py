@@ -118,7 +118,7 @@ def get_config() -> ml_collections.ConfigDict:
     warmup_reprompt_fraction=0.0,
   )  # with its own optimizer; a fraction of rows may show feedback
   # mix: the fraction of training groups from the aggregated buffer; unset: 0.5 for DAgger's losses (distil,
-  # tokenwise_fce, sft), 0 for the on-policy ones (grpo, reverse_kl, jsd); see train.buffer_mix.
+  # tokenwise_fce, sft), 0 for the on-policy ones (grpo, reverse_kl, jsd); see build.buffer_mix.
   c.buffer = dict(mix=ml_collections.config_dict.placeholder(float), max_groups=4096)
   # split: "eval" (every held-out prompt), or its disjoint halves "validation" / "test" (evaluate.held_out)
   # log_samples: responses per prompt written to workdir/samples.jsonl at each evaluation (0: none)

@@ -75,7 +75,7 @@ def sibling_half(i: int, group_size: int) -> range:
 
 def reads_siblings(cfg) -> bool:
   """Whether the expert of one response reads other responses of its group (the config's `expert` section): then the
-  loss's leave-one-out baseline must be split in halves (`train.loss_config`)."""
+  loss's leave-one-out baseline must be split in halves (`build.loss_config`)."""
   return cfg.kind != "oracle" and cfg.feedback != "reference"
 
 

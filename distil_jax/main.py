@@ -41,13 +41,13 @@ FLAGS = flags.FLAGS
 
 
 def _run(config):
-  from distil_jax import train
+  from distil_jax import modes, train
 
   if FLAGS.mode == "train":
     return train.train(config, FLAGS.workdir, allow_changed=FLAGS.allow_changed)
   if FLAGS.mode == "eval":
-    return train.evaluate_only(config, FLAGS.workdir)
-  return {"exported": train.export(config, FLAGS.workdir, FLAGS.export_dir)}
+    return modes.evaluate_only(config, FLAGS.workdir)
+  return {"exported": modes.export(config, FLAGS.workdir, FLAGS.export_dir)}
 
 
 def main(argv):

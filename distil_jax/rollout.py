@@ -1,5 +1,5 @@
 """From prompts to labelled data: sampling on the mesh, the task's verdicts, and the rows the buffer and the
-updates read (rollout groups, the expert's own responses, re-prompts with feedback for warm-up).
+updates read (rollout groups, the expert's own responses).
 
 Rows are numpy on the host; `data.to_global` puts them on the mesh. The sampler gets each prompt once with the
 group size (it prefills a prompt once for its group) and the float32 master weights, which it casts once per rollout.
@@ -8,8 +8,6 @@ sampled with: positions come from the mask, so the extra padding changes nothing
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 import numpy as np
@@ -142,50 +140,3 @@ def group_records(r: experts.Rollouts, labels: dict, iteration: int, *, config, 
     **labels,
   }
   return batch.check(rows, layout)
-
-
-def _corrupt(text: str) -> str:
-  """The reference with its first digit after '=' changed: a wrong solution for the verifier to comment on."""
-  i = text.find("=") + 1
-  if 0 < i < len(text) and text[i].isdigit():
-    return text[:i] + str((int(text[i]) + 1) % 10) + text[i + 1 :]
-  return text[::-1]
-
-
-def with_feedback(problems, fraction: float, *, config, task):
-  """The first `fraction` of `problems` re-prompted as the self expert sees them (half with a correct solution in
-  context, half with the verifier's feedback on a wrong one; with `expert.feedback="reference"`, the reference and
-  the verdict on a right or a wrong solution), so that a small model learns to use feedback."""
-  out = list(problems)
-  n = int(round(fraction * len(out)))
-  for i, p in enumerate(out[:n]):
-    verdict = task.verify(p, p.reference if i % 2 == 0 else _corrupt(p.reference))
-    if config.expert.feedback == "reference":
-      feedback = experts.reference_feedback(p, verdict)
-    else:
-      feedback = experts.SIBLING + p.reference if i % 2 == 0 else verdict.feedback
-    out[i] = dataclasses.replace(p, prompt=config.expert.reprompt.format(prompt=p.prompt, feedback=feedback))
-  return out
-
-
-def warmup_batch(problems, *, config, tok) -> dict[str, np.ndarray]:
-  """A behaviour-cloning batch: prompts and the expert's responses, as one-response groups."""
-  width, key = config.sampling.max_prompt_tokens, "sampling.max_prompt_tokens"
-  if config.train.warmup_reprompt_fraction:  # re-prompts are longer: pad every row to the expert's width
-    width, key = max(width, config.expert.max_prompt_tokens), "expert.max_prompt_tokens (warm-up re-prompts)"
-  _, prompt, pmask = prompt_rows(problems, config=config, tok=tok, width=width, key=key)
-  sft_tokens, sft_mask = reference_rows(problems, config.sampling.max_new_tokens, tok)
-  b = len(problems)
-  rows = {
-    "prompt_tokens": prompt,
-    "prompt_mask": pmask,
-    "sft_tokens": sft_tokens,
-    "sft_mask": sft_mask,
-    "tokens": sft_tokens[:, None],
-    "mask": sft_mask[:, None],
-    "logprobs": np.zeros(sft_mask[:, None].shape, np.float32),
-    "reward": np.zeros((b, 1), np.float32),
-    "iteration": np.zeros(b, np.int32),
-  }
-  n = config.sampling.max_new_tokens
-  return batch.check(rows, batch.fields(prompt=width, new=n, group=1, labels="none", top_k=0))

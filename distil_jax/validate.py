@@ -388,7 +388,7 @@ def _train_checks(ch: _Checks, mode: str, rows: int, processes: int) -> None:
   ok.append(ch.count(t + "warmup_batch"))
   ch.number(t + "warmup_lr", lo=0, lo_open=True)
   ch.number(t + "warmup_reprompt_fraction", lo=0, hi=1)
-  if ch.value("buffer.mix") is not None:  # unset: the loss kind's default (train.buffer_mix)
+  if ch.value("buffer.mix") is not None:  # unset: the loss kind's default (build.buffer_mix)
     ch.number("buffer.mix", lo=0, hi=1, hi_open=True)  # 1 would never train on fresh rollouts (grain refuses it)
   ch.count("buffer.max_groups")
   ch.count("checkpoint.every")

@@ -6,7 +6,7 @@ estimate, so it may cost more variance than it brings signal. At every kept chec
 `--minibatches` fresh minibatches exactly as an update sees them (`train.batch_groups` prompts x `train.group_size`
 responses sampled from the checkpoint, labelled by the run's expert), and computes per minibatch
     g_local = grad of the tokenwise-FCE loss,   g_score = grad of the DistIL loss - g_local
-with the loop's own loss construction (`train.loss_config`, `update.loss_fn`). Reported per part: the norm of the
+with the loop's own loss construction (`build.loss_config`, `update.loss_fn`). Reported per part: the norm of the
 mean over minibatches (signal), the total variance of one minibatch's estimate, E||g - mean g||^2 (noise), their
 ratio, and the cosine between the two parts' means. The same prompts and sampling keys are used at every checkpoint.
 
@@ -32,7 +32,7 @@ from absl import app, flags
 from jax.flatten_util import ravel_pytree
 from ml_collections import config_flags
 
-from distil_jax import checkpoint, data, experts, rollout, sharding, train, update
+from distil_jax import build, checkpoint, data, experts, rollout, sharding, update
 
 config_flags.DEFINE_config_file("config", None, "Config file (the run's, with its overrides).", lock_config=True)
 flags.DEFINE_string("workdir", None, "A DistIL run's workdir (its kept checkpoints are measured).", required=True)
@@ -64,9 +64,9 @@ def measure(c, workdir, minibatches):
     raise ValueError(f"--minibatches={minibatches}: a variance needs at least two draws")
   if c.loss.kind != "distil":
     raise ValueError(f"loss.kind={c.loss.kind!r}: the score / local split is DistIL's (measure a DistIL run)")
-  run = train.Run.build(c, workdir)
+  run = build.Run.build(c, workdir)
   expert = experts.make_expert(c.expert, run.task, run.tok, c.tokenizer.add_bos)
-  distil = train.loss_config(c, run.tok, expert)
+  distil = build.loss_config(c, run.tok, expert)
   specs = {
     kind: update.UpdateSpec(
       dataclasses.replace(distil, kind=kind), teacher=c.expert.kind if expert.on_device else "topk"

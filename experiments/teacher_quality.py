@@ -27,7 +27,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from distil_jax import data, evaluate, experts, rollout, sampler, sharding, train
+from distil_jax import build, data, evaluate, experts, rollout, sampler, sharding
 from experiments import stats
 
 config_flags.DEFINE_config_file("config", None, "Config file (the run's).", lock_config=True)
@@ -73,7 +73,7 @@ def pass_at_1(run, params, problems, prompts, rng, sampling_cfg, prefixes=None):
 
 def main(_):
   c = FLAGS.config
-  run = train.Run.build(c, FLAGS.workdir)
+  run = build.Run.build(c, FLAGS.workdir)
   params, meta = run.restore_params()
   problems = evaluate.held_out(run.task, c.eval.split)[: c.eval.num_prompts]
   g = FLAGS.samples

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from run_helpers import ROOT, load_config
 
-from distil_jax import config_base, losses, sharding, train, validate
+from distil_jax import build, config_base, losses, sharding, validate
 from distil_jax import model as model_lib
 from experiments import smollm2
 
@@ -41,7 +41,7 @@ def test_config_loads_and_builds(name, arg):
   if config.model.hf_path == smollm2.DEFAULT_DIR:  # a real checkpoint's preset: the folder the set-up writes
     smollm2.hf_folder()
   validate.config(config, devices=1, processes=1)  # every value in range, batch sizes fit a mesh
-  tiny = train.model_config(config, vocab_size=50)
+  tiny = build.model_config(config, vocab_size=50)
   tiny = model_lib.ModelConfig(
     **{
       **tiny.__dict__,

@@ -11,12 +11,12 @@ import pytest
 from flax import nnx
 from test_update import CFG  # noqa: E402  (48 LM-head rows)
 
-from distil_jax import config_base, experts, losses, rollout, sampler, sharding, train, update, validate
+from distil_jax import build, config_base, experts, losses, rollout, sampler, sharding, train, update, validate
 from distil_jax import model as model_lib
 from distil_jax import tokenizer as tok_lib
 from distil_jax.tasks.base import Problem, Verdict
 
-REAL_VOCAB = 43  # the tokenizer's ids; the LM head has 48 rows (padded to a multiple of 8), as train.py builds it
+REAL_VOCAB = 43  # the tokenizer's ids; the LM head has 48 rows (padded to a multiple of 8), as build.py builds it
 BG, G, P, N, K = 2, 4, 5, 12, 2
 
 
@@ -90,7 +90,7 @@ def test_fresh_rollouts_have_ratio_one_at_temperature_07(kind):
   batch = _fresh_batch(graphdef, params, temperature=0.7)
   tok = types.SimpleNamespace(vocab_size=REAL_VOCAB)
   expert = types.SimpleNamespace(reads_siblings=False, on_device=False)
-  loss_cfg = train.loss_config(_loop_config(**{"loss.kind": kind}), tok, expert)
+  loss_cfg = build.loss_config(_loop_config(**{"loss.kind": kind}), tok, expert)
   assert (loss_cfg.policy_temperature, loss_cfg.vocab_size) == (0.7, REAL_VOCAB)
   m = _first_update_metrics(dataclasses.replace(loss_cfg, chunk_size=4), graphdef, params, batch, mesh)
   np.testing.assert_allclose(m["ratio_mean"], 1.0, atol=2e-5)
@@ -208,7 +208,7 @@ def test_grpo_runs_as_published():
     _validate(_loop_config(**{"loss.kind": "grpo", "train.group_size": 1, "train.batch_groups": 1}))
   with pytest.raises(ValueError, match="buffer.mix"):
     _validate(_loop_config(**{"loss.kind": "grpo", "buffer.mix": 0.5}))
-  assert [train.buffer_mix(_loop_config(**{"loss.kind": k})) for k in ("grpo", "reverse_kl", "distil")] == [0, 0, 0.5]
+  assert [build.buffer_mix(_loop_config(**{"loss.kind": k})) for k in ("grpo", "reverse_kl", "distil")] == [0, 0, 0.5]
   with pytest.raises(ValueError, match="group_size >= 2"):
     losses.grpo_loss(jnp.zeros((2, 3, 5)), jnp.zeros((2, 3), jnp.int32), jnp.ones((2, 3)), jnp.ones(2), group_size=1)
 
@@ -255,10 +255,10 @@ def test_teacher_is_scored_at_the_samplers_temperature():
     types.SimpleNamespace(reads_siblings=False, on_device=True),
     types.SimpleNamespace(reads_siblings=False, on_device=False),
   )
-  assert train.loss_config(_loop_config(), tok, device).teacher_temperature == 0.7
-  assert train.loss_config(_loop_config(), tok, topk).teacher_temperature == 1.0
+  assert build.loss_config(_loop_config(), tok, device).teacher_temperature == 0.7
+  assert build.loss_config(_loop_config(), tok, topk).teacher_temperature == 1.0
   kept = _loop_config(**{"loss.teacher_temperature": 1.3})
-  assert train.loss_config(kept, tok, device).teacher_temperature == 1.3
+  assert build.loss_config(kept, tok, device).teacher_temperature == 1.3
   rng = np.random.default_rng(0)
   z = jnp.asarray(rng.normal(size=(2, 5, REAL_VOCAB)) * 3, jnp.float32)
   tokens, mask = jnp.zeros((2, 5), jnp.int32), jnp.ones((2, 5))
@@ -330,6 +330,6 @@ def test_label_figures_read_the_batch():
 
 
 def test_a_stale_score_term_is_warned_at_start():
-  assert not train.start_warnings(_loop_config())
-  (line,) = train.start_warnings(_loop_config(**{"train.score_max_staleness": 2}))
+  assert not build.start_warnings(_loop_config())
+  (line,) = build.start_warnings(_loop_config(**{"train.score_max_staleness": 2}))
   assert "train.score_max_staleness=2" in line and "ratio" in line

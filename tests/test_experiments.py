@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from run_helpers import ROOT, load_config
 
-from distil_jax import evaluate, experts, tasks, train, validate
+from distil_jax import build, evaluate, experts, tasks, validate
 from experiments import arith_comparison, bandit, credit_assignment, gradient_variance, report, stats
 
 
@@ -175,7 +175,7 @@ def test_reference_feedback_keeps_the_whole_group_baseline():
     config = load_config("arith", **{"expert.kind": "self", "expert.feedback": feedback})
     expert = experts.make_expert(config.expert, None, tok)
     assert expert.reads_siblings == experts.reads_siblings(config.expert) == (parts == 2)
-    assert train.loss_config(config, tok, expert).baseline_parts == parts
+    assert build.loss_config(config, tok, expert).baseline_parts == parts
     config.train.group_size = 2
     if parts == 1:
       validate.config(config, devices=1, processes=1)

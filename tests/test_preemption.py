@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from run_helpers import ROOT, load_config
 
-from distil_jax import preemption, train
+from distil_jax import build, preemption, train
 
 ARGS = [
   "--config=configs/arith.py:runlocal",
@@ -162,8 +162,8 @@ def test_slurm_script_forwards_sigterm_and_requeues(tmp_path):
 
 
 def test_a_signal_during_set_up_stops_before_any_work(tmp_path, monkeypatch):
-  build = train.Run.build.__func__
-  monkeypatch.setattr(train.Run, "build", classmethod(_signal_once(signal.SIGTERM, lambda *a: True)(build)))
+  run_build = build.Run.build.__func__
+  monkeypatch.setattr(build.Run, "build", classmethod(_signal_once(signal.SIGTERM, lambda *a: True)(run_build)))
   with pytest.raises(preemption.Preempted) as e:
     train.train(load_config("arith"), str(tmp_path))
   assert str(e.value) == (

@@ -13,7 +13,7 @@ import torch
 import transformers
 from flax import nnx
 
-from distil_jax import checkpoint, data, experts, hf, sampler, train, update
+from distil_jax import build, checkpoint, data, experts, hf, modes, sampler, update
 from distil_jax import rollout as rollout_lib
 from experiments import smollm2
 
@@ -46,7 +46,7 @@ def _config(folder, **overrides):
 def test_prompt_and_greedy_continuation_equal_transformers(folder, reference):
   ref, ref_tok = reference
   config = _config(folder)
-  tok = train.make_tokenizer(config, None, "/nonexistent")
+  tok = build.make_tokenizer(config, None, "/nonexistent")
   ids = [tok.prompt_ids(q, config.tokenizer.add_bos) for q in QUESTIONS]
   for q, ours in zip(QUESTIONS, ids, strict=True):
     want = ref_tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
@@ -74,13 +74,13 @@ def test_one_distil_update_with_the_self_expert_lowers_its_loss(folder, tmp_path
   update's parameters, same batch) lower."""
   overrides = {"expert.feedback": "any", "train.group_size": 4, "sampling.max_new_tokens": 16, "model.remat": "none"}
   config = _config(folder, **overrides)
-  run = train.Run.build(config, str(tmp_path))
+  run = build.Run.build(config, str(tmp_path))
   expert = experts.make_expert(config.expert, run.task, run.tok, config.tokenizer.add_bos)
   optim = config.optim.copy_and_resolve_references()
   optim.update(lr=3e-5, lr_warmup_steps=0)
   tx = update.make_optimizer(optim, 2)
   state = update.init_state(tx, run.params, run.mesh)
-  spec = update.UpdateSpec(train.loss_config(config, run.tok, expert), teacher="self")
+  spec = update.UpdateSpec(build.loss_config(config, run.tok, expert), teacher="self")
   step = update.make_update(run.graphdef, tx, spec, state_shardings=jax.tree.map(lambda x: x.sharding, state))
   with jax.set_mesh(run.mesh):
     r = rollout_lib.rollout(
@@ -113,12 +113,12 @@ def test_export_reloads_in_transformers_with_its_template_and_stop_ids(folder, r
   ref, ref_tok = reference
   work, out = str(tmp_path / "run"), str(tmp_path / "hf")
   config = _config(folder, **{"train.iterations": 0, "export.dtype": "float32"})
-  run = train.Run.build(config, work)
+  run = build.Run.build(config, work)
   run.write_workdir()
   state = {"params": run.params}
   with checkpoint.Checkpointer(os.path.join(work, "checkpoints")) as ckpt:
     ckpt.save(0, state, {"iteration": 0})
-  train.export(config, work, out)
+  modes.export(config, work, out)
   back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
   back_tok = transformers.AutoTokenizer.from_pretrained(out)
   messages = [{"role": "user", "content": QUESTIONS[0]}]

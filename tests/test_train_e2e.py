@@ -22,7 +22,7 @@ from flax import nnx
 from run_helpers import ROOT, FakeExpertServer, load_config, rot_one_bit, run_main
 from test_http_expert import _rollouts
 
-from distil_jax import checkpoint, experts, hf, losses, train
+from distil_jax import build, checkpoint, experts, hf, losses, tasks, train
 from distil_jax import model as model_lib
 from distil_jax.errors import ConfigError, DataError
 from distil_jax.tasks import base as task_base
@@ -96,9 +96,9 @@ def test_self_expert_sibling_only_runs(tmp_path):
 
 def _teacher_dir(config, workdir, path, extra_vocab=0):
   """A random HF checkpoint with the student's vocabulary (+ extra_vocab), and the student's tokenizer beside it."""
-  task = train.tasks.make_task(config.task)
-  tok = train.make_tokenizer(config, task, str(workdir))
-  cfg = train.model_config(config, tok.vocab_size)
+  task = tasks.make_task(config.task)
+  tok = build.make_tokenizer(config, task, str(workdir))
+  cfg = build.model_config(config, tok.vocab_size)
   cfg = model_lib.ModelConfig(**{**cfg.__dict__, "vocab_size": cfg.vocab_size + extra_vocab, "hidden_size": 48})
   hf.save_hf(model_lib.create(cfg, seed=7), cfg, str(path), dtype="float32")
   return str(path)
@@ -124,7 +124,7 @@ def test_model_expert_vocabulary_mismatch_is_named(tmp_path):
 
 def test_http_expert_against_a_local_server(tmp_path):
   config = load_config("arith", **{"expert.kind": "http", "expert.top_k": 3})
-  tok = train.make_tokenizer(config, train.tasks.make_task(config.task), str(tmp_path))
+  tok = build.make_tokenizer(config, tasks.make_task(config.task), str(tmp_path))
   with FakeExpertServer(tok) as server:
     config.expert.url = server.url
     train.train(config, str(tmp_path))
@@ -134,7 +134,7 @@ def test_http_expert_against_a_local_server(tmp_path):
 
 def test_http_expert_errors_are_named(tmp_path):
   config = load_config("arith", **{"expert.kind": "http", "expert.max_retries": 0})
-  tok = train.make_tokenizer(config, train.tasks.make_task(config.task), str(tmp_path))
+  tok = build.make_tokenizer(config, tasks.make_task(config.task), str(tmp_path))
   with FakeExpertServer(tok, mode="garbage") as server:
     config.expert.url = server.url
     with pytest.raises(experts.ExpertError, match=r"127\.0\.0\.1.*not valid JSON.*502 bad gateway"):
@@ -247,7 +247,7 @@ def test_bad_config_key_and_bad_data_are_one_line_errors(tmp_path):
   assert out.returncode != 0 and f"{data}:3: not valid JSON" in last, last
   data.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?"}\n')
   with pytest.raises(train.tasks.DataError, match=r"math\.jsonl:2: missing field 'answer'"):
-    train.tasks.make_task(load_config("math", **{"task.train_path": str(data)}).task)
+    tasks.make_task(load_config("math", **{"task.train_path": str(data)}).task)
 
 
 def test_nan_loss_stops_with_a_named_error_and_keeps_what_was_written(tmp_path, monkeypatch):
@@ -439,7 +439,7 @@ HTTP_FAULTS = {  # what each used to do: NaN in the buffer (loss 0.0), loss 753,
 @pytest.mark.parametrize("fault", HTTP_FAULTS)
 def test_http_expert_checks_content_not_only_form(fault, tmp_path):
   config = load_config("arith", **{"expert.kind": "http", "expert.top_k": 3, "expert.max_retries": 0})
-  tok = train.make_tokenizer(config, train.tasks.make_task(config.task), str(tmp_path), save=False)
+  tok = build.make_tokenizer(config, tasks.make_task(config.task), str(tmp_path), save=False)
   with FakeExpertServer(tok) as server:
     config.expert.url = server.url
     expert = experts.make_expert(config.expert, None, tok)
@@ -452,7 +452,7 @@ def test_http_expert_checks_content_not_only_form(fault, tmp_path):
 
 def test_a_bad_expert_reply_writes_nothing_to_the_buffer(tmp_path):
   config = load_config("arith", **{"expert.kind": "http", "expert.top_k": 3})
-  tok = train.make_tokenizer(config, train.tasks.make_task(config.task), str(tmp_path), save=False)
+  tok = build.make_tokenizer(config, tasks.make_task(config.task), str(tmp_path), save=False)
   with FakeExpertServer(tok, mode="nan") as server:
     config.expert.url = server.url
     with pytest.raises(experts.ExpertError, match="not a finite number"):

@@ -1,0 +1,50 @@
+"""The two modes besides training (`--mode=eval`, `--mode=export`), each on the workdir's latest checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+from flax import nnx
+
+from distil_jax import build, evaluate, hf, sharding
+
+
+def evaluate_only(config, workdir: str) -> dict:
+  """Pass@k of the latest checkpoint, printed and appended to `workdir/eval.jsonl`."""
+  build.check(config, "eval")
+  run = build.Run.build(config, workdir)
+  params, meta = run.restore_params()
+  run.write_workdir()
+  with sharding.use(run.mesh, run.rules):
+    out = evaluate.evaluate_policy(
+      run.graphdef, params, jax.random.key(config.seed), config=config, tok=run.tok, task=run.task, mesh=run.mesh
+    )
+  out["iteration"] = meta["iteration"]
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
+      f.write(json.dumps(out) + "\n")
+  return out
+
+
+def export(config, workdir: str, export_dir: str) -> str:
+  """Write the latest checkpoint as a Hugging Face checkpoint (safetensors + config.json + tokenizer)."""
+  build.check(config, "export")
+  run = build.Run.build(config, workdir)
+  params, _ = run.restore_params()
+  model = nnx.merge(run.graphdef, params)
+  if jax.process_index() == 0:
+    tok = run.tok
+    hf.save_hf(model, run.model_cfg, export_dir, dtype=config.export.dtype)
+    hf.save_generation_config(export_dir, bos_id=tok.bos_id, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+      for folder in (workdir, config.model.hf_path, config.tokenizer.path):
+        if folder and os.path.isdir(folder) and os.path.exists(os.path.join(folder, name)):
+          shutil.copy(os.path.join(folder, name), export_dir)
+          break
+    if tok.chat is not None:  # the template the run trained with, where transformers 5 reads it
+      with open(os.path.join(export_dir, "chat_template.jinja"), "w") as f:
+        f.write(tok.chat.source)
+  return export_dir

@@ -1,0 +1,94 @@
+"""DAgger's round 0: behaviour cloning on the expert's own responses, before the first rollout.
+
+With `train.warmup_steps` the policy first imitates the task's reference solutions to fresh prompts, as a separate
+SFT run would; `train.warmup_reprompt_fraction` of those prompts are re-prompted as the `self` expert will see them,
+so that a small model learns to read feedback before it is asked to label with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from distil_jax import batch as batch_lib
+from distil_jax import data, experts, losses, update
+from distil_jax.rollout import prompt_rows, reference_rows
+
+
+def warm_up(params, run, *, config, mesh, stop=lambda: False):
+  """DAgger's round 0: `train.warmup_steps` behaviour-cloning updates on the expert's own responses to fresh
+  prompts (no sampling), with an optimizer of its own at `train.warmup_lr`, as a separate SFT run would be.
+  Returns the parameters and figures, or None when `stop()` said to abandon it (asked before each step)."""
+  c = config
+  optim = c.optim.copy_and_resolve_references()
+  optim.lr = c.train.warmup_lr
+  tx = update.make_optimizer(optim, c.train.warmup_steps)
+  state = update.init_state(tx, params, mesh)
+  spec = update.UpdateSpec(losses.LossConfig(kind="sft", chunk_size=c.loss.chunk_size), teacher="topk")
+  step = update.make_update(run.graphdef, tx, spec, state_shardings=jax.tree.map(lambda x: x.sharding, state))
+  stream = data.prompt_stream(run.task.problems("train"), seed=c.seed + 1, per_iteration=c.train.warmup_batch)
+  losses_seen = []
+  for k in range(c.train.warmup_steps):
+    if stop():
+      return None
+    problems = with_feedback(stream[k], c.train.warmup_reprompt_fraction, config=c, task=run.task)
+    batch = warmup_batch(problems, config=c, tok=run.tok)
+    state, m = step(state, data.to_global(batch, mesh), None, jnp.int32(0))
+    losses_seen.append(float(m["loss"]))
+    if not np.isfinite(losses_seen[-1]):
+      raise FloatingPointError(f"non-finite loss in warm-up step {k + 1}")
+  return state["params"], {
+    "warmup/loss_first": losses_seen[0],
+    "warmup/loss_last": losses_seen[-1],
+    "warmup/steps": c.train.warmup_steps,
+  }
+
+
+def _corrupt(text: str) -> str:
+  """The reference with its first digit after '=' changed: a wrong solution for the verifier to comment on."""
+  i = text.find("=") + 1
+  if 0 < i < len(text) and text[i].isdigit():
+    return text[:i] + str((int(text[i]) + 1) % 10) + text[i + 1 :]
+  return text[::-1]
+
+
+def with_feedback(problems, fraction: float, *, config, task):
+  """The first `fraction` of `problems` re-prompted as the self expert sees them (half with a correct solution in
+  context, half with the verifier's feedback on a wrong one; with `expert.feedback="reference"`, the reference and
+  the verdict on a right or a wrong solution), so that a small model learns to use feedback."""
+  out = list(problems)
+  n = int(round(fraction * len(out)))
+  for i, p in enumerate(out[:n]):
+    verdict = task.verify(p, p.reference if i % 2 == 0 else _corrupt(p.reference))
+    if config.expert.feedback == "reference":
+      feedback = experts.reference_feedback(p, verdict)
+    else:
+      feedback = experts.SIBLING + p.reference if i % 2 == 0 else verdict.feedback
+    out[i] = dataclasses.replace(p, prompt=config.expert.reprompt.format(prompt=p.prompt, feedback=feedback))
+  return out
+
+
+def warmup_batch(problems, *, config, tok) -> dict[str, np.ndarray]:
+  """A behaviour-cloning batch: prompts and the expert's responses, as one-response groups."""
+  width, key = config.sampling.max_prompt_tokens, "sampling.max_prompt_tokens"
+  if config.train.warmup_reprompt_fraction:  # re-prompts are longer: pad every row to the expert's width
+    width, key = max(width, config.expert.max_prompt_tokens), "expert.max_prompt_tokens (warm-up re-prompts)"
+  _, prompt, pmask = prompt_rows(problems, config=config, tok=tok, width=width, key=key)
+  sft_tokens, sft_mask = reference_rows(problems, config.sampling.max_new_tokens, tok)
+  b = len(problems)
+  rows = {
+    "prompt_tokens": prompt,
+    "prompt_mask": pmask,
+    "sft_tokens": sft_tokens,
+    "sft_mask": sft_mask,
+    "tokens": sft_tokens[:, None],
+    "mask": sft_mask[:, None],
+    "logprobs": np.zeros(sft_mask[:, None].shape, np.float32),
+    "reward": np.zeros((b, 1), np.float32),
+    "iteration": np.zeros(b, np.int32),
+  }
+  n = config.sampling.max_new_tokens
+  return batch_lib.check(rows, batch_lib.fields(prompt=width, new=n, group=1, labels="none", top_k=0))
