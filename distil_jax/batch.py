@@ -14,7 +14,7 @@ and the expert's labels, by kind of expert:
   "none"    nothing (behaviour cloning reads only the fields above)
 "topk" and "device" rows also carry
   whole_response_credit        [G]      1 where the expert's feedback read the response itself (its own verdict):
-                                        the loss then charges every token the whole response's cost (losses.py)
+                                        the loss then charges every token the whole response's cost (surrogate.py)
 """
 
 from __future__ import annotations

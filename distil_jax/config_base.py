@@ -13,10 +13,44 @@ from distil_jax import sharding
 
 
 def get_config() -> ml_collections.ConfigDict:
+  """Every key a run reads, with its default; each section's own function below lists that section."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.task = _task()
+  # chat_template: "auto" (the checkpoint's own, if it has one), "none", or a .jinja path; add_bos applies without one
+  c.tokenizer = dict(
+    path="", vocab_size=256, model_type="char", split_digits=True, add_bos=False, chat_template="auto", system_prompt=""
+  )
+  c.model = _model()
+  c.mesh = dict(data=1, fsdp=-1, tensor=1, num_devices=0)  # num_devices 0: all devices of this host/slice
+  c.sharding_rules = [list(rule) for rule in sharding.DEFAULT_RULES]  # logical axis -> mesh axes
 
-  c.task = dict(
+  c.sampling = dict(
+    max_new_tokens=48, max_prompt_tokens=32, prompt_buckets=(16, 32), temperature=1.0, top_k=0, top_p=1.0
+  )
+  c.expert = _expert()
+  c.loss = _loss()
+  c.optim = dict(
+    lr=3e-4, lr_warmup_steps=20, schedule="constant", b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0
+  )
+  c.train = _train()
+  # mix: the fraction of training groups from the aggregated buffer; unset: 0.5 for DAgger's losses (distil,
+  # tokenwise_fce, sft), 0 for the on-policy ones (grpo, reverse_kl, jsd); see build.buffer_mix.
+  c.buffer = dict(mix=ml_collections.config_dict.placeholder(float), max_groups=4096)
+  # split: "eval" (every held-out prompt), or its disjoint halves "validation" / "test" (evaluate.held_out)
+  # log_samples: responses per prompt written to workdir/samples.jsonl at each evaluation (0: none)
+  c.eval = dict(
+    every=10, num_prompts=64, samples=8, pass_at=(1, 8), temperature=1.0, greedy=True, split="eval", log_samples=2
+  )
+  c.checkpoint = dict(every=10, keep=2)
+  c.log = dict(progress=True, tensorboard=True)
+  c.export = dict(dtype="bfloat16")
+  return ml_collections.ConfigDict(c)
+
+
+def _task() -> dict:
+  """The task and its data: which task, its sizes, and the limits on what it reads and runs."""
+  return dict(
     name="arith",
     seed=0,
     train_path="",
@@ -34,12 +68,11 @@ def get_config() -> ml_collections.ConfigDict:
     include_prompt=True,  # code
     max_record_bytes=1 << 20,  # data files: a longer line is refused at load (with its file and line)
   )
-  # chat_template: "auto" (the checkpoint's own, if it has one), "none", or a .jinja path; add_bos applies without one
-  c.tokenizer = dict(
-    path="", vocab_size=256, model_type="char", split_digits=True, add_bos=False, chat_template="auto", system_prompt=""
-  )
 
-  c.model = dict(
+
+def _model() -> dict:
+  """The student: a Hugging Face checkpoint, a workdir to start from, or the architecture to initialise."""
+  return dict(
     hf_path="",
     init_from="",  # init_from: a workdir whose latest parameters (and tokenizer) start this run
     arch="llama",
@@ -56,13 +89,11 @@ def get_config() -> ml_collections.ConfigDict:
     attention="auto",  # auto (cudnn on GPU, splash on TPU, xla on CPU) | cudnn | splash | xla | einsum
     vocab_multiple=8,
   )
-  c.mesh = dict(data=1, fsdp=-1, tensor=1, num_devices=0)  # num_devices 0: all devices of this host/slice
-  c.sharding_rules = [list(rule) for rule in sharding.DEFAULT_RULES]  # logical axis -> mesh axes
 
-  c.sampling = dict(
-    max_new_tokens=48, max_prompt_tokens=32, prompt_buckets=(16, 32), temperature=1.0, top_k=0, top_p=1.0
-  )
-  c.expert = dict(
+
+def _expert() -> dict:
+  """Who labels the student's states (`experts/`), and what each kind needs."""
+  return dict(
     kind="oracle",
     top_k=1,
     smoothing=1e-3,  # oracle: mass 1 - smoothing on the expert's token (the student learns it)
@@ -82,7 +113,11 @@ def get_config() -> ml_collections.ConfigDict:
     concurrency=8,  # http
     tokenizer_probe="distil_jax tokenizer probe 12+34=46",
   )
-  c.loss = dict(
+
+
+def _loss() -> dict:
+  """The loss and its options (`losses.LossConfig`); teacher_temperature and the baseline's parts are the run's."""
+  return dict(
     kind="distil",
     baseline="loo",
     normalize="auto",  # the kind's published convention (losses.py)
@@ -101,10 +136,11 @@ def get_config() -> ml_collections.ConfigDict:
     distil_weight=1.0,  # distil_grpo: GRPO + distil_weight * DistIL,
     distil_weight_decay_iterations=0,  # falling linearly to 0 over this many iterations (0: constant)
   )
-  c.optim = dict(
-    lr=3e-4, lr_warmup_steps=20, schedule="constant", b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0
-  )
-  c.train = dict(
+
+
+def _train() -> dict:
+  """The DAgger loop's sizes, and the behaviour-cloning warm-up before it."""
+  return dict(
     iterations=100,
     prompts_per_iteration=16,
     group_size=8,
@@ -114,21 +150,9 @@ def get_config() -> ml_collections.ConfigDict:
     score_max_staleness=0,
     warmup_steps=0,
     warmup_batch=64,
-    warmup_lr=3e-3,  # DAgger's round 0: behaviour cloning,
-    warmup_reprompt_fraction=0.0,
-  )  # with its own optimizer; a fraction of rows may show feedback
-  # mix: the fraction of training groups from the aggregated buffer; unset: 0.5 for DAgger's losses (distil,
-  # tokenwise_fce, sft), 0 for the on-policy ones (grpo, reverse_kl, jsd); see build.buffer_mix.
-  c.buffer = dict(mix=ml_collections.config_dict.placeholder(float), max_groups=4096)
-  # split: "eval" (every held-out prompt), or its disjoint halves "validation" / "test" (evaluate.held_out)
-  # log_samples: responses per prompt written to workdir/samples.jsonl at each evaluation (0: none)
-  c.eval = dict(
-    every=10, num_prompts=64, samples=8, pass_at=(1, 8), temperature=1.0, greedy=True, split="eval", log_samples=2
+    warmup_lr=3e-3,  # DAgger's round 0: behaviour cloning with an optimizer of its own (warmup.py)
+    warmup_reprompt_fraction=0.0,  # of the warm-up rows, shown feedback as the self expert will show it
   )
-  c.checkpoint = dict(every=10, keep=2)
-  c.log = dict(progress=True, tensorboard=True)
-  c.export = dict(dtype="bfloat16")
-  return ml_collections.ConfigDict(c)
 
 
 def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from distil_jax import attention, sharding
+from distil_jax import attention, layers, sharding
 from distil_jax import model as model_lib
 
 
@@ -157,9 +157,9 @@ def step(weights: dict, cfg: model_lib.ModelConfig, cache: Cache, token_B, posit
   """Logits [B,V] float32 after `token_B` (at `position_B`, written to response slot `slot`), and the cache."""
   dtype = cfg.compute_dtype
   q = cfg.num_attention_heads // cfg.num_key_value_heads
-  norm = lambda x, w: model_lib.rms_norm(x, w, cfg.rms_norm_eps, dtype)
-  inv_freq = model_lib.rope_inverse_frequencies(cfg)
-  rope = lambda x: model_lib.apply_rope(x, position_B[:, None], inv_freq)  # [B,K,N,E]: one position per row
+  norm = lambda x, w: layers.rms_norm(x, w, cfg.rms_norm_eps, dtype)
+  inv_freq = layers.rope_inverse_frequencies(cfg)
+  rope = lambda x: layers.apply_rope(x, position_B[:, None], inv_freq)  # [B,K,N,E]: one position per row
   filled_S = jnp.arange(cache.k[0].shape[2]) <= slot
   x = sharding.constrain(jnp.take(weights["embed"], token_B, axis=0).astype(dtype), ("batch", None))
   new_k, new_v = [], []

@@ -15,7 +15,7 @@ What the re-prompt carries (`expert.feedback`):
   reference  the task's reference solution and the verifier's verdict on this response (privileged information,
              OPSD's setting); no sibling is read
 Siblings come from the *other half* of the group only: the loss's leave-one-out baseline for a row is taken within
-its own half (`losses.leave_one_out(parts=2)`), so no row's baseline can depend on the row's own response through the
+its own half (`surrogate.leave_one_out(parts=2)`), so no row's baseline can depend on the row's own response through the
 feedback it gave a sibling. With `reference` feedback no row reads another, and the baseline uses the whole group.
 
 `label(rollouts)` returns (arrays for the buffer, figures for the metrics).

@@ -20,8 +20,8 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from distil_jax import layers, sharding
 from distil_jax import model as model_lib
-from distil_jax import sharding
 from distil_jax.errors import InputError
 
 _ARCH_TO_HF = {
@@ -49,11 +49,11 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> model_lib.ModelConfig:
   kind = rope.get("rope_type", rope.get("type", "default"))
   if kind == "default":
     rope = {}
-  elif kind not in model_lib.ROPE_SCALINGS:  # refused here, naming the field, not deep inside the first forward
+  elif kind not in layers.ROPE_SCALINGS:  # refused here, naming the field, not deep inside the first forward
     field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
     raise InputError(
       f"config.json: {field} of type {kind!r} is not supported (supported: default, "
-      f"{', '.join(model_lib.ROPE_SCALINGS)})"
+      f"{', '.join(layers.ROPE_SCALINGS)})"
     )
   eos = hf.get("eos_token_id")
   fields = dict(

@@ -1,9 +1,9 @@
 """One pass over the whole config before any work starts, and over every prompt once the tokenizer exists.
 
-Why a pass of its own: a value out of range used to surface an iteration later as a ZeroDivisionError, an IndexError
-or a JAX traceback, or not at all (a negative learning rate trains "fine"). Here every numeric range, every
-divisibility the sharded batches need and every enum is checked up front, nothing is written before it passes, and
-each failure is one line naming the key as it is written on the command line (`train.iterations=-1: ...`), all
+Why a pass of its own: a value out of range would otherwise surface an iteration later as a ZeroDivisionError, an
+IndexError or a JAX traceback, or not at all (a negative learning rate trains "fine"). Here every numeric range,
+every divisibility the sharded batches need and every enum is checked up front, nothing is written before it
+passes, and each failure is one line naming the key as it is written on the command line (`checks.py`), all
 failures at once so that one run shows everything to fix.
 
 Checks that depend on what the loss can estimate (temperature or top-p against the loss kind, group sizes for
@@ -17,90 +17,13 @@ import os
 from collections.abc import Sequence
 
 from distil_jax import experts
+from distil_jax.checks import Checks
 from distil_jax.errors import ConfigError, DataError
 
 EXPERT_KINDS = ("oracle", "self", "model", "http")
 TOKENIZER_TYPES = ("char", "bpe", "unigram", "word")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 MODES = ("train", "eval", "export")
-
-
-class _Checks:
-  """Collects one line per failed check; `key` is the dotted config key."""
-
-  def __init__(self, config):
-    self.config, self.lines = config, []
-
-  def value(self, key: str):
-    node = self.config
-    for part in key.split("."):
-      node = node[part]
-    return node
-
-  def fail(self, key: str, why: str) -> None:
-    try:
-      shown = f"{key}={self.value(key)!r}"
-    except (KeyError, AttributeError):
-      shown = key
-    self.lines.append(f"{shown}: {why}")
-
-  def has(self, key: str) -> bool:
-    try:
-      self.value(key)
-      return True
-    except (KeyError, AttributeError):
-      self.lines.append(f"{key}: missing from the config")
-      return False
-
-  def number(self, key, *, lo=None, hi=None, lo_open=False, hi_open=False, integer=False) -> bool:
-    """A finite number (an integer if `integer`) in the interval given; False (and one line) otherwise."""
-    if not self.has(key):
-      return False
-    v = self.value(key)
-    kind = "an integer" if integer else "a number"
-    if isinstance(v, bool) or not isinstance(v, int if integer else int | float) or not math.isfinite(v):
-      self.fail(key, f"must be {kind}")
-      return False
-    below = lo is not None and (v <= lo if lo_open else v < lo)
-    above = hi is not None and (v >= hi if hi_open else v > hi)
-    if below or above:
-      left = "" if lo is None else f"{'>' if lo_open else '>='} {lo}"
-      right = "" if hi is None else f"{'<' if hi_open else '<='} {hi}"
-      self.fail(key, f"must be {kind} {' and '.join(s for s in (left, right) if s)}")
-      return False
-    return True
-
-  def count(self, key, lo=1) -> bool:
-    return self.number(key, lo=lo, integer=True)
-
-  def enum(self, key, allowed: Sequence[str]) -> bool:
-    if not self.has(key):
-      return False
-    if self.value(key) not in allowed:
-      self.fail(key, f"expected one of {', '.join(map(repr, allowed))}")
-      return False
-    return True
-
-  def flag(self, key) -> None:
-    if self.has(key) and not isinstance(self.value(key), bool):
-      self.fail(key, "must be True or False")
-
-  def template(self, key, fields: Sequence[str]) -> None:
-    if not self.has(key):
-      return
-    text = self.value(key)
-    try:
-      text.format(**{f: "" for f in fields})
-    except (KeyError, IndexError, ValueError, AttributeError) as e:
-      self.fail(key, f"is not a format string with fields {', '.join('{' + f + '}' for f in fields)} ({e!r})")
-      return
-    missing = [f for f in fields if "{" + f + "}" not in text]
-    if missing:
-      self.fail(key, f"must contain {', '.join('{' + f + '}' for f in missing)}")
-
-  def divides(self, what: str, value: int, by: int, by_what: str) -> None:
-    if by and value % by:
-      self.lines.append(f"{what} = {value} is not divisible by {by_what} ({by})")
 
 
 def config(cfg, *, mode: str = "train", devices: int | None = None, processes: int | None = None) -> None:
@@ -116,7 +39,7 @@ def config(cfg, *, mode: str = "train", devices: int | None = None, processes: i
 
     devices = len(jax.devices()) if devices is None else devices
     processes = jax.process_count() if processes is None else processes
-  ch = _Checks(cfg)
+  ch = Checks(cfg)
   _task_checks(ch)
   _model_checks(ch, mode)
   rows = _mesh_checks(ch, devices)
@@ -133,7 +56,7 @@ def config(cfg, *, mode: str = "train", devices: int | None = None, processes: i
     raise ConfigError("\n".join(ch.lines))
 
 
-def _task_checks(ch: _Checks) -> None:
+def _task_checks(ch: Checks) -> None:
   from distil_jax import tasks
 
   ch.enum("task.name", sorted(tasks.TASKS))
@@ -154,7 +77,7 @@ def _task_checks(ch: _Checks) -> None:
     ch.fail("task.train_path", "no such file")
 
 
-def _model_checks(ch: _Checks, mode: str) -> None:
+def _model_checks(ch: Checks, mode: str) -> None:
   from distil_jax import attention
   from distil_jax import model as model_lib
 
@@ -197,7 +120,7 @@ def _model_checks(ch: _Checks, mode: str) -> None:
     ch.fail("model.head_dim" if head_dim else "model.hidden_size", "gives an odd head size; RoPE rotates pairs")
 
 
-def _hf_folder(ch: _Checks, key: str) -> None:
+def _hf_folder(ch: Checks, key: str) -> None:
   path = ch.value(key)
   weights = ("model.safetensors", "model.safetensors.index.json")
   if not os.path.isfile(os.path.join(path, "config.json")):
@@ -206,7 +129,7 @@ def _hf_folder(ch: _Checks, key: str) -> None:
     ch.fail(key, f"holds neither {' nor '.join(weights)}")
 
 
-def _mesh_checks(ch: _Checks, devices: int) -> int:
+def _mesh_checks(ch: Checks, devices: int) -> int:
   """Checks the mesh against `devices`; returns the number of batch shards (data x fsdp), 0 when unknown."""
   from distil_jax import sharding
 
@@ -244,7 +167,7 @@ def _mesh_checks(ch: _Checks, devices: int) -> int:
   return sizes["data"] * sizes["fsdp"]
 
 
-def _sampling_checks(ch: _Checks) -> None:
+def _sampling_checks(ch: Checks) -> None:
   ch.count("sampling.max_new_tokens")
   ch.count("sampling.max_prompt_tokens")
   ch.number("sampling.temperature", lo=0, lo_open=True)
@@ -264,7 +187,7 @@ def _sampling_checks(ch: _Checks) -> None:
     )
 
 
-def _expert_checks(ch: _Checks) -> None:
+def _expert_checks(ch: Checks) -> None:
   if not ch.enum("expert.kind", EXPERT_KINDS):
     return
   kind = ch.value("expert.kind")
@@ -301,7 +224,7 @@ def _expert_checks(ch: _Checks) -> None:
       ch.fail("expert.tokenizer_probe", "must be a non-empty text (the tokenizer check sends it)")
 
 
-def _loss_checks(ch: _Checks) -> None:
+def _loss_checks(ch: Checks) -> None:
   """The `loss` section's ranges and enums, and what each loss needs from the rest of the config."""
   from distil_jax import losses
 
@@ -365,7 +288,7 @@ def _loss_checks(ch: _Checks) -> None:
     ch.fail("buffer.mix", f"{name} is on-policy: stale buffer rows would bias it (leave it unset, or 0)")
 
 
-def _optim_checks(ch: _Checks) -> None:
+def _optim_checks(ch: Checks) -> None:
   ch.number("optim.lr", lo=0, lo_open=True)
   ch.number("optim.lr_warmup_steps", lo=0, integer=True)
   ch.enum("optim.schedule", ("constant", "cosine"))
@@ -376,7 +299,7 @@ def _optim_checks(ch: _Checks) -> None:
   ch.number("optim.max_grad_norm", lo=0, lo_open=True)
 
 
-def _train_checks(ch: _Checks, mode: str, rows: int, processes: int) -> None:
+def _train_checks(ch: Checks, mode: str, rows: int, processes: int) -> None:
   """The loop's sizes, and the divisibility sharded batches need: rows are split over data x fsdp (`rows`) and
   prompts over processes."""
   t = "train."

@@ -97,7 +97,7 @@ def test_cudnn_plan_is_maskless_and_exact_for_one_sequence_per_row():
 
 def _model(impl, dtype, seed=0):
   cfg = dataclasses.replace(CFG, attention=impl, dtype=dtype)
-  graphdef, params = nnx.split(model_lib.create(cfg, seed=seed), nnx.Param)
+  graphdef, params = nnx.split(model_lib.Transformer(cfg, rngs=nnx.Rngs(seed)), nnx.Param)
   return graphdef, params.to_pure_dict()
 
 

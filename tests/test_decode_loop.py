@@ -98,7 +98,7 @@ def test_master_weights_are_cast_once_before_the_loop():
   """bf16 compute from float32 masters (as the training loop holds them): the weights enter the decode loops as
   bf16 operands, and no weight-shaped array is converted inside them (the cast happens once, before)."""
   cfg = model_lib.ModelConfig(**{**CFG.__dict__, "dtype": "bfloat16"})
-  graphdef, params = nnx.split(model_lib.create(cfg), nnx.Param)
+  graphdef, params = nnx.split(model_lib.Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
   params = params.to_pure_dict()
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
   read = jax.eval_shape(lambda p: decode.prepare(model_lib.merge_for_compute(graphdef, p)), params)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distil_jax import experts, losses
+from distil_jax import experts, losses, surrogate
 from experiments import tabular
 
 V, L, EOS = 3, 4, 2
@@ -218,9 +218,9 @@ def test_loo_baseline_skips_unlabelled_rows():
   """Rows with an empty mask (no expert label) are not zeros in anyone's baseline; by hand for one group."""
   r = jnp.asarray([[4.0], [10.0], [7.0], [1.0]])
   valid = jnp.asarray([1, 0, 1, 1])
-  got = losses.leave_one_out(r, 4, valid_B=valid)
+  got = surrogate.leave_one_out(r, 4, valid_B=valid)
   np.testing.assert_allclose(np.asarray(got)[:, 0], [(7 + 1) / 2, (4 + 7 + 1) / 3, (4 + 1) / 2, (4 + 7) / 2])
-  halves = losses.leave_one_out(r, 4, parts=2, valid_B=valid)
+  halves = surrogate.leave_one_out(r, 4, parts=2, valid_B=valid)
   np.testing.assert_allclose(np.asarray(halves)[:, 0], [0.0, 4.0, 1.0, 7.0])
 
 

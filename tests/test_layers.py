@@ -40,7 +40,7 @@ def test_stacked_parameters_are_placed_like_one_layer():
 
 
 def _grad_program(cfg, tokens_BxT):
-  graphdef, params = nnx.split(nnx.eval_shape(lambda: model_lib.create(cfg)), nnx.Param)
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
   loss = lambda p, tokens: jnp.mean(model_lib.merge_for_compute(graphdef, p)(tokens) ** 2)
   return jax.jit(jax.grad(loss)).lower(params.to_pure_dict(), tokens_BxT)
 
@@ -56,7 +56,7 @@ def test_remat_policies_give_the_same_gradients_with_less_memory():
   """none > dots > full in compiled temporary memory (measured 16.3 / 5.9 / 4.5 MB), equal gradients (f32, 1e-6)."""
   cfg = dataclasses.replace(CFG, hidden_size=64, intermediate_size=256, num_hidden_layers=4)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 48, (2, 128)), jnp.int32)
-  params = nnx.split(model_lib.create(cfg), nnx.Param)[1].to_pure_dict()
+  params = nnx.split(model_lib.Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)[1].to_pure_dict()
   temp, grads = {}, {}
   for remat in ("none", "dots", "full"):
     compiled = _grad_program(dataclasses.replace(cfg, remat=remat), tokens).compile()
@@ -80,7 +80,7 @@ def test_master_parameters_are_cast_once_per_step():
   per-layer weight is converted inside the layer scan (where remat would convert it again in the backward pass)."""
   cfg = dataclasses.replace(CFG, dtype="bfloat16", remat="full")
   text = _grad_program(cfg, jax.ShapeDtypeStruct((2, 16), jnp.int32)).as_text()
-  params = nnx.split(nnx.eval_shape(lambda: model_lib.create(cfg)), nnx.Param)[1]
+  params = nnx.split(nnx.eval_shape(lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)[1]
   shapes = ["x".join(map(str, leaf.shape)) for leaf in jax.tree.leaves(params)]
   casts = re.findall(r"stablehlo\.convert %arg\d+ : \(tensor<([\dx]+)xf32>\) -> tensor<[\dx]+xbf16>", text)
   assert sorted(casts) == sorted(shapes)

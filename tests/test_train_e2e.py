@@ -100,7 +100,7 @@ def _teacher_dir(config, workdir, path, extra_vocab=0):
   tok = build.make_tokenizer(config, task, str(workdir))
   cfg = build.model_config(config, tok.vocab_size)
   cfg = model_lib.ModelConfig(**{**cfg.__dict__, "vocab_size": cfg.vocab_size + extra_vocab, "hidden_size": 48})
-  hf.save_hf(model_lib.create(cfg, seed=7), cfg, str(path), dtype="float32")
+  hf.save_hf(model_lib.Transformer(cfg, rngs=nnx.Rngs(7)), cfg, str(path), dtype="float32")
   return str(path)
 
 

@@ -1,0 +1,85 @@
+"""How a config check reports: one line per failed check, naming the key as it is written on the command line
+(`train.iterations=-1: must be ...`), so that all failures are collected and shown at once (`validate.py`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+
+class Checks:
+  """Collects one line per failed check; `key` is the dotted config key."""
+
+  def __init__(self, config):
+    self.config, self.lines = config, []
+
+  def value(self, key: str):
+    node = self.config
+    for part in key.split("."):
+      node = node[part]
+    return node
+
+  def fail(self, key: str, why: str) -> None:
+    try:
+      shown = f"{key}={self.value(key)!r}"
+    except (KeyError, AttributeError):
+      shown = key
+    self.lines.append(f"{shown}: {why}")
+
+  def has(self, key: str) -> bool:
+    try:
+      self.value(key)
+      return True
+    except (KeyError, AttributeError):
+      self.lines.append(f"{key}: missing from the config")
+      return False
+
+  def number(self, key, *, lo=None, hi=None, lo_open=False, hi_open=False, integer=False) -> bool:
+    """A finite number (an integer if `integer`) in the interval given; False (and one line) otherwise."""
+    if not self.has(key):
+      return False
+    v = self.value(key)
+    kind = "an integer" if integer else "a number"
+    if isinstance(v, bool) or not isinstance(v, int if integer else int | float) or not math.isfinite(v):
+      self.fail(key, f"must be {kind}")
+      return False
+    below = lo is not None and (v <= lo if lo_open else v < lo)
+    above = hi is not None and (v >= hi if hi_open else v > hi)
+    if below or above:
+      left = "" if lo is None else f"{'>' if lo_open else '>='} {lo}"
+      right = "" if hi is None else f"{'<' if hi_open else '<='} {hi}"
+      self.fail(key, f"must be {kind} {' and '.join(s for s in (left, right) if s)}")
+      return False
+    return True
+
+  def count(self, key, lo=1) -> bool:
+    return self.number(key, lo=lo, integer=True)
+
+  def enum(self, key, allowed: Sequence[str]) -> bool:
+    if not self.has(key):
+      return False
+    if self.value(key) not in allowed:
+      self.fail(key, f"expected one of {', '.join(map(repr, allowed))}")
+      return False
+    return True
+
+  def flag(self, key) -> None:
+    if self.has(key) and not isinstance(self.value(key), bool):
+      self.fail(key, "must be True or False")
+
+  def template(self, key, fields: Sequence[str]) -> None:
+    if not self.has(key):
+      return
+    text = self.value(key)
+    try:
+      text.format(**{f: "" for f in fields})
+    except (KeyError, IndexError, ValueError, AttributeError) as e:
+      self.fail(key, f"is not a format string with fields {', '.join('{' + f + '}' for f in fields)} ({e!r})")
+      return
+    missing = [f for f in fields if "{" + f + "}" not in text]
+    if missing:
+      self.fail(key, f"must contain {', '.join('{' + f + '}' for f in missing)}")
+
+  def divides(self, what: str, value: int, by: int, by_what: str) -> None:
+    if by and value % by:
+      self.lines.append(f"{what} = {value} is not divisible by {by_what} ({by})")
