@@ -4,7 +4,7 @@
 The real job: a pretrained coder and a data file, the student re-prompted with the failing test as its own expert:
   python -m distil_jax.main --config=configs/code.py:real --workdir=gs://.../code \\
     --config.model.hf_path=/ckpt/Qwen2.5-Coder-1.5B --config.task.train_path=/data/code.jsonl
-Model-written programs run only in distil_jax/sandbox.py (no network, CPU / memory / file / process limits).
+Model-written programs run only in distil_jax/sandbox/ (no network, CPU / memory / file / process limits).
 """
 
 from distil_jax import config_base

@@ -52,8 +52,7 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> model_lib.ModelConfig:
   elif kind not in layers.ROPE_SCALINGS:  # refused here, naming the field, not deep inside the first forward
     field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
     raise InputError(
-      f"config.json: {field} of type {kind!r} is not supported (supported: default, "
-      f"{', '.join(layers.ROPE_SCALINGS)})"
+      f"config.json: {field} of type {kind!r} is not supported (supported: default, {', '.join(layers.ROPE_SCALINGS)})"
     )
   eos = hf.get("eos_token_id")
   fields = dict(

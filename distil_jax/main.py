@@ -4,7 +4,7 @@
 --mode=eval    pass@k of the latest checkpoint
 --mode=export  the latest checkpoint as a Hugging Face checkpoint in --export_dir
 --allow_changed=optim.lr,...  keys a resume may change (any other change to what is trained is refused)
---distributed  join the other processes of a multi-host run first (see `multihost.py` for where it finds them)
+--distributed  join the other processes of a multi-host run first (see `multihost/` for where it finds them)
 Config files follow big_vision: `get_config(arg)` returns an ml_collections ConfigDict; `configs/x.py:runlocal`
 passes "runlocal" as `arg`.
 

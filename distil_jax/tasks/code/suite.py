@@ -21,7 +21,7 @@ import builtins
 import dataclasses
 import functools
 
-from distil_jax.tasks import code_codec
+from distil_jax.tasks.code import codec as code_codec
 
 # Built-ins a check may call on the program's outputs (each bounded by the output's size; no range, bytes or pow).
 SAFE_CALLS = frozenset(

@@ -36,7 +36,7 @@ raises `SandboxUnavailable` instead of running with less isolation. Setup failur
 launcher closes before the program starts, so a program cannot fake one.
 
 `Sandbox(..., channel=True)` also opens a line channel: the program reads requests on fd 3 and writes replies on
-fd 4 (the grader in tasks/code_grader.py uses it, so that nothing the program prints is mistaken for a reply).
+fd 4 (the grader in tasks/code/grader.py uses it, so that nothing the program prints is mistaken for a reply).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ import sysconfig
 import tempfile
 import time
 
-from distil_jax import sandbox_launcher
+from distil_jax.sandbox import launcher
 
 
 class SandboxUnavailable(RuntimeError):
@@ -197,7 +197,7 @@ class Sandbox:
           f.write(text)
       self._start = time.monotonic()
       self._proc = subprocess.Popen(
-        [sys.executable, "-I", "-S", "-c", sandbox_launcher.SOURCE, binascii.b2a_base64(marshal.dumps(cfg)).decode()],
+        [sys.executable, "-I", "-S", "-c", launcher.SOURCE, binascii.b2a_base64(marshal.dumps(cfg)).decode()],
         cwd=self._dir,
         env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "HOME": self._dir, "TMPDIR": self._dir},
         stdin=subprocess.DEVNULL,

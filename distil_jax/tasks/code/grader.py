@@ -1,11 +1,11 @@
 """The code task's grader: the verdict is decided in the trainer, from the program's outputs as plain data.
 
 How a response is graded:
-  1. The program (prompt + response) is loaded in a sandboxed process (`sandbox.py`) that holds no test: only a
+  1. The program (prompt + response) is loaded in a sandboxed process (`distil_jax/sandbox/`) that holds no test: only a
      small server that, once the program has loaded, reads calls (function name and arguments) on fd 3 and writes
      what each returned, or the exception it raised, on fd 4.
-  2. The trainer holds the tests, split by `code_suite.py`: for each *check* it sends the literal arguments after
-     the program has loaded, decodes each output with `code_codec.py` (exact built-in types only, never pickle)
+  2. The trainer holds the tests, split by `suite.py`: for each *check* it sends the literal arguments after
+     the program has loaded, decodes each output with `codec.py` (exact built-in types only, never pickle)
      and evaluates the check's own condition on it, in the trainer.
   3. Tests that cannot be split run in a second, fresh sandboxed process with the problem's own prompt (for its
      helpers) and the trusted test code, where the program's functions are proxies: each call is relayed by the
@@ -23,7 +23,7 @@ tests relying on module globals of the program other than its functions fail, an
 cross the channel (ints past Python's 4300-digit conversion limit, more than `flood_bytes` of data). The sandbox's
 limits (CPU, memory, wall clock, output) apply to each process; the second one's wall clock includes the program's
 time. Conditions evaluated in the trainer are trusted test code on plain data, restricted to operations whose cost
-is about linear in the output's size (`code_suite.py`).
+is about linear in the output's size (`suite.py`).
 Feedback carries only the failing test's source (its inputs and expected value), the program's output or
 exception on it, and the last lines of an error, each trimmed; never what the program printed.
 """
@@ -36,8 +36,9 @@ import json
 import pathlib
 
 from distil_jax import sandbox
-from distil_jax.tasks import code_codec, code_suite
 from distil_jax.tasks.base import Verdict
+from distil_jax.tasks.code import codec as code_codec
+from distil_jax.tasks.code import suite as code_suite
 
 _SAFE_BUILTINS = {name: getattr(builtins, name) for name in code_suite.SAFE_CALLS}
 

@@ -1,4 +1,4 @@
-"""The trusted launcher that `sandbox.py` runs in the child (`python -I -S -c SOURCE CONFIG`) before the program.
+"""The trusted launcher that the sandbox runs in the child (`python -I -S -c SOURCE CONFIG`) before the program.
 
 It is kept in its own module so that it can be read in one sitting: it runs with the child's initial privileges
 (root, when the trainer is root) and every line of it is part of the isolation. The order matters:
