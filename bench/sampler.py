@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from bench import common
-from distil_jax import decode, rollout, sampler, sharding
+from distil_jax import data, decode, rollout, sampler, sharding
 from distil_jax import model as model_lib
 
 
@@ -77,7 +77,7 @@ def main():
       shape = dict(size=args.size, dtype=args.dtype, batch=batch, prompt=args.prompt, new=args.new)
       shape.update(devices=len(jax.devices()), top_p=args.top_p)
       prompts = rng.integers(0, cfg.vocab_size, (batch, args.prompt)).astype(np.int32)
-      tokens, mask = sharding.put_batch({"t": prompts, "m": np.ones_like(prompts)}, mesh).values()
+      tokens, mask = data.to_global({"t": prompts, "m": np.ones_like(prompts)}, mesh).values()
       full = common.timed(lambda: sampler.generate(graphdef, weights, tokens, mask, key, scfg).tokens)  # noqa: B023
       prefill = common.timed(lambda: _prefill(graphdef, weights, tokens, mask))  # noqa: B023
       decode_s = max(full - prefill, 1e-9)

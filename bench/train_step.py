@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from bench import common
-from distil_jax import attention, losses, sharding, update
+from distil_jax import attention, data, losses, sharding, update
 from distil_jax import model as model_lib
 
 OPTIM = ml_collections.ConfigDict(
@@ -58,7 +58,7 @@ def build(cfg: model_lib.ModelConfig, batch: int, seq: int, topk: int, mesh):
     "target_ids": rng.integers(0, cfg.vocab_size, (bg, g, n, topk)).astype(np.int32),
     "target_logprobs": np.full((bg, g, n, topk), np.log(0.9 / topk), np.float32),
   }
-  return step, state, sharding.put_batch(host, mesh), jnp.int32(0)
+  return step, state, data.to_global(host, mesh), jnp.int32(0)
 
 
 def compiled_peak_bytes(compiled) -> int:

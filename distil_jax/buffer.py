@@ -180,9 +180,6 @@ class Buffer:
         lo = hi
     return None
 
-  def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
-    return {name: arr[start:stop].read().result() for name, arr in self._arrays.items()}
-
   def source(self, start: int, stop: int):
     """A Grain random-access source over rows [start, stop): item i is a dict of one group's fields."""
     return _Rows(self, start, stop)

@@ -342,9 +342,6 @@ class Checkpointer:
     self.unusable = []
     self._manager.reload()
 
-  def wait(self) -> None:
-    self._written(self._manager.wait_until_finished)
-
   def close(self) -> None:
     try:
       self._written(self._manager.wait_until_finished)

@@ -16,7 +16,6 @@ import math
 from collections.abc import Mapping, Sequence
 
 import jax
-import numpy as np
 from flax import nnx
 from flax.core import spmd as flax_spmd
 from jax.sharding import NamedSharding
@@ -100,15 +99,6 @@ def batch_sharding(mesh, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
-
-
-def put_batch(batch, mesh):
-  """Place a host batch (pytree of numpy arrays, global shapes) on the mesh, examples over (data, fsdp).
-
-  Single-process only: every process holds the whole global batch. Multi-host runs build global arrays with
-  `jax.make_array_from_process_local_data` (see `data.py`).
-  """
-  return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x))), batch)
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from distil_jax import attention, sharding
+from distil_jax import attention, data, sharding
 from distil_jax import model as model_lib
 
 B, T, H, K, E = 4, 20, 4, 2, 16
@@ -194,7 +194,7 @@ def _loss_and_grads(impl, mesh_axes: tuple):
   graphdef, params = sharding.init_params(
     lambda: model_lib.Transformer(dataclasses.replace(CFG, attention=impl), rngs=nnx.Rngs(0)), mesh
   )
-  batch = sharding.put_batch({"t": tokens, "s": ONE_PER_ROW}, mesh)
+  batch = data.to_global({"t": tokens, "s": ONE_PER_ROW}, mesh)
 
   @jax.jit
   def f(params, batch):

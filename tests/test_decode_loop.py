@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 from jax.extend import core as jax_core
 
-from distil_jax import decode, sampler, sharding
+from distil_jax import data, decode, sampler, sharding
 from distil_jax import model as model_lib
 
 CFG = model_lib.ModelConfig(
@@ -44,7 +44,7 @@ def _rollout(axes, cfg=CFG):
   graphdef, params = sharding.init_params(lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
   prompt, mask = _inputs()
   with jax.set_mesh(mesh):
-    prompt, mask = sharding.put_batch({"t": prompt, "m": mask}, mesh).values()
+    prompt, mask = data.to_global({"t": prompt, "m": mask}, mesh).values()
     args = (graphdef, params, prompt, mask, jax.random.key(1), jnp.float32(SAMPLING.temperature))
     static = dict(cfg=dataclasses.replace(SAMPLING, temperature=1.0), samples_per_prompt=GROUP)  # as generate does
     hlo = sampler._generate.lower(*args, **static).compile().as_text()

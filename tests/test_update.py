@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from distil_jax import losses, sharding, update
+from distil_jax import data, losses, sharding, update
 from distil_jax import model as model_lib
 
 CFG = model_lib.ModelConfig(
@@ -65,7 +65,7 @@ def _run(mesh, spec, steps=2):
   figures = []
   with jax.set_mesh(mesh):
     for s in range(steps):
-      batch = sharding.put_batch(_batch(s), mesh)
+      batch = data.to_global(_batch(s), mesh)
       state, metrics = step(state, batch, None, jnp.int32(3))
       figures += [float(metrics["loss"]), float(metrics["grad_norm"])]
   return figures, jax.device_get(state)

@@ -230,10 +230,6 @@ class Sandbox:
   def __exit__(self, *exc):
     self.close()
 
-  @property
-  def elapsed(self) -> float:
-    return time.monotonic() - self._start
-
   def send(self, line: bytes) -> None:
     """Queue one request line for fd 3 (written while waiting, so a child that does not read cannot block us)."""
     if self._req_w is None:
