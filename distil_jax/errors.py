@@ -2,7 +2,8 @@
 
 Anything else that escapes (a `ValueError` from jax, an `IndexError` in our code) is a bug and keeps its traceback.
 Each message names the cause the user can act on: a config key, a file:line:field, an expert's URL, a checkpoint.
-`InputError` subclasses `ValueError` so that callers catching the old, untyped errors keep working.
+`InputError` subclasses `ValueError`: a bad input is a bad value, and a caller that catches `ValueError` for it
+catches this too.
 """
 
 from __future__ import annotations

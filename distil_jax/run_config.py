@@ -1,15 +1,16 @@
 """The config a run trains with, as a checkpoint records it: what a resume, or another process, may differ in.
 
 Why: a checkpoint holds the parameters and the optimizer's moments, not how they were made. A resume with another
-loss, learning rate or data trained on in the old run's workdir and buffer without a word, and two processes
-started with different configs trained apart (another lr, another seed) or hung (another `train.iterations`). Every
-checkpoint therefore carries the flattened config; a resume compares it key by key and refuses, in one line naming
-each key with both values, unless the user names the keys they mean to change (`--allow_changed`).
+loss, learning rate or data would train on in the first run's workdir and buffer without a word, and two
+processes started with different configs would train apart (another lr, another seed) or hang (another
+`train.iterations`). Every checkpoint therefore carries the flattened config; a resume compares it key by key and
+refuses, in one line naming each key with both values, unless the user names the keys they mean to change
+(`--allow_changed`).
 
 Keys that do not change what is trained are free: how long the run is (`train.iterations`; the learning-rate
-schedule stays the original run's, see `train.py`), what is evaluated and logged, when checkpoints are kept, the mesh
-and sharding (a resume onto another mesh is supported), the export format, the attention kernel and remat (the same
-function), an http expert's transport settings. Processes of one run must agree on every key.
+schedule stays the original run's, see `train._restore`), what is evaluated and logged, when checkpoints are kept,
+the mesh and sharding (a resume onto another mesh is supported), the export format, the attention kernel and remat
+(the same function), an http expert's transport settings. Processes of one run must agree on every key.
 """
 
 from __future__ import annotations

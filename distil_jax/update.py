@@ -58,8 +58,8 @@ def state_shardings(tx, params, mesh, *, ema: bool = False, ref: bool = False):
   parameter's sharding, everything else (step counts, schedule state) is replicated.
 
   `tx.init` builds its moments with `zeros_like`, which has no data dependence on the parameters, so a plain
-  `jit(tx.init)` lets XLA place them anywhere (it put them on one device, and they were then replicated: FSDP saved
-  no optimizer memory). The layout is therefore derived from the abstract state, as nanodo does.
+  `jit(tx.init)` lets XLA place them anywhere (on one device, say, and then replicated: FSDP would save no optimizer
+  memory). The layout is therefore derived from the abstract state, as nanodo does.
   """
   param_sh = jax.tree.map(lambda x: x.sharding, params)
   abstract = jax.eval_shape(tx.init, params)
