@@ -167,19 +167,9 @@ def loss_from_terms(
   """
   mask = mask_BxT.astype(jnp.float32)
   if cfg.kind == "distil_grpo":
-    return _distil_grpo(
-      cfg,
-      terms,
-      mask,
-      group_size,
-      rewards,
-      behaviour_logprobs,
-      ref_logprobs,
-      score_weight,
-      whole_response_credit,
-      labelled,
-      cfg.distil_weight if distil_weight is None else distil_weight,
-    )
+    weight = cfg.distil_weight if distil_weight is None else distil_weight
+    rows = (rewards, behaviour_logprobs, ref_logprobs, score_weight, whole_response_credit, labelled)
+    return _distil_grpo(cfg, terms, mask, group_size, *rows, weight)
   if labelled is not None:
     mask = mask * labelled.astype(jnp.float32)[:, None]
   loss_mask = mask
