@@ -142,16 +142,12 @@ def check(config, mode: str = "train"):
   validate.config(config, mode=mode)
 
 
-# trained on this iteration's rollouts unless buffer.mix says otherwise
-ON_POLICY = ("grpo", "reverse_kl", "jsd", "distil_grpo")
-
-
 def buffer_mix(config) -> float:
   """The fraction of training groups drawn from the aggregated buffer: DAgger's losses aggregate (0.5), the on-policy
   ones train on this iteration's rollouts (0), unless `buffer.mix` is set."""
   if config.buffer.mix is not None:
     return config.buffer.mix
-  return 0.0 if config.loss.kind in ON_POLICY else 0.5
+  return 0.0 if config.loss.kind in losses.ON_POLICY else 0.5
 
 
 def loss_config(config, tok, expert) -> losses.LossConfig:

@@ -39,6 +39,7 @@ BASELINES = ("none", "loo")
 NORMALIZATIONS = ("auto", "sequence", "token", "sequence_token_mean")
 _PUBLISHED_NORMALIZATION = {"grpo": "sequence_token_mean", "sft": "token"}  # every other kind: "sequence"
 USES_RATIO = ("distil", "grpo", "distil_grpo")  # the losses whose estimator compares log pi with the sampler's
+ON_POLICY = ("grpo", "reverse_kl", "jsd", "distil_grpo")  # trained on fresh rollouts unless buffer.mix says otherwise
 
 
 @dataclasses.dataclass(frozen=True)

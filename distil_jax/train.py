@@ -100,12 +100,16 @@ def _meta(config, iteration: int, buffer_rows: int, sampled_tokens: int, schedul
   }
 
 
+def _buffer_dir(workdir: str) -> str:
+  """This process's part of the aggregated data set: each process labels its own prompts and keeps its own rows."""
+  return os.path.join(workdir, "buffer", f"process_{jax.process_index()}")
+
+
 def _open_buffer(config, workdir: str, layout):
   """This process's part of the aggregated data set when the workdir holds one of this layout, else None."""
-  buffer_dir = os.path.join(workdir, "buffer", f"process_{jax.process_index()}")
-  if os.path.isdir(buffer_dir):
+  if os.path.isdir(_buffer_dir(workdir)):
     try:
-      return buffer_lib.Buffer(buffer_dir, layout, config.buffer.max_groups)
+      return buffer_lib.Buffer(_buffer_dir(workdir), layout, config.buffer.max_groups)
     except InputError:  # rows of another shape: the config's check, or the second open, names it
       pass
   return None
@@ -164,7 +168,6 @@ class Loop:
     self.state = learner.init_state(config, run.params, run.mesh)
     # -- Resume (read and checked before anything is written) -----------------------------------------------------
     self.ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.keep)
-    # Each process labels its own prompts and keeps its own part of the aggregated data set.
     self.layout = rollout_lib.layout(config, learner.expert)
     buf = _open_buffer(config, workdir, self.layout)
     try:
@@ -187,8 +190,7 @@ class Loop:
     )
     run.write_workdir()
     self.ckpt.set_aside_unusable()
-    buffer_dir = os.path.join(self.workdir, "buffer", f"process_{jax.process_index()}")
-    self.buf = buf or buffer_lib.Buffer(buffer_dir, self.layout, c.buffer.max_groups)
+    self.buf = buf or buffer_lib.Buffer(_buffer_dir(self.workdir), self.layout, c.buffer.max_groups)
     self.start, self.sampled_tokens, self.rows_at = 0, 0, {}
     if meta is not None:
       self.start, self.sampled_tokens = meta["iteration"], meta["sampled_tokens"]
