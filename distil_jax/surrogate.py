@@ -87,11 +87,13 @@ def hold_terminal(c_BxT, mask_BxT):
 
 
 def policy_ratio(logp_BxT, behaviour_logprobs):
+  """pi_theta / pi_behaviour per token; without behaviour log-probs exactly 1, with the gradient of log pi."""
   old = jax.lax.stop_gradient(logp_BxT) if behaviour_logprobs is None else behaviour_logprobs
   return jnp.exp(logp_BxT - old)
 
 
 def token_mean(x_BxT, m_BxT):
+  """The mean of x over the masked tokens of the whole batch (0 when there are none)."""
   return jnp.sum(x_BxT * m_BxT) / jnp.maximum(jnp.sum(m_BxT), 1.0)
 
 
@@ -106,6 +108,9 @@ def ratio_metrics(ratio, m, clip_eps):
 def distil_per_token(
   cfg, terms, mask, group_size, behaviour_logprobs, sequence_term, score_weight, whole_response_credit
 ):
+  """(per-token loss [B,T], metrics, the mask it is normalised over): the cost c_t, plus with `sequence_term` the
+  score term (R_t - b_t) grad log pi(y_t) entered as `x - stop_gradient(x)`; tokenwise forward CE is the cost
+  alone. With `terminal="hold"` the costs and the mask cover the whole horizon (`hold_terminal`)."""
   m = mask.astype(jnp.float32)
   c = terms["ce"] - (terms["teacher_entropy"] if cfg.cost == "kl" else 0.0)
   c = jnp.where(m > 0, c, 0.0)
