@@ -2,8 +2,8 @@
 the policy and a `model` expert's teacher, and the values the loop derives from the config (the loss as it runs,
 the buffer's mix, the optimizer and its state).
 
-Everything here reads; nothing writes before the run's whole input has been checked (`Run.write_workdir` is the
-first write). `train.py` holds the loop that uses these; `modes.py` the eval and export modes.
+`Run.build` reads and checks and writes nothing, so that a bad input leaves no workdir behind; `Run.write_workdir`
+is a run's first write. `train.py` holds the loop that uses these; `modes.py` the eval and export modes.
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ def keep_tokenizer(config, tok, workdir: str) -> None:
 
 
 def model_config(config, vocab_size: int) -> model_lib.ModelConfig:
+  """The student's architecture from the `model` section; the LM head has the tokenizer's `vocab_size` ids rounded
+  up to `model.vocab_multiple` rows (the matmuls' tiles), and the padding rows are never sampled."""
   m = config.model
   multiple = m.vocab_multiple
   return model_lib.ModelConfig(
@@ -168,6 +170,7 @@ def loss_config(config, tok, expert) -> losses.LossConfig:
 
 
 def _ema(config) -> bool:
+  """Whether the train state keeps an EMA copy of the student as the `self` teacher."""
   return config.expert.kind == "self" and config.expert.ema_decay > 0
 
 
