@@ -12,8 +12,11 @@ The decoder layers are stacked (every layer parameter has a leading "layers" axi
 compile time and program size do not grow with depth; `model.remat` picks what the backward pass recomputes. The
 stacking is an internal layout: `hf.py` reads and writes Hugging Face's per-layer names.
 
-The KV cache is a plain pytree passed in and out (not NNX state), so the sampler's decode loop is an ordinary
-`jax.lax.while_loop` over arrays; it is stacked like the layers ([L,B,S,K,E]) and carried through the layer scan.
+The blocks (norm, RoPE, attention, MLP, the decoder layer) are in `layers.py`; this module stacks and runs them.
+
+The KV cache is a plain pytree passed in and out (not NNX state), stacked like the layers ([L,B,S,K,E]) and carried
+through the layer scan. The sampler's prefill fills it with training's attention kernel (`decode.prefill`); its
+one-token steps run `decode.py`'s own cache layout.
 
 Dims: L layers, B batch, T query time, S key time (sequence or cache slots), D model width, H query heads, K key/value
 heads, E head dim, F MLP width, V vocabulary.
