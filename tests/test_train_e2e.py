@@ -24,6 +24,7 @@ from test_http_expert import _rollouts
 
 from distil_jax import build, checkpoint, experts, hf, losses, tasks, train
 from distil_jax import model as model_lib
+from distil_jax import tokenizer as tok_lib
 from distil_jax.errors import ConfigError, DataError
 from distil_jax.tasks import base as task_base
 
@@ -139,7 +140,7 @@ def test_http_expert_errors_are_named(tmp_path):
     config.expert.url = server.url
     with pytest.raises(experts.ExpertError, match=r"127\.0\.0\.1.*not valid JSON.*502 bad gateway"):
       train.train(config, str(tmp_path))
-  other = train.tok_lib.train_sentencepiece(["completely different text 0123456789 +-*=#"], 64, "char")
+  other = tok_lib.train_sentencepiece(["completely different text 0123456789 +-*=#"], 64, "char")
   with FakeExpertServer(other) as server:
     config.expert.url = server.url
     with pytest.raises(experts.ExpertError, match="tokenizes differently from the student"):
@@ -246,7 +247,7 @@ def test_bad_config_key_and_bad_data_are_one_line_errors(tmp_path):
   last = out.stderr.strip().splitlines()[-1]
   assert out.returncode != 0 and f"{data}:3: not valid JSON" in last, last
   data.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?"}\n')
-  with pytest.raises(train.tasks.DataError, match=r"math\.jsonl:2: missing field 'answer'"):
+  with pytest.raises(tasks.DataError, match=r"math\.jsonl:2: missing field 'answer'"):
     tasks.make_task(load_config("math", **{"task.train_path": str(data)}).task)
 
 
