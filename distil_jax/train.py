@@ -387,7 +387,7 @@ def _train(config, workdir: str, stopper: preemption.Stopper, allow_changed: tup
   layout = rollout_lib.layout(c, expert)
   buffer_dir = os.path.join(workdir, "buffer", f"process_{jax.process_index()}")
   buf = None
-  if os.path.isdir(buffer_dir):
+  if buffer_lib.Buffer.exists(buffer_dir, layout):  # through tensorstore: a gs:// buffer is checked too
     try:
       buf = buffer_lib.Buffer(buffer_dir, layout, c.buffer.max_groups)
     except InputError:  # rows of another shape: the config's check below, or the second open, names it
