@@ -164,10 +164,16 @@ def load_teacher(config, student_cfg, tok, mesh, rules):
 # The run
 
 
-def warm_up(params, run, *, config, mesh, stop=lambda: False):
+def warm_up(params, run, *, config, mesh, stop=lambda: False, before=dict, allow_changed=()):
   """DAgger's round 0: `train.warmup_steps` behaviour-cloning updates on the expert's own responses to fresh
   prompts (no sampling), with an optimizer of its own at `train.warmup_lr`, as a separate SFT run would be.
-  Returns the parameters and figures, or None when `stop()` said to abandon it (asked before each step)."""
+  Returns the parameters and figures (with `before()`'s: the figures of the policy it starts from), or the number
+  of steps done when `stop()` said to stop (asked before each step).
+
+  Stopped, it saves what it has done (parameters, its optimizer's state, its figures) in `workdir/warmup`; a rerun
+  goes on from there and ends where an uninterrupted warm-up would (step k's batch is `stream[k]`, a function of
+  the seed and k), unless its config differs (refused as a resume is: `allow_changed`). The folder is removed once
+  the warm-up is complete: from then on the run's own checkpoints hold its result."""
   c = config
   optim = c.optim.copy_and_resolve_references()
   optim.lr = c.train.warmup_lr
@@ -176,17 +182,29 @@ def warm_up(params, run, *, config, mesh, stop=lambda: False):
   spec = update.UpdateSpec(losses.LossConfig(kind="sft", chunk_size=c.loss.chunk_size), teacher="topk")
   step = update.make_update(run.graphdef, tx, spec, state_shardings=jax.tree.map(lambda x: x.sharding, state))
   stream = data.prompt_stream(run.task.problems("train"), seed=c.seed + 1, per_iteration=c.train.warmup_batch)
-  losses_seen = []
-  for k in range(c.train.warmup_steps):
-    if stop():
-      return None
-    problems = rollout_lib.with_feedback(stream[k], c.train.warmup_reprompt_fraction, config=c, task=run.task)
-    batch = rollout_lib.warmup_batch(problems, config=c, tok=run.tok)
-    state, m = step(state, data.to_global(batch, mesh), None, jnp.int32(0))
-    losses_seen.append(float(m["loss"]))
-    if not np.isfinite(losses_seen[-1]):
-      raise FloatingPointError(f"non-finite loss in warm-up step {k + 1}")
+  with checkpoint.Checkpointer(os.path.join(run.workdir, "warmup"), max_to_keep=1) as saved:
+    found = saved.restore_latest(checkpoint.abstract_like(state))
+    if found is None:
+      first, losses_seen, figures = 0, [], dict(before())
+    else:
+      first, state, meta = found
+      run_config.check_resume(meta["config"], c, allow_changed, saved.directory)
+      losses_seen, figures = meta["losses"], meta["figures"]
+    for k in range(first, c.train.warmup_steps):
+      if stop():
+        if saved.latest_step() != k:
+          saved.save(k, state, {"config": run_config.flat(c), "losses": losses_seen, "figures": figures})
+        return k
+      problems = rollout_lib.with_feedback(stream[k], c.train.warmup_reprompt_fraction, config=c, task=run.task)
+      batch = rollout_lib.warmup_batch(problems, config=c, tok=run.tok)
+      state, m = step(state, data.to_global(batch, mesh), None, jnp.int32(0))
+      losses_seen.append(float(m["loss"]))
+      if not np.isfinite(losses_seen[-1]):
+        raise FloatingPointError(f"non-finite loss in warm-up step {k + 1}")
+  if found is not None and jax.process_index() == 0:  # (a warm-up never stopped has no folder)
+    shutil.rmtree(saved.directory, ignore_errors=True)
   return state["params"], {
+    **figures,
     "warmup/loss_first": losses_seen[0],
     "warmup/loss_last": losses_seen[-1],
     "warmup/steps": c.train.warmup_steps,
@@ -464,14 +482,21 @@ def _train(config, workdir: str, stopper: preemption.Stopper, allow_changed: tup
         t0 = time.time()
         figures = {}
         if c.train.warmup_steps:
-          before = eval_fn(run.graphdef, state["params"], jax.random.fold_in(eval_keys, 0))
-          figures = {f"before_warmup/{k}": v for k, v in before.items()}
-          warmed = warm_up(state["params"], run, config=c, mesh=mesh, stop=stopper.requested)
-          if warmed is None:
-            raise preemption.Preempted(stopper.signame, None, ckpt.directory)
-          params, warm = warmed
+          initial = state["params"]
+
+          def before():  # not asked again when the warm-up goes on after a stop: its checkpoint holds them
+            figures = eval_fn(run.graphdef, initial, jax.random.fold_in(eval_keys, 0))
+            return {f"before_warmup/{k}": v for k, v in figures.items()}
+
+          warmed = warm_up(
+            initial, run, config=c, mesh=mesh, stop=stopper.requested, before=before, allow_changed=allow_changed
+          )
+          if isinstance(warmed, int):  # stopped after `warmed` steps, saved in workdir/warmup
+            where = os.path.join(workdir, "warmup")
+            raise preemption.Preempted(stopper.signame, None, where, warmup=(warmed, c.train.warmup_steps))
+          params, figures = warmed
           state = update.init_state(tx, params, mesh, ema=_ema(c), ref=reference)
-          figures.update(warm, **{"time/warmup_s": time.time() - t0})
+          figures["time/warmup_s"] = time.time() - t0
         t1 = time.time()
         shown = []
         last = eval_fn(run.graphdef, state["params"], jax.random.fold_in(eval_keys, 0), samples=shown)
