@@ -485,8 +485,8 @@ def _train(config, workdir: str, stopper: preemption.Stopper, allow_changed: tup
           initial = state["params"]
 
           def before():  # not asked again when the warm-up goes on after a stop: its checkpoint holds them
-            figures = eval_fn(run.graphdef, initial, jax.random.fold_in(eval_keys, 0))
-            return {f"before_warmup/{k}": v for k, v in figures.items()}
+            got = eval_fn(run.graphdef, initial, jax.random.fold_in(eval_keys, 0))
+            return {f"before_warmup/{k}": v for k, v in got.items()}
 
           warmed = warm_up(
             initial, run, config=c, mesh=mesh, stop=stopper.requested, before=before, allow_changed=allow_changed
