@@ -44,6 +44,8 @@ def ours(args) -> dict:
   import jax
   import jax.numpy as jnp
 
+  jax.config.update("jax_enable_compilation_cache", False)  # compile time is a figure: never load a cached program
+
   from distil_jax import config_base, data, experts, train, update
   from distil_jax import rollout as rollout_lib
 
