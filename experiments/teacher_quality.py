@@ -21,8 +21,9 @@ them at a warm-up).
     --workdir=/tmp/distil-compare/self_reference/warmup_seed0 --out docs/arith_self_reference_teacher_seed0.json
 
 A run without a warm-up (the real-model protocol) starts from its checkpoint: `--start` reads the parameters the run
-starts from (`model.hf_path`) instead of a workdir's checkpoint, so the check is at the student the comparison trains. `--skip_from_prompt` measures only at the student's states (what depends on
-`expert.feedback`; the from-the-prompt figures are the same for every feedback mode):
+starts from (`model.hf_path`) instead of a workdir's checkpoint, so the check is at the student the comparison
+trains. `--skip_from_prompt` measures only at the student's states (what depends on `expert.feedback`; the
+from-the-prompt figures are the same for every feedback mode):
   python -m experiments.teacher_quality --config=configs/math.py:smollm2_sibling --start --workdir=/tmp/tq \\
     --config.eval.num_prompts=16 --samples=8 --chunk=64 --out docs/smollm2_sibling_teacher_start.json
 """
