@@ -45,6 +45,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -179,6 +180,7 @@ class Task:
   smoke: list
   no_expert: list
   shares: dict
+  prune: bool = False  # drop a run's weights once nothing reads them (SmolLM2's take ~2 GB a run)
 
 
 TASKS = {
@@ -211,6 +213,7 @@ TASKS = {
     REAL_SMOKE,
     [],  # GRPO and SFT keep the preset's self expert: its loss never reads it (no teacher forward)
     {"reference": "sibling", "hard_reference": "hard"},
+    prune=True,
   ),
 }
 
@@ -329,6 +332,14 @@ class Comparison:
         raise ValueError(f"{expert} and {self.shared} differ outside the expert: their runs cannot be shared")
     self.iterations = SMOKE_ITERATIONS if smoke else self.config.train.iterations
     self.final = SMOKE_FINAL if smoke else t.final
+    self.prune = t.prune
+
+  def drop_weights(self, wd):
+    """A run's checkpoints and replay buffer, once its figures are all written: the test evaluation is done, or its
+    rate was not chosen. Its metrics, samples and test figures stay; a pruned run is never resumed (it is finished)."""
+    if self.prune:
+      for part in ("checkpoints", "buffer"):
+        shutil.rmtree(os.path.join(wd, part), ignore_errors=True)
 
   def _config(self, preset):
     """The preset as every run of it starts (the smoke's and the size's flags applied), read without a process."""
@@ -410,7 +421,10 @@ class Comparison:
     flags += [f"--config.eval.num_prompts={self.final['num_prompts']}"] if "num_prompts" in self.final else []
     with self.locks[path]:
       if not os.path.exists(path):
+        if not os.path.isdir(os.path.join(wd, "checkpoints")):
+          raise RuntimeError(f"{wd}: weights dropped before its test (a rate chosen after a grid change?): retrain it")
         self.launch([*cmd, *flags], os.path.join(os.path.dirname(wd), f"{os.path.basename(wd)}_test.log"))
+      self.drop_weights(wd)
     return {**run, "test": read_jsonl(path)[-1], "test_command": "python -m distil_jax.main " + " ".join(cmd + flags)}
 
 
@@ -436,6 +450,10 @@ def run_protocol(cmp: Comparison, methods, seeds, lrs, select_seed):
     base = cmp.task.variants.get(method, (method,))[0]  # a variant takes its method's rate
     grid = [cmp.train(base, select_seed, lr) for lr in lrs]
     lr, scores = select_lr(grid)
+    if base == method:  # a variant's runs read its method's grid; the method prunes it
+      for r in grid:
+        if r["lr"] != lr:
+          cmp.drop_weights(r["workdir"])
     selection = {
       "chosen_lr": lr,
       "chosen_by": base,

@@ -315,6 +315,7 @@ def _fake_real_main(calls):
         f.write(json.dumps({"eval/pass@1": 0.1 * int(flag["--config.seed"]), "eval/pass@2": 0.5}) + "\n")
       return 1.0
     lr = float(flag["--config.optim.lr"])
+    os.makedirs(os.path.join(wd, "checkpoints"), exist_ok=True)
     with open(os.path.join(wd, "metrics.jsonl"), "w") as f:
       for it in (0, arith_comparison.SMOKE_ITERATIONS):
         f.write(json.dumps({"iteration": it, "eval/pass@1": lr, "eval/pass@2": lr, "samples/train_tokens": it}) + "\n")
@@ -325,8 +326,9 @@ def _fake_real_main(calls):
 
 def test_real_model_protocol_without_warmup_shares_the_teacherless_runs(tmp_path, monkeypatch):
   """`--task smollm2 --smoke`, both feedback settings in turn, with the stand-in trainer: no warm-up (the presets have
-  none), every command a config the run accepts on the tiny smoke model, the hybrid's weight decaying over the run's
-  length, and GRPO / SFT trained once for both settings (the second invocation launches only the teacher methods)."""
+    none), every command a config the run accepts on the tiny smoke model, the hybrid's weight decaying over the run's
+    length, GRPO / SFT trained once for both settings (the second invocation launches only the teacher methods), and
+  no run's weights left behind once its figures are written."""
   calls = []
   monkeypatch.setattr(arith_comparison, "main_process", _fake_real_main(calls))
   methods = ["DistIL", "SDPO", "OPSD", "GRPO", "SFT", "DistIL+GRPO"]
@@ -354,6 +356,7 @@ def test_real_model_protocol_without_warmup_shares_the_teacherless_runs(tmp_path
     flags = [f for f in args if f.startswith("--config.")]
     validate.config(_with_flags(load_config("math", preset), flags), devices=1, processes=1)
   assert reference["paired_DistIL_minus"]["GRPO"]["pass@1"]["diffs"] == [0.0, 0.0]  # the same GRPO runs, read back
+  assert not list((tmp_path / "runs").glob("*/*/checkpoints"))  # weights dropped once tested or not chosen
 
 
 @pytest.mark.parametrize("expert", list(arith_comparison.REAL_SETTINGS))
