@@ -206,7 +206,7 @@ TASKS = {
     {},
     ("DistIL", "tokenwise FCE", "SDPO", "OPSD", "DistIL+GRPO"),
     (),
-    {"small": []},  # a bigger checkpoint goes in with --config.model.hf_path on an accelerator
+    {"small": []},  # one size so far; a bigger checkpoint would be an entry setting model.hf_path (an accelerator's)
     REAL_LRS,
     REAL_SEEDS,
     REAL_FINAL,
