@@ -164,7 +164,8 @@ REAL_SMOKE = [
 @dataclasses.dataclass(frozen=True)
 class Task:
   """What differs between the protocol's tasks; the grid, the seeds, the test evaluation and the statistics do not.
-  `no_expert` are the flags of a method that reads no teacher in a self-expert setting; `shares` maps a setting to
+  `expert` / `no_expert` are the flags of a method that reads / reads no teacher in a self-expert setting (arith
+  names the self expert again, as its commands always have); `shares` maps a setting to
   the one whose runs of such methods are the same runs (the presets may differ in the expert's section only)."""
 
   config: str
@@ -178,6 +179,7 @@ class Task:
   seeds: tuple
   final: dict
   smoke: list
+  expert: list
   no_expert: list
   shares: dict
   prune: bool = False  # drop a run's weights once nothing reads them (SmolLM2's take ~2 GB a run)
@@ -196,6 +198,7 @@ TASKS = {
     SEEDS,
     FINAL,
     SMOKE,
+    ["--config.expert.kind=self"],
     ["--config.expert.kind=oracle", "--config.expert.feedback=any"],
     {},
   ),
@@ -211,6 +214,7 @@ TASKS = {
     REAL_SEEDS,
     REAL_FINAL,
     REAL_SMOKE,
+    [],
     [],  # GRPO and SFT keep the preset's self expert: its loss never reads it (no teacher forward)
     {"reference": "sibling", "hard_reference": "hard"},
     prune=True,
@@ -385,10 +389,10 @@ class Comparison:
     cmd.append(f"--config.optim.lr={lr!r}")
     if self.warm:
       cmd += [f"--config.model.init_from={self.warmup(seed)}", "--config.train.warmup_steps=0"]
-    if self.config.expert.kind != "oracle" and method not in t.uses_expert:
+    if self.config.expert.kind != "oracle":
       # arith: GRPO and SFT read no expert distribution: they get the oracle with plain feedback, which validation
       # accepts; smollm2: they keep the self expert, whose teacher their losses never compute
-      cmd += t.no_expert
+      cmd += t.expert if method in t.uses_expert else t.no_expert
     if method in t.keep_checkpoints and not self.smoke:
       cmd += ["--config.checkpoint.every=10", "--config.checkpoint.keep=100"]
     return name, wd, cmd
