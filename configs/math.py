@@ -89,8 +89,8 @@ def smollm2_protocol(c, arg):
   stream, the 256 held-out prompts split by identity into validation (the curves, the choice of rate) and test
   (reported once per final run, `--mode=eval --config.eval.split=test`). Evaluation only at the start and the end:
   on two cores one evaluation of 32 prompts costs about as much as an iteration, and the selection reads only the
-  last figure. The harder variant chains two or three operations: SmolLM2 starts far below 30% Pass@1 there
-  (experiments/README.md gives the measured start)."""
+  last figure. The harder variant chains two or three operations. SmolLM2 starts below 30% Pass@1 already on one
+  operation (0.07-0.11 measured, experiments/README.md); the harder variant's start is not measured yet."""
   c.task.eval_size = 256
   c.eval.update(split="validation", every=c.train.iterations)
   c.log.progress = False
