@@ -7,6 +7,8 @@ import jax
 
 from distil_jax import model as model_lib
 
+jax.config.update("jax_enable_compilation_cache", False)  # compile times are figures: never load a cached program
+
 SIZES = {  # Llama-style shapes
   "tiny": dict(
     vocab_size=512,

@@ -44,6 +44,8 @@ def ours(args) -> dict:
   import jax
   import jax.numpy as jnp
 
+  jax.config.update("jax_enable_compilation_cache", False)  # compile time is a figure: never load a cached program
+
   from distil_jax import build, config_base, data, experts, update
   from distil_jax import rollout as rollout_lib
 

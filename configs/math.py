@@ -26,6 +26,8 @@ def get_config(arg: str | None = None):
   c.checkpoint.every = 20
   if arg == "smollm2":  # a real instruct checkpoint post-trained on this CPU (README: "A real model")
     smollm2(c)
+  elif arg in SMOLLM2_PROTOCOL:  # experiments/arith_comparison.py --task smollm2 (experiments/README.md)
+    smollm2_protocol(smollm2(c), arg)
   elif arg == "runlocal":
     config_base.runlocal(c)
   elif arg == "real":  # a pretrained checkpoint and a data file; sizes for one 8-chip host
@@ -73,4 +75,27 @@ def smollm2(c):
   )
   c.eval.update(every=5, num_prompts=32, samples=4, pass_at=(1, 4), temperature=0.7, log_samples=1)
   c.checkpoint.every = 1
+  return c
+
+
+# The presets of the real-model comparison (issue 24, experiments/README.md "Experiment 5"): the task (generated
+# one-step word problems, or the harder multi-step ones) x the self expert's feedback (a correct sibling: DistIL's and
+# SDPO's setting; the reference solution and the verdict: OPSD's).
+SMOLLM2_PROTOCOL = ("smollm2_sibling", "smollm2_reference", "smollm2_hard", "smollm2_hard_reference")
+
+
+def smollm2_protocol(c, arg):
+  """`smollm2` with three disjoint prompt sets, as the arithmetic protocol has them: training draws from the task's
+  stream, the 256 held-out prompts split by identity into validation (the curves, the choice of rate) and test
+  (reported once per final run, `--mode=eval --config.eval.split=test`). Evaluation only at the start and the end:
+  on two cores one evaluation of 32 prompts costs about as much as an iteration, and the selection reads only the
+  last figure. The harder variant chains two or three operations. SmolLM2 starts below 30% Pass@1 already on one
+  operation (0.07-0.11 measured, experiments/README.md); the harder variant's start is not measured yet."""
+  c.task.eval_size = 256
+  c.eval.update(split="validation", every=c.train.iterations)
+  c.log.progress = False
+  if arg.startswith("smollm2_hard"):
+    c.task.update(min_ops=2, max_ops=3, max_value=60)
+  if arg.endswith("_reference"):  # privileged information (OPSD): the reference solution and the verdict
+    c.expert.feedback = "reference"
   return c

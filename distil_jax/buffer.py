@@ -17,7 +17,14 @@ value (silent -inf / zero rows), a truncated one failed inside Grain. Each appen
 every appended row of every field in `checksums.json` (written whole, atomically, after the rows), and each row is
 checked against it when training reads it; a resume checks the whole window it will train on first
 (`damage`), so that damage is named in one line and the run falls back to a checkpoint whose window is intact, or
-stops before any update.
+stops before any update. The arrays record at creation that their rows are checksummed (a zarr attribute): a
+missing `checksums.json` is then damage too (every row of a window is unverifiable), not a buffer from before
+checksums (whose rows are read unverified, with a warning).
+
+Where: a local folder or any tensorstore kvstore URL (gs://bucket/..., file://..., memory://...), read and written
+through the same calls (`exists` included: a resume checks a buffer it cannot see with `os.path`, e.g. on gs://,
+like a local one). One tensorstore context serves every buffer of the process (so a memory:// buffer outlives one
+`Buffer` object, as a file does).
 """
 
 from __future__ import annotations
@@ -35,17 +42,21 @@ from distil_jax.errors import DataError, InputError
 
 _CHUNK_ROWS = 16
 _SUMS = "checksums.json"  # {"first": row of sums[field][0], "sums": {field: [16 hex digits per row]}}
+_MARK = {"distil_jax": {"checksums": _SUMS}}  # each array's zarr attributes: its rows are checksummed in _SUMS
+_CONTEXT = ts.Context()
 
 
 def _row_sum(value: np.ndarray) -> str:
   return hashlib.blake2b(np.ascontiguousarray(value).tobytes(), digest_size=8).hexdigest()
 
 
-def _kvstore(path: str) -> dict:
-  """A local folder, or a Cloud Storage path (gs://bucket/...) on TPU VMs."""
+def _kvstore(path: str) -> dict | str:
+  """A local folder, a Cloud Storage path (gs://bucket/...) on TPU VMs, or any other kvstore URL tensorstore reads."""
   if path.startswith("gs://"):
     bucket, _, key = path[len("gs://") :].partition("/")
     return {"driver": "gcs", "bucket": bucket, "path": key}
+  if "://" in path:
+    return path
   return {"driver": "file", "path": path}
 
 
@@ -53,19 +64,31 @@ class Buffer:
   def __init__(self, directory: str, schema: Mapping[str, tuple[tuple[int, ...], str]], max_groups: int):
     """schema: field -> (shape of one row, dtype name). Opens existing arrays (resume) or creates them."""
     self.directory, self.schema, self.max_groups = directory, dict(schema), max_groups
-    if not directory.startswith("gs://"):
+    if "://" not in directory:
       os.makedirs(directory, exist_ok=True)
     self._arrays = {name: self._open(name, shape, dtype) for name, (shape, dtype) in self.schema.items()}
     self.rows = min(a.shape[0] for a in self._arrays.values())
     self.released = 0
-    self._kv = ts.KvStore.open(_kvstore(directory.rstrip("/") + "/")).result()
+    self._kv = ts.KvStore.open(_kvstore(directory.rstrip("/") + "/"), context=_CONTEXT).result()
+    self._lost = False  # rows checksummed when written, and `checksums.json` gone: no row can be verified
     self._first, self._sums = self._read_sums()
 
+  @staticmethod
+  def exists(directory: str, schema: Mapping) -> bool:
+    """Whether a buffer with any of `schema`'s fields is stored at `directory` (any kvstore; nothing is written)."""
+    kv = ts.KvStore.open(_kvstore(directory.rstrip("/") + "/"), context=_CONTEXT).result()
+    return any(kv.read(f"{name}/zarr.json").result().state == "value" for name in schema)
+
   def _read_sums(self) -> tuple[int, dict[str, list[str]] | None]:
-    """(first row, {field: per-row sums}); None for a buffer written before rows had checksums."""
+    """(first row, {field: per-row sums}); None for a buffer written before rows had checksums, or whose
+    `checksums.json` is lost (`self._lost`: `damage` then names it)."""
     found = self._kv.read(_SUMS).result()
     if found.state != "value":
       if self.rows:
+        marked = [a for a in self._arrays.values() if a.spec().to_json()["metadata"].get("attributes") == _MARK]
+        if marked:
+          self._lost = True
+          return 0, None
         logging.warning("%s has %d rows and no %s: rows are read unverified", self.directory, self.rows, _SUMS)
         return 0, None
       return 0, {name: [] for name in self.schema}
@@ -89,10 +112,11 @@ class Buffer:
     spec = {"driver": "zarr3", "kvstore": _kvstore(os.path.join(self.directory, name))}
     fill = -np.inf if np.dtype(dtype).kind == "f" else 0
     try:
-      arr = ts.open(spec, open=True).result()
+      arr = ts.open(spec, open=True, context=_CONTEXT).result()
     except ValueError:  # not there yet
       arr = ts.open(
-        spec,
+        {**spec, "metadata": {"attributes": _MARK}},
+        context=_CONTEXT,
         create=True,
         dtype=ts.dtype(dtype),
         shape=[0, *shape],
@@ -137,7 +161,10 @@ class Buffer:
     for name, arr in self._arrays.items():
       self._arrays[name] = arr.resize(exclusive_max=[rows, *self.schema[name][0]]).result()
     self.rows = rows
-    if self._sums is not None:
+    if self._sums is None and rows == 0:  # nothing left unverified: the rows appended from now on are summed
+      self._lost, self._first, self._sums = False, 0, {name: [] for name in self.schema}
+      self._write_sums()
+    elif self._sums is not None:
       self._first = min(self._first, rows)
       self._sums = {name: sums[: rows - self._first] for name, sums in self._sums.items()}
       self._write_sums()
@@ -164,6 +191,8 @@ class Buffer:
   def damage(self, start: int, stop: int) -> str | None:
     """What is wrong with rows [start, stop), in a few words naming the field and rows, or None when every row reads
     back as it was written (read a chunk at a time: an unreadable chunk spoils its rows only)."""
+    if self._lost and start < stop:
+      return f"{self.directory}/{_SUMS} is missing (deleted or lost): rows {start}-{stop - 1} cannot be verified"
     for name, arr in self._arrays.items():
       lo = start
       while lo < stop:

@@ -107,7 +107,7 @@ def _buffer_dir(workdir: str) -> str:
 
 def _open_buffer(config, workdir: str, layout):
   """This process's part of the aggregated data set when the workdir holds one of this layout, else None."""
-  if os.path.isdir(_buffer_dir(workdir)):
+  if buffer_lib.Buffer.exists(_buffer_dir(workdir), layout):  # through tensorstore: a gs:// buffer is checked too
     try:
       return buffer_lib.Buffer(_buffer_dir(workdir), layout, config.buffer.max_groups)
     except InputError:  # rows of another shape: the config's check, or the second open, names it
@@ -162,7 +162,7 @@ class Loop:
     run_config.check_allowed_names(allow_changed, config)
     run_config.check_processes(config)
     self = cls()
-    self.config, self.workdir, self.stopper = config, workdir, stopper
+    self.config, self.workdir, self.stopper, self.allow_changed = config, workdir, stopper, allow_changed
     self.run = run = build.Run.build(config, workdir)
     self.learner = learner = build.learner(config, run)
     self.state = learner.init_state(config, run.params, run.mesh)
@@ -232,14 +232,21 @@ class Loop:
     t0 = time.time()
     figures = {}
     if c.train.warmup_steps:
-      before = self.eval_fn(run.graphdef, self.state["params"], jax.random.fold_in(self.eval_keys, 0))
-      figures = {f"before_warmup/{k}": v for k, v in before.items()}
-      warmed = warmup.warm_up(self.state["params"], run, config=c, mesh=run.mesh, stop=stopper.requested)
-      if warmed is None:
-        raise preemption.Preempted(stopper.signame, None, self.ckpt.directory)
-      params, warm = warmed
+      initial = self.state["params"]
+
+      def before():  # not asked again when the warm-up goes on after a stop: its checkpoint holds them
+        got = self.eval_fn(run.graphdef, initial, jax.random.fold_in(self.eval_keys, 0))
+        return {f"before_warmup/{k}": v for k, v in got.items()}
+
+      warmed = warmup.warm_up(
+        initial, run, config=c, mesh=run.mesh, stop=stopper.requested, before=before, allow_changed=self.allow_changed
+      )
+      if isinstance(warmed, int):  # stopped after `warmed` steps, saved in workdir/warmup
+        where = os.path.join(self.workdir, "warmup")
+        raise preemption.Preempted(stopper.signame, None, where, warmup=(warmed, c.train.warmup_steps))
+      params, figures = warmed
       self.state = self.learner.init_state(c, params, run.mesh)
-      figures.update(warm, **{"time/warmup_s": time.time() - t0})
+      figures["time/warmup_s"] = time.time() - t0
     t1 = time.time()
     shown = []
     last = self.eval_fn(run.graphdef, self.state["params"], jax.random.fold_in(self.eval_keys, 0), samples=shown)

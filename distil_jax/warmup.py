@@ -8,20 +8,28 @@ so that a small model learns to read feedback before it is asked to label with i
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from distil_jax import batch as batch_lib
-from distil_jax import data, experts, losses, update
+from distil_jax import checkpoint, data, experts, losses, run_config, update
 from distil_jax.rollout import prompt_rows, reference_rows
 
 
-def warm_up(params, run, *, config, mesh, stop=lambda: False):
+def warm_up(params, run, *, config, mesh, stop=lambda: False, before=dict, allow_changed=()):
   """DAgger's round 0: `train.warmup_steps` behaviour-cloning updates on the expert's own responses to fresh
   prompts (no sampling), with an optimizer of its own at `train.warmup_lr`, as a separate SFT run would be.
-  Returns the parameters and figures, or None when `stop()` said to abandon it (asked before each step)."""
+  Returns the parameters and figures (with `before()`'s: the figures of the policy it starts from), or the number
+  of steps done when `stop()` said to stop (asked before each step).
+
+  Stopped, it saves what it has done (parameters, its optimizer's state, its figures) in `workdir/warmup`; a rerun
+  goes on from there and ends where an uninterrupted warm-up would (step k's batch is `stream[k]`, a function of
+  the seed and k), unless its config differs (refused as a resume is: `allow_changed`). The folder is removed once
+  the warm-up is complete: from then on the run's own checkpoints hold its result."""
   c = config
   optim = c.optim.copy_and_resolve_references()
   optim.lr = c.train.warmup_lr
@@ -30,17 +38,29 @@ def warm_up(params, run, *, config, mesh, stop=lambda: False):
   spec = update.UpdateSpec(losses.LossConfig(kind="sft", chunk_size=c.loss.chunk_size), teacher="topk")
   step = update.make_update(run.graphdef, tx, spec, state_shardings=jax.tree.map(lambda x: x.sharding, state))
   stream = data.prompt_stream(run.task.problems("train"), seed=c.seed + 1, per_iteration=c.train.warmup_batch)
-  losses_seen = []
-  for k in range(c.train.warmup_steps):
-    if stop():
-      return None
-    problems = with_feedback(stream[k], c.train.warmup_reprompt_fraction, config=c, task=run.task)
-    batch = warmup_batch(problems, config=c, tok=run.tok)
-    state, m = step(state, data.to_global(batch, mesh), None, jnp.int32(0))
-    losses_seen.append(float(m["loss"]))
-    if not np.isfinite(losses_seen[-1]):
-      raise FloatingPointError(f"non-finite loss in warm-up step {k + 1}")
+  with checkpoint.Checkpointer(os.path.join(run.workdir, "warmup"), max_to_keep=1) as saved:
+    found = saved.restore_latest(checkpoint.abstract_like(state))
+    if found is None:
+      first, losses_seen, figures = 0, [], dict(before())
+    else:
+      first, state, meta = found
+      run_config.check_resume(meta["config"], c, allow_changed, saved.directory)
+      losses_seen, figures = meta["losses"], meta["figures"]
+    for k in range(first, c.train.warmup_steps):
+      if stop():
+        if saved.latest_step() != k:
+          saved.save(k, state, {"config": run_config.flat(c), "losses": losses_seen, "figures": figures})
+        return k
+      problems = with_feedback(stream[k], c.train.warmup_reprompt_fraction, config=c, task=run.task)
+      batch = warmup_batch(problems, config=c, tok=run.tok)
+      state, m = step(state, data.to_global(batch, mesh), None, jnp.int32(0))
+      losses_seen.append(float(m["loss"]))
+      if not np.isfinite(losses_seen[-1]):
+        raise FloatingPointError(f"non-finite loss in warm-up step {k + 1}")
+  if found is not None and jax.process_index() == 0:  # (a warm-up never stopped has no folder)
+    shutil.rmtree(saved.directory, ignore_errors=True)
   return state["params"], {
+    **figures,
     "warmup/loss_first": losses_seen[0],
     "warmup/loss_last": losses_seen[-1],
     "warmup/steps": c.train.warmup_steps,

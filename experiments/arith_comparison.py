@@ -20,15 +20,33 @@ Writes docs/arith_<expert>.json (every run's command, metrics and final figures;
 docs/arith_<expert>_curves.png, docs/arith_<expert>_passk.png. Reruns skip finished runs. `--smoke`: tiny settings.
 `--jobs N` runs N runs at once, each pinned to its own core: a 0.6M-parameter model keeps one core busy at most, so
 two one-core runs finish in about the time of one two-core run. Wall times are then per run on one core.
+
+The same protocol on a real pretrained model (`--task smollm2`, issue 24; experiments/README.md, "Experiment 5"):
+SmolLM2-135M-Instruct through its chat template on generated word problems (`configs/math.py:smollm2_*`), the self
+expert shown a correct sibling (`--expert sibling`, DistIL's and SDPO's setting) or the reference solution
+(`--expert reference`, OPSD's), and the harder two-to-three-step problems (`--expert hard`, `hard_reference`).
+Differences from arithmetic, each because of the task: no behaviour-cloning warm-up (the preset has
+`train.warmup_steps=0`: an instruct checkpoint already writes the answer format), so every run starts from the
+checkpoint; seven methods, each as its authors run it (REAL_METHODS); the methods that read no teacher (GRPO, SFT)
+are the same runs in both feedback settings of a task and run once; three seeds and 64 test prompts x 8 samples
+(Pass@1/2/4/8), sized to the 2-core machine.
+  python -m experiments.arith_comparison --task smollm2 --expert sibling --out docs --workdir ~/distil-real
+Runs resume: a run stopped by a signal or a session's end continues from its last checkpoint (the loop's resume is
+exact) when the command is given again; finished runs and test evaluations are read back, not rerun.
 """
 
 import argparse
+import ast
 import collections
 import concurrent.futures
+import dataclasses
+import fcntl
 import json
 import os
 import queue
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -102,19 +120,157 @@ SMOKE = [
 SMOKE_FINAL = {"samples": 2, "pass_at": "(1,2)"}
 SMOKE_ITERATIONS = 2
 
+# -- The real model (--task smollm2) -----------------------------------------------------------------------------------
+# Each method as its authors run it. The teacher of DistIL, tokenwise forward CE and the hybrid is the preset's
+# (the live student re-prompted: expert.ema_decay 0); SDPO's is an EMA with its published update rate 0.05 (lasgroup/
+# SDPO, `teacher_update_rate`) and its divergence over the student's top 100 ids plus a tail bucket; OPSD's is the
+# student frozen at the start. The feedback the teacher is shown is the setting's (--expert), so OPSD under sibling
+# feedback is JSD with a frozen teacher, and SDPO under reference feedback reads the reference: a methods x feedback
+# design. `{iterations}` is the run's length: the hybrid's DistIL weight falls linearly from 1 to 0 over the run.
+REAL_METHODS = {
+  "DistIL": ["--config.loss.kind=distil"],
+  "tokenwise FCE": ["--config.loss.kind=tokenwise_fce"],
+  "SDPO": ["--config.loss.kind=reverse_kl", "--config.loss.student_topk=100", "--config.expert.ema_decay=0.95"],
+  "OPSD": ["--config.loss.kind=jsd", "--config.loss.jsd_beta=0.5", "--config.expert.ema_decay=1.0"],
+  "GRPO": ["--config.loss.kind=grpo"],
+  "SFT": ["--config.loss.kind=sft"],
+  "DistIL+GRPO": [
+    "--config.loss.kind=distil_grpo",
+    "--config.loss.distil_weight=1.0",
+    "--config.loss.distil_weight_decay_iterations={iterations}",
+  ],
+}
+REAL_SETTINGS = {
+  "sibling": "smollm2_sibling",
+  "reference": "smollm2_reference",
+  "hard": "smollm2_hard",
+  "hard_reference": "smollm2_hard_reference",
+}
+# SmolLM2's rate is 1e-5 in its preset (README, "Figures"); a grid around it, widened where a method picks an edge.
+REAL_LRS = (3e-6, 1e-5, 3e-5)
+REAL_SEEDS = (0, 1, 2)
+REAL_FINAL = {"samples": 8, "pass_at": "(1,2,4,8)", "num_prompts": 64}
+# Tiny settings on the same presets: a random 1-layer model and the task's own small tokenizer instead of the
+# checkpoint, no warm-up (as the presets), the arithmetic smoke's batch and evaluation sizes.
+REAL_SMOKE = [
+  *(f for f in SMOKE if not f.startswith("--config.train.warmup")),
+  "--config.model.hf_path=",
+  "--config.model.remat=none",
+  "--config.sampling.max_new_tokens=16",
+  "--config.expert.max_prompt_tokens=96",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What differs between the protocol's tasks; the grid, the seeds, the test evaluation and the statistics do not.
+  `expert` / `no_expert` are the flags of a method that reads / reads no teacher in a self-expert setting (arith
+  names the self expert again, as its commands always have); `shares` maps a setting to
+  the one whose runs of such methods are the same runs (the presets may differ in the expert's section only)."""
+
+  config: str
+  settings: dict
+  methods: dict
+  variants: dict
+  uses_expert: tuple
+  keep_checkpoints: tuple
+  sizes: dict
+  lrs: tuple
+  seeds: tuple
+  final: dict
+  smoke: list
+  expert: list
+  no_expert: list
+  shares: dict
+  prune: bool = False  # drop a run's weights once nothing reads them (SmolLM2's take ~2 GB a run)
+
+
+TASKS = {
+  "arith": Task(
+    "configs/arith.py",
+    PRESETS,
+    METHODS,
+    VARIANTS,
+    USES_EXPERT,
+    KEEP_CHECKPOINTS,
+    SIZES,
+    LRS,
+    SEEDS,
+    FINAL,
+    SMOKE,
+    ["--config.expert.kind=self"],
+    ["--config.expert.kind=oracle", "--config.expert.feedback=any"],
+    {},
+  ),
+  "smollm2": Task(
+    "configs/math.py",
+    REAL_SETTINGS,
+    REAL_METHODS,
+    {},
+    ("DistIL", "tokenwise FCE", "SDPO", "OPSD", "DistIL+GRPO"),
+    (),
+    {"small": []},  # one size so far; a bigger checkpoint would be an entry setting model.hf_path (an accelerator's)
+    REAL_LRS,
+    REAL_SEEDS,
+    REAL_FINAL,
+    REAL_SMOKE,
+    [],
+    [],  # GRPO and SFT keep the preset's self expert: its loss never reads it (no teacher forward)
+    {"reference": "sibling", "hard_reference": "hard"},
+    prune=True,
+  ),
+}
+
+
+_LIVE = set()  # the runs this process has started: a SIGTERM / SIGINT to the orchestrator is passed on to them
+_STOPPING = threading.Event()  # set at that signal: no further run starts
+
+
+def _pass_signal_on(signum, frame):
+  """Stop the runs at their safe points (each saves its last iteration and exits 0), then stop: the next invocation
+  resumes them exactly instead of finding them half-written or still running."""
+  _STOPPING.set()
+  for p in list(_LIVE):
+    p.send_signal(signum)
+  for p in list(_LIVE):
+    p.wait()
+  sys.exit(128 + signum)
+
 
 def main_process(args, log, core=None):
-  """`python -m distil_jax.main ARGS` in a fresh process (on CPU `core` alone if given), its output in `log`; the
-  wall time in seconds."""
+  """`python -m distil_jax.main ARGS` in a fresh process (on CPU `core` alone if given), its output streamed to `log`;
+  the wall time in seconds. The process holds a lock on its workdir for its whole life (an inherited descriptor), so
+  a second orchestrator started while an earlier one's run is still going refuses it instead of writing beside it."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.setdefault("JAX_PLATFORMS", "cpu")
   pin = ["taskset", "-c", str(core)] if core is not None else []
-  t = time.time()
-  out = subprocess.run([*pin, sys.executable, "-m", "distil_jax.main", *args], env=env, capture_output=True, text=True)
-  with open(log, "w") as f:
-    f.write(out.stdout + out.stderr)
-  if out.returncode:
-    raise RuntimeError(f"run failed ({log}): {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+  workdir = next((a.split("=", 1)[1] for a in args if a.startswith("--workdir=")), None)
+  os.makedirs(workdir, exist_ok=True)
+  lock = os.open(os.path.join(workdir, ".orchestrator.lock"), os.O_CREAT | os.O_RDWR)
+  try:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise RuntimeError(f"{workdir} is in use by another process (an earlier orchestrator's run?)") from None
+    if _STOPPING.is_set():
+      raise RuntimeError("stopping at a signal: not started")
+    t = time.time()
+    with open(log, "a") as f:
+      p = subprocess.Popen(
+        [*pin, sys.executable, "-m", "distil_jax.main", *args], env=env, stdout=f, stderr=subprocess.STDOUT,
+        pass_fds=(lock,),
+      )  # fmt: skip
+      _LIVE.add(p)
+      try:
+        code = p.wait()
+      finally:
+        _LIVE.discard(p)
+  finally:
+    os.close(lock)
+  if code:
+    with open(log) as f:
+      last = (f.read().strip().splitlines() or ["?"])[-1]
+    raise RuntimeError(f"run failed ({log}): {last}")
   return time.time() - t
 
 
@@ -126,15 +282,17 @@ def read_jsonl(path):
 SHAPE = ("prompts_per_iteration", "group_size", "batch_groups")  # a variant may trade prompts for samples per prompt
 
 
-def check_budget_is_shared(preset="compare"):
-  """The comparison is fair only if every method samples and updates alike: method flags set the objective alone; a
-  variant may regroup the same responses (prompts x samples per iteration, prompts x samples per update) and no more."""
-  train = config_base.from_file(os.path.join(ROOT, "configs", "arith.py") + f":{preset}").train
-  for method, flags in [*METHODS.items(), *((m, METHODS[b] + f) for m, (b, f) in VARIANTS.items())]:
+def check_budget_is_shared(preset="compare", task="arith"):
+  """The comparison is fair only if every method samples and updates alike: method flags set the objective (and the
+  teacher's feedback or update) alone; a variant may regroup the same responses (prompts x samples per iteration,
+  prompts x samples per update) and no more."""
+  t = TASKS[task]
+  train = config_base.from_file(os.path.join(ROOT, t.config) + f":{preset}").train
+  for method, flags in [*t.methods.items(), *((m, t.methods[b] + f) for m, (b, f) in t.variants.items())]:
     shape = {k: train[k] for k in SHAPE}
     for flag in flags:
       key, value = flag.removeprefix("--config.").split("=", 1)
-      if method in VARIANTS and key.removeprefix("train.") in SHAPE:
+      if method in t.variants and key.removeprefix("train.") in SHAPE:
         shape[key.removeprefix("train.")] = int(value)
       elif key.startswith(("train.", "sampling.", "eval.", "optim.")):
         raise ValueError(f"{method}: {flag} would change the budget or the evaluation of one method only")
@@ -144,23 +302,64 @@ def check_budget_is_shared(preset="compare"):
       raise ValueError(f"{method}: {mine} responses per (iteration, update) where every other method has {shared}")
 
 
+def _without_expert(config):
+  return {k: v for k, v in config.to_dict().items() if k != "expert"}
+
+
 class Comparison:
   """The runs of one expert setting under the protocol; every run is a subprocess and skipped if already done."""
 
-  def __init__(self, expert, workdir, smoke=False, size="small", jobs=1):
-    check_budget_is_shared(PRESETS[expert])
+  def __init__(self, expert, workdir, smoke=False, size="small", jobs=1, task="arith"):
+    self.task = t = TASKS[task]
+    if expert not in t.settings:
+      raise ValueError(f"--expert {expert}: task {task!r} has the settings {sorted(t.settings)}")
+    check_budget_is_shared(t.settings[expert], task)
     self.cores = queue.Queue()  # a run takes a core for its whole life; with jobs=1 it is not pinned at all
     for core in sorted(os.sched_getaffinity(0))[:jobs] if jobs > 1 else [None]:
       self.cores.put(core)
     self.locks = collections.defaultdict(threading.Lock)  # one process per warm-up or run, however many threads ask
-    self.expert, self.smoke = expert, smoke
+    self.expert, self.smoke, self.task_name = expert, smoke, task
     self.name = expert if size == "small" else f"{expert}_{size}"
-    self.root = os.path.join(workdir, self.name)
+    self.label = f"{task}_{self.name}"  # the files written to --out
+    prefix = "" if task == "arith" else f"{task}_"  # the arithmetic workdirs keep their names
+    self.roots = {e: os.path.join(workdir, prefix + (e if size == "small" else f"{e}_{size}")) for e in t.settings}
+    self.root = self.roots[expert]
     os.makedirs(self.root, exist_ok=True)
-    self.common = [f"--config=configs/arith.py:{PRESETS[expert]}", "--config.log.tensorboard=False", *SIZES[size]]
-    self.common += SMOKE if smoke else []
-    self.iterations = SMOKE_ITERATIONS if smoke else 40
-    self.final = SMOKE_FINAL if smoke else FINAL
+    self.size = size
+    self.config = self._config(t.settings[expert])
+    self.warm = self.config.train.warmup_steps > 0  # no behaviour-cloning warm-up where the preset has none
+    self.shared = t.shares.get(expert, expert)  # where this setting's runs of methods that read no teacher live
+    if self.shared != expert:
+      if self.warm:
+        raise ValueError(f"{expert}: runs are shared only without a warm-up (each setting's warm-up is its own)")
+      if _without_expert(self.config) != _without_expert(self._config(t.settings[self.shared])):
+        raise ValueError(f"{expert} and {self.shared} differ outside the expert: their runs cannot be shared")
+    self.iterations = SMOKE_ITERATIONS if smoke else self.config.train.iterations
+    self.final = SMOKE_FINAL if smoke else t.final
+    self.prune = t.prune
+
+  def drop_weights(self, wd):
+    """A run's checkpoints and replay buffer, once its figures are all written: the test evaluation is done, or its
+    rate was not chosen. Its metrics, samples and test figures stay; a pruned run is never resumed (it is finished)."""
+    if self.prune:
+      for part in ("checkpoints", "buffer"):
+        shutil.rmtree(os.path.join(wd, part), ignore_errors=True)
+
+  def _config(self, preset):
+    """The preset as every run of it starts (the smoke's and the size's flags applied), read without a process."""
+    config = config_base.from_file(os.path.join(ROOT, self.task.config) + f":{preset}")
+    for flag in self._common(preset)[2:]:
+      key, value = flag.removeprefix("--config.").split("=", 1)
+      try:
+        value = ast.literal_eval(value)
+      except (ValueError, SyntaxError):  # not a Python literal: a string, as the command line reads it
+        pass
+      config.update_from_flattened_dict({key: value})
+    return config
+
+  def _common(self, preset):
+    common = [f"--config={self.task.config}:{preset}", "--config.log.tensorboard=False", *self.task.sizes[self.size]]
+    return common + (self.task.smoke if self.smoke else [])
 
   def launch(self, args, log):
     core = self.cores.get()
@@ -173,40 +372,48 @@ class Comparison:
     warm = os.path.join(self.root, f"warmup_seed{seed}")
     with self.locks[warm]:
       if not os.path.exists(os.path.join(warm, "checkpoints")):
-        cmd = [*self.common, f"--workdir={warm}", f"--config.seed={seed}", "--config.train.iterations=0"]
-        self.launch(cmd, os.path.join(self.root, f"warmup_seed{seed}.log"))
+        cmd = [*self._common(self.task.settings[self.expert]), f"--workdir={warm}", f"--config.seed={seed}"]
+        self.launch([*cmd, "--config.train.iterations=0"], os.path.join(self.root, f"warmup_seed{seed}.log"))
     return warm
 
   def command(self, method, seed, lr):
+    """(name, workdir, flags) of one run. A method that reads no teacher runs in the setting it shares such runs with
+    (the same command, so the same workdir: trained once, read by both)."""
+    t = self.task
     name = f"{re.sub('[^A-Za-z0-9]+', '_', method)}_lr{lr:g}_seed{seed}"
-    wd = os.path.join(self.root, name)
-    base, extra = VARIANTS.get(method, (method, []))
-    cmd = [*self.common, *METHODS[base], *extra, f"--workdir={wd}", f"--config.seed={seed}"]
+    setting = self.expert if method in t.uses_expert else self.shared
+    wd = os.path.join(self.roots[setting], name)
+    base, extra = t.variants.get(method, (method, []))
+    flags = [f.format(iterations=self.iterations) for f in t.methods[base]]
+    cmd = [*self._common(t.settings[setting]), *flags, *extra, f"--workdir={wd}", f"--config.seed={seed}"]
     cmd.append(f"--config.optim.lr={lr!r}")
-    cmd += [f"--config.model.init_from={self.warmup(seed)}", "--config.train.warmup_steps=0"]
-    if self.expert != "oracle":
-      # GRPO and SFT read no expert distribution: they get the oracle with plain feedback, which validation accepts
-      cmd += (
-        ["--config.expert.kind=self"]
-        if method in USES_EXPERT
-        else ["--config.expert.kind=oracle", "--config.expert.feedback=any"]
-      )
-    if method in KEEP_CHECKPOINTS and not self.smoke:
+    if self.warm:
+      cmd += [f"--config.model.init_from={self.warmup(seed)}", "--config.train.warmup_steps=0"]
+    if self.config.expert.kind != "oracle":
+      # arith: GRPO and SFT read no expert distribution: they get the oracle with plain feedback, which validation
+      # accepts; smollm2: they keep the self expert, whose teacher their losses never compute
+      cmd += t.expert if method in t.uses_expert else t.no_expert
+    if method in t.keep_checkpoints and not self.smoke:
       cmd += ["--config.checkpoint.every=10", "--config.checkpoint.keep=100"]
     return name, wd, cmd
 
+  def finished(self, metrics_path):
+    return os.path.exists(metrics_path) and read_jsonl(metrics_path)[-1]["iteration"] == self.iterations
+
   def train(self, method, seed, lr) -> dict:
-    """Train (or find trained) one run; its validation curve."""
+    """Train (or find trained, or resume) one run; its validation curve. The wall time adds up the pieces of a run
+    that was stopped and resumed."""
     name, wd, cmd = self.command(method, seed, lr)
     metrics_path, wall = os.path.join(wd, "metrics.jsonl"), os.path.join(wd, "wall_seconds.json")
     with self.locks[wd]:
-      if not (os.path.exists(metrics_path) and read_jsonl(metrics_path)[-1]["iteration"] == self.iterations):
-        seconds = self.launch(cmd, os.path.join(self.root, f"{name}.log"))
+      if not self.finished(metrics_path):
+        before = _read_wall(wall)
+        seconds = self.launch(cmd, os.path.join(os.path.dirname(wd), f"{name}.log"))
         with open(wall, "w") as f:
-          json.dump(seconds, f)
-    with open(wall) as f:
-      seconds = json.load(f)
-    run = {"method": method, "seed": seed, "lr": lr, "wall_seconds": seconds, "workdir": wd}
+          json.dump(before + seconds, f)
+        if not self.finished(metrics_path):  # stopped at a signal: saved, exit 0; the next invocation resumes it
+          raise RuntimeError(f"{wd} stopped before iteration {self.iterations}; run the same command to resume")
+    run = {"method": method, "seed": seed, "lr": lr, "wall_seconds": _read_wall(wall), "workdir": wd}
     return {**run, "command": "python -m distil_jax.main " + " ".join(cmd), "metrics": read_jsonl(metrics_path)}
 
   def test(self, run) -> dict:
@@ -215,9 +422,21 @@ class Comparison:
     path = os.path.join(wd, "eval.jsonl")
     flags = ["--mode=eval", "--config.eval.split=test", "--config.eval.greedy=False"]
     flags += [f"--config.eval.samples={self.final['samples']}", f"--config.eval.pass_at={self.final['pass_at']}"]
-    if not os.path.exists(path):
-      self.launch([*cmd, *flags], os.path.join(self.root, f"{os.path.basename(wd)}_test.log"))
+    flags += [f"--config.eval.num_prompts={self.final['num_prompts']}"] if "num_prompts" in self.final else []
+    with self.locks[path]:
+      if not os.path.exists(path):
+        if not os.path.isdir(os.path.join(wd, "checkpoints")):
+          raise RuntimeError(f"{wd}: weights dropped before its test (a rate chosen after a grid change?): retrain it")
+        self.launch([*cmd, *flags], os.path.join(os.path.dirname(wd), f"{os.path.basename(wd)}_test.log"))
+      self.drop_weights(wd)
     return {**run, "test": read_jsonl(path)[-1], "test_command": "python -m distil_jax.main " + " ".join(cmd + flags)}
+
+
+def _read_wall(path):
+  if not os.path.exists(path):
+    return 0.0
+  with open(path) as f:
+    return float(json.load(f))
 
 
 def select_lr(grid_runs) -> tuple[float, dict]:
@@ -232,9 +451,13 @@ def run_protocol(cmp: Comparison, methods, seeds, lrs, select_seed):
 
   def one_method(method):
     """Grid on the selection seed, then every seed at the chosen rate; the methods run side by side (`--jobs`)."""
-    base = VARIANTS.get(method, (method,))[0]  # a variant takes its method's rate
+    base = cmp.task.variants.get(method, (method,))[0]  # a variant takes its method's rate
     grid = [cmp.train(base, select_seed, lr) for lr in lrs]
     lr, scores = select_lr(grid)
+    if base == method:  # a variant's runs read its method's grid; the method prunes it
+      for r in grid:
+        if r["lr"] != lr:
+          cmp.drop_weights(r["workdir"])
     selection = {
       "chosen_lr": lr,
       "chosen_by": base,
@@ -245,7 +468,7 @@ def run_protocol(cmp: Comparison, methods, seeds, lrs, select_seed):
     return selection, [cmp.test(cmp.train(method, seed, lr)) for seed in seeds]
 
   with concurrent.futures.ThreadPoolExecutor(len(seeds) + len(methods)) as pool:
-    for seed in seeds:  # queued first, so no core waits for a seed's warm-up while another could run it
+    for seed in seeds if cmp.warm else ():  # queued first, so no core waits for a warm-up while another could run it
       pool.submit(cmp.warmup, seed)
     done = dict(zip(methods, pool.map(one_method, methods), strict=True))
   return {m: done[m][0] for m in methods}, [r for m in methods for r in done[m][1]]
@@ -294,7 +517,7 @@ def _band(ax, xs, rows, label):
     ax.fill_between(xs, [c["ci"][0] for c in cis], [c["ci"][1] for c in cis], color=line.get_color(), alpha=0.15)
 
 
-def plot(finals, expert, out):
+def plot(finals, expert, out, task="arith"):
   import matplotlib
 
   matplotlib.use("Agg")
@@ -315,9 +538,9 @@ def plot(finals, expert, out):
     ax.set(xlabel="sampled training tokens", ylabel=f"validation {key} minus the start", title=f"{key} gained")
   axes[0].legend(fontsize=8)
   seeds = sorted({r["seed"] for r in finals})
-  fig.suptitle(f"arith, {expert} expert, chosen rates: mean over seeds {seeds}, band = 95% t-interval", fontsize=9)
+  fig.suptitle(f"{task}, {expert} expert, chosen rates: mean over seeds {seeds}, band = 95% t-interval", fontsize=9)
   fig.tight_layout()
-  fig.savefig(os.path.join(out, f"arith_{expert}_curves.png"), dpi=120)
+  fig.savefig(os.path.join(out, f"{task}_{expert}_curves.png"), dpi=120)
 
   fig, ax = plt.subplots(figsize=(5, 3.8))
   keys = pass_keys(finals[0])
@@ -328,33 +551,52 @@ def plot(finals, expert, out):
   ax.set_xticks(ks, [str(k) for k in ks])
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(os.path.join(out, f"arith_{expert}_passk.png"), dpi=120)
+  fig.savefig(os.path.join(out, f"{task}_{expert}_passk.png"), dpi=120)
 
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--expert", choices=tuple(PRESETS), default="oracle")
-  ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
-  ap.add_argument("--lrs", type=float, nargs="+", default=list(LRS))
+  ap.add_argument("--task", choices=tuple(TASKS), default="arith", help="arith, or the real model (smollm2)")
+  ap.add_argument("--expert", choices=sorted({e for t in TASKS.values() for e in t.settings}), default=None)
+  ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the task's (arith 0-4, smollm2 0-2)")
+  ap.add_argument("--lrs", type=float, nargs="+", default=None, help="default: the task's grid")
   ap.add_argument("--select_seed", type=int, default=0)
-  ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=[*METHODS, *VARIANTS])
+  ap.add_argument("--methods", nargs="+", default=None, help="default: every method of the task")
   ap.add_argument("--out", default="docs")
   ap.add_argument("--workdir", default="/tmp/distil-compare")
-  ap.add_argument("--size", choices=tuple(SIZES), default="small")
+  ap.add_argument("--size", default="small")
   ap.add_argument("--smoke", action="store_true")
   ap.add_argument("--jobs", type=int, default=1, help="runs at once, one core each (see the docstring)")
   args = ap.parse_args()
+  task = TASKS[args.task]
+  args.expert = args.expert or next(iter(task.settings))
+  args.seeds = args.seeds or list(task.seeds)
+  args.lrs = args.lrs or list(task.lrs)
+  args.methods = args.methods or list(task.methods)
+  for what, value, known in (("--expert", [args.expert], task.settings), ("--size", [args.size], task.sizes)):
+    if set(value) - set(known):
+      ap.error(f"{what} {value[0]}: task {args.task} has {sorted(known)}")
+  if set(args.methods) - {*task.methods, *task.variants}:
+    ap.error(f"--methods: task {args.task} has {[*task.methods, *task.variants]}")
+  handlers = {s: signal.signal(s, _pass_signal_on) for s in (signal.SIGTERM, signal.SIGINT)}
   t0 = time.time()
-  cmp = Comparison(args.expert, args.workdir, args.smoke, args.size, args.jobs)
-  selection, finals = run_protocol(cmp, args.methods, args.seeds, args.lrs, args.select_seed)
+  cmp = Comparison(args.expert, args.workdir, args.smoke, args.size, args.jobs, args.task)
+  try:
+    selection, finals = run_protocol(cmp, args.methods, args.seeds, args.lrs, args.select_seed)
+  finally:
+    for s, handler in handlers.items():
+      signal.signal(s, handler)
   summary = summarize(selection, finals)
   protocol = {
+    "task": args.task,
     "expert": args.expert,
-    "preset": PRESETS[args.expert],
+    "preset": task.settings[args.expert],
     "size": args.size,
     "lrs": args.lrs,
     "select_seed": args.select_seed,
     "seeds": args.seeds,
+    "iterations": cmp.iterations,
+    "warmup": cmp.warm,
     "final_eval": cmp.final,
     "interval": "95% Student-t over seeds; paired differences seed by seed with the exact sign test",
     "smoke": args.smoke,
@@ -362,9 +604,9 @@ def main():
     "wall_seconds_total": time.time() - t0,
   }
   os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, f"arith_{cmp.name}.json"), "w") as f:
+  with open(os.path.join(args.out, f"{cmp.label}.json"), "w") as f:
     json.dump({"protocol": protocol, **summary, "runs": finals}, f, indent=1)
-  plot(finals, cmp.name, args.out)
+  plot(finals, cmp.name, args.out, args.task)
   print(json.dumps(summary, indent=1))
 
 

@@ -13,11 +13,19 @@ For a checkpoint (e.g. the comparison's warm-up) and held-out prompts (`eval.spl
                     and the teacher (its re-prompt) each continue from it once, and the completed response is
                     verified. Reported: both success rates, their difference with a 95% t-interval over prompts, and
                     whether the teacher is better (the interval's lower end above 0).
-Samples at temperature 1. A re-prompt longer than `expert.max_prompt_tokens` is left out, as the expert leaves it
-unlabelled in training (counted). The teacher is the checkpoint's parameters (an EMA teacher equals them at a warm-up).
+Samples at the config's sampling temperature. A re-prompt longer than `expert.max_prompt_tokens` is left out, as the
+expert leaves it unlabelled in training (counted). The teacher is the checkpoint's parameters (an EMA teacher equals
+them at a warm-up).
 
   python -m experiments.teacher_quality --config=configs/arith.py:compare_self_reference \\
     --workdir=/tmp/distil-compare/self_reference/warmup_seed0 --out docs/arith_self_reference_teacher_seed0.json
+
+A run without a warm-up (the real-model protocol) starts from its checkpoint: `--start` reads the parameters the run
+starts from (`model.hf_path`) instead of a workdir's checkpoint, so the check is at the student the comparison
+trains. `--skip_from_prompt` measures only at the student's states (what depends on `expert.feedback`; the
+from-the-prompt figures are the same for every feedback mode):
+  python -m experiments.teacher_quality --config=configs/math.py:smollm2_sibling --start --workdir=/tmp/tq \\
+    --config.eval.num_prompts=16 --samples=8 --chunk=64 --out docs/smollm2_sibling_teacher_start.json
 """
 
 import json
@@ -35,6 +43,8 @@ flags.DEFINE_string("workdir", None, "A workdir holding a checkpoint.", required
 flags.DEFINE_string("out", None, "JSON file to write the figures to.")
 flags.DEFINE_integer("samples", 8, "Responses per prompt (even and >= 4 when the expert reads siblings).")
 flags.DEFINE_integer("chunk", 512, "Rows per sampler call (the last call is padded to it).")
+flags.DEFINE_bool("start", False, "The parameters the run starts from (model.hf_path), not a checkpoint.")
+flags.DEFINE_bool("skip_from_prompt", False, "Only the comparison at the student's states.")
 FLAGS = flags.FLAGS
 
 
@@ -74,7 +84,7 @@ def pass_at_1(run, params, problems, prompts, rng, sampling_cfg, prefixes=None):
 def main(_):
   c = FLAGS.config
   run = build.Run.build(c, FLAGS.workdir)
-  params, meta = run.restore_params()
+  params, meta = (run.params, {"iteration": "start"}) if FLAGS.start else run.restore_params()
   problems = evaluate.held_out(run.task, c.eval.split)[: c.eval.num_prompts]
   g = FLAGS.samples
   base = rollout.sampling_config(c, run.tok)
@@ -96,7 +106,7 @@ def main(_):
       "reference": [experts.reference_feedback(p, v[0]) for p, v in zip(problems, r.verdicts, strict=True)],
     }
     first_wrong = np.array([not v[0].correct for v in r.verdicts])
-    for i, (name, feedback) in enumerate(shown.items()):
+    for i, (name, feedback) in enumerate(() if FLAGS.skip_from_prompt else shown.items()):
       prompts = [template.format(prompt=p.prompt, feedback=f) for p, f in zip(problems, feedback, strict=True)]
       kept = np.array([fits(t) for t in prompts])
       rows = [(p, t) for p, t, k in zip(problems, prompts, kept, strict=True) if k for _ in range(g)]

@@ -301,6 +301,78 @@ def test_a_variant_may_regroup_the_responses_but_not_add_any(monkeypatch):
     arith_comparison.check_budget_is_shared()
 
 
+def _fake_real_main(calls):
+  """A stand-in trainer for the real-model protocol: every run ends at its configured length; validation Pass@1 is
+  the rate (so the largest wins), the test figure the seed."""
+
+  def fake(args, log, core=None):
+    calls.append(args)
+    flag = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if "=" in a}
+    wd = flag["--workdir"]
+    os.makedirs(wd, exist_ok=True)
+    if flag.get("--mode") == "eval":
+      with open(os.path.join(wd, "eval.jsonl"), "a") as f:
+        f.write(json.dumps({"eval/pass@1": 0.1 * int(flag["--config.seed"]), "eval/pass@2": 0.5}) + "\n")
+      return 1.0
+    lr = float(flag["--config.optim.lr"])
+    os.makedirs(os.path.join(wd, "checkpoints"), exist_ok=True)
+    with open(os.path.join(wd, "metrics.jsonl"), "w") as f:
+      for it in (0, arith_comparison.SMOKE_ITERATIONS):
+        f.write(json.dumps({"iteration": it, "eval/pass@1": lr, "eval/pass@2": lr, "samples/train_tokens": it}) + "\n")
+    return 2.0
+
+  return fake
+
+
+def test_real_model_protocol_without_warmup_shares_the_teacherless_runs(tmp_path, monkeypatch):
+  """`--task smollm2 --smoke`, both feedback settings in turn, with the stand-in trainer: no warm-up (the presets have
+    none), every command a config the run accepts on the tiny smoke model, the hybrid's weight decaying over the run's
+    length, GRPO / SFT trained once for both settings (the second invocation launches only the teacher methods), and
+  no run's weights left behind once its figures are written."""
+  calls = []
+  monkeypatch.setattr(arith_comparison, "main_process", _fake_real_main(calls))
+  methods = ["DistIL", "SDPO", "OPSD", "GRPO", "SFT", "DistIL+GRPO"]
+  base = ["cmp", "--task", "smollm2", "--smoke", "--seeds", "0", "1", "--lrs", "1e-4", "3e-4", "--methods", *methods]
+  base += ["--out", str(tmp_path), "--workdir", str(tmp_path / "runs")]
+  launched = {}
+  for expert in ("sibling", "reference"):
+    monkeypatch.setattr("sys.argv", [*base, "--expert", expert])
+    arith_comparison.main()
+    launched[expert], calls[:] = list(calls), []
+  sibling, reference = (json.loads((tmp_path / f"smollm2_{e}.json").read_text()) for e in ("sibling", "reference"))
+  assert sibling["protocol"]["warmup"] is False and sibling["table"]["GRPO"]["chosen_lr"] == 3e-4
+  trains = lambda cs: [a for a in cs if "--mode=eval" not in a]
+  assert len(trains(launched["sibling"])) == 6 * 2 + 6 and len(launched["sibling"]) == 6 * 2 + 6 + 6 * 2
+  assert not any("--config.train.iterations=0" in a or "model.init_from" in " ".join(a) for a in launched["sibling"])
+  teachers = {"DistIL", "SDPO", "OPSD", "DistIL+GRPO"}
+  assert len(trains(launched["reference"])) == len(teachers) * 3  # GRPO and SFT: the sibling setting's runs, read
+  for run in reference["runs"]:
+    setting = "smollm2_reference" if run["method"] in teachers else "smollm2_sibling"
+    assert f"/{setting}/" in run["workdir"] and f"--config=configs/math.py:{setting}" in run["command"]
+  hybrid = next(a for a in launched["sibling"] if "--config.loss.kind=distil_grpo" in a)
+  assert f"--config.loss.distil_weight_decay_iterations={arith_comparison.SMOKE_ITERATIONS}" in hybrid
+  for args in trains(launched["sibling"] + launched["reference"]):
+    preset = next(a for a in args if a.startswith("--config=")).split(":")[1]
+    flags = [f for f in args if f.startswith("--config.")]
+    validate.config(_with_flags(load_config("math", preset), flags), devices=1, processes=1)
+  assert reference["paired_DistIL_minus"]["GRPO"]["pass@1"]["diffs"] == [0.0, 0.0]  # the same GRPO runs, read back
+  assert not list((tmp_path / "runs").glob("*/*/checkpoints"))  # weights dropped once tested or not chosen
+
+
+@pytest.mark.parametrize("expert", list(arith_comparison.REAL_SETTINGS))
+def test_every_real_model_command_passes_validation(expert, tmp_path):
+  """The full-size commands of every method in every real-model setting (the checkpoint's shape is not read)."""
+  cmp = arith_comparison.Comparison(expert, str(tmp_path), task="smollm2")
+  assert not cmp.warm and cmp.iterations == cmp.config.train.iterations
+  for method in arith_comparison.REAL_METHODS:
+    _, wd, cmd = cmp.command(method, 0, 1e-5)
+    flags = [f for f in cmd if f.startswith("--config.")]
+    preset = next(a for a in cmd if a.startswith("--config=")).split(":")[1]
+    validate.config(_with_flags(load_config("math", preset), flags), devices=1, processes=1)
+    if method in ("GRPO", "SFT"):
+      assert preset == arith_comparison.REAL_SETTINGS[cmp.shared]
+
+
 def test_gradient_part_statistics_by_hand():
   """Rows (1, 0), (3, 0): mean (2, 0); variance ((1)^2 + (1)^2) / 1 = 2; |E g|^2 estimate 4 - 2 / 2 = 3."""
   s = gradient_variance.part_stats(np.array([[1.0, 0.0], [3.0, 0.0]]))

@@ -3,6 +3,7 @@ with another process count refused, and a dead peer that stops the other within 
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -89,7 +90,9 @@ def test_settings_come_from_flags_then_the_launchers_variables():
 
 
 def test_fatal_coordination_report_folds_into_one_line():
-  """jax's C++ abort when the coordinator dies (text as this jax prints it), fed through the stderr filter."""
+  """jax's C++ abort when the coordinator dies (text as jax 0.10.2 prints it), fed through the stderr filter: one line
+  naming process 0 as the watchdog names any other dead peer (it used to read "the coordinator (process 0) stopped
+  responding", worded apart from the watchdog's lines)."""
   report = (
     b"I1124 03:49:12.000000 1 other.cc:1] kept\n"
     b"\rprogress 3/10"
@@ -98,21 +101,74 @@ def test_fatal_coordination_report_folds_into_one_line():
     b"F1124 03:49:13.570414 1 client.h:80] Terminating process because the JAX distributed service detected fatal "
     b"errors. This most likely indicates that another task died. absl::Status: UNAVAILABLE: Failed to send RPC to "
     b"coordination service. Either the leader task was preempted/died/restarted unexpectedly\n"
+    b"Additional GRPC error information from remote target coordination_service while calling "
+    b"/xla.coordination.CoordinationService/PollForError:\n"
+    b':UNKNOWN:Error received from peer  {grpc_status:14, grpc_message:"Socket closed"}\n'
     b"*** Check failure stack trace: ***\n    @     0x7fb737840634  absl::LogMessage::SendToLog()\n"
   )
-  src_r, src_w = os.pipe()
-  dst_r, dst_w = os.pipe()
-  os.write(src_w, report)
-  os.close(src_w)
-  multihost._filter(src_r, dst_w, 1)
-  os.close(dst_w)
-  out = os.read(dst_r, 1 << 16).decode()
-  assert out == (
-    "I1124 03:49:12.000000 1 other.cc:1] kept\n\rprogress 3/10\n"
-    "distil_jax: the coordinator (process 0) stopped responding; stopping process 1 too\n"
+
+  def filtered(text):
+    src_r, src_w = os.pipe()
+    dst_r, dst_w = os.pipe()
+    os.write(src_w, text)
+    os.close(src_w)
+    multihost._filter(src_r, dst_w, 1, count=2)
+    os.close(dst_w)
+    return os.read(dst_r, 1 << 16).decode()
+
+  kept = "I1124 03:49:12.000000 1 other.cc:1] kept\n\rprogress 3/10\n"
+  assert filtered(report) == (
+    kept + "distil_jax: process 0 of 2 (the coordinator) died (its connection closed: Socket closed); stopping "
+    "process 1 too\n"
+  )
+  # Without a closed connection in its details (e.g. a network fault): silent, not dead; the status says why.
+  silent = report.replace(b"Socket closed", b"Deadline Exceeded")
+  assert filtered(silent) == (
+    kept + "distil_jax: process 0 of 2 (the coordinator) stopped responding (UNAVAILABLE: Failed to send RPC to "
+    "coordination service. Either the leader task was preempted/died/restarted unexpectedly); stopping process 1 too\n"
   )
   heartbeat = b"F1 client.h:80] " + multihost._FATAL + b" absl::Status: UNAVAILABLE: Task 3 heartbeat timeout."
-  assert multihost.fatal_line(heartbeat, 0).decode().startswith("distil_jax: process 3 stopped responding")
+  assert multihost.fatal_line(heartbeat, 0, 4) == (
+    b"distil_jax: process 3 of 4 stopped responding (jax's heartbeat timeout); stopping process 0 too\n"
+  )
+
+
+_PEER = """
+import sys, time
+from distil_jax import multihost
+multihost.initialize(timeout_s=5)
+print("joined", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_killed_coordinator_is_named_like_any_other_peer(tmp_path):
+  """Two processes that only join (no training): process 0 gets SIGKILL; process 1 stops within seconds with one
+  line naming process 0, worded as the watchdog names a dead peer."""
+  port, procs = _port(), []
+  for index in range(2):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2")
+    env.update(JAX_PROCESS_ID=str(index), PYTHONPATH=ROOT)
+    err = open(tmp_path / f"{index}.err", "w")
+    cmd = [sys.executable, "-c", _PEER]
+    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, start_new_session=True))
+  for proc, _ in zip(procs, range(2), strict=True):
+    assert proc.stdout.readline() == b"joined\n", (tmp_path / "0.err").read_text() + (tmp_path / "1.err").read_text()
+  procs[0].kill()
+  killed = time.time()
+  procs[1].wait(timeout=60)
+  took = time.time() - killed
+  for proc in procs:
+    proc.wait()
+    proc.stdout.close()
+  err = (tmp_path / "1.err").read_text()
+  closed = "Socket closed|Connection reset by peer|Connection refused|Broken pipe"  # gRPC's words (this jax: the first)
+  line = (
+    rf"distil_jax: process 0 of 2 \(the coordinator\) died \(its connection closed: ({closed})\); stopping process 1"
+  )
+  assert procs[1].returncode != 0 and re.fullmatch(line + " too\n", err), (procs[1].returncode, err[-3000:])
+  assert took < 10, took
 
 
 def test_two_processes_train_with_global_figures_and_refuse_another_count(tmp_path):
@@ -235,3 +291,23 @@ def test_watchdogs_of_many_processes_all_stop_naming_the_dead_one(monkeypatch):
   for name, message in said.items():
     assert message == f"distil_jax: process 4 of 6 stopped responding (no sign of life for 0.3 s); stopping {name} too"
   assert coordinator.store["distil_jax/stop"].startswith("process 4 of 6 stopped responding")
+
+
+def test_a_watchdog_names_a_coordinator_whose_connection_closed(monkeypatch):
+  """The watchdog's own path to the same line: its key-value call to process 0 fails (the text as jax raises it)."""
+  monkeypatch.setattr(multihost, "exit_now", lambda message, code=1: pytest.fail(message, pytrace=False))
+
+  class Gone(_FakeCoordinator):
+    def key_value_set(self, key, value, allow_overwrite=False):
+      raise RuntimeError(
+        "UNAVAILABLE: Failed to send RPC to coordination service.\nAdditional GRPC error information from remote "
+        "target coordination_service:\n"
+        ':UNKNOWN:Error received from peer  {grpc_status:14, grpc_message:"Socket closed"}'
+      )
+
+  dog = multihost._Watchdog(Gone(), 2, 3, timeout_s=5, interval_s=0.01)
+  with pytest.raises(pytest.fail.Exception) as stopped:  # the watchdog's loop, run here until it stops the process
+    dog.run()
+  assert str(stopped.value) == (
+    "distil_jax: process 0 of 3 (the coordinator) died (its connection closed: Socket closed); stopping process 2 too"
+  )

@@ -14,8 +14,12 @@ that, or a coordinator that no longer answers, ends every process within seconds
 jax's own heartbeat timeout is set above ours, so that ours speaks first.
 
 One case is jax's alone: when the coordinator (process 0) dies, the coordination client in every other process
-aborts at once from C++ (a fatal log line and a stack trace; a Python callback for it is not usable in this jax).
-So that this too reads as one line, a small child process forwards stderr and folds that report into one line.
+aborts at once from C++ (a fatal log line and a stack trace; a Python callback for it is not usable in this jax:
+`missed_heartbeat_callback` fails with std::bad_cast), before the watchdog's next beat. So that this too reads as
+one line, a small child process forwards stderr and folds that report into one line, worded by the same function as
+the watchdog's (`peer_gone`): "process 0 of N (the coordinator) died (...)" when its connection closed (the kernel
+closes a killed process's sockets), "stopped responding (...)" otherwise. The process still ends by jax's abort
+(SIGABRT: exit status 134), which Python cannot intercept.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ def initialize(address=None, count=None, index=None, *, timeout_s: float = 10.0)
   import jax
 
   kwargs = settings(address, count, index)
-  _fold_fatal_reports(kwargs["process_id"])
+  _fold_fatal_reports(kwargs["process_id"], kwargs["num_processes"])
   try:
     jax.distributed.initialize(**kwargs, heartbeat_timeout_seconds=int(timeout_s) + 30)
   except (ValueError, TypeError) as e:  # jax's own checks of the three settings
@@ -96,6 +100,27 @@ def blame_peer_or_return(grace_s: float | None = None) -> None:
     deadline = time.monotonic() + (grace_s if grace_s is not None else _watchdog.timeout_s + 2 * _watchdog.interval_s)
     while time.monotonic() < deadline and _watchdog.is_alive():
       time.sleep(0.1)
+
+
+def peer_gone(peer: int, count: int | None, how: str) -> str:
+  """How a dead or failed process is named, by the watchdog and in jax's own report of a dead coordinator (process 0
+  hosts the coordination service: it is named as such). `count`: None where it is not known (jax's cluster
+  detection, before it ran)."""
+  who = f"process {peer}" + (f" of {count}" if count else "") + (" (the coordinator)" if peer == 0 else "")
+  return f"{who} {how}"
+
+
+_CLOSED = re.compile(r"Socket closed|Connection reset by peer|Connection refused|Broken pipe", re.IGNORECASE)
+
+
+def coordinator_gone(error: str, count: int | None) -> str:
+  """Process 0 named from the error of a call to its coordination service (jax's fatal report, or an exception of
+  the key-value store): dead when its connection closed, else silent."""
+  closed = _CLOSED.search(error)
+  if closed:
+    return peer_gone(0, count, f"died (its connection closed: {closed[0]})")
+  first = (error.strip().splitlines() or ["no reply"])[0][:200]
+  return peer_gone(0, count, f"stopped responding ({first})")
 
 
 def exit_now(message: str, code: int = 1, *, failed: bool = False) -> None:
@@ -132,7 +157,7 @@ class _Watchdog(threading.Thread):
     try:
       self.client.key_value_set(_PREFIX + str(self.index), state, allow_overwrite=True)
       if state == _FAILED:
-        self._post(f"process {self.index} of {self.count} stopped with an error (see its output)")
+        self._post(peer_gone(self.index, self.count, "stopped with an error (see its output)"))
     except Exception:  # the coordinator is gone too; nobody is left to tell
       pass
 
@@ -179,31 +204,29 @@ class _Watchdog(threading.Thread):
       except Exception as e:  # the coordination service (process 0) no longer answers
         if self._stopped.is_set():
           return
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        self._stop_all(f"the coordinator (process 0) does not answer ({first})", post=False)
+        self._stop_all(coordinator_gone(str(e) or type(e).__name__, self.count), post=False)
       if posted is not None and not self._stopped.is_set():
         self._stop_all(posted, post=False)
       now = time.monotonic()
       for peer, value in values.items():
         last, since = seen[peer]
         if value == _FAILED:
-          self._stop_all(f"process {peer} of {self.count} stopped with an error (see its output)")
+          self._stop_all(peer_gone(peer, self.count, "stopped with an error (see its output)"))
         elif value == _DONE:
           continue
         elif value != last:
           seen[peer] = (value, now)
         elif now - since > self.timeout_s:
-          self._stop_all(
-            f"process {peer} of {self.count} stopped responding (no sign of life for {self.timeout_s:g} s)"
-          )
+          self._stop_all(peer_gone(peer, self.count, f"stopped responding (no sign of life for {self.timeout_s:g} s)"))
 
 
 _FATAL = b"Terminating process because the JAX distributed service detected fatal errors"
 _COORDINATION = re.compile(rb"coordination|preemption_sync")
 _C_LOG = re.compile(rb"^[IWEF]\d{4} ")  # glog's line prefix: such a line is written whole, wait for its end
+_STACK = b"*** Check failure stack trace"  # where jax's fatal report ends and its stack trace begins
 
 
-def _fold_fatal_reports(index) -> None:
+def _fold_fatal_reports(index, count=None) -> None:
   """Route this process's stderr through a child that passes everything on at once, except jax's fatal coordination
   report, which becomes one line (and the stack trace after it, nothing)."""
   read_fd, write_fd = os.pipe()
@@ -214,7 +237,7 @@ def _fold_fatal_reports(index) -> None:
       # drains its last words, and ends when the trainer's end closes the pipe
       signal.signal(signal.SIGINT, signal.SIG_IGN)
       signal.signal(signal.SIGTERM, signal.SIG_IGN)
-      _filter(read_fd, 2, "?" if index is None else index)
+      _filter(read_fd, 2, "?" if index is None else index, count=count)
     finally:
       os._exit(0)
   os.close(read_fd)
@@ -222,23 +245,26 @@ def _fold_fatal_reports(index) -> None:
   os.close(write_fd)
 
 
-def fatal_line(report: bytes, index) -> bytes:
-  """The one line that replaces jax's fatal report (`report`: its first line)."""
-  status = report.split(b"absl::Status:", 1)[-1].decode(errors="replace").strip()
+def fatal_line(report: bytes, index, count=None) -> bytes:
+  """The one line that replaces jax's fatal report (`report`: its first line, and the gRPC details that follow it,
+  up to the stack trace)."""
+  first, _, details = report.partition(b"\n")
+  status = first.split(b"absl::Status:", 1)[-1].decode(errors="replace").strip()
   task = re.search(r"Task (\d+) heartbeat timeout|stopped sending heartbeats\):\s*(\d+)", status)
   if task:
-    what = f"process {task[1] or task[2]} stopped responding (jax's heartbeat timeout)"
+    what = peer_gone(int(task[1] or task[2]), count, "stopped responding (jax's heartbeat timeout)")
   elif "leader" in status or "coordination service" in status:
-    what = "the coordinator (process 0) stopped responding"
+    what = coordinator_gone(status + "\n" + details.decode(errors="replace"), count)
   else:
     what = f"jax's coordination service reported a fatal error ({status[:200]})"
   return f"distil_jax: {what}; stopping process {index} too\n".encode()
 
 
-def _filter(src: int, dst: int, index, hold_s: float = 2.0) -> None:
+def _filter(src: int, dst: int, index, hold_s: float = 2.0, *, count=None, details_s: float = 1.0) -> None:
   """Copy `src` to `dst` as it comes. A C++ log line from the coordination machinery (they precede jax's fatal report:
   failed RPCs, preemption notices) and whatever follows it are held for `hold_s`: dropped if the fatal report comes,
-  passed on otherwise."""
+  passed on otherwise. The fatal report's gRPC details (up to its stack trace, at most `details_s`) are read before
+  its line is written: they say whether the coordinator's connection closed."""
   pending, held, deadline = b"", [], None
   while True:
     wait = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -251,9 +277,16 @@ def _filter(src: int, dst: int, index, hold_s: float = 2.0) -> None:
       break
     *lines, pending = (pending + chunk).split(b"\n")
     out = []
-    for line in lines:
+    for i, line in enumerate(lines):
       if _FATAL in line:
-        os.write(dst, b"".join(out) + fatal_line(line, index))
+        report = b"\n".join([line, *lines[i + 1 :], pending])
+        until = time.monotonic() + details_s
+        while _STACK not in report and select.select([src], [], [], max(0.0, until - time.monotonic()))[0]:
+          more = os.read(src, 1 << 16)
+          if not more:
+            break
+          report += more
+        os.write(dst, b"".join(out) + fatal_line(report.split(_STACK, 1)[0], index, count))
         while os.read(src, 1 << 16):  # the rest is the C++ stack trace
           pass
         return
