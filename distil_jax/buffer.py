@@ -60,6 +60,11 @@ def _kvstore(path: str) -> dict | str:
   return {"driver": "file", "path": path}
 
 
+def _open_kv(directory: str) -> ts.KvStore:
+  """The buffer's folder as a key-value store: `checksums.json` and the arrays' metadata are read through it."""
+  return ts.KvStore.open(_kvstore(directory.rstrip("/") + "/"), context=_CONTEXT).result()
+
+
 class Buffer:
   def __init__(self, directory: str, schema: Mapping[str, tuple[tuple[int, ...], str]], max_groups: int):
     """schema: field -> (shape of one row, dtype name). Opens existing arrays (resume) or creates them."""
@@ -69,14 +74,14 @@ class Buffer:
     self._arrays = {name: self._open(name, shape, dtype) for name, (shape, dtype) in self.schema.items()}
     self.rows = min(a.shape[0] for a in self._arrays.values())
     self.released = 0
-    self._kv = ts.KvStore.open(_kvstore(directory.rstrip("/") + "/"), context=_CONTEXT).result()
+    self._kv = _open_kv(directory)
     self._lost = False  # rows checksummed when written, and `checksums.json` gone: no row can be verified
     self._first, self._sums = self._read_sums()
 
   @staticmethod
   def exists(directory: str, schema: Mapping) -> bool:
     """Whether a buffer with any of `schema`'s fields is stored at `directory` (any kvstore; nothing is written)."""
-    kv = ts.KvStore.open(_kvstore(directory.rstrip("/") + "/"), context=_CONTEXT).result()
+    kv = _open_kv(directory)
     return any(kv.read(f"{name}/zarr.json").result().state == "value" for name in schema)
 
   def _read_sums(self) -> tuple[int, dict[str, list[str]] | None]:

@@ -36,7 +36,6 @@ exact) when the command is given again; finished runs and test evaluations are r
 """
 
 import argparse
-import ast
 import collections
 import concurrent.futures
 import dataclasses
@@ -53,6 +52,8 @@ import threading
 import time
 
 import numpy as np
+from absl import flags as absl_flags
+from ml_collections import config_flags
 
 from distil_jax import config_base
 from experiments import stats
@@ -346,16 +347,13 @@ class Comparison:
         shutil.rmtree(os.path.join(wd, part), ignore_errors=True)
 
   def _config(self, preset):
-    """The preset as every run of it starts (the smoke's and the size's flags applied), read without a process."""
-    config = config_base.from_file(os.path.join(ROOT, self.task.config) + f":{preset}")
-    for flag in self._common(preset)[2:]:
-      key, value = flag.removeprefix("--config.").split("=", 1)
-      try:
-        value = ast.literal_eval(value)
-      except (ValueError, SyntaxError):  # not a Python literal: a string, as the command line reads it
-        pass
-      config.update_from_flattened_dict({key: value})
-    return config
+    """The preset as every run of it starts (the smoke's and the size's flags applied), parsed by ml_collections as
+    `python -m distil_jax.main` parses its flags, without starting a process."""
+    argv = ["arith_comparison", f"--config={os.path.join(ROOT, self.task.config)}:{preset}", *self._common(preset)[1:]]
+    parsed = absl_flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=parsed, lock_config=True, sys_argv=argv)
+    parsed(argv)
+    return parsed.config
 
   def _common(self, preset):
     common = [f"--config={self.task.config}:{preset}", "--config.log.tensorboard=False", *self.task.sizes[self.size]]

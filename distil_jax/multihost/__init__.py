@@ -38,6 +38,7 @@ ENV = {"address": "JAX_COORDINATOR_ADDRESS", "count": "JAX_NUM_PROCESSES", "inde
 _PREFIX = "distil_jax/alive/"
 _STOP = "distil_jax/stop"
 _DONE, _FAILED = "done", "failed"
+_FAILED_WORDS = "stopped with an error (see its output)"  # how peers name a process that posted _FAILED
 _watchdog: _Watchdog | None = None
 
 
@@ -157,7 +158,7 @@ class _Watchdog(threading.Thread):
     try:
       self.client.key_value_set(_PREFIX + str(self.index), state, allow_overwrite=True)
       if state == _FAILED:
-        self._post(peer_gone(self.index, self.count, "stopped with an error (see its output)"))
+        self._post(peer_gone(self.index, self.count, _FAILED_WORDS))
     except Exception:  # the coordinator is gone too; nobody is left to tell
       pass
 
@@ -211,7 +212,7 @@ class _Watchdog(threading.Thread):
       for peer, value in values.items():
         last, since = seen[peer]
         if value == _FAILED:
-          self._stop_all(peer_gone(peer, self.count, "stopped with an error (see its output)"))
+          self._stop_all(peer_gone(peer, self.count, _FAILED_WORDS))
         elif value == _DONE:
           continue
         elif value != last:
