@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -61,15 +62,22 @@ def hf_folder(out: str = DEFAULT_DIR) -> str:
   plain.load_state_dict(quantised.state_dict(), strict=False)
   plain.tie_weights()
   plain.generation_config.eos_token_id = config.eos_token_id
-  tmp = out + ".partial"
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=os.path.dirname(out) or ".", prefix=os.path.basename(out) + ".partial-")  # per writer
   plain.save_pretrained(tmp)
   tokenizer.save_pretrained(tmp)
-  os.replace(tmp, out) if not os.path.exists(out) else _move_into(tmp, out)
+  try:
+    os.replace(tmp, out)  # atomic, so a reader sees the whole folder or none of it
+  except OSError:  # `out` is not empty: another writer's finished folder (parallel test workers), or a partial one
+    if os.path.exists(os.path.join(out, _DONE)):
+      shutil.rmtree(tmp)
+    else:
+      _move_into(tmp, out)
   return out
 
 
 def _move_into(src: str, dst: str) -> None:
-  for f in os.listdir(src):
+  for f in sorted(os.listdir(src), key=lambda f: f == _DONE):  # the weights last: they mark the folder finished
     os.replace(os.path.join(src, f), os.path.join(dst, f))
   os.rmdir(src)
 
