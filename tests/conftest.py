@@ -4,7 +4,11 @@ compilation cache for the session.
 Why the cache: most of the suite's time is XLA compiling the same small programs again, in-process and in the
 `python -m distil_jax.main` children the end-to-end tests start (a one-layer run took 47 s cold and 16 s with its
 programs cached). The cache is the session's own, in a temporary folder, so every CI run starts empty and no test
-reads a program compiled by an older checkout; children inherit it through the environment.
+reads a program compiled by an older checkout; children inherit it through the environment, and so do the
+pytest-xdist workers (pyproject's `-n auto`), which therefore share it.
+
+Why the workers: a test is mostly one XLA compilation or one child process at a time, about one core's work, so
+two cores run two tests at once. `-n 0` runs the suite in one process.
 """
 
 import atexit
@@ -34,3 +38,9 @@ jax.config.update("jax_default_matmul_precision", "highest")
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
+
+
+def pytest_xdist_auto_num_workers(config):
+  """`-n auto`: a worker per core, at most 8, and one per 8 GiB of memory (the SmolLM2 tests hold ~6 GB each)."""
+  memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+  return max(1, min(len(os.sched_getaffinity(0)), 8, int(memory_gib // 8)))
