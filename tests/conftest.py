@@ -30,6 +30,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
   )
 
+from run_helpers import XLA_TEST_FLAGS  # noqa: E402
+
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_TEST_FLAGS}".strip()  # read when XLA starts
+
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)  # before any backend is initialised

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from run_helpers import ROOT
+from run_helpers import ROOT, XLA_TEST_FLAGS
 
 
 @pytest.mark.parametrize(
@@ -63,7 +63,7 @@ def test_benchmark_prints_its_figures(module, args, figures):
     capture_output=True,
     text=True,
     timeout=300,
-    env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+    env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "XLA_FLAGS": XLA_TEST_FLAGS},
   )
   assert out.returncode == 0, out.stderr[-2000:]
   lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]

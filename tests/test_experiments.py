@@ -13,7 +13,7 @@ import types
 import jax
 import numpy as np
 import pytest
-from run_helpers import ROOT, load_config
+from run_helpers import ROOT, child_env, load_config
 
 from distil_jax import build, evaluate, experts, tasks, validate
 from experiments import arith_comparison, bandit, credit_assignment, gradient_variance, report, stats
@@ -413,8 +413,7 @@ def test_scripts_smoke_privileged_feedback(tmp_path, monkeypatch):
   warm = tmp_path / "runs" / "self_reference" / "warmup_seed0"
   cmd = [sys.executable, "-m", "experiments.teacher_quality", "--config=configs/arith.py:compare_self_reference"]
   cmd += [*arith_comparison.SMOKE, f"--workdir={warm}", f"--out={tmp_path / 'tq.json'}", "--samples=4", "--chunk=16"]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  subprocess.run(cmd, check=True, cwd=ROOT, env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True)
+  subprocess.run(cmd, check=True, cwd=ROOT, env=child_env(), capture_output=True)
   tq = json.loads((tmp_path / "tq.json").read_text())
   assert tq["prompts"] == 4 and tq["at_student_states/feedback"] == "reference"
   assert all(0 <= v <= 1 for k, v in tq.items() if k.endswith(("pass@1", "_pass")))

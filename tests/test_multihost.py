@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from run_helpers import ROOT
+from run_helpers import ROOT, child_env
 
 from distil_jax import multihost
 
@@ -36,8 +36,7 @@ def _start(workdir, *args, processes=2, port=None, peer_timeout_s=5, only=None):
   port = port or _port()
   procs = []
   for index in range(processes):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+    env = child_env()
     flags = []
     if processes > 1:
       env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes))
@@ -147,8 +146,7 @@ def test_a_killed_coordinator_is_named_like_any_other_peer(tmp_path):
   line naming process 0, worded as the watchdog names a dead peer."""
   port, procs = _port(), []
   for index in range(2):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2")
+    env = child_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2")
     env.update(JAX_PROCESS_ID=str(index), PYTHONPATH=ROOT)
     err = open(tmp_path / f"{index}.err", "w")
     cmd = [sys.executable, "-c", _PEER]

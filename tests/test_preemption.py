@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from run_helpers import ROOT, load_config
+from run_helpers import ROOT, child_env, load_config
 
 from distil_jax import build, preemption, train
 
@@ -103,8 +103,7 @@ def test_a_signal_abandons_or_finishes_the_iteration_and_the_resume_is_exact(tmp
 
 
 def test_main_stops_at_sigterm_in_one_line_with_exit_code_0(tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+  env = child_env()
   err_path = tmp_path / "err"
   with open(err_path, "w") as err:
     proc = subprocess.Popen(

@@ -19,7 +19,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from run_helpers import ROOT, FakeExpertServer, load_config, rot_one_bit, run_main
+from run_helpers import ROOT, FakeExpertServer, child_env, load_config, rot_one_bit, run_main
 from test_http_expert import _rollouts
 
 from distil_jax import build, checkpoint, experts, hf, losses, tasks, train
@@ -184,8 +184,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
   log = (tmp_path / "whole" / "logs" / "distil_jax.process_0.log").read_text()
   assert "checkpoint_manager.py" in log and "config:" in log
 
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+  env = child_env()
   proc = subprocess.Popen(
     [sys.executable, "-m", "distil_jax.main", *args, f"--workdir={tmp_path / 'cut'}"],
     cwd=ROOT,
