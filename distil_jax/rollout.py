@@ -108,7 +108,7 @@ def prompt_rows(problems, *, config, tok, width=None, key="sampling.max_prompt_t
   longest = max(len(i) for i in ids)
   if longest > width:
     raise ValueError(f"a prompt of {longest} tokens does not fit {key}={width}")
-  return ids, *experts.left_pad_rows(ids, width, tok.pad_id)
+  return ids, *sampler.left_pad_rows(ids, width, tok.pad_id)
 
 
 def layout(config, expert) -> dict:

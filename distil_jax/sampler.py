@@ -73,13 +73,20 @@ def bucket_length(n: int, buckets: Sequence[int]) -> int:
 
 def left_pad(prompts: Sequence[Sequence[int]], buckets: Sequence[int], pad_id: int = 0):
   """(tokens [B,P], mask [B,P]) numpy arrays, prompts flush right, P the bucket of the longest prompt."""
-  width = bucket_length(max(len(p) for p in prompts), buckets)
-  tokens = np.full((len(prompts), width), pad_id, np.int32)
-  mask = np.zeros((len(prompts), width), np.int32)
-  for i, p in enumerate(prompts):
-    if len(p):
-      tokens[i, width - len(p) :] = p
-      mask[i, width - len(p) :] = 1
+  return left_pad_rows(prompts, bucket_length(max(len(p) for p in prompts), buckets), pad_id)
+
+
+def left_pad_rows(rows: Sequence[Sequence[int]], width: int, pad_id: int):
+  """(tokens, mask) [len(rows), width], each row flush right. A row longer than `width` is an error: cutting its
+  beginning would train on a prompt other than the one sampled (callers that can drop a row check first)."""
+  tokens = np.full((len(rows), width), pad_id, np.int32)
+  mask = np.zeros((len(rows), width), np.int32)
+  for i, r in enumerate(rows):
+    if len(r) > width:
+      raise ValueError(f"a prompt row of {len(r)} tokens does not fit the {width} reserved for it")
+    if len(r):
+      tokens[i, width - len(r) :] = r
+      mask[i, width - len(r) :] = 1
   return tokens, mask
 
 

@@ -17,7 +17,7 @@ What the re-prompt carries, and which responses are labelled, is the feedback po
 from __future__ import annotations
 
 from distil_jax.errors import ExpertError
-from distil_jax.experts.base import Rollouts, left_pad_rows
+from distil_jax.experts.base import Rollouts
 from distil_jax.experts.device import DeviceExpert
 from distil_jax.experts.feedback import (
   FEEDBACK,
@@ -61,7 +61,6 @@ __all__ = [
   "Reprompts",
   "Rollouts",
   "Verdict",
-  "left_pad_rows",
   "make_expert",
   "reads_siblings",
   "reference_feedback",

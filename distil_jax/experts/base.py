@@ -23,15 +23,3 @@ class Rollouts:
   verdicts: list[list[Verdict]]
 
 
-def left_pad_rows(rows: list[list[int]], width: int, pad_id: int):
-  """(tokens, mask) [len(rows), width], each row flush right. A row longer than `width` is an error: cutting its
-  beginning would train on a prompt other than the one sampled (callers that can drop a row check first)."""
-  tokens = np.full((len(rows), width), pad_id, np.int32)
-  mask = np.zeros((len(rows), width), np.int32)
-  for i, r in enumerate(rows):
-    if len(r) > width:
-      raise ValueError(f"a prompt row of {len(r)} tokens does not fit the {width} reserved for it")
-    if r:
-      tokens[i, width - len(r) :] = r
-      mask[i, width - len(r) :] = 1
-  return tokens, mask

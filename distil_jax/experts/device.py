@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from distil_jax.experts.base import Rollouts, left_pad_rows
+from distil_jax.experts.base import Rollouts
 from distil_jax.experts.feedback import reprompts
+from distil_jax.sampler import left_pad_rows
 from distil_jax.tokenizer import Tokenizer
 
 
