@@ -21,5 +21,3 @@ class Rollouts:
   logprobs: np.ndarray  # [Bp,G,N] behaviour log-probs
   texts: list[list[str]]
   verdicts: list[list[Verdict]]
-
-
