@@ -241,9 +241,9 @@ def _pass_signal_on(signum, frame):
 def main_process(args, log, core=None):
   """`python -m distil_jax.main ARGS` in a fresh process (on CPU `core` alone if given), its output streamed to `log`;
   the wall time in seconds. The process holds a lock on its workdir for its whole life (an inherited descriptor), so
-  a second orchestrator started while an earlier one's run is still going refuses it instead of writing beside it."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.setdefault("JAX_PLATFORMS", "cpu")
+  a second orchestrator started while an earlier one's run is still going refuses it instead of writing beside it.
+  The environment passes through as given, XLA_FLAGS included (a user's compile flags apply to every run)."""
+  env = {"JAX_PLATFORMS": "cpu", **os.environ}
   pin = ["taskset", "-c", str(core)] if core is not None else []
   workdir = next((a.split("=", 1)[1] for a in args if a.startswith("--workdir=")), None)
   os.makedirs(workdir, exist_ok=True)

@@ -48,3 +48,9 @@ def pytest_xdist_auto_num_workers(config):
   """`-n auto`: a worker per core, at most 8, and one per 8 GiB of memory (the SmolLM2 tests hold ~6 GB each)."""
   memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
   return max(1, min(len(os.sched_getaffinity(0)), 8, int(memory_gib // 8)))
+
+
+def pytest_collection_modifyitems(config, items):
+  """Tests marked `slow` first (a stable sort): the workers share out the short ones that follow, instead of one
+  worker starting a two-minute test as the other finishes."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -120,6 +120,7 @@ def _metrics(workdir):
     return [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")} for line in f]
 
 
+@pytest.mark.slow
 def test_a_resume_falls_back_past_damaged_rows_or_stops_before_any_update(tmp_path, caplog):
   """3 iterations of 2 groups (rows 0-5), a checkpoint after each. Row 0 damaged: every checkpoint trains on it, so
   the run stops before any update. Row 5 damaged: checkpoint 3 is set aside, checkpoint 2 (rows 0-3) is resumed and

@@ -399,6 +399,7 @@ def _smoke_config(preset):
   return _with_flags(load_config("arith", preset), arith_comparison.SMOKE)
 
 
+@pytest.mark.slow
 def test_scripts_smoke_privileged_feedback(tmp_path, monkeypatch):
   """The protocol on tiny settings with the reference-feedback self expert (warm-up with re-prompts, a DistIL run
   whose teacher reads the reference, the test evaluation), then the teacher-quality check on the warm-up and the

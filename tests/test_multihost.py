@@ -169,6 +169,7 @@ def test_a_killed_coordinator_is_named_like_any_other_peer(tmp_path):
   assert took < 10, took
 
 
+@pytest.mark.slow
 def test_two_processes_train_with_global_figures_and_refuse_another_count(tmp_path):
   workdir = tmp_path / "run"
   results = _finish(_start(workdir, "--config.eval.every=2"))
@@ -198,6 +199,7 @@ def test_two_processes_train_with_global_figures_and_refuse_another_count(tmp_pa
   assert _metrics(workdir) == rows  # nothing written
 
 
+@pytest.mark.slow
 def test_a_dead_peer_stops_the_other_within_seconds_naming_it(tmp_path):
   workdir = tmp_path / "run"
   procs = _start(workdir, "--config.train.iterations=50", "--config.eval.every=100", peer_timeout_s=5)
@@ -215,6 +217,7 @@ def test_a_dead_peer_stops_the_other_within_seconds_naming_it(tmp_path):
   assert took < 5 + 10, took  # the peer timeout, plus a watchdog beat and the exit
 
 
+@pytest.mark.slow
 def test_processes_refuse_different_configs_and_stop_together_at_sigterm(tmp_path):
   """Another train.iterations on one process: both refuse at start in one line (they used to hang). SIGTERM to
   process 1's process group alone (jax.distributed installs its own SIGTERM handler; ours replaces it): both stop

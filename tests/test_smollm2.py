@@ -43,6 +43,7 @@ def _config(folder, **overrides):
   )
 
 
+@pytest.mark.slow
 def test_prompt_and_greedy_continuation_equal_transformers(folder, reference):
   ref, ref_tok = reference
   config = _config(folder)
@@ -68,6 +69,7 @@ def test_prompt_and_greedy_continuation_equal_transformers(folder, reference):
     assert np.asarray(out.tokens)[i, :length].tolist() == want[i, :length].tolist()
 
 
+@pytest.mark.slow
 def test_one_distil_update_with_the_self_expert_lowers_its_loss(folder, tmp_path):
   """A rollout of 2 prompts x 4 responses, labelled by the student re-prompted with a correct sibling (or the
   verdict: feedback "any"), then two DistIL updates on that one batch: both finite, the second's loss (the first
@@ -107,6 +109,7 @@ def test_one_distil_update_with_the_self_expert_lowers_its_loss(folder, tmp_path
   assert second["loss"] < first["loss"], (first["loss"], second["loss"])
 
 
+@pytest.mark.slow
 def test_export_reloads_in_transformers_with_its_template_and_stop_ids(folder, reference, tmp_path):
   """`--mode=export` after a run: transformers reads the folder back with the same logits, the chat template and
   the stop ids, so `apply_chat_template` and `generate` work on it."""

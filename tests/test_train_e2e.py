@@ -52,6 +52,7 @@ def test_each_loss_kind_with_the_oracle(kind, tmp_path):
     assert rows[1]["train/ce_per_token"] > 0
 
 
+@pytest.mark.slow
 def test_sharded_mesh_runs_the_loop(tmp_path):
   config = load_config(
     "arith", **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "mesh.num_devices": 8, "train.batch_groups": 4}
@@ -167,6 +168,7 @@ def _final_params(workdir, step):
     return mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))["params"]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_is_bit_identical(tmp_path):
   """Kill a run (SIGKILL) after iteration 3 of 6, resume it: params, buffer and metrics equal an uninterrupted run."""
   args = [
