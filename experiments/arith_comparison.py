@@ -12,12 +12,13 @@ Protocol:
      reported as the mean with a 95% Student-t interval over seeds, and as per-seed paired differences DistIL minus
      each baseline with the exact sign test (experiments/stats.py says why these statistics).
 
-  python -m experiments.arith_comparison --expert oracle --out docs --workdir /tmp/distil-compare
+  python -m experiments.arith_comparison --expert oracle --workdir /tmp/distil-compare
   python -m experiments.arith_comparison --expert self_reference ...   # privileged information (OPSD's setting)
   python -m experiments.arith_comparison --expert self_sibling ...     # a correct sibling (SDPO's setting)
   python -m experiments.arith_comparison --expert oracle --size 125m ... # experiment 1 at a larger model (a GPU's)
-Writes docs/arith_<expert>.json (every run's command, metrics and final figures; the selection; the statistics) and
-docs/arith_<expert>_curves.png, docs/arith_<expert>_passk.png. Reruns skip finished runs. `--smoke`: tiny settings.
+Writes experiments/results/arith_<expert>.json (every run's command, metrics and final figures; the selection; the
+statistics), arith_<expert>_curves.png and arith_<expert>_passk.png beside it. Reruns skip finished runs. `--smoke`:
+tiny settings.
 `--jobs N` runs N runs at once, each pinned to its own core: a 0.6M-parameter model keeps one core busy at most, so
 two one-core runs finish in about the time of one two-core run. Wall times are then per run on one core.
 
@@ -30,7 +31,7 @@ Differences from arithmetic, each because of the task: no behaviour-cloning warm
 checkpoint; seven methods, each as its authors run it (REAL_METHODS); the methods that read no teacher (GRPO, SFT)
 are the same runs in both feedback settings of a task and run once; three seeds and 64 test prompts x 8 samples
 (Pass@1/2/4/8), sized to the 2-core machine.
-  python -m experiments.arith_comparison --task smollm2 --expert sibling --out docs --workdir ~/distil-real
+  python -m experiments.arith_comparison --task smollm2 --expert sibling --workdir ~/distil-real
 Runs resume: a run stopped by a signal or a session's end continues from its last checkpoint (the loop's resume is
 exact) when the command is given again; finished runs and test evaluations are read back, not rerun.
 """
@@ -560,7 +561,7 @@ def main():
   ap.add_argument("--lrs", type=float, nargs="+", default=None, help="default: the task's grid")
   ap.add_argument("--select_seed", type=int, default=0)
   ap.add_argument("--methods", nargs="+", default=None, help="default: every method of the task")
-  ap.add_argument("--out", default="docs")
+  ap.add_argument("--out", default="experiments/results")
   ap.add_argument("--workdir", default="/tmp/distil-compare")
   ap.add_argument("--size", default="small")
   ap.add_argument("--smoke", action="store_true")

@@ -7,7 +7,7 @@ One-step problem (a bandit), student pi = softmax(z), expert q, reward r. J(pi) 
     (the claim holds in policy space, not for every parameterisation), which the sweep below counts honestly.
 The gradients are the library's own (`losses.tokenwise_fce_loss`, `reverse_kl_loss`, `jsd_loss`) on a [1,1,V] batch.
 
-  python -m experiments.bandit --out docs   # writes bandit.json and bandit.png
+  python -m experiments.bandit   # writes bandit.json and bandit.png
 """
 
 import argparse
@@ -99,7 +99,7 @@ def sweep(n=2000, seed=0):
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--out", default="docs")
+  ap.add_argument("--out", default="experiments/results")
   ap.add_argument("--sweep", type=int, default=2000, help="random problems in the sweep")
   args = ap.parse_args()
   result = {

@@ -12,7 +12,7 @@ score term does. Both use the library's losses (`tokenwise_fce_loss`, `distil_lo
   does best by committing to token 0 first, so that one second-token distribution serves.
   random cases: V = 3, T = 3, random experts; how often and by how much DistIL ends lower.
 
-  python -m experiments.credit_assignment --out docs   # credit_assignment.json and .png
+  python -m experiments.credit_assignment   # credit_assignment.json and .png
 """
 
 import argparse
@@ -78,7 +78,7 @@ def random_cases(n, seed=0):
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--out", default="docs")
+  ap.add_argument("--out", default="experiments/results")
   ap.add_argument("--random", type=int, default=20)
   ap.add_argument("--steps", type=int, default=3000)
   args = ap.parse_args()

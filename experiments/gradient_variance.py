@@ -16,8 +16,8 @@ Variance-reduction choices that keep the estimator unbiased are config overrides
 older than `train.score_max_staleness` get the local part alone.
 
   python -m experiments.gradient_variance --config=configs/arith.py:compare \\
-    --workdir=/tmp/distil-compare/oracle/DistIL_lr0.0003_seed0 --out=docs/arith_gradient_variance.json \\
-    --comparison=docs/arith_oracle.json
+    --workdir=/tmp/distil-compare/oracle/DistIL_lr0.0003_seed0 --out=experiments/results/arith_gradient_variance.json \\
+    --comparison=experiments/results/arith_oracle.json
 (arith_comparison keeps a checkpoint every 10 iterations for its DistIL and tokenwise-FCE runs.)
 """
 

@@ -1,6 +1,6 @@
 """The README's tables, printed from a comparison's JSON, so every number there is regenerated, never retyped.
 
-  python -m experiments.report docs/arith_oracle.json
+  python -m experiments.report experiments/results/arith_oracle.json
 prints two markdown tables: per method the chosen rate, test Pass@1/8/32 (mean over seeds [95% t-interval]),
 sampled tokens and wall time per run; then DistIL minus each baseline, seed by seed, with the sign test.
 """

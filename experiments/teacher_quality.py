@@ -18,14 +18,15 @@ expert leaves it unlabelled in training (counted). The teacher is the checkpoint
 them at a warm-up).
 
   python -m experiments.teacher_quality --config=configs/arith.py:compare_self_reference \\
-    --workdir=/tmp/distil-compare/self_reference/warmup_seed0 --out docs/arith_self_reference_teacher_seed0.json
+    --workdir=/tmp/distil-compare/self_reference/warmup_seed0 \\
+    --out experiments/results/arith_self_reference_teacher_seed0.json
 
 A run without a warm-up (the real-model protocol) starts from its checkpoint: `--start` reads the parameters the run
 starts from (`model.hf_path`) instead of a workdir's checkpoint, so the check is at the student the comparison
 trains. `--skip_from_prompt` measures only at the student's states (what depends on `expert.feedback`; the
 from-the-prompt figures are the same for every feedback mode):
   python -m experiments.teacher_quality --config=configs/math.py:smollm2_sibling --start --workdir=/tmp/tq \\
-    --config.eval.num_prompts=16 --samples=8 --chunk=64 --out docs/smollm2_sibling_teacher_start.json
+    --config.eval.num_prompts=16 --samples=8 --chunk=64 --out experiments/results/smollm2_sibling_teacher_start.json
 """
 
 import json
