@@ -62,8 +62,9 @@ def hf_folder(out: str = DEFAULT_DIR) -> str:
   plain.load_state_dict(quantised.state_dict(), strict=False)
   plain.tie_weights()
   plain.generation_config.eos_token_id = config.eos_token_id
-  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=os.path.dirname(out) or ".", prefix=os.path.basename(out) + ".partial-")  # per writer
+  parent = os.path.dirname(out) or "."
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(out) + ".partial-")  # one per writer
   plain.save_pretrained(tmp)
   tokenizer.save_pretrained(tmp)
   try:

@@ -47,7 +47,8 @@ flags.FLAGS.mark_as_parsed()
 def pytest_xdist_auto_num_workers(config):
   """`-n auto`: a worker per core, at most 8, and one per 8 GiB of memory (the SmolLM2 tests hold ~6 GB each)."""
   memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-  return max(1, min(len(os.sched_getaffinity(0)), 8, int(memory_gib // 8)))
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # macOS has no affinity
+  return max(1, min(cores or 1, 8, int(memory_gib // 8)))
 
 
 def pytest_collection_modifyitems(config, items):
