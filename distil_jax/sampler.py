@@ -37,6 +37,8 @@ from distil_jax import model as model_lib
 # dedicated GPU TopK kernel; larger k lowers to a sort), then sort only those candidates.
 _CHUNK = 2048
 _PER_CHUNK = 16
+# a draw picks one of the chunks of this many ids by their masses, then an id inside it
+_DRAW_CHUNK = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,10 +131,45 @@ def _truncation_threshold(sorted_z_BxC, lse_B, cfg: SamplingConfig):
   return threshold, lowest if cfg.top_k else threshold
 
 
+def _first_above(weights_BxN, u_Bx1):
+  """The first index whose cumulative weight exceeds u x the row's total, for u in [0, 1): index i with probability
+  weights[i] / total. Never an index of zero weight: u x total can round up to the total, and then the last index
+  of positive weight is taken. The cumulative sum is a product with a triangular matrix: where the index axis is
+  split over devices, that is a sum of partial products, where a scan would gather the rows."""
+  n = weights_BxN.shape[-1]
+  upper_NxN = (jnp.arange(n)[:, None] <= jnp.arange(n)[None, :]).astype(weights_BxN.dtype)
+  cdf_BxN = jnp.dot(weights_BxN, upper_NxN, precision=jax.lax.Precision.HIGHEST)
+  index = jnp.sum(cdf_BxN <= u_Bx1 * cdf_BxN[:, -1:], axis=-1)
+  last = n - 1 - jnp.argmax(weights_BxN[:, ::-1] > 0, axis=-1)
+  return jnp.minimum(index, last)
+
+
+def inverse_cdf(z_BxV, u_2xBx1):
+  """Index [B] distributed as softmax(z), from two uniforms per row: the first picks a chunk of `_DRAW_CHUNK` ids by
+  the chunks' masses, the second an id inside that chunk, so no cumulative sum runs over the whole vocabulary.
+
+  Why not `jax.random.categorical`: its Gumbel noise needs random bits for every id of every row. On two CPU cores
+  that is 30 ms a step at 16 x 49k ids, more than the rest of the sampling; this takes 2 ms."""
+  b, v = z_BxV.shape
+  width = min(_DRAW_CHUNK, v)
+  chunks = -(-v // width)
+  p = jnp.exp(z_BxV - jnp.max(z_BxV, axis=-1, keepdims=True))  # ids at -inf weigh 0
+  p = jnp.pad(p, ((0, 0), (0, chunks * width - v))).reshape(b, chunks, width)
+  chunk_B = _first_above(jnp.sum(p, axis=-1), u_2xBx1[0])
+  picked_BxN = (jnp.arange(chunks) == chunk_B[:, None]).astype(p.dtype)
+  inside_BxW = jnp.einsum("bn,bnw->bw", picked_BxN, p, precision=jax.lax.Precision.HIGHEST)
+  return chunk_B * width + _first_above(inside_BxW, u_2xBx1[1])
+
+
+def _draw(z_BxV, rng):
+  """Index [B] sampled from softmax(z) (`inverse_cdf`)."""
+  return inverse_cdf(z_BxV, jax.random.uniform(rng, (2, z_BxV.shape[0], 1)))
+
+
 def _sample_kept(z_BxN, threshold_Bx1, rng):
   """(index [B], its log-prob) sampled from softmax(z) restricted to z >= threshold."""
   kept = jnp.where(z_BxN >= threshold_Bx1, z_BxN, -jnp.inf)
-  index = jax.random.categorical(rng, kept, axis=-1)
+  index = _draw(kept, rng)
   return index, jnp.take_along_axis(jax.nn.log_softmax(kept, axis=-1), index[:, None], axis=-1)[:, 0]
 
 
@@ -167,7 +204,7 @@ def _pick(logits_BxV, rng, cfg: SamplingConfig, temperature):
     token, logprob = _truncated(z, lse, rng, cfg)
     return token.astype(jnp.int32), logprob
   else:
-    token = jax.random.categorical(rng, z, axis=-1)
+    token = _draw(z, rng)
   return token.astype(jnp.int32), jnp.take_along_axis(z, token[:, None], axis=-1)[:, 0] - lse
 
 

@@ -230,6 +230,37 @@ def test_truncated_sampling_matches_a_numpy_nucleus(top_k, top_p, flat, among_ca
     np.testing.assert_allclose(float(logprob[i]), np.log(p[token[i]] / p[kept].sum()), atol=1e-4)
 
 
+def test_draws_follow_the_softmax():
+  """The sampler's draw against the closed form softmax(z), over 2,500 ids (nine whole 256-id chunks and a part one)
+  with ids at -inf at both ends and four whole chunks of them: 120,000 draws pass a chi-square test on bins of at
+  least 20 expected draws (a shift of mass by one id, or within the wrong chunk, fails it), and no -inf id is drawn."""
+  rng = np.random.default_rng(0)
+  z = rng.normal(size=2500).astype(np.float32) * 2.5
+  z[:3] = z[-5:] = z[1024:2048] = -np.inf
+  p = np.exp(z - z.max())
+  p /= p.sum()
+  draw = jax.jit(lambda key: sampler._draw(jnp.broadcast_to(jnp.asarray(z), (4000, z.size)), key))
+  drawn = np.concatenate([np.asarray(draw(jax.random.key(i))) for i in range(30)])
+  assert np.isfinite(z[drawn]).all()
+  counts = np.bincount(drawn, minlength=z.size)
+  order = np.argsort(p)[::-1]
+  expected, observed = p[order] * drawn.size, counts[order]
+  edges = np.searchsorted(np.cumsum(expected), np.arange(20, expected.sum() - 20, 20))  # bins of >= 20 expected
+  e_bins, o_bins = np.add.reduceat(expected, np.r_[0, edges + 1]), np.add.reduceat(observed, np.r_[0, edges + 1])
+  e_bins, o_bins = e_bins[e_bins > 0], o_bins[: len(e_bins)]
+  chi2, dof = ((o_bins - e_bins) ** 2 / e_bins).sum(), len(e_bins) - 1
+  assert chi2 < dof + 6 * np.sqrt(2 * dof), (chi2, dof)
+
+
+def test_inverse_cdf_never_lands_on_a_zero_weight_id():
+  """At the uniforms' ends (0, and the largest float32 below 1, whose product with the total can round up to it) the
+  draw takes the first and the last id of positive weight, not a masked id beside them."""
+  z = np.full((2, 3000), -np.inf, np.float32)
+  z[:, 5:1500] = 0.0
+  u = jnp.asarray([[[0.0], [np.nextafter(np.float32(1), np.float32(0))]]] * 2)
+  np.testing.assert_array_equal(np.asarray(sampler.inverse_cdf(jnp.asarray(z), u)), [5, 1499])
+
+
 def test_prompt_bucketing():
   assert sampler.bucket_length(5, [4, 8, 16]) == 8
   with pytest.raises(ValueError, match="largest length bucket 16"):
