@@ -16,9 +16,10 @@ Figures, one JSON line each: `loop_<phase>_seconds` (rollout, label, update, ite
 the second); `loop_peak_rss_bytes` with `loop_peak_bound_bytes`, what the rows and the model hold:
 
   params P (float32): 4P masters + 4P gradients + 8P Adam moments + 4P compute copy (the sampler's and the update's)
-  + update activations with full remat: L x R x (S + Pt) x D x 4 (each layer's input, student rows R of S = prompt
-  + new tokens and their teacher rows of Pt = re-prompt + new tokens) + one layer's working set, dominated on
-  XLA:CPU by the attention scores and probabilities 2 x R x H x (Pt)^2 x 4 and the MLP's 3 x R x Pt x F x 4
+  + update activations: L x R x (S + Pt) x D x 4 (each layer's input, student rows R of S = prompt + new tokens and
+  their teacher rows of Pt = re-prompt + new tokens); with `--remat dots` (the preset's) also the student rows'
+  weight matmul outputs L x R x S x (3D + 2KE + 2F) x 4 (q, k, v, o, gate, up, down); + one layer's working set,
+  dominated on XLA:CPU by the attention scores and probabilities 2 x R x H x (Pt)^2 x 4 and the MLP's 3 x R x Pt x F x 4
   + the fused loss's chunk of logits R x C x V x 4 (C = loss.chunk_size) for student and teacher
   + the sampler's KV cache 2 x L x rows x (P + N) x K x E x 4
 so a run is sized by what its rows hold. The bound leaves out the runtime (jax, XLA's compiler: about 1.5 GB).
@@ -130,6 +131,8 @@ def _bound(cfg, args, config) -> int:
   pt = config.expert.max_prompt_tokens + args.new
   state = 20 * params
   saved = layers * rows * (s + pt) * d * 4
+  if args.remat == "dots":
+    saved += layers * rows * s * (3 * d + 2 * k * e + 2 * f) * 4
   layer = 2 * rows * h * pt * pt * 4 + 3 * rows * pt * f * 4
   logits = 2 * rows * config.loss.chunk_size * v * 4
   cache = 2 * layers * args.prompts * args.group * s * k * e * 4
@@ -211,7 +214,7 @@ def main():
   ap.add_argument("--batch_groups", type=int, default=2)
   ap.add_argument("--temperature", type=float, default=0.7)
   ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype, both stacks")
-  ap.add_argument("--remat", default="full", choices=["none", "full", "dots"])
+  ap.add_argument("--remat", default="dots", choices=["none", "full", "dots"], help="ours; the preset's is dots")
   ap.add_argument("--random_weights", action="store_true", help="the checkpoint's shapes and tokenizer, random weights")
   ap.add_argument("--stack", choices=["both", "torch"], default="both")
   args = ap.parse_args()

@@ -50,13 +50,14 @@ SMOLLM2 = "~/.cache/distil_jax/SmolLM2-135M-Instruct"  # `python -m experiments.
 
 def smollm2(c):
   """DistIL with the self expert (sibling feedback) on SmolLM2-135M-Instruct, through its chat template, on the
-  generated word problems, sized for two CPU cores: float32 (XLA:CPU has no bf16 x bf16 = f32 dot), each layer
-  recomputed in the backward pass (XLA:CPU attention materialises its scores: kept for 30 layers they dominate
-  memory), rows only as wide as what they hold (a 64-token prompt, a 96-token response, a re-prompt of both), a
-  checkpoint every iteration (one takes minutes)."""
+  generated word problems, sized for two CPU cores: float32 (XLA:CPU has no bf16 x bf16 = f32 dot), the weight
+  matmuls' outputs kept and the rest of each layer recomputed in the backward pass (XLA:CPU attention materialises
+  its scores: kept for 30 layers they dominate memory; recomputing the matmuls too costs 10% more update time),
+  rows only as wide as what they hold (a 64-token prompt, a 96-token response, a re-prompt of both), a checkpoint
+  every iteration (one takes minutes)."""
   import os
 
-  c.model.update(hf_path=os.path.expanduser(SMOLLM2), dtype="float32", remat="full")
+  c.model.update(hf_path=os.path.expanduser(SMOLLM2), dtype="float32", remat="dots")
   c.task.update(min_ops=1, max_ops=1, prompt_template="{question}\nPut the final answer in \\boxed{{}}.", eval_size=128)
   c.tokenizer.chat_template = "auto"
   # T = 0.7: at T = 1 this small model writes noise after a few sentences (the self teacher is scored at the
