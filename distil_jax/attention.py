@@ -104,13 +104,6 @@ def segment_mask(segment_ids_BxT):
   return causal[None] & same & (segment_ids_BxT[:, None, :] > 0)
 
 
-def cache_mask(valid_BxS, cache_index, t):
-  """Queries sit in cache slots [cache_index, cache_index + t); each sees valid slots at or before its own."""
-  s = valid_BxS.shape[1]
-  query_slot = cache_index + jnp.arange(t)
-  return valid_BxS[:, None, :] & (jnp.arange(s)[None, None, :] <= query_slot[None, :, None])
-
-
 def make_plan(impl: str, segment_ids_BxT, *, packed: bool = False) -> Plan:
   """The plan for self-attention over rows with these segment ids.
 

@@ -98,13 +98,11 @@ def prefill(model: model_lib.Transformer, prompt_BpxP, prompt_mask_BpxP):
   moved once into the decode layout.
   """
   cfg = model.config
-  bp, p = prompt_BpxP.shape
   hidden, stacked = model.hidden_states(
     prompt_BpxP,
     positions_BxT=model_lib.default_positions(prompt_mask_BpxP),
     segment_ids_BxT=prompt_mask_BpxP,
-    cache=model_lib.init_cache(cfg, bp, p),
-    cache_index=0,
+    keep_kv=True,
   )
   logits = model.logits(hidden[:, -1:])[:, 0]
   k, v = (jnp.swapaxes(stacked[name], 2, 3) for name in ("k", "v"))  # [L,Bp,P,K,E] -> [L,Bp,K,P,E]

@@ -10,7 +10,7 @@ E head dim, F MLP width, N heads of either kind.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -94,16 +94,6 @@ def apply_rope(x_BxTxNxE, positions_BxT, inv_freq):
   return (x * cos + rotated * sin).astype(x_BxTxNxE.dtype)
 
 
-class CacheView(NamedTuple):
-  """The stacked KV cache as one layer sees it inside the layer scan."""
-
-  k: jax.Array  # [L,B,S,K,E], the whole stack: carried through the scan, written in place
-  v: jax.Array
-  layer: jax.Array | int  # this layer's index
-  index: Any  # the first slot the new tokens fill
-  decode_mask_BxTxS: jax.Array | None  # decoding: attend over the cache; None: prefill, attend over the new tokens
-
-
 class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     d, e = cfg.hidden_size, cfg.head_size
@@ -117,7 +107,8 @@ class Attention(nnx.Module):
       self.q_norm = RMSNorm(e, cfg.rms_norm_eps, cfg.compute_dtype, "head_dim")
       self.k_norm = RMSNorm(e, cfg.rms_norm_eps, cfg.compute_dtype, "head_dim")
 
-  def __call__(self, x_BxTxD, positions_BxT, inv_freq, plan, cache: CacheView | None = None):
+  def __call__(self, x_BxTxD, positions_BxT, inv_freq, plan):
+    """(output [B,T,D], this layer's keys and values [B,T,K,E] in the kernel's token order)."""
     cfg = self.cfg
     b, t, _ = x_BxTxD.shape
     q = self.q_proj(x_BxTxD).reshape(b, t, cfg.num_attention_heads, cfg.head_size)
@@ -126,19 +117,8 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
-    if cache is not None:
-      start = (cache.layer, 0, cache.index, 0, 0)
-      k_new, v_new = (k, v) if plan is None else (plan.to_input_order(k), plan.to_input_order(v))  # slots: row order
-      cache = cache._replace(
-        k=jax.lax.dynamic_update_slice(cache.k, k_new[None].astype(cache.k.dtype), start),
-        v=jax.lax.dynamic_update_slice(cache.v, v_new[None].astype(cache.v.dtype), start),
-      )
-      if cache.decode_mask_BxTxS is not None:
-        k_layer, v_layer = cache.k[cache.layer].astype(q.dtype), cache.v[cache.layer].astype(q.dtype)
-        out = attention.attend_einsum(q, k_layer, v_layer, cache.decode_mask_BxTxS)
-        return self.o_proj(out.reshape(b, t, -1)), cache
     out = attention.attend(q, k, v, plan)
-    return self.o_proj(out.reshape(b, t, -1)), cache
+    return self.o_proj(out.reshape(b, t, -1)), (k, v)
 
 
 class MLP(nnx.Module):
@@ -161,8 +141,8 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.compute_dtype)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, positions, inv_freq, plan, cache=None):
-    attn, cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, plan, cache)
+  def __call__(self, x, positions, inv_freq, plan):
+    attn, kv = self.self_attn(self.input_layernorm(x), positions, inv_freq, plan)
     x = x + attn
     x = x + self.mlp(self.post_attention_layernorm(x))
-    return sharding.constrain(x, ("batch", None, None)), cache
+    return sharding.constrain(x, ("batch", None, None)), kv

@@ -14,9 +14,8 @@ stacking is an internal layout: `hf.py` reads and writes Hugging Face's per-laye
 
 The blocks (norm, RoPE, attention, MLP, the decoder layer) are in `layers.py`; this module stacks and runs them.
 
-The KV cache is a plain pytree passed in and out (not NNX state), stacked like the layers ([L,B,S,K,E]) and carried
-through the layer scan. The sampler's prefill fills it with training's attention kernel (`decode.prefill`); its
-one-token steps run `decode.py`'s own cache layout.
+There is one forward pass. The sampler's prefill is this forward with each layer's keys and values kept
+(`keep_kv`), so a prompt runs training's attention kernel; its one-token steps and their cache are `decode.py`'s.
 
 Dims: L layers, B batch, T query time, S key time (sequence or cache slots), D model width, H query heads, K key/value
 heads, E head dim, F MLP width, V vocabulary.
@@ -33,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from distil_jax import attention, layers, sharding
-from distil_jax.layers import CacheView, DecoderLayer, RMSNorm, linear, param_init
+from distil_jax.layers import DecoderLayer, RMSNorm, linear, param_init
 
 ARCHS = ("llama", "qwen2", "qwen3")
 # What the backward pass keeps of each layer's forward: everything, only its input (recompute the layer), or its
@@ -152,13 +151,6 @@ def default_positions(segment_ids_BxT):
   return jnp.where(segment_ids_BxT > 0, idx - seg_start, 0).astype(jnp.int32)
 
 
-def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=None):
-  """An empty KV cache: k and v for every layer [L,B,S,K,E], and which slots hold real tokens [B,S]."""
-  dtype = dtype or cfg.compute_dtype
-  shape = (cfg.num_hidden_layers, batch, slots, cfg.num_key_value_heads, cfg.head_size)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "valid": jnp.zeros((batch, slots), bool)}
-
-
 def merge_for_compute(graphdef, params):
   """The model with its float32 master parameters cast once to the compute dtype.
 
@@ -193,65 +185,42 @@ class Transformer(nnx.Module):
     logits = jnp.einsum("btd,dv->btv", hidden_BxTxD, kernel, preferred_element_type=jnp.float32)
     return sharding.constrain(logits, ("batch", None, "vocab"))
 
-  def hidden_states(
-    self, tokens_BxT, *, positions_BxT=None, segment_ids_BxT=None, cache=None, cache_index=None, packed=False
-  ):
-    """Final-norm hidden states [B,T,D] (and the updated cache when one is given).
+  def hidden_states(self, tokens_BxT, *, positions_BxT=None, segment_ids_BxT=None, packed=False, keep_kv=False):
+    """Final-norm hidden states [B,T,D]; with `keep_kv`, also every layer's keys and values [L,B,T,K,E].
 
     segment_ids: 0 marks padding, equal positive ids mark one sequence; default: all ones. packed=True allows rows
     that hold several sequences; False promises one sequence per row (any padding), which spares the cuDNN kernel a
     mask (see attention.py).
-    With a cache, the tokens fill slots [cache_index, cache_index + T) and attend to every valid slot before. A
-    prefill (cache_index the Python int 0, T > 1) runs the same attention kernel as training.
     """
     cfg = self.config
-    t = tokens_BxT.shape[1]
     if segment_ids_BxT is None:
       segment_ids_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
     if positions_BxT is None:
       positions_BxT = default_positions(segment_ids_BxT)
-    prefill = cache is not None and isinstance(cache_index, int | np.integer) and cache_index == 0 and t > 1
-    plan, view = None, None
-    if cache is None or prefill:
-      impl = attention.resolve(cfg.attention, cfg.compute_dtype, cfg.head_size)
-      plan = attention.make_plan(impl, segment_ids_BxT, packed=packed)
-      tokens_BxT, positions_BxT = plan.to_kernel_order(tokens_BxT), plan.to_kernel_order(positions_BxT)
-    if cache is not None:
-      valid = jax.lax.dynamic_update_slice(cache["valid"], segment_ids_BxT > 0, (0, cache_index))
-      decode_mask = None if prefill else attention.cache_mask(valid, cache_index, t)
-      view = CacheView(cache["k"], cache["v"], 0, cache_index, decode_mask)
+    impl = attention.resolve(cfg.attention, cfg.compute_dtype, cfg.head_size)
+    plan = attention.make_plan(impl, segment_ids_BxT, packed=packed)
+    tokens_BxT, positions_BxT = plan.to_kernel_order(tokens_BxT), plan.to_kernel_order(positions_BxT)
     inv_freq = layers.rope_inverse_frequencies(cfg)
     # Gather the (fsdp / tensor sharded) table before the lookup, as FSDP does for every weight: a lookup into a
     # sharded table with batch-sharded ids has no efficient SPMD partitioning.
     table = sharding.constrain(self.model.embed_tokens.embedding[...], (None, None))
     x = jnp.take(table, tokens_BxT, axis=0).astype(cfg.compute_dtype)
     x = sharding.constrain(x, ("batch", None, None))
-    x, view = self._layers(x, positions_BxT, inv_freq, plan, view)
-    hidden = self.model.norm(x)
-    if plan is not None:
-      hidden = plan.to_input_order(hidden)
-    if cache is None:
-      return hidden
-    return hidden, {"k": view.k, "v": view.v, "valid": valid}
+    x, kv = self._layers(x, positions_BxT, inv_freq, plan, keep_kv)
+    hidden = plan.to_input_order(self.model.norm(x))
+    return (hidden, {"k": kv[0], "v": kv[1]}) if keep_kv else hidden
 
-  def _layers(self, x_BxTxD, positions_BxT, inv_freq, plan, view: CacheView | None):
-    """All decoder layers under one `lax.scan` over the stacked parameters (and the stacked cache, as carry)."""
+  def _layers(self, x_BxTxD, positions_BxT, inv_freq, plan, keep_kv):
+    """All decoder layers under one `lax.scan` over the stacked parameters; the keys and values as its outputs."""
     graphdef, stacked = nnx.split(self.model.layers)
 
-    def body(carry, xs):
-      x, k, v = carry
-      layer_state, i = xs
-      layer = nnx.merge(graphdef, layer_state)
-      layer_view = None if view is None else view._replace(k=k, v=v, layer=i)
-      x, layer_view = layer(x, positions_BxT, inv_freq, plan, layer_view)
-      return (x, *((None, None) if layer_view is None else (layer_view.k, layer_view.v))), None
+    def body(x, layer_state):
+      x, kv = nnx.merge(graphdef, layer_state)(x, positions_BxT, inv_freq, plan)
+      return x, tuple(map(plan.to_input_order, kv)) if keep_kv else None
 
     if self.config.remat != "none":
       body = jax.checkpoint(body, policy=REMAT_POLICIES[self.config.remat], prevent_cse=False)
-    init = (x_BxTxD, *((None, None) if view is None else (view.k, view.v)))
-    layers = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)
-    (x, k, v), _ = jax.lax.scan(body, init, (stacked, layers))
-    return x, None if view is None else view._replace(k=k, v=v)
+    return jax.lax.scan(body, x_BxTxD, stacked)
 
   def __call__(self, tokens_BxT, *, positions_BxT=None, segment_ids_BxT=None, packed=False, return_hidden=False):
     hidden = self.hidden_states(tokens_BxT, positions_BxT=positions_BxT, segment_ids_BxT=segment_ids_BxT, packed=packed)

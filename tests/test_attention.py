@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from distil_jax import attention, data, sharding
+from distil_jax import attention, data, decode, sharding
 from distil_jax import model as model_lib
 
 B, T, H, K, E = 4, 20, 4, 2, 16
@@ -148,42 +148,29 @@ def _full_forward_cached():
 
 @pytest.mark.parametrize("impl", ["splash", "cudnn"])  # xla: the default, in test_sampler
 def test_prefill_with_the_kernel_then_decode(impl, as_if_gpu):
-  """The sampler's prefill runs the kernel and fills the cache in slot order; decoding continues exactly (f32, 1e-5)."""
+  """The sampler's prefill runs the kernel and keeps the keys and values in slot order; its decode steps continue
+  exactly (f32, 1e-5) from the full forward pass's logits."""
   graphdef, params = _model(impl, "float32", seed=1)
   seq, full = _full_forward_cached()
-  seg = jnp.asarray(ONE_PER_ROW)
-  positions = model_lib.default_positions(seg)
+  seg = np.asarray(ONE_PER_ROW)
+  positions = np.asarray(model_lib.default_positions(jnp.asarray(seg)))
   p = 12
 
   @jax.jit
   def prefill(params):
     model = nnx.merge(graphdef, params)
-    hidden, cache = model.hidden_states(
-      seq[:, :p],
-      positions_BxT=positions[:, :p],
-      segment_ids_BxT=seg[:, :p],
-      cache=model_lib.init_cache(CFG, B, T),
-      cache_index=0,
-    )
-    return model.logits(hidden), cache
+    logits, cache = decode.prefill(model, seq[:, :p], jnp.asarray(seg[:, :p]))
+    return decode.prepare(model), logits, decode.grow(cache, B, T - p, CFG)
 
-  @jax.jit
-  def decode(params, cache, t):
-    model = nnx.merge(graphdef, params)
-    window = lambda x: jax.lax.dynamic_slice_in_dim(x, t, 1, axis=1)
-    hidden, cache = model.hidden_states(
-      window(seq), positions_BxT=window(positions), segment_ids_BxT=window(seg), cache=cache, cache_index=t
-    )
-    return model.logits(hidden), cache
-
-  logits, cache = prefill(params)
+  weights, logits, cache = prefill(params)
+  step = jax.jit(decode.step, static_argnums=1)
   got = [np.asarray(logits)]
   for t in range(p, T - 1):
-    logits, cache = decode(params, cache, jnp.int32(t))
+    logits, cache = step(weights, CFG, cache, seq[:, t], jnp.asarray(positions[:, t]), t - p)
     got.append(np.asarray(logits))
-  got = np.concatenate(got, axis=1)
-  valid = np.asarray(seg[:, : T - 1]) > 0
-  np.testing.assert_allclose(got[valid], full[:, :-1][valid], atol=1e-5, rtol=0)
+  got = np.stack(got, axis=1)
+  valid = seg[:, p - 1 : T - 1] > 0
+  np.testing.assert_allclose(got[valid], full[:, p - 1 : -1][valid], atol=1e-5, rtol=0)
 
 
 @functools.cache
