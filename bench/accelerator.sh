@@ -37,7 +37,7 @@ run() {  # run NAME SECONDS COMMAND...: stdout to NAME.jsonl, a failure or a tim
     >>"$out/walls.jsonl"
 }
 
-run attention 60 python -m pytest -q -p no:cacheprovider tests/test_attention.py -k cudnn
+run attention 60 python -m pytest -q -o addopts="" -p no:cacheprovider tests/test_attention.py -k cudnn  # no xdist there
 run train_1b 120 python -m bench.train_step --size 1b --dtype bfloat16 --batch 8 --seq 2048 --remat dots --vs_torch
 run sampler_1b 120 python -m bench.sampler --size 1b --dtype bfloat16 --batch 8 64 256 --prompt 128 --new 256 \
   --vs_torch

@@ -16,6 +16,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -44,6 +46,7 @@ from absl import flags  # noqa: E402
 flags.FLAGS.mark_as_parsed()
 
 
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: without xdist (the GPU machine) pytest must still load this
 def pytest_xdist_auto_num_workers(config):
   """`-n auto`: a worker per core, at most 8, and one per 8 GiB of memory (the SmolLM2 tests hold ~6 GB each)."""
   memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
