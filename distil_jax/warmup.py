@@ -67,14 +67,6 @@ def warm_up(params, run, *, config, mesh, stop=lambda: False, before=dict, allow
   }
 
 
-def _corrupt(text: str) -> str:
-  """The reference with its first digit after '=' changed: a wrong solution for the verifier to comment on."""
-  i = text.find("=") + 1
-  if 0 < i < len(text) and text[i].isdigit():
-    return text[:i] + str((int(text[i]) + 1) % 10) + text[i + 1 :]
-  return text[::-1]
-
-
 def with_feedback(problems, fraction: float, *, config, task):
   """The first `fraction` of `problems` re-prompted as the self expert sees them (half with a correct solution in
   context, half with the verifier's feedback on a wrong one; with `expert.feedback="reference"`, the reference and
@@ -82,7 +74,7 @@ def with_feedback(problems, fraction: float, *, config, task):
   out = list(problems)
   n = int(round(fraction * len(out)))
   for i, p in enumerate(out[:n]):
-    verdict = task.verify(p, p.reference if i % 2 == 0 else _corrupt(p.reference))
+    verdict = task.verify(p, p.reference if i % 2 == 0 else task.wrong_solution(p))
     if config.expert.feedback == "reference":
       feedback = experts.reference_feedback(p, verdict)
     else:

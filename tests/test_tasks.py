@@ -191,3 +191,35 @@ def test_generated_math_grades_a_final_answer_in_prose_and_traces_the_oracle_for
   bad_step = p.reference.replace("=", "=9", 1)
   v = task.verify(p, bad_step)
   assert "step 1:" in v.feedback  # a response in the oracle's format gets its step-by-step trace
+
+
+def test_each_task_has_a_wrong_solution_its_verifier_rejects(tmp_path):
+  """The warm-up's wrong solution, task by task: the reference passes, the wrong solution fails with feedback that
+  says why (a wrong step, a wrong answer, a failing test), and it is written like the reference."""
+  path = tmp_path / "d.jsonl"
+  path.write_text(
+    "".join(
+      json.dumps({"question": f"{i}+1?", "answer": str(i + 1), "solution": f"\\boxed{{{i + 1}}}"}) + "\n"
+      for i in range(3)
+    )
+  )
+  science_path = tmp_path / "s.jsonl"
+  science_path.write_text(
+    "".join(json.dumps({"question": f"Q{i}", "choices": ["a", "b", "c"], "answer": 2}) + "\n" for i in range(3))
+  )
+  cases = [
+    (_cfg(name="arith"), "train", "answer"),
+    (_cfg(name="math", min_ops=2), "eval", "answer"),
+    (_cfg(name="math", train_path=str(path), eval_size=1), "train", "is wrong. Reference solution"),
+    (_cfg(name="science", eval_size=2, train_size=4), "train", "is wrong, the answer is"),
+    (_cfg(name="science", train_path=str(science_path), eval_size=1), "train", "A is wrong, the answer is C"),
+    (_cfg(name="code", train_size=3, eval_size=1), "train", "assert"),
+  ]
+  for cfg, split, said in cases:
+    task = tasks.make_task(cfg)
+    for p in list(task.problems(split))[:2]:
+      wrong = task.wrong_solution(p)
+      assert task.verify(p, p.reference).correct, (cfg.name, p.reference)
+      verdict = task.verify(p, wrong)
+      assert not verdict.correct and verdict.feedback, (cfg.name, wrong)
+    assert said in verdict.feedback or said in wrong, (cfg.name, wrong, verdict.feedback)

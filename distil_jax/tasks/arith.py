@@ -80,6 +80,9 @@ class ArithTask:
   def verify(self, problem: Problem, response: str) -> Verdict:
     return chain_lib.verify(problem.meta, FORMAT, response)
 
+  def wrong_solution(self, problem: Problem) -> str:
+    return chain_lib.wrong_solution(problem.meta, FORMAT)
+
   def corpus(self):
     """Prompts, solutions and feedback, so that a tokenizer trained on it covers everything the run writes."""
     for i in range(500):

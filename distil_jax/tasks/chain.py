@@ -83,6 +83,15 @@ def solution(chain: Chain, fmt: AnswerFormat) -> str:
   return " ".join(steps + [fmt.write(chain.answer)])
 
 
+def wrong_solution(chain: Chain, fmt: AnswerFormat) -> str:
+  """The solution with its last step's result one too high, carried into the final answer: a slip that the verifier
+  names and that makes the answer wrong (a wrong earlier step followed by right arithmetic still ends right)."""
+  results = [_APPLY[op](x, a) for x, (op, a) in zip(chain.values(), chain.ops, strict=False)]
+  results[-1] += 1
+  steps = [f"{x}{op}{a}={y}" for x, (op, a), y in zip(chain.values(), chain.ops, results, strict=False)]
+  return " ".join(steps + [fmt.write(results[-1])])
+
+
 _PARTIAL = re.compile(r"(?P<x>-?\d*)(?P<op>[+\-*]?)(?P<a>\d*)(?P<eq>=?)(?P<y>-?\d*)")
 
 

@@ -164,6 +164,15 @@ class MathTask:
       feedback += f". Reference solution: {problem.reference}"
     return Verdict(correct, feedback)
 
+  def wrong_solution(self, problem: Problem) -> str:
+    if problem.meta is not None:
+      return chain_lib.wrong_solution(problem.meta, FORMAT)
+    try:
+      other = str(int(problem.answer) + 1)
+    except ValueError:
+      other = problem.answer + "1"
+    return f"The answer is \\boxed{{{other}}}."
+
   @functools.cached_property
   def _corpus(self):
     if self._records is not None:

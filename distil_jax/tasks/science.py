@@ -92,6 +92,12 @@ class ScienceTask:
       feedback += f". {problem.meta['explanation']}"
     return Verdict(False, feedback)
 
+  def wrong_solution(self, problem: Problem) -> str:
+    """The reference's explanation with the next choice's letter as the answer."""
+    other = LETTERS[(LETTERS.index(problem.answer) + 1) % problem.meta["n"]]
+    explanation = problem.meta["explanation"]
+    return (explanation + " " if explanation else "") + f"Answer: {other}"
+
   def corpus(self):
     for p in self._split["train"][:2000]:
       yield p.prompt

@@ -82,6 +82,13 @@ class CodeTask:
     program = (problem.prompt if self.cfg.include_prompt else "") + response
     return code_grader.grade(problem.meta, program, self.limits)
 
+  def wrong_solution(self, problem: Problem) -> str:
+    """A one-line `return` reference off by one (a failing test to read), else a body that returns None."""
+    reference = problem.reference or ""
+    if reference.strip().startswith("return ") and reference.count("\n") <= 1:
+      return reference.rstrip("\n") + " + 1\n"
+    return "    return None\n"
+
   def corpus(self):
     for p in self._split["train"][:2000]:
       yield p.prompt
