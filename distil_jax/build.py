@@ -261,7 +261,7 @@ def learner(config, run: Run) -> Learner:
   reference = loss_cfg.kind in ("grpo", "distil_grpo") and loss_cfg.kl_coef > 0
   spec = update.UpdateSpec(
     loss_cfg,
-    teacher="topk" if not expert.on_device else c.expert.kind,
+    labels="device" if expert.on_device else "topk",
     ema_decay=c.expert.ema_decay,
     reference=reference,
     use_behaviour_logprobs=c.train.use_behaviour_logprobs,

@@ -29,7 +29,9 @@ from distil_jax import token_terms as tt
 @dataclasses.dataclass(frozen=True)
 class UpdateSpec:
   loss: losses.LossConfig
-  teacher: str  # "topk" (targets in the batch), "self", "model"
+  # Where the expert's labels are (batch.LABELS): "topk", targets in the batch; "device", a teacher forward inside the
+  # update over the batch's re-prompts, with a model expert's parameters, else the student's EMA or live ones (self).
+  labels: str
   ema_decay: float = 0.0  # self: 0 means the live parameters are the teacher
   reference: bool = False  # grpo with kl_coef > 0: state["ref"] holds the frozen reference policy
   use_behaviour_logprobs: bool = True  # off-policy ratio from the sampler's log-probs
@@ -135,7 +137,7 @@ def loss_fn(params, batch, teacher_params, ref_params, iteration, *, graphdef, t
   mask = mask.astype(jnp.float32)
   hidden = response_hidden(model, prompts, pmask, responses)
   teacher, labelled = None, None  # labelled [B]: the responses the expert labelled (the loss reads only these)
-  if cfg.needs_teacher and spec.teacher == "topk":
+  if cfg.needs_teacher and spec.labels == "topk":
     teacher, labelled = topk_teacher(batch, g)
   elif cfg.needs_teacher:
     if teacher_params is None:
@@ -183,7 +185,7 @@ def make_update(graphdef, tx, spec: UpdateSpec, *, teacher_graphdef=None, state_
   teacher_graphdef = teacher_graphdef or graphdef
 
   def update(state, batch, teacher_params, iteration):
-    if spec.teacher == "self":
+    if teacher_params is None:  # a self teacher: its EMA, or (None) the live parameters
       teacher_params = state.get("ema")
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, metrics), grads = grad_fn(

@@ -35,7 +35,7 @@ def warm_up(params, run, *, config, mesh, stop=lambda: False, before=dict, allow
   optim.lr = c.train.warmup_lr
   tx = update.make_optimizer(optim, c.train.warmup_steps)
   state = update.init_state(tx, params, mesh)
-  spec = update.UpdateSpec(losses.LossConfig(kind="sft", chunk_size=c.loss.chunk_size), teacher="topk")
+  spec = update.UpdateSpec(losses.LossConfig(kind="sft", chunk_size=c.loss.chunk_size), labels="none")
   step = update.make_update(run.graphdef, tx, spec, state_shardings=jax.tree.map(lambda x: x.sharding, state))
   stream = data.prompt_stream(run.task.problems("train"), seed=c.seed + 1, per_iteration=c.train.warmup_batch)
   with checkpoint.Checkpointer(os.path.join(run.workdir, "warmup"), max_to_keep=1) as saved:

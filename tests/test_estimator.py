@@ -75,7 +75,7 @@ def _first_update_metrics(loss_cfg, graphdef, params, batch, mesh):
     10,
   )
   state = update.init_state(tx, params, mesh)
-  step = update.make_update(graphdef, tx, update.UpdateSpec(loss_cfg, teacher="topk"))
+  step = update.make_update(graphdef, tx, update.UpdateSpec(loss_cfg, labels="topk"))
   _, metrics = step(state, batch, None, jnp.int32(0))
   return jax.device_get(metrics)
 
@@ -226,7 +226,7 @@ def test_grpo_kl_to_a_frozen_reference_on_device():
     10,
   )
   state = update.init_state(tx, params, mesh, ref=True)
-  step = update.make_update(graphdef, tx, update.UpdateSpec(loss_cfg, teacher="topk", reference=True))
+  step = update.make_update(graphdef, tx, update.UpdateSpec(loss_cfg, labels="topk", reference=True))
   state, m1 = step(state, batch, None, jnp.int32(0))
   assert float(m1["kl_ref"]) == 0.0
   moved = jax.device_get(state["params"])

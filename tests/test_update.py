@@ -71,15 +71,15 @@ def _run(mesh, spec, steps=2):
   return figures, jax.device_get(state)
 
 
-@pytest.mark.parametrize("kind,teacher", [("distil", "topk"), ("grpo", "topk"), ("distil", "self")])
-def test_sharded_update_equals_single_device(kind, teacher):
+@pytest.mark.parametrize("kind,labels", [("distil", "topk"), ("grpo", "topk"), ("distil", "device")])
+def test_sharded_update_equals_single_device(kind, labels):
   """(data=2, fsdp=2, tensor=2) on 8 CPU devices vs 1 device, two updates, float32.
 
   Losses and gradient norms agree to 2e-5 relative (reduction order differs). Parameters agree to 3e-5 absolute,
   1% of one Adam step (lr = 3e-3): Adam divides by sqrt(v), so a coordinate whose gradient is ~0 turns rounding
   noise into a step of up to lr; anything wrong in the sharded program moves parameters by whole steps.
   """
-  spec = update.UpdateSpec(losses.LossConfig(kind=kind, chunk_size=4), teacher=teacher)
+  spec = update.UpdateSpec(losses.LossConfig(kind=kind, chunk_size=4), labels=labels)
   one = _run(sharding.make_mesh({"fsdp": 1}, jax.devices()[:1]), spec)
   eight = _run(sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), spec)
   np.testing.assert_allclose(eight[0], one[0], rtol=2e-5)
@@ -88,7 +88,7 @@ def test_sharded_update_equals_single_device(kind, teacher):
 
 
 def test_training_lowers_the_loss_and_ema_tracks():
-  spec = update.UpdateSpec(losses.LossConfig(kind="tokenwise_fce", chunk_size=4), teacher="self", ema_decay=0.5)
+  spec = update.UpdateSpec(losses.LossConfig(kind="tokenwise_fce", chunk_size=4), labels="device", ema_decay=0.5)
   mesh = sharding.make_mesh({"fsdp": 1}, jax.devices()[:1])
   graphdef, params = sharding.init_params(lambda: model_lib.Transformer(CFG, rngs=nnx.Rngs(0)), mesh)
   tx = update.make_optimizer(OPTIM, 30)
@@ -109,7 +109,7 @@ def test_training_lowers_the_loss_and_ema_tracks():
 
 
 def test_nonfinite_step_leaves_state_untouched():
-  spec = update.UpdateSpec(losses.LossConfig(kind="distil", chunk_size=4), teacher="topk")
+  spec = update.UpdateSpec(losses.LossConfig(kind="distil", chunk_size=4), labels="topk")
   mesh = sharding.make_mesh({"fsdp": 1}, jax.devices()[:1])
   graphdef, params = sharding.init_params(lambda: model_lib.Transformer(CFG, rngs=nnx.Rngs(0)), mesh)
   tx = update.make_optimizer(OPTIM, 10)
@@ -126,7 +126,7 @@ def test_nonfinite_step_leaves_state_untouched():
 def test_nonfinite_guard_is_a_branch_not_a_pass_over_the_state():
   """The compiled step keeps or replaces the state in a conditional: no select between old and new parameters or
   moments outside it (a select would read and write every parameter and both moments once more each step)."""
-  spec = update.UpdateSpec(losses.LossConfig(kind="distil", chunk_size=4), teacher="topk")
+  spec = update.UpdateSpec(losses.LossConfig(kind="distil", chunk_size=4), labels="topk")
   mesh = sharding.make_mesh({"fsdp": 1}, jax.devices()[:1])
   graphdef, params = sharding.init_params(lambda: model_lib.Transformer(CFG, rngs=nnx.Rngs(0)), mesh)
   tx = update.make_optimizer(OPTIM, 10)
@@ -187,7 +187,7 @@ def test_batch_rows_are_checked_where_they_are_built():
 def test_a_frozen_teacher_stays_at_the_start():
   """expert.ema_decay=1 (OPSD's teacher, frozen at the initial checkpoint): the teacher copy is bitwise the starting
   parameters after updates that move the student."""
-  spec = update.UpdateSpec(losses.LossConfig(kind="jsd", chunk_size=4), teacher="self", ema_decay=1.0)
+  spec = update.UpdateSpec(losses.LossConfig(kind="jsd", chunk_size=4), labels="device", ema_decay=1.0)
   mesh = sharding.make_mesh({"fsdp": 1}, jax.devices()[:1])
   graphdef, params = sharding.init_params(lambda: model_lib.Transformer(CFG, rngs=nnx.Rngs(0)), mesh)
   start = jax.device_get(params)
