@@ -97,6 +97,9 @@ def smollm2_protocol(c, arg):
   c.log.progress = False
   if arg.startswith("smollm2_hard"):
     c.task.update(min_ops=2, max_ops=3, max_value=60)
+    # two or three operations make prompts of up to 67 tokens; the re-prompt keeps the same room for the feedback
+    c.sampling.update(max_prompt_tokens=80, prompt_buckets=(80,))
+    c.expert.max_prompt_tokens += 16
   if arg.endswith("_reference"):  # privileged information (OPSD): the reference solution and the verdict
     c.expert.feedback = "reference"
   return c

@@ -13,7 +13,7 @@ import torch
 import transformers
 from flax import nnx
 
-from distil_jax import build, checkpoint, data, experts, hf, modes, sampler, update
+from distil_jax import build, checkpoint, data, experts, hf, modes, sampler, tasks, update, validate
 from distil_jax import rollout as rollout_lib
 from experiments import smollm2
 
@@ -35,12 +35,21 @@ def reference(folder):
   return model, transformers.AutoTokenizer.from_pretrained(folder)
 
 
-def _config(folder, **overrides):
+def _config(folder, preset="smollm2", **overrides):
   from run_helpers import load_config
 
   return load_config(
-    "math", "smollm2", **{"model.hf_path": folder, "mesh.num_devices": 1, "log.tensorboard": False, **overrides}
+    "math", preset, **{"model.hf_path": folder, "mesh.num_devices": 1, "log.tensorboard": False, **overrides}
   )
+
+
+@pytest.mark.parametrize("preset", ["smollm2", "smollm2_sibling", "smollm2_reference", "smollm2_hard"])
+def test_every_prompt_of_the_real_model_presets_fits_its_rows(folder, preset):
+  """The check a run makes before any work (`validate.prompts`: the held-out set and the first 2000 training
+  problems, through the chat template), here before a protocol run reaches the preset: a two-to-three-step prompt is
+  67 tokens, more than the one-step presets' 64."""
+  config = _config(folder, preset)
+  validate.prompts(tasks.make_task(config.task), build.make_tokenizer(config, None, "/nonexistent"), config)
 
 
 @pytest.mark.slow
