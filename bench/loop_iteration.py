@@ -239,8 +239,7 @@ def main():
   )  # fmt: skip
   theirs = json.loads(child.stdout.strip().splitlines()[-1])
   shape = dict(prompts=args.prompts, group=args.group, new=args.new, updates=args.updates, rows=args.batch_groups)
-  shape.update(dtype=args.dtype, remat=args.remat, random_weights=args.random_weights)
-  shape.update(steady=args.steady)
+  shape.update(dtype=args.dtype, remat=args.remat, random_weights=args.random_weights, steady=args.steady)
   steady = {}
   for stack, result in (("distil_jax", mine), ("torch", theirs)):
     for phase in result["phases"][0]:

@@ -261,7 +261,7 @@ def learner(config, run: Run) -> Learner:
   reference = loss_cfg.kind in ("grpo", "distil_grpo") and loss_cfg.kl_coef > 0
   spec = update.UpdateSpec(
     loss_cfg,
-    labels="device" if expert.on_device else "topk",
+    labels=experts.labels(expert),
     ema_decay=c.expert.ema_decay,
     reference=reference,
     use_behaviour_logprobs=c.train.use_behaviour_logprobs,

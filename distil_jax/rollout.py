@@ -117,7 +117,7 @@ def layout(config, expert) -> dict:
     prompt=config.sampling.max_prompt_tokens,
     new=config.sampling.max_new_tokens,
     group=config.train.group_size,
-    labels="device" if expert.on_device else "topk",
+    labels=experts.labels(expert),
     top_k=config.expert.top_k,
     teacher_prompt=config.expert.max_prompt_tokens,
   )

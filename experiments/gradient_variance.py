@@ -68,7 +68,7 @@ def measure(c, workdir, minibatches):
   expert = experts.make_expert(c.expert, run.task, run.tok, c.tokenizer.add_bos)
   distil = build.loss_config(c, run.tok, expert)
   specs = {
-    kind: update.UpdateSpec(dataclasses.replace(distil, kind=kind), labels="device" if expert.on_device else "topk")
+    kind: update.UpdateSpec(dataclasses.replace(distil, kind=kind), labels=experts.labels(expert))
     for kind in ("distil", "tokenwise_fce")
   }
   grads = {

@@ -50,6 +50,11 @@ def make_expert(cfg, task, tokenizer: Tokenizer, add_bos: bool = False):
   raise ValueError(f"expert.kind={cfg.kind!r}; expected one of oracle, self, model, http")
 
 
+def labels(expert) -> str:
+  """What an expert's rows carry (`batch.LABELS`): re-prompts for a teacher forward on device, or top-k targets."""
+  return "device" if expert.on_device else "topk"
+
+
 __all__ = [
   "FEEDBACK",
   "SIBLING",
@@ -61,6 +66,7 @@ __all__ = [
   "Reprompts",
   "Rollouts",
   "Verdict",
+  "labels",
   "make_expert",
   "reads_siblings",
   "reference_feedback",
