@@ -110,9 +110,7 @@ def make_policy(config, tok, mesh, rules):
 
 def load_teacher(config, student_cfg, tok, mesh, rules):
   """The `model` expert: a frozen teacher on the mesh, checked to share the student's vocabulary."""
-  path = config.expert.model_path
-  if not path:
-    raise ConfigError("expert.kind='model' needs expert.model_path (a Hugging Face checkpoint directory)")
+  path = config.expert.model_path  # checked by experts.check_section
   teacher, tcfg = hf.load_hf(path, mesh=mesh, rules=rules, dtype=config.model.dtype, attention=config.model.attention)
   if tcfg.vocab_size != student_cfg.vocab_size:
     raise InputError(

@@ -1,10 +1,16 @@
 """How a config check reports: one line per failed check, naming the key as it is written on the command line
-(`train.iterations=-1: must be ...`), so that all failures are collected and shown at once (`validate.py`)."""
+(`train.iterations=-1: must be ...`), so that all failures are collected and shown at once (`validate.py`).
+
+Each section's checks are written once, in the module that owns the section (`losses.check_section`,
+`model.check_section`, `sharding.check_mesh`, `experts.check_section`): `validate.py` runs them all over the config
+before work starts, and the section's typed value runs its own over itself when it is built (`raise_problems`).
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 
 
 class Checks:
@@ -18,6 +24,13 @@ class Checks:
     for part in key.split("."):
       node = node[part]
     return node
+
+  def get(self, key: str, default=None):
+    """The value, or `default` when the key is missing (a line says so where the key's own check runs)."""
+    try:
+      return self.value(key)
+    except (KeyError, AttributeError):
+      return default
 
   def fail(self, key: str, why: str) -> None:
     try:
@@ -80,6 +93,24 @@ class Checks:
     if missing:
       self.fail(key, f"must contain {', '.join('{' + f + '}' for f in missing)}")
 
+  def checkpoint_folder(self, key: str) -> None:
+    """A Hugging Face checkpoint folder: its config.json and its weights."""
+    path, weights = self.value(key), ("model.safetensors", "model.safetensors.index.json")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+      self.fail(key, "not a Hugging Face checkpoint folder (no config.json in it)")
+    elif not any(os.path.isfile(os.path.join(path, w)) for w in weights):
+      self.fail(key, f"holds neither {' nor '.join(weights)}")
+
   def divides(self, what: str, value: int, by: int, by_what: str) -> None:
     if by and value % by:
       self.lines.append(f"{what} = {value} is not divisible by {by_what} ({by})")
+
+
+def raise_problems(section: str, values, check: Callable[[Checks], object]):
+  """`check` over one section's `values` (a mapping or a namespace; a typed value checking itself): ValueError
+  listing every failed line; else what `check` returns."""
+  ch = Checks({section: dict(values) if hasattr(values, "keys") else vars(values)})
+  out = check(ch)
+  if ch.lines:
+    raise ValueError("\n".join(ch.lines))
+  return out

@@ -30,7 +30,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from distil_jax import grpo, surrogate
+from distil_jax import checks, grpo, surrogate
 from distil_jax import token_terms as tt
 from distil_jax.token_terms import HiddenTeacher, Samples, TopK  # noqa: F401  (public target types)
 
@@ -66,30 +66,11 @@ class LossConfig:
   distil_weight_decay_iterations: int = 0  # distil_grpo: the weight falls linearly to 0 over these (0: constant)
 
   def __post_init__(self):
-    for name, value, allowed in [
-      ("kind", self.kind, KINDS),
-      ("baseline", self.baseline, BASELINES),
-      ("normalize", self.normalize, NORMALIZATIONS),
-      ("cost", self.cost, ("ce", "kl")),
-      ("topk_tail", self.topk_tail, ("bucket", "renorm")),
-      ("terminal", self.terminal, ("free", "hold")),
-    ]:
-      if value not in allowed:
-        raise ValueError(f"loss.{name}={value!r}; expected one of {allowed}")
-    for name in ("policy_temperature", "teacher_temperature"):
-      if not getattr(self, name) > 0:
-        raise ValueError(f"loss.{name}={getattr(self, name)} must be > 0")
-    for name in ("student_topk", "distil_weight_decay_iterations"):
-      value = getattr(self, name)
-      if not (isinstance(value, int) and value >= 0):
-        raise ValueError(f"loss.{name}={value!r} must be an integer >= 0")
-    if not self.distil_weight >= 0:
-      raise ValueError(f"loss.distil_weight={self.distil_weight} must be >= 0")
-    if self.student_topk and self.kind not in ("reverse_kl", "jsd"):
-      raise ValueError(
-        f"loss.student_topk={self.student_topk} with loss.kind={self.kind!r}: the student's top-k buckets move with "
-        "theta, so a forward cross-entropy over them is not J; use it with reverse_kl (SDPO) or jsd"
-      )
+    def own(ch):
+      check_section(ch)
+      ch.number("loss.policy_temperature", lo=0, lo_open=True)
+
+    checks.raise_problems("loss", dataclasses.asdict(self), own)
 
   @property
   def normalization(self) -> str:
@@ -130,6 +111,32 @@ class LossConfig:
       return self.distil_weight
     left = 1.0 - (iteration - 1) / self.distil_weight_decay_iterations
     return self.distil_weight * jnp.clip(left, 0.0, 1.0)
+
+
+def check_section(ch: checks.Checks) -> None:
+  """The `loss` section's enums and ranges, one line each (`checks.py`); what a loss needs from the other sections
+  (a teacher on the device, group sizes, an untruncated sampler) is checked across sections, in `validate.py`."""
+  kind_ok = ch.enum("loss.kind", KINDS)
+  ch.enum("loss.baseline", BASELINES)
+  ch.enum("loss.normalize", NORMALIZATIONS)
+  ch.enum("loss.cost", ("ce", "kl"))
+  ch.enum("loss.topk_tail", ("bucket", "renorm"))
+  ch.enum("loss.terminal", ("free", "hold"))
+  ch.number("loss.clip_eps", lo=0, lo_open=True)
+  if ch.has("loss.teacher_temperature") and ch.value("loss.teacher_temperature") is not None:
+    ch.number("loss.teacher_temperature", lo=0, lo_open=True)  # unset: the sampler's, for a teacher on the device
+  ch.number("loss.jsd_beta", lo=0, hi=1)
+  ch.number("loss.kl_coef", lo=0)
+  ch.number("loss.std_eps", lo=0, lo_open=True)
+  ch.count("loss.chunk_size")
+  ch.number("loss.distil_weight", lo=0)
+  ch.number("loss.distil_weight_decay_iterations", lo=0, integer=True)
+  topk_ok = ch.number("loss.student_topk", lo=0, integer=True)
+  if topk_ok and kind_ok and ch.value("loss.student_topk") and ch.value("loss.kind") not in ("reverse_kl", "jsd"):
+    ch.fail(
+      "loss.student_topk",
+      "applies to loss.kind reverse_kl (SDPO) or jsd: a forward CE over buckets that move with theta is not J",
+    )
 
 
 def normalize(per_token_BxT, mask_BxT, how: str):

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from distil_jax import attention, layers, sharding
+from distil_jax import attention, checks, layers, sharding
 from distil_jax.layers import DecoderLayer, RMSNorm, linear, param_init
 
 ARCHS = ("llama", "qwen2", "qwen3")
@@ -42,6 +42,35 @@ REMAT_POLICIES = {
   "full": jax.checkpoint_policies.nothing_saveable,
   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+DTYPES = ("float32", "bfloat16", "float16")  # compute dtypes; parameters are always float32
+
+
+def check_section(ch: checks.Checks, architecture: bool = True) -> None:
+  """The `model` section's checks, one line each (`checks.py`): how it computes, and (`architecture`; a Hugging Face
+  checkpoint brings its own) the shape. `head_dim` 0 means hidden_size // num_attention_heads."""
+  ch.enum("model.dtype", DTYPES)
+  ch.enum("model.remat", tuple(REMAT_POLICIES))
+  ch.enum("model.attention", attention.IMPLEMENTATIONS)
+  if not architecture:
+    return
+  ch.enum("model.arch", ARCHS)
+  ch.flag("model.tie_word_embeddings")
+  ch.number("model.rope_theta", lo=0, lo_open=True)
+  sizes = [ch.count(f"model.{k}") for k in ("hidden_size", "intermediate_size", "num_hidden_layers")]
+  heads = ch.count("model.num_attention_heads") and ch.count("model.num_key_value_heads")
+  if heads and ch.value("model.num_attention_heads") % ch.value("model.num_key_value_heads"):
+    ch.fail(
+      "model.num_key_value_heads", f"must divide model.num_attention_heads ({ch.value('model.num_attention_heads')})"
+    )
+  if not (ch.number("model.head_dim", lo=0, integer=True) and sizes[0] and heads):
+    return
+  head_dim, hidden, n_heads = (ch.value(f"model.{k}") for k in ("head_dim", "hidden_size", "num_attention_heads"))
+  if not head_dim and hidden % n_heads:
+    ch.fail("model.hidden_size", f"must be divisible by model.num_attention_heads ({n_heads}) when model.head_dim=0")
+  elif (head_dim or hidden // n_heads) % 2:
+    ch.fail("model.head_dim" if head_dim else "model.hidden_size", "gives an odd head size; RoPE rotates pairs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,17 +102,7 @@ class ModelConfig:
   def __post_init__(self):
     if isinstance(self.remat, bool | np.bool_):
       object.__setattr__(self, "remat", "full" if self.remat else "none")
-    if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"model.remat={self.remat!r}; expected one of {tuple(REMAT_POLICIES)}")
-    if self.attention not in attention.IMPLEMENTATIONS:
-      raise ValueError(f"model.attention={self.attention!r}; expected one of {attention.IMPLEMENTATIONS}")
-    if self.arch not in ARCHS:
-      raise ValueError(f"model.arch={self.arch!r}; expected one of {ARCHS}")
-    if self.num_attention_heads % self.num_key_value_heads:
-      raise ValueError(
-        f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-        f"num_key_value_heads={self.num_key_value_heads}"
-      )
+    checks.raise_problems("model", {**dataclasses.asdict(self), "head_dim": self.head_dim or 0}, check_section)
 
   @property
   def head_size(self) -> int:

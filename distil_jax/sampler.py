@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distil_jax import decode, sharding
+from distil_jax import checks, decode, sharding
 from distil_jax import model as model_lib
 
 # top-k / top-p narrow the vocabulary to the top 16 of each chunk of this many ids (16: the largest k of XLA's
@@ -63,6 +63,27 @@ class Generation(NamedTuple):
   logprobs: jax.Array  # [B,N] float32, 0 after EOS
   lengths: jax.Array  # [B] int32, EOS included
   steps: jax.Array  # [] int32: decode steps run, a multiple of check_every; fewer when every row ended early
+
+
+def check_section(ch: checks.Checks) -> None:
+  """The `sampling` section, one line per problem (`checks.py`)."""
+  ch.count("sampling.max_new_tokens")
+  prompt_ok = ch.count("sampling.max_prompt_tokens")
+  ch.number("sampling.temperature", lo=0, lo_open=True)
+  ch.number("sampling.top_k", lo=0, integer=True)
+  ch.number("sampling.top_p", lo=0, hi=1, lo_open=True)
+  if not ch.has("sampling.prompt_buckets"):
+    return
+  buckets = ch.value("sampling.prompt_buckets")
+  ok = isinstance(buckets, Sequence) and buckets and all(isinstance(b, int) and b >= 1 for b in buckets)
+  if not ok:
+    ch.fail("sampling.prompt_buckets", "must be a non-empty list of positive prompt lengths")
+  elif prompt_ok and max(buckets) > ch.value("sampling.max_prompt_tokens"):
+    ch.fail(
+      "sampling.prompt_buckets",
+      f"the largest bucket exceeds sampling.max_prompt_tokens ({ch.value('sampling.max_prompt_tokens')}): a prompt "
+      "sampled in full would be stored and trained truncated",
+    )
 
 
 def bucket_length(n: int, buckets: Sequence[int]) -> int:

@@ -21,6 +21,8 @@ from flax.core import spmd as flax_spmd
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from distil_jax import checks
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis -> mesh axes. Tokens split over data and fsdp; weights are fully sharded over fsdp on their model
@@ -38,24 +40,57 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
+def check_mesh(ch: checks.Checks, devices: int) -> dict[str, int] | None:
+  """The `mesh` section against `devices`, one line per problem (`checks.py`); each axis's size when it fits."""
+  axes = {}
+  for name in MESH_AXES:
+    key = f"mesh.{name}"
+    if not ch.number(key, integer=True):
+      continue
+    if ch.value(key) >= 1 or ch.value(key) == -1:
+      axes[name] = ch.value(key)
+    else:
+      ch.fail(key, "must be >= 1, or -1 for the devices left")
+  if not ch.number("mesh.num_devices", lo=0, hi=devices, integer=True) or len(axes) < len(MESH_AXES):
+    return None
+  n = ch.value("mesh.num_devices") or devices
+  known = math.prod(v for v in axes.values() if v != -1)
+  shown = ", ".join(f"{k}={v}" for k, v in axes.items())
+  if list(axes.values()).count(-1) > 1:
+    ch.lines.append(f"mesh ({shown}): at most one axis may be -1")
+    return None
+  if (-1 in axes.values() and n % known) or (-1 not in axes.values() and known != n):
+    ch.lines.append(
+      f"mesh ({shown}) does not fit the {n} devices in use (mesh.num_devices={ch.value('mesh.num_devices')})"
+    )
+    return None
+  return {k: (n // known if v == -1 else v) for k, v in axes.items()}
+
+
+def check_rules(ch: checks.Checks) -> None:
+  """`sharding_rules`: each a [logical axis, mesh axis or axes] pair."""
+  for rule in ch.value("sharding_rules") if ch.has("sharding_rules") else ():
+    targets = rule[1] if len(rule) == 2 else None
+    names = (targets,) if isinstance(targets, str) else tuple(targets or ())
+    if len(rule) != 2 or set(names) - set(MESH_AXES):
+      ch.lines.append(f"sharding_rules: {list(rule)} is not [logical axis, mesh axis or axes among {MESH_AXES}]")
+
+
 def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A mesh over `devices` (default: all) with axes data, fsdp, tensor; one size may be -1 ("the rest")."""
+  """A mesh over `devices` (default: all) with axes data, fsdp, tensor (1 where not given); one size may be -1
+  ("the rest")."""
   devices = list(devices if devices is not None else jax.devices())
   unknown = set(axes) - set(MESH_AXES)
   if unknown:
     raise ValueError(f"mesh axes {sorted(unknown)} are not among {MESH_AXES}")
-  sizes = [int(axes.get(name, 1)) for name in MESH_AXES]
-  if sizes.count(-1) > 1:
-    raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes, strict=True))}")
-  known = math.prod(s for s in sizes if s != -1)
-  named = lambda: dict(zip(MESH_AXES, sizes, strict=True))
-  if -1 in sizes:
-    if len(devices) % known:
-      raise ValueError(f"{len(devices)} devices do not divide into mesh {named()}")
-    sizes[sizes.index(-1)] = len(devices) // known
-  if math.prod(sizes) != len(devices):
-    raise ValueError(f"mesh {named()} needs {math.prod(sizes)} devices, have {len(devices)}")
-  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+  section = {**{name: int(axes.get(name, 1)) for name in MESH_AXES}, "num_devices": 0}
+  sizes = checks.raise_problems("mesh", section, lambda ch: check_mesh(ch, len(devices)))
+  return jax.make_mesh(
+    tuple(sizes[name] for name in MESH_AXES),
+    MESH_AXES,
+    axis_types=(jax.sharding.AxisType.Auto,) * 3,
+    devices=devices,
+  )
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], rules=None, shape=None, mesh=None) -> P:

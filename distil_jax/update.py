@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from distil_jax import losses, sharding
+from distil_jax import checks, losses, sharding
 from distil_jax import model as model_lib
 from distil_jax import token_terms as tt
 
@@ -38,17 +38,28 @@ class UpdateSpec:
   score_max_staleness: int = 0  # DistIL's score term only on rollouts at most this many iterations old
 
 
+def check_section(ch: checks.Checks) -> None:
+  """The `optim` section, one line per problem (`checks.py`)."""
+  ch.number("optim.lr", lo=0, lo_open=True)
+  ch.number("optim.lr_warmup_steps", lo=0, integer=True)
+  ch.enum("optim.schedule", ("constant", "cosine"))
+  ch.number("optim.b1", lo=0, hi=1, hi_open=True)
+  ch.number("optim.b2", lo=0, hi=1, hi_open=True)
+  ch.number("optim.eps", lo=0, lo_open=True)
+  ch.number("optim.weight_decay", lo=0)
+  ch.number("optim.max_grad_norm", lo=0, lo_open=True)
+
+
 def make_optimizer(cfg, total_updates: int) -> optax.GradientTransformation:
   """AdamW with global-norm clipping; linear warmup, then constant or cosine decay (config `optim`)."""
+  checks.raise_problems("optim", cfg, check_section)
   warmup = min(cfg.lr_warmup_steps, max(total_updates - 1, 0))
   if cfg.schedule == "cosine":
     lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(total_updates, warmup + 1))
-  elif cfg.schedule == "constant":  # always a schedule, so the optimizer state has one structure
+  else:  # "constant": always a schedule, so the optimizer state has one structure
     lr = optax.join_schedules(
       [optax.linear_schedule(0.0, cfg.lr, max(warmup, 1)), optax.constant_schedule(cfg.lr)], [warmup]
     )
-  else:
-    raise ValueError(f"optim.schedule={cfg.schedule!r}; expected constant or cosine")
   return optax.chain(
     optax.clip_by_global_norm(cfg.max_grad_norm),
     optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),

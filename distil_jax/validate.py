@@ -6,13 +6,15 @@ every divisibility the sharded batches need and every enum is checked up front, 
 passes, and each failure is one line naming the key as it is written on the command line (`checks.py`), all
 failures at once so that one run shows everything to fix.
 
-Checks that depend on what the loss can estimate (temperature or top-p against the loss kind, group sizes for
-baselines) live in `_loss_checks`, beside the ranges of the `loss` section.
+A section with a typed value states its checks once, beside that value (`model`, `loss`, `mesh`, `sampling`,
+`expert`, `optim`: each module's `check_section`), and the value runs them again on itself when it is built. This
+module runs them all, checks the sections the loop reads directly (task, tokenizer, train, eval, buffer,
+checkpoint, log), and what one section needs of another (a loss's group size, sampler and teacher: `_loss_checks`;
+the batch sizes the mesh must divide: `_train_checks`).
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 
@@ -20,9 +22,7 @@ from distil_jax import experts
 from distil_jax.checks import Checks
 from distil_jax.errors import ConfigError, DataError
 
-EXPERT_KINDS = ("oracle", "self", "model", "http")
 TOKENIZER_TYPES = ("char", "bpe", "unigram", "word")
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 MODES = ("train", "eval", "export")
 
 
@@ -32,6 +32,8 @@ def config(cfg, *, mode: str = "train", devices: int | None = None, processes: i
   `devices` / `processes` default to this JAX runtime's (the mesh and per-process splits are checked against them).
   Nothing is read or written but the paths the config names (which must exist).
   """
+  from distil_jax import sampler, sharding, update
+
   if mode not in MODES:
     raise ValueError(f"mode={mode!r}; expected one of {MODES}")
   if devices is None or processes is None:
@@ -42,15 +44,17 @@ def config(cfg, *, mode: str = "train", devices: int | None = None, processes: i
   ch = Checks(cfg)
   _task_checks(ch)
   _model_checks(ch, mode)
-  rows = _mesh_checks(ch, devices)
-  _sampling_checks(ch)
-  _expert_checks(ch)
+  sizes = sharding.check_mesh(ch, devices)
+  sharding.check_rules(ch)
+  rows = sizes["data"] * sizes["fsdp"] if sizes else 0  # batches are split over data x fsdp
+  sampler.check_section(ch)
+  experts.check_section(ch)
   _loss_checks(ch)
-  _optim_checks(ch)
+  update.check_section(ch)
   _train_checks(ch, mode, rows, processes)
   for key in ("log.progress", "log.tensorboard"):
     ch.flag(key)
-  ch.enum("export.dtype", COMPUTE_DTYPES)
+  ch.enum("export.dtype", ("float32", "bfloat16", "float16"))
   ch.number("seed", integer=True)
   if ch.lines:
     raise ConfigError("\n".join(ch.lines))
@@ -78,7 +82,6 @@ def _task_checks(ch: Checks) -> None:
 
 
 def _model_checks(ch: Checks, mode: str) -> None:
-  from distil_jax import attention
   from distil_jax import model as model_lib
 
   if ch.has("tokenizer.path") and ch.value("tokenizer.path") and not os.path.exists(ch.value("tokenizer.path")):
@@ -91,172 +94,31 @@ def _model_checks(ch: Checks, mode: str) -> None:
     choice = ch.value("tokenizer.chat_template")
     if not isinstance(choice, str) or (choice not in ("auto", "none") and not os.path.isfile(choice)):
       ch.fail("tokenizer.chat_template", "must be 'auto', 'none' or the path of a Jinja file")
-  ch.enum("model.dtype", COMPUTE_DTYPES)
-  ch.enum("model.remat", tuple(model_lib.REMAT_POLICIES))
-  ch.enum("model.attention", attention.IMPLEMENTATIONS)
   ch.count("model.vocab_multiple")
-  hf_path = ch.value("model.hf_path") if ch.has("model.hf_path") else ""
+  hf_path = ch.get("model.hf_path", "")
   if hf_path:
-    _hf_folder(ch, "model.hf_path")
-    return  # the architecture comes from the checkpoint's config.json
-  init_from = ch.value("model.init_from") if ch.has("model.init_from") else ""
-  if init_from and mode == "train" and not os.path.isdir(os.path.join(init_from, "checkpoints")):
+    ch.checkpoint_folder("model.hf_path")
+  init_from = ch.get("model.init_from", "")
+  if init_from and not hf_path and mode == "train" and not os.path.isdir(os.path.join(init_from, "checkpoints")):
     ch.fail("model.init_from", "not a workdir of this library (no checkpoints folder in it)")
-  ch.enum("model.arch", model_lib.ARCHS)
-  ch.flag("model.tie_word_embeddings")
-  ch.number("model.rope_theta", lo=0, lo_open=True)
-  sizes = [ch.count(f"model.{k}") for k in ("hidden_size", "intermediate_size", "num_hidden_layers")]
-  heads = ch.count("model.num_attention_heads") and ch.count("model.num_key_value_heads")
-  if heads and ch.value("model.num_attention_heads") % ch.value("model.num_key_value_heads"):
-    ch.fail(
-      "model.num_key_value_heads", f"must divide model.num_attention_heads ({ch.value('model.num_attention_heads')})"
-    )
-  if not (ch.number("model.head_dim", lo=0, integer=True) and sizes[0] and heads):
-    return
-  head_dim, hidden, n_heads = (ch.value(f"model.{k}") for k in ("head_dim", "hidden_size", "num_attention_heads"))
-  if not head_dim and hidden % n_heads:
-    ch.fail("model.hidden_size", f"must be divisible by model.num_attention_heads ({n_heads}) when model.head_dim=0")
-  elif (head_dim or hidden // n_heads) % 2:
-    ch.fail("model.head_dim" if head_dim else "model.hidden_size", "gives an odd head size; RoPE rotates pairs")
-
-
-def _hf_folder(ch: Checks, key: str) -> None:
-  path = ch.value(key)
-  weights = ("model.safetensors", "model.safetensors.index.json")
-  if not os.path.isfile(os.path.join(path, "config.json")):
-    ch.fail(key, "not a Hugging Face checkpoint folder (no config.json in it)")
-  elif not any(os.path.isfile(os.path.join(path, w)) for w in weights):
-    ch.fail(key, f"holds neither {' nor '.join(weights)}")
-
-
-def _mesh_checks(ch: Checks, devices: int) -> int:
-  """Checks the mesh against `devices`; returns the number of batch shards (data x fsdp), 0 when unknown."""
-  from distil_jax import sharding
-
-  axes = {}
-  for name in sharding.MESH_AXES:
-    key = f"mesh.{name}"
-    if not ch.number(key, integer=True):
-      continue
-    if ch.value(key) >= 1 or ch.value(key) == -1:
-      axes[name] = ch.value(key)
-    else:
-      ch.fail(key, "must be >= 1, or -1 for the devices left")
-  if not ch.number("mesh.num_devices", lo=0, hi=devices, integer=True) or len(axes) < len(sharding.MESH_AXES):
-    return 0
-  n = ch.value("mesh.num_devices") or devices
-  known = math.prod(v for v in axes.values() if v != -1)
-  shown = ", ".join(f"{k}={v}" for k, v in axes.items())
-  if list(axes.values()).count(-1) > 1:
-    ch.lines.append(f"mesh ({shown}): at most one axis may be -1")
-    return 0
-  if (-1 in axes.values() and n % known) or (-1 not in axes.values() and known != n):
-    ch.lines.append(
-      f"mesh ({shown}) does not fit the {n} devices in use (mesh.num_devices={ch.value('mesh.num_devices')})"
-    )
-    return 0
-  sizes = {k: (n // known if v == -1 else v) for k, v in axes.items()}
-  if ch.has("sharding_rules"):
-    for rule in ch.value("sharding_rules"):
-      targets = rule[1] if len(rule) == 2 else None
-      names = (targets,) if isinstance(targets, str) else tuple(targets or ())
-      if len(rule) != 2 or set(names) - set(sharding.MESH_AXES):
-        ch.lines.append(
-          f"sharding_rules: {list(rule)} is not [logical axis, mesh axis or axes among {sharding.MESH_AXES}]"
-        )
-  return sizes["data"] * sizes["fsdp"]
-
-
-def _sampling_checks(ch: Checks) -> None:
-  ch.count("sampling.max_new_tokens")
-  ch.count("sampling.max_prompt_tokens")
-  ch.number("sampling.temperature", lo=0, lo_open=True)
-  ch.number("sampling.top_k", lo=0, integer=True)
-  ch.number("sampling.top_p", lo=0, hi=1, lo_open=True)
-  if not ch.has("sampling.prompt_buckets"):
-    return
-  buckets = ch.value("sampling.prompt_buckets")
-  ok = isinstance(buckets, Sequence) and buckets and all(isinstance(b, int) and b >= 1 for b in buckets)
-  if not ok:
-    ch.fail("sampling.prompt_buckets", "must be a non-empty list of positive prompt lengths")
-  elif ch.count("sampling.max_prompt_tokens") and max(buckets) > ch.value("sampling.max_prompt_tokens"):
-    ch.fail(
-      "sampling.prompt_buckets",
-      f"the largest bucket exceeds sampling.max_prompt_tokens ({ch.value('sampling.max_prompt_tokens')}): a prompt "
-      "sampled in full would be stored and trained truncated",
-    )
-
-
-def _expert_checks(ch: Checks) -> None:
-  if not ch.enum("expert.kind", EXPERT_KINDS):
-    return
-  kind = ch.value("expert.kind")
-  ch.count("expert.top_k")
-  ch.count("expert.max_prompt_tokens")
-  ch.template("expert.reprompt", ["prompt", "feedback"])
-  ch.number("expert.ema_decay", lo=0, hi=1)
-  if kind == "oracle":
-    ch.number("expert.smoothing", lo=0, hi=1, lo_open=True, hi_open=True)
-  feedback_ok = ch.enum("expert.feedback", experts.FEEDBACK)
-  if feedback_ok and ch.value("expert.feedback") != "any" and kind not in ("self", "model"):
-    # the same refusal as experts.make_expert, before any work: only device experts read siblings or references
-    fb = ch.value("expert.feedback")
-    ch.fail("expert.feedback", f"{fb!r} needs a device expert (expert.kind self or model), not {kind!r}")
-  if kind == "model":
-    path = ch.value("expert.model_path") if ch.has("expert.model_path") else ""
-    if not path:
-      ch.fail("expert.model_path", "expert.kind='model' needs a Hugging Face checkpoint folder")
-    else:
-      _hf_folder(ch, "expert.model_path")
-  if kind == "http":
-    url = ch.value("expert.url") if ch.has("expert.url") else ""
-    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-      ch.fail("expert.url", "expert.kind='http' needs the server's http:// or https:// address")
-    timeout_ok = ch.number("expert.timeout_s", lo=0, lo_open=True)
-    if ch.number("expert.deadline_s", lo=0, lo_open=True) and timeout_ok:
-      if ch.value("expert.deadline_s") < ch.value("expert.timeout_s"):
-        ch.fail("expert.deadline_s", f"must be >= expert.timeout_s={ch.value('expert.timeout_s')} (one try fits in it)")
-    ch.number("expert.max_retries", lo=0, integer=True)
-    ch.number("expert.backoff_s", lo=0)
-    ch.number("expert.max_reply_mb", lo=0, lo_open=True)
-    ch.count("expert.concurrency")
-    if ch.has("expert.tokenizer_probe") and not ch.value("expert.tokenizer_probe"):
-      ch.fail("expert.tokenizer_probe", "must be a non-empty text (the tokenizer check sends it)")
+  model_lib.check_section(ch, architecture=not hf_path)  # a checkpoint's config.json gives its architecture
 
 
 def _loss_checks(ch: Checks) -> None:
-  """The `loss` section's ranges and enums, and what each loss needs from the rest of the config."""
+  """The `loss` section's own checks (`losses.check_section`), and what each loss needs from the other sections."""
   from distil_jax import losses
 
-  kind_ok = ch.enum("loss.kind", losses.KINDS)
-  ch.enum("loss.baseline", losses.BASELINES)
-  ch.enum("loss.normalize", losses.NORMALIZATIONS)
-  ch.enum("loss.cost", ("ce", "kl"))
-  ch.enum("loss.topk_tail", ("bucket", "renorm"))
-  ch.enum("loss.terminal", ("free", "hold"))
-  ch.number("loss.clip_eps", lo=0, lo_open=True)
-  if ch.has("loss.teacher_temperature") and ch.value("loss.teacher_temperature") is not None:
-    ch.number("loss.teacher_temperature", lo=0, lo_open=True)
-    if ch.value("loss.teacher_temperature") != 1 and ch.value("expert.kind") in ("oracle", "http"):
-      ch.fail(
-        "loss.teacher_temperature",
-        f"applies to self and model teachers only; expert.kind={ch.value('expert.kind')!r} gives top-k log-probs "
-        "that no temperature is applied to (leave it unset or 1)",
-      )
-  ch.number("loss.jsd_beta", lo=0, hi=1)
-  ch.number("loss.kl_coef", lo=0)
-  ch.number("loss.std_eps", lo=0, lo_open=True)
-  ch.count("loss.chunk_size")
-  ch.number("loss.distil_weight", lo=0)
-  ch.number("loss.distil_weight_decay_iterations", lo=0, integer=True)
-  if ch.number("loss.student_topk", lo=0, integer=True) and ch.value("loss.student_topk"):
-    if ch.value("expert.kind") not in ("self", "model"):
-      ch.fail("loss.student_topk", "needs a teacher on the device (expert.kind self or model) to read its mass")
-    if ch.value("loss.kind") not in ("reverse_kl", "jsd"):
-      ch.fail(
-        "loss.student_topk",
-        "applies to loss.kind reverse_kl (SDPO) or jsd: a forward CE over buckets that move with theta is not J",
-      )
+  losses.check_section(ch)
+  kind_ok = ch.get("loss.kind") in losses.KINDS
+  if ch.get("loss.teacher_temperature") not in (None, 1) and ch.get("expert.kind") in ("oracle", "http"):
+    ch.fail(
+      "loss.teacher_temperature",
+      f"applies to self and model teachers only; expert.kind={ch.value('expert.kind')!r} gives top-k log-probs "
+      "that no temperature is applied to (leave it unset or 1)",
+    )
+  topk = ch.get("loss.student_topk")
+  if isinstance(topk, int) and topk > 0 and ch.get("expert.kind") not in ("self", "model"):
+    ch.fail("loss.student_topk", "needs a teacher on the device (expert.kind self or model) to read its mass")
   if not (kind_ok and ch.count("train.group_size")):
     return
   kind, group = ch.value("loss.kind"), ch.value("train.group_size")
@@ -286,17 +148,6 @@ def _loss_checks(ch: Checks) -> None:
   if kind in ("grpo", "distil_grpo") and mix:
     name = "GRPO" if kind == "grpo" else f"loss.kind={kind!r}"
     ch.fail("buffer.mix", f"{name} is on-policy: stale buffer rows would bias it (leave it unset, or 0)")
-
-
-def _optim_checks(ch: Checks) -> None:
-  ch.number("optim.lr", lo=0, lo_open=True)
-  ch.number("optim.lr_warmup_steps", lo=0, integer=True)
-  ch.enum("optim.schedule", ("constant", "cosine"))
-  ch.number("optim.b1", lo=0, hi=1, hi_open=True)
-  ch.number("optim.b2", lo=0, hi=1, hi_open=True)
-  ch.number("optim.eps", lo=0, lo_open=True)
-  ch.number("optim.weight_decay", lo=0)
-  ch.number("optim.max_grad_norm", lo=0, lo_open=True)
 
 
 def _train_checks(ch: Checks, mode: str, rows: int, processes: int) -> None:
