@@ -162,7 +162,7 @@ def loss_config(config, tok, expert) -> losses.LossConfig:
   return losses.LossConfig(
     **{**config.loss, "teacher_temperature": teacher_temperature},
     policy_temperature=config.sampling.temperature,
-    vocab_size=tok.vocab_size,
+    vocab_limit=tok.vocab_size,
     baseline_parts=2 if expert.reads_siblings else 1,
   )
 
@@ -256,7 +256,7 @@ def learner(config, run: Run) -> Learner:
   total_updates = c.train.iterations * c.train.updates_per_iteration
   tx = update.make_optimizer(c.optim, total_updates)
   loss_cfg = loss_config(c, run.tok, expert)
-  reference = loss_cfg.kind in ("grpo", "distil_grpo") and loss_cfg.kl_coef > 0
+  reference = loss_cfg.kind in losses.REWARDED and loss_cfg.kl_coef > 0
   spec = update.UpdateSpec(
     loss_cfg,
     labels=experts.labels(expert),

@@ -35,11 +35,16 @@ from distil_jax import token_terms as tt
 from distil_jax.token_terms import HiddenTeacher, Samples, TopK  # noqa: F401  (public target types)
 
 KINDS = ("distil", "tokenwise_fce", "reverse_kl", "jsd", "grpo", "sft", "distil_grpo")
+# What each kind is, in one place (the checks, the loop and the update read these):
+SEQUENCE_LEVEL = ("distil", "distil_grpo")  # DistIL's score term: the reward-to-go of the costs, a LOO baseline
+REWARDED = ("grpo", "distil_grpo")  # a group-relative advantage of the verifier's reward: groups of >= 2
+USES_RATIO = ("distil", "grpo", "distil_grpo")  # the losses whose estimator compares log pi with the sampler's
+ON_POLICY = ("grpo", "reverse_kl", "jsd", "distil_grpo")  # trained on fresh rollouts unless buffer.mix says otherwise
+NO_TEACHER = ("grpo", "sft")  # read no expert distribution
+OVER_STUDENT_TOPK = ("reverse_kl", "jsd")  # may be taken over the student's top k ids (loss.student_topk)
 BASELINES = ("none", "loo")
 NORMALIZATIONS = ("auto", "sequence", "token", "sequence_token_mean")
 _PUBLISHED_NORMALIZATION = {"grpo": "sequence_token_mean", "sft": "token"}  # every other kind: "sequence"
-USES_RATIO = ("distil", "grpo", "distil_grpo")  # the losses whose estimator compares log pi with the sampler's
-ON_POLICY = ("grpo", "reverse_kl", "jsd", "distil_grpo")  # trained on fresh rollouts unless buffer.mix says otherwise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +59,7 @@ class LossConfig:
   clip_eps: float = 0.2  # PPO ratio clipping for the score term (distil, grpo)
   teacher_temperature: float = 1.0  # dense teachers: q = softmax(logits / teacher_temperature)
   policy_temperature: float = 1.0  # the student: pi = softmax(logits / policy_temperature) (sampling temperature)
-  vocab_size: int = 0  # ids >= vocab_size (LM-head padding) have probability 0; 0: all rows are real ids
+  vocab_limit: int = 0  # ids >= vocab_limit (LM-head padding) have probability 0; 0: all rows are real ids
   topk_tail: str = "bucket"  # top-k teachers: "bucket" (coarsened, tail mass kept) or "renorm"
   jsd_beta: float = 0.5
   kl_coef: float = 0.0  # grpo: weight of the k3 KL estimate to a frozen reference policy
@@ -95,13 +100,13 @@ class LossConfig:
       teacher_temperature=self.teacher_temperature,
       jsd_beta=self.jsd_beta,
       policy_temperature=self.policy_temperature,
-      vocab_size=self.vocab_size,
+      vocab_limit=self.vocab_limit,
       student_topk=self.student_topk,
     )
 
   @property
   def needs_teacher(self) -> bool:
-    return self.kind not in ("grpo", "sft")
+    return self.kind not in NO_TEACHER
 
   def distil_weight_at(self, iteration):
     """distil_grpo's weight on DistIL at a DAgger iteration (1-based): `distil_weight`, falling linearly to 0 over
@@ -132,7 +137,7 @@ def check_section(ch: checks.Checks) -> None:
   ch.number("loss.distil_weight", lo=0)
   ch.number("loss.distil_weight_decay_iterations", lo=0, integer=True)
   topk_ok = ch.number("loss.student_topk", lo=0, integer=True)
-  if topk_ok and kind_ok and ch.value("loss.student_topk") and ch.value("loss.kind") not in ("reverse_kl", "jsd"):
+  if topk_ok and kind_ok and ch.value("loss.student_topk") and ch.value("loss.kind") not in OVER_STUDENT_TOPK:
     ch.fail(
       "loss.student_topk",
       "applies to loss.kind reverse_kl (SDPO) or jsd: a forward CE over buckets that move with theta is not J",

@@ -83,7 +83,7 @@ def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = No
   unknown = set(axes) - set(MESH_AXES)
   if unknown:
     raise ValueError(f"mesh axes {sorted(unknown)} are not among {MESH_AXES}")
-  section = {**{name: int(axes.get(name, 1)) for name in MESH_AXES}, "num_devices": 0}
+  section = {**{name: int(axes.get(name, 1)) for name in MESH_AXES}, "num_devices": len(devices)}
   sizes = checks.raise_problems("mesh", section, lambda ch: check_mesh(ch, len(devices)))
   return jax.make_mesh(
     tuple(sizes[name] for name in MESH_AXES),

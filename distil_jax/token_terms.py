@@ -60,7 +60,7 @@ class TermOptions:
   teacher_temperature: float = 1.0  # dense teachers: q = softmax(logits / teacher_temperature)
   jsd_beta: float = 0.5
   policy_temperature: float = 1.0  # the student: pi = softmax(logits / policy_temperature), the sampler's policy
-  vocab_size: int = 0  # ids >= vocab_size have probability 0 (0: every row of the LM head is a real id)
+  vocab_limit: int = 0  # ids >= vocab_limit have probability 0 (0: every row of the LM head is a real id)
   student_topk: int = 0  # dense teachers: buckets = the student's top k ids + a tail (SDPO); 0: the vocabulary
 
   def __post_init__(self):
@@ -70,13 +70,13 @@ class TermOptions:
     object.__setattr__(self, "terms", tuple(sorted(self.terms)))
 
 
-def restrict(logits, temperature: float, vocab_size: int):
-  """float32 logits / temperature, with ids >= vocab_size masked out (see the module docstring)."""
+def restrict(logits, temperature: float, vocab_limit: int):
+  """float32 logits / temperature, with ids >= vocab_limit masked out (see the module docstring)."""
   z = logits.astype(jnp.float32)
   if temperature != 1.0:
     z = z / temperature
-  if vocab_size and vocab_size < z.shape[-1]:
-    z = jnp.where(jnp.arange(z.shape[-1]) < vocab_size, z, _MASKED)
+  if vocab_limit and vocab_limit < z.shape[-1]:
+    z = jnp.where(jnp.arange(z.shape[-1]) < vocab_limit, z, _MASKED)
   return z
 
 
@@ -126,7 +126,7 @@ def _buckets(z, lse, kind, arrays, opts: TermOptions, dense_log_q=None):
   `dense_log_q`: the expert's whole log-distribution behind top-k targets, when known (its tail is then taken in
   log space, finite however small, where 1 - sum q_k would round to 0 for a confident teacher)."""
   if kind == "dense":
-    log_q = jax.nn.log_softmax(restrict(arrays[0], opts.teacher_temperature, opts.vocab_size), axis=-1)
+    log_q = jax.nn.log_softmax(restrict(arrays[0], opts.teacher_temperature, opts.vocab_limit), axis=-1)
     if opts.student_topk:  # SDPO: the student's k likeliest ids (chosen without gradient) and one tail bucket
       ids = jax.lax.top_k(jax.lax.stop_gradient(z), opts.student_topk)[1]
       topk = (ids, jnp.take_along_axis(log_q, ids, axis=-1))
@@ -148,7 +148,7 @@ def _buckets(z, lse, kind, arrays, opts: TermOptions, dense_log_q=None):
   # Tail bucket: the real vocabulary minus the listed ids. It exists only when the ids do not cover it.
   vocab = z.shape[-1]
   n_valid = jnp.sum(valid, axis=-1)
-  has_tail = n_valid < (opts.vocab_size or vocab)
+  has_tail = n_valid < (opts.vocab_limit or vocab)
   drop = jnp.where(valid, ids, vocab)  # out-of-range index: dropped by the scatter
   b, c = jnp.meshgrid(jnp.arange(z.shape[0]), jnp.arange(z.shape[1]), indexing="ij")
   # A boolean scatter (1 byte per entry) and a `where` that fuses into the reduction: no second float block.
@@ -211,8 +211,8 @@ def _sanitize(kind, arrays, mask, vocab):
 
 def _block_terms(z, tokens, kind, arrays, opts: TermOptions, mask=None):
   """All requested [B,c] terms from one block of raw float32 student logits z [B,c,V]."""
-  arrays = _sanitize(kind, arrays, mask, opts.vocab_size or z.shape[-1])
-  z = restrict(z, opts.policy_temperature, opts.vocab_size)
+  arrays = _sanitize(kind, arrays, mask, opts.vocab_limit or z.shape[-1])
+  z = restrict(z, opts.policy_temperature, opts.vocab_limit)
   lse = jax.nn.logsumexp(z, axis=-1)
   log_pi = z - lse[..., None]
   out = {

@@ -166,7 +166,7 @@ def loss_fn(params, batch, teacher_params, ref_params, iteration, *, graphdef, t
     ref_logprobs = _reference_logprobs(ref_params, graphdef, prompts, pmask, responses, cfg)
   fresh = (iteration - batch["iteration"]) <= spec.score_max_staleness
   own = None  # rows whose expert read their own response (a distil row's score weight is then its whole cost)
-  if cfg.kind in ("distil", "distil_grpo") and "whole_response_credit" in batch:
+  if cfg.kind in losses.SEQUENCE_LEVEL and "whole_response_credit" in batch:
     own = _rows(batch["whole_response_credit"], g)
   return losses.compute_loss(
     cfg,

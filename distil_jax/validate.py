@@ -122,7 +122,7 @@ def _loss_checks(ch: Checks) -> None:
   if not (kind_ok and ch.count("train.group_size")):
     return
   kind, group = ch.value("loss.kind"), ch.value("train.group_size")
-  if kind in ("distil", "distil_grpo") and ch.value("loss.baseline") == "loo":
+  if kind in losses.SEQUENCE_LEVEL and ch.value("loss.baseline") == "loo":
     if group < 2:
       ch.fail("train.group_size", "loss.baseline='loo' needs at least 2 responses per prompt")
     elif experts.reads_siblings(ch.config.expert) and (group < 4 or group % 2):
@@ -132,7 +132,7 @@ def _loss_checks(ch: Checks) -> None:
         f"{ch.value('expert.feedback')!r} needs an even group of >= 4 (the baseline is taken within each half of a "
         "group, the feedback from the other; expert.feedback='reference' reads no sibling)",
       )
-  if kind in ("grpo", "distil_grpo") and group < 2:
+  if kind in losses.REWARDED and group < 2:
     why = "needs at least 2 responses per prompt (its advantage is 0 otherwise)"
     ch.fail("train.group_size", f"loss.kind={kind!r} {why}")
   # Settings under which a loss's estimator would be biased (losses.py: the policy is the sampler's).
@@ -145,7 +145,7 @@ def _loss_checks(ch: Checks) -> None:
           "be biased: sample with a temperature alone",
         )
   mix = ch.value("buffer.mix")
-  if kind in ("grpo", "distil_grpo") and mix:
+  if kind in losses.REWARDED and mix:  # a group-relative advantage of stale rows would be biased
     name = "GRPO" if kind == "grpo" else f"loss.kind={kind!r}"
     ch.fail("buffer.mix", f"{name} is on-policy: stale buffer rows would bias it (leave it unset, or 0)")
 

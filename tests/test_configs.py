@@ -10,8 +10,9 @@ import pytest
 from flax import nnx
 from run_helpers import ROOT, load_config
 
-from distil_jax import build, config_base, losses, sharding, validate
+from distil_jax import build, config_base, experts, losses, sharding, update, validate
 from distil_jax import model as model_lib
+from distil_jax.errors import ConfigError
 from experiments import smollm2
 
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -61,3 +62,37 @@ def test_config_loads_and_builds(name, arg):
 def test_all_configs_and_presets_are_covered():
   assert {"arith", "math", "code", "science"} <= set(CONFIGS)
   assert {"runlocal", "compare", "compare_self"} <= set(_presets("arith")) and "real" in _presets("math")
+
+
+TYPED_SECTIONS = [  # a bad value, the start of the one line naming it, and the section's typed value built from it
+  ({"loss.kind": "x"}, "loss.kind='x'", lambda c: losses.LossConfig(**c.loss)),
+  ({"loss.jsd_beta": 2.0}, "loss.jsd_beta=2.0", lambda c: losses.LossConfig(**c.loss)),
+  ({"model.remat": "some"}, "model.remat='some'", lambda c: build.model_config(c, vocab_size=50)),
+  ({"model.num_key_value_heads": 3}, "model.num_key_value_heads=3", lambda c: build.model_config(c, vocab_size=50)),
+  (
+    {"mesh.fsdp": 3},
+    "mesh (data=1, fsdp=3, tensor=1)",
+    lambda c: sharding.make_mesh({k: v for k, v in c.mesh.items() if k != "num_devices"}, jax.devices()[:1]),
+  ),
+  ({"optim.lr": -1.0}, "optim.lr=-1.0", lambda c: update.make_optimizer(c.optim, 10)),
+  ({"expert.kind": "http"}, "expert.url=''", lambda c: experts.make_expert(c.expert, None, None)),
+  (
+    {"expert.kind": "oracle", "expert.feedback": "sibling"},
+    "expert.feedback='sibling'",
+    lambda c: experts.make_expert(c.expert, None, None),
+  ),
+]
+
+
+@pytest.mark.parametrize("overrides,start,make", TYPED_SECTIONS, ids=[" ".join(o) for o, _, _ in TYPED_SECTIONS])
+def test_a_typed_section_refuses_a_bad_value_with_the_line_validation_prints(overrides, start, make):
+  """A section's checks are written once: the typed value built from a bad config (an update's optimizer, a loss
+  built by hand) refuses it with exactly the line that validation before work prints for it."""
+  config = load_config("arith", **overrides)
+  with pytest.raises(ConfigError) as before_work:
+    validate.config(config, devices=1, processes=1)
+  (line,) = str(before_work.value).splitlines()
+  assert line.startswith(start + ":") or line.startswith(start + " ")
+  with pytest.raises(ValueError) as built:
+    make(config)
+  assert str(built.value) == line

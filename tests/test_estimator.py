@@ -91,12 +91,12 @@ def test_fresh_rollouts_have_ratio_one_at_temperature_07(kind):
   tok = types.SimpleNamespace(vocab_size=REAL_VOCAB)
   expert = types.SimpleNamespace(reads_siblings=False, on_device=False)
   loss_cfg = build.loss_config(_loop_config(**{"loss.kind": kind}), tok, expert)
-  assert (loss_cfg.policy_temperature, loss_cfg.vocab_size) == (0.7, REAL_VOCAB)
+  assert (loss_cfg.policy_temperature, loss_cfg.vocab_limit) == (0.7, REAL_VOCAB)
   m = _first_update_metrics(dataclasses.replace(loss_cfg, chunk_size=4), graphdef, params, batch, mesh)
   np.testing.assert_allclose(m["ratio_mean"], 1.0, atol=2e-5)
   assert m["clip_fraction"] == 0.0
   np.testing.assert_allclose(m["logp"], batch["logprobs"].mean(), rtol=1e-5)
-  old = dataclasses.replace(loss_cfg, policy_temperature=1.0, vocab_size=0, chunk_size=4)
+  old = dataclasses.replace(loss_cfg, policy_temperature=1.0, vocab_limit=0, chunk_size=4)
   m_old = _first_update_metrics(old, graphdef, params, batch, mesh)
   assert m_old["clip_fraction"] > 0.1, m_old["clip_fraction"]
 
@@ -113,7 +113,7 @@ def test_padded_vocabulary_is_outside_both_distributions():
   ids = jnp.asarray(rng.integers(0, REAL_VOCAB, (4, 6, 3)), jnp.int32)
   topk = (ids, jnp.full((4, 6, 3), np.log(0.2), jnp.float32))
   for target, target_real in [(teacher, teacher[..., :REAL_VOCAB]), (topk, topk)]:
-    padded = lambda z, t=target: losses.distil_loss(z, t, tokens, mask, group_size=2, baseline="loo", vocab_size=43)
+    padded = lambda z, t=target: losses.distil_loss(z, t, tokens, mask, group_size=2, baseline="loo", vocab_limit=43)
     real = lambda z, t=target_real: losses.distil_loss(z, t, tokens, mask, group_size=2, baseline="loo")
     (v_pad, g_pad), (v_real, g_real) = jax.value_and_grad(padded)(z), jax.value_and_grad(real)(z[..., :REAL_VOCAB])
     np.testing.assert_allclose(v_pad, v_real, rtol=1e-6)
@@ -218,7 +218,7 @@ def test_grpo_kl_to_a_frozen_reference_on_device():
   policy is the reference); the second's k3 estimate equals one computed from two plain forward passes."""
   mesh, graphdef, params = _peaked_policy(scale=1.0)
   batch = _fresh_batch(graphdef, params, temperature=1.0)
-  loss_cfg = losses.LossConfig(kind="grpo", kl_coef=0.1, chunk_size=4, vocab_size=REAL_VOCAB)
+  loss_cfg = losses.LossConfig(kind="grpo", kl_coef=0.1, chunk_size=4, vocab_limit=REAL_VOCAB)
   tx = update.make_optimizer(
     types.SimpleNamespace(
       lr=3e-2, lr_warmup_steps=0, schedule="constant", b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, max_grad_norm=1.0
