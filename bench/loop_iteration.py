@@ -76,7 +76,7 @@ def ours(args) -> dict:
   state = update.init_state(tx, run.params, mesh)
   spec = update.UpdateSpec(build.loss_config(config, tok, expert), labels="device")
   step = update.make_update(run.graphdef, tx, spec, state_shardings=jax.tree.map(lambda x: x.sharding, state))
-  sampling = rollout_lib.sampling_config(config, tok)
+  sampling = rollout_lib.sampling_config(config.sampling, tok)
   sampling = sampling.__class__(**{**sampling.__dict__, "eos_id": None, "stop_ids": ()})  # exactly --new tokens
   problems = [run.task.problems("train")[i] for i in range(args.prompts)]
   layout = rollout_lib.layout(config, expert)
@@ -85,12 +85,12 @@ def ours(args) -> dict:
     for it in range(1, 2 + args.steady):
       t0 = time.perf_counter()
       r = rollout_lib.rollout(
-        run.graphdef, state["params"], problems, jax.random.key(it), config=config, tok=tok, task=run.task,
-        mesh=mesh, samples_per_prompt=args.group, sampling_cfg=sampling,
+        run.graphdef, state["params"], problems, jax.random.key(it), tok=tok, add_bos=config.tokenizer.add_bos,
+        task=run.task, mesh=mesh, samples_per_prompt=args.group, sampling_cfg=sampling,
       )  # fmt: skip
       t1 = time.perf_counter()
       labels, _ = expert.label(r)
-      groups = rollout_lib.group_records(r, labels, it, config=config, tok=tok, layout=layout)
+      groups = rollout_lib.group_records(r, labels, it, tok=tok, layout=layout)
       t2 = time.perf_counter()
       for k in range(args.updates):
         rows = slice((k * args.batch_groups) % args.prompts, (k * args.batch_groups) % args.prompts + args.batch_groups)

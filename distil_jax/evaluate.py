@@ -87,9 +87,9 @@ def evaluate_policy(graphdef, params, rng, *, config, tok, task, mesh, samples=N
     )
   prompts = prompts[: e.num_prompts]
   mine = prompts[jax.process_index() :: jax.process_count()]
-  base = rollout_lib.sampling_config(config, tok)
+  base = rollout_lib.sampling_config(config.sampling, tok)
   sample = functools.partial(
-    rollout_lib.rollout, graphdef, params, mine, rng, config=config, tok=tok, task=task, mesh=mesh
+    rollout_lib.rollout, graphdef, params, mine, rng, tok=tok, add_bos=config.tokenizer.add_bos, task=task, mesh=mesh
   )
   r = sample(samples_per_prompt=e.samples, sampling_cfg=dataclasses.replace(base, temperature=e.temperature))
   correct = [[v.correct for v in row] for row in r.verdicts]

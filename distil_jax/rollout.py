@@ -43,10 +43,10 @@ def sample(graphdef, params, prompt_ids, rng, *, buckets, pad_id, mesh, samples_
   return tuple(_local(x, mesh) for x in (out.tokens, out.logprobs, out.lengths))
 
 
-def rollout(graphdef, params, problems, rng, *, config, tok, task, mesh, samples_per_prompt, sampling_cfg):
+def rollout(graphdef, params, problems, rng, *, tok, add_bos, task, mesh, samples_per_prompt, sampling_cfg):
   """Sample `samples_per_prompt` responses to each problem, decode them and ask the task for verdicts."""
-  s = config.sampling
-  ids, full_prompt, full_mask = prompt_rows(problems, config=config, tok=tok)
+  s = sampling_cfg
+  ids, full_prompt, full_mask = prompt_rows(problems, tok=tok, add_bos=add_bos, width=s.max_prompt_tokens)
   tokens, logprobs, lengths = sample(
     graphdef,
     params,
@@ -56,7 +56,7 @@ def rollout(graphdef, params, problems, rng, *, config, tok, task, mesh, samples
     pad_id=tok.pad_id,
     mesh=mesh,
     samples_per_prompt=samples_per_prompt,
-    sampling_cfg=sampling_cfg,
+    sampling_cfg=s,
   )
   bp, g, n = len(problems), samples_per_prompt, s.max_new_tokens
   mask = (np.arange(n)[None] < lengths[:, None]).astype(np.int32)
@@ -74,10 +74,12 @@ def rollout(graphdef, params, problems, rng, *, config, tok, task, mesh, samples
   )
 
 
-def sampling_config(config, tok) -> sampler.SamplingConfig:
-  s = config.sampling
+def sampling_config(s, tok) -> sampler.SamplingConfig:
+  """The config's `sampling` section as the sampler and the rollout read it, with the tokenizer's stops and ids."""
   return sampler.SamplingConfig(
     max_new_tokens=s.max_new_tokens,
+    prompt_buckets=tuple(s.prompt_buckets),
+    max_prompt_tokens=s.max_prompt_tokens,
     temperature=s.temperature,
     top_k=s.top_k,
     top_p=s.top_p,
@@ -98,13 +100,12 @@ def reference_rows(problems, n: int, tok) -> tuple[np.ndarray, np.ndarray]:
   return tokens, mask
 
 
-def prompt_rows(problems, *, config, tok, width=None, key="sampling.max_prompt_tokens"):
-  """Prompt ids, and (tokens, mask) left-padded to `width` (default: sampling.max_prompt_tokens, the buffer's).
+def prompt_rows(problems, *, tok, add_bos, width, key="sampling.max_prompt_tokens"):
+  """Prompt ids, and (tokens, mask) left-padded to `width` (the buffer's: sampling.max_prompt_tokens).
 
   A prompt longer than `width` is an error naming the config key `key`: the loop never trains on a cut prompt.
   """
-  width = width or config.sampling.max_prompt_tokens
-  ids = [tok.prompt_ids(p.prompt, config.tokenizer.add_bos) for p in problems]
+  ids = [tok.prompt_ids(p.prompt, add_bos) for p in problems]
   longest = max(len(i) for i in ids)
   if longest > width:
     raise ValueError(f"a prompt of {longest} tokens does not fit {key}={width}")
@@ -123,9 +124,9 @@ def layout(config, expert) -> dict:
   )
 
 
-def group_records(r: experts.Rollouts, labels: dict, iteration: int, *, config, tok, layout) -> dict[str, np.ndarray]:
+def group_records(r: experts.Rollouts, labels: dict, iteration: int, *, tok, layout) -> dict[str, np.ndarray]:
   """One buffer row per prompt group: the rollouts, the expert's labels, and the expert's own response (SFT)."""
-  sft_tokens, sft_mask = reference_rows(r.problems, config.sampling.max_new_tokens, tok)
+  sft_tokens, sft_mask = reference_rows(r.problems, r.tokens.shape[-1], tok)
   reward = np.array([[v.reward for v in row] for row in r.verdicts], np.float32)
   rows = {
     "prompt_tokens": r.prompt_tokens,

@@ -54,6 +54,8 @@ class SamplingConfig:
   vocab_limit: int | None = None  # ids >= this are never sampled (model rows past the tokenizer: padding)
   cache_segments: int = 4  # while loops over growing response caches: more read fewer empty slots, compile more
   check_every: int = 8  # decode steps between the checks for "every row has ended"
+  prompt_buckets: tuple[int, ...] = (64,)  # prompts are left-padded to the smallest that holds them
+  max_prompt_tokens: int = 64  # the width prompts are stored at (the buffer's rows)
 
 
 class Generation(NamedTuple):

@@ -212,7 +212,7 @@ class Loop:
     self.prompts = data.prompt_stream(
       run.task.problems("train"), seed=c.seed, per_iteration=c.train.prompts_per_iteration
     )
-    self.sampling_cfg = rollout_lib.sampling_config(c, run.tok)
+    self.sampling_cfg = rollout_lib.sampling_config(c.sampling, run.tok)
     # The last completed iteration, what a stop at a signal saves: (iteration, buffer rows, sampled tokens).
     self.done = (self.start, self.buf.rows, self.sampled_tokens)
 
@@ -314,8 +314,8 @@ class Loop:
       self.state["params"],
       self.prompts[it - 1],
       jax.random.fold_in(self.rollout_keys, it),
-      config=c,
       tok=run.tok,
+      add_bos=c.tokenizer.add_bos,
       task=run.task,
       mesh=run.mesh,
       samples_per_prompt=c.train.group_size,
@@ -325,7 +325,7 @@ class Loop:
   def label(self, r, it: int):
     """(one buffer row per prompt group, with the expert's labels; the expert's figures)."""
     labels, figures = self.learner.expert.label(r)
-    groups = rollout_lib.group_records(r, labels, it, config=self.config, tok=self.run.tok, layout=self.layout)
+    groups = rollout_lib.group_records(r, labels, it, tok=self.run.tok, layout=self.layout)
     return groups, dict(figures)
 
   def aggregate(self, groups) -> tuple:

@@ -88,7 +88,7 @@ def warmup_batch(problems, *, config, tok) -> dict[str, np.ndarray]:
   width, key = config.sampling.max_prompt_tokens, "sampling.max_prompt_tokens"
   if config.train.warmup_reprompt_fraction:  # re-prompts are longer: pad every row to the expert's width
     width, key = max(width, config.expert.max_prompt_tokens), "expert.max_prompt_tokens (warm-up re-prompts)"
-  _, prompt, pmask = prompt_rows(problems, config=config, tok=tok, width=width, key=key)
+  _, prompt, pmask = prompt_rows(problems, tok=tok, add_bos=config.tokenizer.add_bos, width=width, key=key)
   sft_tokens, sft_mask = reference_rows(problems, config.sampling.max_new_tokens, tok)
   b = len(problems)
   rows = {

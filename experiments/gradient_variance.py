@@ -102,12 +102,12 @@ def measure(c, workdir, minibatches):
       rows = {"distil": [], "tokenwise_fce": []}
       for m in range(minibatches):
         r = rollout.rollout(
-          run.graphdef, params, stream[m], jax.random.fold_in(jax.random.key(c.seed + 7919), m), config=c,
-          tok=run.tok, task=run.task, mesh=run.mesh, samples_per_prompt=c.train.group_size,
-          sampling_cfg=rollout.sampling_config(c, run.tok),
+          run.graphdef, params, stream[m], jax.random.fold_in(jax.random.key(c.seed + 7919), m),
+          tok=run.tok, add_bos=c.tokenizer.add_bos, task=run.task, mesh=run.mesh, samples_per_prompt=c.train.group_size,
+          sampling_cfg=rollout.sampling_config(c.sampling, run.tok),
         )  # fmt: skip
         labels, _ = expert.label(r)
-        rows_ = rollout.group_records(r, labels, step, config=c, tok=run.tok, layout=rollout.layout(c, expert))
+        rows_ = rollout.group_records(r, labels, step, tok=run.tok, layout=rollout.layout(c, expert))
         batch = data.to_global(rows_, run.mesh)
         for kind, fn in grads.items():
           g, _ = fn(params, batch, teacher, jnp.int32(step))

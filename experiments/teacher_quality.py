@@ -88,13 +88,13 @@ def main(_):
   params, meta = (run.params, {"iteration": "start"}) if FLAGS.start else run.restore_params()
   problems = evaluate.held_out(run.task, c.eval.split)[: c.eval.num_prompts]
   g = FLAGS.samples
-  base = rollout.sampling_config(c, run.tok)
+  base = rollout.sampling_config(c.sampling, run.tok)
   template, width = c.expert.reprompt, c.expert.max_prompt_tokens
   fits = lambda text: len(run.tok.prompt_ids(text, c.tokenizer.add_bos)) <= width
   keys = jax.random.split(jax.random.key(c.seed), 6)
   with sharding.use(run.mesh, run.rules):
     r = rollout.rollout(
-      run.graphdef, params, problems, keys[0], config=c, tok=run.tok, task=run.task, mesh=run.mesh,
+      run.graphdef, params, problems, keys[0], tok=run.tok, add_bos=c.tokenizer.add_bos, task=run.task, mesh=run.mesh,
       samples_per_prompt=g, sampling_cfg=base,
     )  # fmt: skip
     student = np.array([[v.correct for v in row] for row in r.verdicts], np.float64)

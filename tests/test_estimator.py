@@ -176,7 +176,9 @@ def test_teacher_rows_are_student_rows_of_the_reprompt():
   texts, _ = experts.reprompt_texts(r, template)
   for j in range(2):
     reprompted = Problem(texts[0][j], None)
-    _, student_row, student_mask = rollout.prompt_rows([reprompted], config=config, tok=tok)
+    _, student_row, student_mask = rollout.prompt_rows(
+      [reprompted], tok=tok, add_bos=config.tokenizer.add_bos, width=config.sampling.max_prompt_tokens
+    )
     np.testing.assert_array_equal(labels["teacher_tokens"][0, j], student_row[0])
     np.testing.assert_array_equal(labels["teacher_mask"][0, j], student_mask[0])
     assert labels["teacher_tokens"][0, j, -int(student_mask.sum())] == tok.bos_id
@@ -191,8 +193,9 @@ def test_long_reprompts_are_unlabelled_not_cut():
   assert labels["teacher_mask"][0, 1].sum() == 0
   assert figures["rollout/teacher_truncated"] == 0.5
   with pytest.raises(ValueError, match="sampling.max_prompt_tokens=8"):
+    config = _loop_config(**{"sampling.max_prompt_tokens": 8})
     rollout.prompt_rows(
-      [Problem("What is 3+4? " * 3, None)], config=_loop_config(**{"sampling.max_prompt_tokens": 8}), tok=tok
+      [Problem("What is 3+4? " * 3, None)], tok=tok, add_bos=False, width=config.sampling.max_prompt_tokens
     )
   with pytest.raises(ValueError, match="prompt_buckets"):
     _validate(_loop_config(**{"sampling.prompt_buckets": (16, 64)}))

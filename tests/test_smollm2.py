@@ -99,17 +99,17 @@ def test_one_distil_update_with_the_self_expert_lowers_its_loss(folder, tmp_path
       state["params"],
       [run.task.problems("train")[i] for i in range(2)],
       jax.random.key(1),
-      config=config,
       tok=run.tok,
+      add_bos=config.tokenizer.add_bos,
       task=run.task,
       mesh=run.mesh,
       samples_per_prompt=4,
-      sampling_cfg=rollout_lib.sampling_config(config, run.tok),
+      sampling_cfg=rollout_lib.sampling_config(config.sampling, run.tok),
     )
     labels, _ = expert.label(r)
     assert labels["teacher_valid"].sum() > 0
     layout = rollout_lib.layout(config, expert)
-    batch = data.to_global(rollout_lib.group_records(r, labels, 1, config=config, tok=run.tok, layout=layout), run.mesh)
+    batch = data.to_global(rollout_lib.group_records(r, labels, 1, tok=run.tok, layout=layout), run.mesh)
     state, first = step(state, batch, None, jnp.int32(1))
     state, second = step(state, batch, None, jnp.int32(1))
   first, second = jax.device_get((first, second))

@@ -1,0 +1,20 @@
+#!/bin/bash
+# Experiment 5 (experiments/README.md): the real-model protocol in the background, niced and killed first under memory
+# pressure. The same command starts it and resumes it after a session ends (finished runs are read back, a stopped
+# run continues from its last checkpoint). First the three methods behind the paper's central claims (sequence-level
+# credit against tokenwise; DistIL against RLVR) on one-step problems with sibling feedback, so that one table
+# completes in a few sessions; then every method and setting.
+#   setsid experiments/smollm2_protocol.sh ~/distil-real >> ~/distil-real/orchestrator.log 2>&1 < /dev/null &
+# Stop it with `kill -TERM` to the orchestrator (experiments.arith_comparison): its run saves and exits.
+set -u
+work=${1:-$HOME/distil-real}
+mkdir -p "$work"
+echo 1000 > /proc/self/oom_score_adj
+echo 19 > /proc/self/autogroup 2>/dev/null  # nice alone does not lower a job in its own session against other sessions
+cd "$(dirname "$0")/.."
+nice -n 19 python -m experiments.arith_comparison --task smollm2 --expert sibling \
+  --methods DistIL "tokenwise FCE" GRPO --out "$work/results_core" --workdir "$work" || exit 1
+for e in sibling reference hard hard_reference; do
+  nice -n 19 python -m experiments.arith_comparison --task smollm2 --expert "$e" --out "$work/results" \
+    --workdir "$work" || exit 1
+done
