@@ -306,18 +306,9 @@ def distil_loss(
   options: any LossConfig field, e.g. baseline="loo", cost="kl", terminal="hold", policy_temperature=0.7.
   Returns the scalar, or (scalar, metrics) with `with_metrics=True`.
   """
-  return _entry(
-    "distil",
-    options,
-    with_metrics,
-    teacher=teacher,
-    tokens=tokens,
-    mask=mask,
-    logits=student_logits,
-    group_size=group_size,
-    behaviour_logprobs=behaviour_logprobs,
-    whole_response_credit=whole_response_credit,
-  )
+  rows = dict(group_size=group_size, behaviour_logprobs=behaviour_logprobs, whole_response_credit=whole_response_credit)
+  inputs = dict(teacher=teacher, tokens=tokens, mask=mask, logits=student_logits)
+  return _entry("distil", options, with_metrics, **inputs, **rows)
 
 
 def fused_distil_loss(
@@ -334,19 +325,9 @@ def fused_distil_loss(
   **options,
 ):
   """`distil_loss(hidden @ lm_head, ...)` in value and gradient, without a [B,T,V] array (chunked, recomputed)."""
-  return _entry(
-    "distil",
-    options,
-    with_metrics,
-    teacher=teacher,
-    tokens=tokens,
-    mask=mask,
-    hidden=hidden,
-    lm_head=lm_head,
-    group_size=group_size,
-    behaviour_logprobs=behaviour_logprobs,
-    whole_response_credit=whole_response_credit,
-  )
+  rows = dict(group_size=group_size, behaviour_logprobs=behaviour_logprobs, whole_response_credit=whole_response_credit)
+  student = dict(hidden=hidden, lm_head=lm_head)
+  return _entry("distil", options, with_metrics, teacher=teacher, tokens=tokens, mask=mask, **student, **rows)
 
 
 def tokenwise_fce_loss(student_logits, teacher, tokens, mask, *, with_metrics=False, **options):
@@ -382,19 +363,8 @@ def grpo_loss(
   """GRPO as published (DeepSeekMath): group-normalised advantages (r - mean) / (std + eps) with the unbiased group
   std, PPO-clipped ratio, per-response token mean then batch mean (normalize="token" for DAPO's token-level mean),
   optional k3 KL to a reference policy (kl_coef, ref_logprobs)."""
-  return _entry(
-    "grpo",
-    options,
-    with_metrics,
-    teacher=None,
-    tokens=tokens,
-    mask=mask,
-    logits=student_logits,
-    group_size=group_size,
-    rewards=rewards,
-    behaviour_logprobs=behaviour_logprobs,
-    ref_logprobs=ref_logprobs,
-  )
+  rows = dict(group_size=group_size, rewards=rewards, behaviour_logprobs=behaviour_logprobs, ref_logprobs=ref_logprobs)
+  return _entry("grpo", options, with_metrics, teacher=None, tokens=tokens, mask=mask, logits=student_logits, **rows)
 
 
 def sft_loss(student_logits, tokens, mask, *, with_metrics=False, **options):
