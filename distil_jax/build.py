@@ -230,7 +230,7 @@ class Run:
 @dataclasses.dataclass
 class Learner:
   """How the student learns in this run: the expert that labels its states (and a `model` expert's teacher), the
-  optimizer laid out for `total_updates`, the update's spec, and whether the state keeps a frozen reference policy
+  optimizer laid out for `total_updates`, the update's spec, and whether the state keeps a frozen policy
   (GRPO's KL term)."""
 
   expert: object
@@ -238,12 +238,12 @@ class Learner:
   teacher_params: object
   tx: object
   total_updates: int
-  reference: bool
+  frozen_policy: bool
   spec: update.UpdateSpec
 
   def init_state(self, config, params, mesh):
-    """A fresh train state on the mesh: the parameters, the optimizer's moments, an EMA teacher and a reference."""
-    return update.init_state(self.tx, params, mesh, ema=_ema(config), ref=self.reference)
+    """A fresh train state on the mesh: the parameters, the optimizer's moments, an EMA teacher and the frozen policy."""
+    return update.init_state(self.tx, params, mesh, ema=_ema(config), ref=self.frozen_policy)
 
 
 def learner(config, run: Run) -> Learner:
@@ -256,12 +256,12 @@ def learner(config, run: Run) -> Learner:
   total_updates = c.train.iterations * c.train.updates_per_iteration
   tx = update.make_optimizer(c.optim, total_updates)
   loss_cfg = loss_config(c, run.tok, expert)
-  reference = loss_cfg.kind in losses.REWARDED and loss_cfg.kl_coef > 0
+  frozen_policy = loss_cfg.kind in losses.REWARDED and loss_cfg.kl_coef > 0  # GRPO's KL is taken to it
   spec = update.UpdateSpec(
     loss_cfg,
     labels=experts.labels(expert),
     ema_decay=c.expert.ema_decay,
-    reference=reference,
+    frozen_policy=frozen_policy,
     use_behaviour_logprobs=c.train.use_behaviour_logprobs,
     score_max_staleness=c.train.score_max_staleness,
   )
@@ -269,4 +269,4 @@ def learner(config, run: Run) -> Learner:
     raise ConfigError(
       f"loss.kind='sft' and train.warmup_steps need reference solutions; task {run.task.name!r} has none"
     )
-  return Learner(expert, teacher_graphdef, teacher_params, tx, total_updates, reference, spec)
+  return Learner(expert, teacher_graphdef, teacher_params, tx, total_updates, frozen_policy, spec)

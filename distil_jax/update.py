@@ -33,7 +33,7 @@ class UpdateSpec:
   # update over the batch's re-prompts, with a model expert's parameters, else the student's EMA or live ones (self).
   labels: str
   ema_decay: float = 0.0  # self: 0 means the live parameters are the teacher
-  reference: bool = False  # grpo with kl_coef > 0: state["ref"] holds the frozen reference policy
+  frozen_policy: bool = False  # grpo with kl_coef > 0: state["ref"] holds the policy its KL term is taken to
   use_behaviour_logprobs: bool = True  # off-policy ratio from the sampler's log-probs
   score_max_staleness: int = 0  # DistIL's score term only on rollouts at most this many iterations old
 
@@ -162,7 +162,7 @@ def loss_fn(params, batch, teacher_params, ref_params, iteration, *, graphdef, t
   if spec.use_behaviour_logprobs and cfg.kind in losses.USES_RATIO:
     behaviour = _rows(batch["logprobs"], g)
   ref_logprobs = None
-  if spec.reference:
+  if spec.frozen_policy:
     ref_logprobs = _reference_logprobs(ref_params, graphdef, prompts, pmask, responses, cfg)
   fresh = (iteration - batch["iteration"]) <= spec.score_max_staleness
   own = None  # rows whose expert read their own response (a distil row's score weight is then its whole cost)

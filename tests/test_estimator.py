@@ -229,7 +229,7 @@ def test_grpo_kl_to_a_frozen_reference_on_device():
     10,
   )
   state = update.init_state(tx, params, mesh, ref=True)
-  step = update.make_update(graphdef, tx, update.UpdateSpec(loss_cfg, labels="topk", reference=True))
+  step = update.make_update(graphdef, tx, update.UpdateSpec(loss_cfg, labels="topk", frozen_policy=True))
   state, m1 = step(state, batch, None, jnp.int32(0))
   assert float(m1["kl_ref"]) == 0.0
   moved = jax.device_get(state["params"])
