@@ -15,7 +15,7 @@ import jax
 from absl import logging
 from flax import nnx
 
-from distil_jax import checkpoint, experts, hf, losses, metrics, sharding, tasks, update, validate
+from distil_jax import checkpoint, checks, experts, hf, losses, metrics, sharding, tasks, update, validate
 from distil_jax import model as model_lib
 from distil_jax import tokenizer as tok_lib
 from distil_jax.errors import CheckpointError, ConfigError, InputError
@@ -59,22 +59,8 @@ def model_config(config, vocab_size: int) -> model_lib.ModelConfig:
   """The student's architecture from the `model` section; the LM head has the tokenizer's `vocab_size` ids rounded
   up to `model.vocab_multiple` rows (the matmuls' tiles), and the padding rows are never sampled."""
   m = config.model
-  multiple = m.vocab_multiple
-  return model_lib.ModelConfig(
-    vocab_size=-(-vocab_size // multiple) * multiple,
-    hidden_size=m.hidden_size,
-    intermediate_size=m.intermediate_size,
-    num_hidden_layers=m.num_hidden_layers,
-    num_attention_heads=m.num_attention_heads,
-    num_key_value_heads=m.num_key_value_heads,
-    head_dim=m.head_dim or None,
-    arch=m.arch,
-    rope_theta=m.rope_theta,
-    tie_word_embeddings=m.tie_word_embeddings,
-    dtype=m.dtype,
-    remat=m.remat,
-    attention=m.attention,
-  )
+  rows = -(-vocab_size // m.vocab_multiple) * m.vocab_multiple
+  return checks.typed(model_lib.ModelConfig, m, vocab_size=rows, head_dim=m.head_dim or None)
 
 
 def make_policy(config, tok, mesh, rules):
@@ -159,8 +145,10 @@ def loss_config(config, tok, expert) -> losses.LossConfig:
   teacher_temperature = config.loss.teacher_temperature
   if teacher_temperature is None:
     teacher_temperature = config.sampling.temperature if expert.on_device else 1.0
-  return losses.LossConfig(
-    **{**config.loss, "teacher_temperature": teacher_temperature},
+  return checks.typed(
+    losses.LossConfig,
+    config.loss,
+    teacher_temperature=teacher_temperature,
     policy_temperature=config.sampling.temperature,
     vocab_limit=tok.vocab_size,
     baseline_parts=2 if expert.reads_siblings else 1,
@@ -242,7 +230,7 @@ class Learner:
   spec: update.UpdateSpec
 
   def init_state(self, config, params, mesh):
-    """A fresh train state on the mesh: the parameters, the optimizer's moments, an EMA teacher and the frozen policy."""
+    """A fresh train state on the mesh: parameters, optimizer moments, an EMA teacher and the frozen policy."""
     return update.init_state(self.tx, params, mesh, ema=_ema(config), ref=self.frozen_policy)
 
 

@@ -8,6 +8,7 @@ before work starts, and the section's typed value runs its own over itself when 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -114,3 +115,10 @@ def raise_problems(section: str, values, check: Callable[[Checks], object]):
   if ch.lines:
     raise ValueError("\n".join(ch.lines))
   return out
+
+
+def typed(cls, section, **derived):
+  """A section's typed value: `cls` built from the section's keys that name its fields, and the values the run
+  derives (these win). The one way a config section becomes a dataclass, so a new key reaches its value by name."""
+  names = {f.name for f in dataclasses.fields(cls)}
+  return cls(**{**{k: v for k, v in section.items() if k in names}, **derived})

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from distil_jax import batch, data, experts, sampler, sharding
+from distil_jax import batch, checks, data, experts, sampler, sharding
 
 
 def _local(array, mesh):
@@ -76,13 +76,10 @@ def rollout(graphdef, params, problems, rng, *, tok, add_bos, task, mesh, sample
 
 def sampling_config(s, tok) -> sampler.SamplingConfig:
   """The config's `sampling` section as the sampler and the rollout read it, with the tokenizer's stops and ids."""
-  return sampler.SamplingConfig(
-    max_new_tokens=s.max_new_tokens,
+  return checks.typed(
+    sampler.SamplingConfig,
+    s,
     prompt_buckets=tuple(s.prompt_buckets),
-    max_prompt_tokens=s.max_prompt_tokens,
-    temperature=s.temperature,
-    top_k=s.top_k,
-    top_p=s.top_p,
     eos_id=tok.eos_id,
     stop_ids=tok.stop_ids,
     pad_id=tok.pad_id,
