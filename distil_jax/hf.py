@@ -30,7 +30,7 @@ _ARCH_TO_HF = {
   "qwen3": "Qwen3ForCausalLM",
 }
 _HF_TO_ARCH = {v: k for k, v in _ARCH_TO_HF.items()}
-_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}  # save_hf: export.dtype
 
 
 def config_from_hf(hf: dict[str, Any], **overrides) -> model_lib.ModelConfig:
@@ -200,8 +200,8 @@ def save_hf(
   model, config: model_lib.ModelConfig, path: str, *, dtype: str = "bfloat16", max_shard_bytes: int = 4 << 30
 ) -> None:
   """Write `config.json` and safetensors (sharded with an index above `max_shard_bytes`) that transformers loads."""
-  if dtype not in _DTYPES:
-    raise ValueError(f"dtype={dtype!r}; expected one of {sorted(_DTYPES)}")
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype={dtype!r}; expected one of {sorted(DTYPES)}")
   os.makedirs(path, exist_ok=True)
   params = nnx.state(model, nnx.Param).to_pure_dict()
   tensors = {}
@@ -209,7 +209,7 @@ def save_hf(
     array = np.asarray(jax.device_get(leaf), np.float32)
     for name, layer, transpose in _hf_names(keys, array.shape):
       one = array if layer is None else array[layer]
-      tensors[name] = np.ascontiguousarray(one.T if transpose else one).astype(_DTYPES[dtype])
+      tensors[name] = np.ascontiguousarray(one.T if transpose else one).astype(DTYPES[dtype])
   shards, current, size = [], {}, 0
   for name in sorted(tensors):
     nbytes = tensors[name].nbytes

@@ -32,7 +32,7 @@ def config(cfg, *, mode: str = "train", devices: int | None = None, processes: i
   `devices` / `processes` default to this JAX runtime's (the mesh and per-process splits are checked against them).
   Nothing is read or written but the paths the config names (which must exist).
   """
-  from distil_jax import sampler, sharding, update
+  from distil_jax import hf, sampler, sharding, update
 
   if mode not in MODES:
     raise ValueError(f"mode={mode!r}; expected one of {MODES}")
@@ -54,7 +54,7 @@ def config(cfg, *, mode: str = "train", devices: int | None = None, processes: i
   _train_checks(ch, mode, rows, processes)
   for key in ("log.progress", "log.tensorboard"):
     ch.flag(key)
-  ch.enum("export.dtype", ("float32", "bfloat16", "float16"))
+  ch.enum("export.dtype", tuple(hf.DTYPES))  # what save_hf writes
   ch.number("seed", integer=True)
   if ch.lines:
     raise ConfigError("\n".join(ch.lines))
@@ -117,7 +117,7 @@ def _loss_checks(ch: Checks) -> None:
       "that no temperature is applied to (leave it unset or 1)",
     )
   topk = ch.get("loss.student_topk")
-  if isinstance(topk, int) and topk > 0 and ch.get("expert.kind") not in ("self", "model"):
+  if isinstance(topk, int) and topk > 0 and ch.get("expert.kind") not in experts.ON_DEVICE:
     ch.fail("loss.student_topk", "needs a teacher on the device (expert.kind self or model) to read its mass")
   if not (kind_ok and ch.count("train.group_size")):
     return

@@ -37,6 +37,7 @@ from distil_jax.tasks.base import Problem, Verdict
 from distil_jax.tokenizer import Tokenizer
 
 KINDS = ("oracle", "self", "model", "http")
+ON_DEVICE = ("self", "model")  # the teacher runs in the update, on the re-prompts (`DeviceExpert`)
 
 
 def check_section(ch: Checks) -> None:
@@ -50,7 +51,7 @@ def check_section(ch: Checks) -> None:
   ch.number("expert.ema_decay", lo=0, hi=1)
   if kind == "oracle":
     ch.number("expert.smoothing", lo=0, hi=1, lo_open=True, hi_open=True)
-  if ch.enum("expert.feedback", FEEDBACK) and ch.value("expert.feedback") != "any" and kind not in ("self", "model"):
+  if ch.enum("expert.feedback", FEEDBACK) and ch.value("expert.feedback") != "any" and kind not in ON_DEVICE:
     fb = ch.value("expert.feedback")  # only a teacher on the device reads siblings or references
     ch.fail("expert.feedback", f"{fb!r} needs a device expert (expert.kind self or model), not {kind!r}")
   if kind == "model":
@@ -80,7 +81,7 @@ def make_expert(cfg, task, tokenizer: Tokenizer, add_bos: bool = False):
   checks.raise_problems("expert", cfg, check_section)
   if cfg.kind == "oracle":
     return OracleExpert(task.oracle, tokenizer, cfg.top_k, cfg.smoothing)
-  if cfg.kind in ("self", "model"):
+  if cfg.kind in ON_DEVICE:
     return DeviceExpert(tokenizer, cfg.reprompt, cfg.max_prompt_tokens, cfg.feedback, add_bos)
   return HttpExpert(tokenizer, cfg, add_bos)
 
@@ -96,6 +97,7 @@ __all__ = [
   "DeviceExpert",
   "ExpertError",
   "KINDS",
+  "ON_DEVICE",
   "HttpExpert",
   "OracleExpert",
   "Problem",
