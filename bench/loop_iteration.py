@@ -74,8 +74,8 @@ def ours(args) -> dict:
   expert = experts.make_expert(config.expert, run.task, tok, config.tokenizer.add_bos)
   tx = update.make_optimizer(config.optim, 2 * args.updates)
   state = update.init_state(tx, run.params, mesh)
-  spec = update.UpdateSpec(build.loss_config(config, tok, expert), labels="device")
-  step = update.make_update(run.graphdef, tx, spec, state_shardings=jax.tree.map(lambda x: x.sharding, state))
+  options = update.UpdateOptions(build.loss_config(config, tok, expert), labels="device")
+  step = update.make_update(run.graphdef, tx, options, state_shardings=jax.tree.map(lambda x: x.sharding, state))
   sampling = rollout_lib.sampling_config(config.sampling, tok)
   sampling = sampling.__class__(**{**sampling.__dict__, "eos_id": None, "stop_ids": ()})  # exactly --new tokens
   problems = [run.task.problems("train")[i] for i in range(args.prompts)]

@@ -39,7 +39,7 @@ def build(cfg: model_lib.ModelConfig, batch: int, seq: int, topk: int, mesh):
   step = update.make_update(
     graphdef,
     tx,
-    update.UpdateSpec(losses.LossConfig(kind="distil"), labels="topk"),
+    update.UpdateOptions(losses.LossConfig(kind="distil"), labels="topk"),
     state_shardings=jax.tree.map(lambda x: x.sharding, state),
   )
   p, n, g = seq // 2, seq - seq // 2, 2

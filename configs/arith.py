@@ -19,12 +19,12 @@ def get_config(arg: str | None = None):
   if arg in ("compare", "compare_self", "compare_self_live", "compare_self_sibling", "compare_self_reference"):
     c.task.eval_size = 640
     c.eval.update(every=10, num_prompts=256, samples=8, split="validation")
-    c.train.update(iterations=40, warmup_steps=300)
+    c.train.update(iterations=40, bc_steps=300)
     c.checkpoint.every = 40
     c.log.progress = False
     if arg.startswith("compare_self"):  # the student re-prompted with the verifier's feedback is the expert
       c.expert.update(kind="self", max_prompt_tokens=96)
-      c.train.warmup_reprompt_fraction = 0.5
+      c.train.bc_reprompt_fraction = 0.5
       # A teacher that moves with every update collapses together with the student (README, "Results"); an EMA
       # of the student's parameters (time constant ~100 updates) keeps it anchored. `_live` is the collapsing one.
       c.expert.ema_decay = 0.0 if arg == "compare_self_live" else 0.99

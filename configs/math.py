@@ -1,5 +1,5 @@
 """Math word problems. The defaults run on a CPU in a few minutes: generated problems, a ~0.6M-parameter model, a
-SentencePiece tokenizer trained on the task's text, the task's oracle expert, a behaviour-cloning warm-up (DAgger's
+SentencePiece tokenizer trained on the task's text, the task's oracle expert, behaviour cloning (DAgger's
 round 0), then DistIL.
 
   python -m distil_jax.main --config=configs/math.py --workdir=/tmp/math
@@ -20,7 +20,7 @@ def get_config(arg: str | None = None):
   c.tokenizer.update(model_type="bpe", vocab_size=192, split_digits=True)
   c.sampling.update(max_prompt_tokens=32, prompt_buckets=(32,), max_new_tokens=32)
   c.train.update(
-    iterations=60, warmup_steps=250, prompts_per_iteration=16, group_size=8, updates_per_iteration=4, batch_groups=8
+    iterations=60, bc_steps=250, prompts_per_iteration=16, group_size=8, updates_per_iteration=4, batch_groups=8
   )
   c.eval.update(every=20, num_prompts=128, samples=8)
   c.checkpoint.every = 20
@@ -72,7 +72,7 @@ def smollm2(c):
   c.loss.kind = "distil"
   c.optim.update(lr=1e-5, lr_warmup_steps=2, weight_decay=0.0)
   c.train.update(
-    iterations=10, warmup_steps=0, prompts_per_iteration=8, group_size=8, updates_per_iteration=2, batch_groups=2
+    iterations=10, bc_steps=0, prompts_per_iteration=8, group_size=8, updates_per_iteration=2, batch_groups=2
   )
   c.eval.update(every=5, num_prompts=32, samples=4, pass_at=(1, 4), temperature=0.7, log_samples=1)
   c.checkpoint.every = 1

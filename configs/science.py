@@ -16,7 +16,7 @@ def get_config(arg: str | None = None):
   c.tokenizer.update(model_type="bpe", vocab_size=192)
   c.sampling.update(max_prompt_tokens=48, prompt_buckets=(48,), max_new_tokens=24)
   c.expert.update(kind="self", max_prompt_tokens=128)
-  c.train.update(iterations=60, warmup_steps=150, warmup_reprompt_fraction=0.5)
+  c.train.update(iterations=60, bc_steps=150, bc_reprompt_fraction=0.5)
   c.eval.update(every=10, num_prompts=64, samples=4, pass_at=(1, 4))
   if arg == "runlocal":
     config_base.runlocal(c)

@@ -5,7 +5,7 @@ One row per prompt group; a batch stacks Bg rows. Per row:
   tokens, mask, logprobs      [G,N]    G sampled responses (pad after EOS), mask (EOS included), the sampler's log-probs
   reward                      [G]      the task's verdicts
   iteration                   []       the DAgger iteration that sampled the row (staleness of the score term)
-  sft_tokens, sft_mask        [N]      the expert's own response (SFT and the behaviour-cloning warm-up)
+  sft_tokens, sft_mask        [N]      the expert's own response (SFT and behaviour cloning)
 and the expert's labels, by kind of expert:
   "topk"    target_ids, target_logprobs  [G,N,K]  top-k (or one-hot) next-token targets; -inf pads a list, and a
                                                   response whose every list is empty is unlabelled (not in the loss)

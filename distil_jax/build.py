@@ -218,7 +218,7 @@ class Run:
 @dataclasses.dataclass
 class Learner:
   """How the student learns in this run: the expert that labels its states (and a `model` expert's teacher), the
-  optimizer laid out for `total_updates`, the update's spec, and whether the state keeps a frozen policy
+  optimizer laid out for `total_updates`, the update's options, and whether the state keeps a frozen policy
   (GRPO's KL term)."""
 
   expert: object
@@ -227,7 +227,7 @@ class Learner:
   tx: object
   total_updates: int
   frozen_policy: bool
-  spec: update.UpdateSpec
+  options: update.UpdateOptions
 
   def init_state(self, config, params, mesh):
     """A fresh train state on the mesh: parameters, optimizer moments, an EMA teacher and the frozen policy."""
@@ -235,7 +235,7 @@ class Learner:
 
 
 def learner(config, run: Run) -> Learner:
-  """The expert, the teacher, the optimizer and the update's spec of a run built by `Run.build`."""
+  """The expert, the teacher, the optimizer and the update's options of a run built by `Run.build`."""
   c = config
   expert = experts.make_expert(c.expert, run.task, run.tok, c.tokenizer.add_bos)
   teacher_graphdef, teacher_params = None, None
@@ -245,7 +245,7 @@ def learner(config, run: Run) -> Learner:
   tx = update.make_optimizer(c.optim, total_updates)
   loss_cfg = loss_config(c, run.tok, expert)
   frozen_policy = loss_cfg.kind in losses.REWARDED and loss_cfg.kl_coef > 0  # GRPO's KL is taken to it
-  spec = update.UpdateSpec(
+  options = update.UpdateOptions(
     loss_cfg,
     labels=experts.labels(expert),
     ema_decay=c.expert.ema_decay,
@@ -253,8 +253,6 @@ def learner(config, run: Run) -> Learner:
     use_behaviour_logprobs=c.train.use_behaviour_logprobs,
     score_max_staleness=c.train.score_max_staleness,
   )
-  if (loss_cfg.kind == "sft" or c.train.warmup_steps) and run.task.problems("train")[0].reference is None:
-    raise ConfigError(
-      f"loss.kind='sft' and train.warmup_steps need reference solutions; task {run.task.name!r} has none"
-    )
-  return Learner(expert, teacher_graphdef, teacher_params, tx, total_updates, frozen_policy, spec)
+  if (loss_cfg.kind == "sft" or c.train.bc_steps) and run.task.problems("train")[0].reference is None:
+    raise ConfigError(f"loss.kind='sft' and train.bc_steps need reference solutions; task {run.task.name!r} has none")
+  return Learner(expert, teacher_graphdef, teacher_params, tx, total_updates, frozen_policy, options)

@@ -120,7 +120,7 @@ def _loss() -> dict:
   return dict(
     kind="distil",
     baseline="loo",
-    normalize="auto",  # the kind's published convention (losses.py)
+    reduction="auto",  # the kind's published convention (losses.py)
     cost="ce",
     clip_eps=0.2,
     # self / model teachers: q = softmax(logits / T); unset: the sampler's temperature (the student's own policy
@@ -139,7 +139,7 @@ def _loss() -> dict:
 
 
 def _train() -> dict:
-  """The DAgger loop's sizes, and the behaviour-cloning warm-up before it."""
+  """The DAgger loop's sizes, and behaviour cloning before it."""
   return dict(
     iterations=100,
     prompts_per_iteration=16,
@@ -148,10 +148,10 @@ def _train() -> dict:
     batch_groups=8,
     use_behaviour_logprobs=True,
     score_max_staleness=0,
-    warmup_steps=0,
-    warmup_batch=64,
-    warmup_lr=3e-3,  # DAgger's round 0: behaviour cloning with an optimizer of its own (warmup.py)
-    warmup_reprompt_fraction=0.0,  # of the warm-up rows, shown feedback as the self expert will show it
+    bc_steps=0,
+    bc_batch=64,
+    bc_lr=3e-3,  # DAgger's round 0: behaviour cloning with an optimizer of its own (behaviour_cloning.py)
+    bc_reprompt_fraction=0.0,  # of the behaviour-cloning rows, shown feedback as the self expert will show it
   )
 
 
@@ -159,7 +159,7 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The `:runlocal` preset of every config: a one-layer model and two tiny iterations, seconds on a CPU."""
   c.model.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
   c.train.update(
-    iterations=2, prompts_per_iteration=2, group_size=4, updates_per_iteration=1, batch_groups=2, warmup_steps=0
+    iterations=2, prompts_per_iteration=2, group_size=4, updates_per_iteration=1, batch_groups=2, bc_steps=0
   )
   c.eval.update(every=1, num_prompts=4, samples=2, pass_at=(1, 2))
   c.sampling.max_new_tokens = 16
@@ -170,12 +170,12 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def real(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """What the `:real` preset of every task shares: a pretrained checkpoint post-trained in bf16 with remat, a small
-  lr, no behaviour-cloning warm-up (the checkpoint already knows the format) and a top-64 expert."""
+  lr, no behaviour cloning (the checkpoint already knows the format) and a top-64 expert."""
   c.model.update(dtype="bfloat16", remat="full")
   c.sampling.max_prompt_tokens = 512
   c.expert.top_k = 64
   c.optim.update(lr=1e-6, lr_warmup_steps=10)
-  c.train.update(warmup_steps=0, warmup_reprompt_fraction=0.0)
+  c.train.update(bc_steps=0, bc_reprompt_fraction=0.0)
   return c
 
 

@@ -5,7 +5,7 @@ is in `surrogate.py` (the estimator, its baseline and its terminal handling, wit
 reverse KL, JSD and SFT are a term each. This module holds the options (`LossConfig`), the reduction to a scalar,
 and the public entries (`distil_loss`, `fused_distil_loss`, ...), each one call of `compute_loss`.
 
-Normalisation (`normalize`):
+Reduction to the scalar (`reduction`):
   "sequence"             sum over a sequence's tokens, mean over sequences: an unbiased estimate of J and grad J.
   "token"                the same sum divided by the batch's token count: per batch, a positive rescaling of the
                          "sequence" estimator (same direction, a step size that does not grow with response length);
@@ -43,8 +43,8 @@ ON_POLICY = ("grpo", "reverse_kl", "jsd", "distil_grpo")  # trained on fresh rol
 NO_TEACHER = ("grpo", "sft")  # read no expert distribution
 OVER_STUDENT_TOPK = ("reverse_kl", "jsd")  # may be taken over the student's top k ids (loss.student_topk)
 BASELINES = ("none", "loo")
-NORMALIZATIONS = ("auto", "sequence", "token", "sequence_token_mean")
-_PUBLISHED_NORMALIZATION = {"grpo": "sequence_token_mean", "sft": "token"}  # every other kind: "sequence"
+REDUCTIONS = ("auto", "sequence", "token", "sequence_token_mean")
+_PUBLISHED_REDUCTION = {"grpo": "sequence_token_mean", "sft": "token"}  # every other kind: "sequence"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +54,7 @@ class LossConfig:
   kind: str = "distil"
   baseline: str = "none"  # distil: "none" or "loo" (leave-one-out over the group)
   baseline_parts: int = 1  # distil, loo: the baseline is taken within each of this many equal parts of a group
-  normalize: str = "auto"
+  reduction: str = "auto"
   cost: str = "ce"  # distil / tokenwise_fce: "ce" (the paper) or "kl" (CE minus the expert's entropy)
   clip_eps: float = 0.2  # PPO ratio clipping for the score term (distil, grpo)
   teacher_temperature: float = 1.0  # dense teachers: q = softmax(logits / teacher_temperature)
@@ -78,10 +78,11 @@ class LossConfig:
     checks.raise_problems("loss", dataclasses.asdict(self), own)
 
   @property
-  def normalization(self) -> str:
-    if self.normalize != "auto":
-      return self.normalize
-    return _PUBLISHED_NORMALIZATION.get(self.kind, "sequence")
+  def reduction_used(self) -> str:
+    """`reduction`, with "auto" resolved to the kind's published convention."""
+    if self.reduction != "auto":
+      return self.reduction
+    return _PUBLISHED_REDUCTION.get(self.kind, "sequence")
 
   @property
   def terms(self) -> tuple[str, ...]:
@@ -123,7 +124,7 @@ def check_section(ch: checks.Checks) -> None:
   (a teacher on the device, group sizes, an untruncated sampler) is checked across sections, in `validate.py`."""
   kind_ok = ch.enum("loss.kind", KINDS)
   ch.enum("loss.baseline", BASELINES)
-  ch.enum("loss.normalize", NORMALIZATIONS)
+  ch.enum("loss.reduction", REDUCTIONS)
   ch.enum("loss.cost", ("ce", "kl"))
   ch.enum("loss.topk_tail", ("bucket", "renorm"))
   ch.enum("loss.terminal", ("free", "hold"))
@@ -144,7 +145,7 @@ def check_section(ch: checks.Checks) -> None:
     )
 
 
-def normalize(per_token_BxT, mask_BxT, how: str):
+def reduce_to_scalar(per_token_BxT, mask_BxT, how: str):
   """Reduce masked per-token values to the scalar loss; see the module docstring for what each optimises."""
   m = mask_BxT.astype(jnp.float32)
   per_seq = jnp.sum(jnp.where(m > 0, per_token_BxT, 0.0), axis=1)
@@ -198,21 +199,21 @@ def loss_from_terms(
     per_token, metrics = grpo.grpo_per_token(cfg, terms, mask, group_size, rewards, behaviour_logprobs, ref_logprobs)
   else:  # sft: the tokens are the expert's own response
     per_token, metrics = -terms["logp"], {}
-  loss = normalize(per_token, loss_mask, cfg.normalization)
+  loss = reduce_to_scalar(per_token, loss_mask, cfg.reduction_used)
   return loss, _common_metrics(cfg, terms, mask, metrics, loss)
 
 
 def _distil_grpo(cfg, terms, mask, group_size, rewards, behaviour, ref, score_weight, own, labelled, weight):
   """GRPO on every response plus `weight` x DistIL on the labelled ones, each normalised by its own convention
-  ("auto"), or both by `normalize`."""
+  ("auto"), or both by `reduction`."""
   labelled_mask = mask if labelled is None else mask * labelled.astype(jnp.float32)[:, None]
   per_token, metrics, cost_mask = surrogate.distil_per_token(
     cfg, terms, labelled_mask, group_size, behaviour, True, score_weight, own
   )
   grpo_token, grpo_metrics = grpo.grpo_per_token(cfg, terms, mask, group_size, rewards, behaviour, ref)
-  auto = cfg.normalize == "auto"
-  distil_part = normalize(per_token, cost_mask, "sequence" if auto else cfg.normalize)
-  grpo_part = normalize(grpo_token, mask, "sequence_token_mean" if auto else cfg.normalize)
+  auto = cfg.reduction == "auto"
+  distil_part = reduce_to_scalar(per_token, cost_mask, "sequence" if auto else cfg.reduction)
+  grpo_part = reduce_to_scalar(grpo_token, mask, "sequence_token_mean" if auto else cfg.reduction)
   loss = grpo_part + weight * distil_part
   metrics.update(grpo_metrics, distil_part=distil_part, grpo_part=grpo_part, distil_weight=jnp.asarray(weight))
   return loss, _common_metrics(cfg, terms, labelled_mask, metrics, loss)
@@ -361,7 +362,7 @@ def grpo_loss(
   **options,
 ):
   """GRPO as published (DeepSeekMath): group-normalised advantages (r - mean) / (std + eps) with the unbiased group
-  std, PPO-clipped ratio, per-response token mean then batch mean (normalize="token" for DAPO's token-level mean),
+  std, PPO-clipped ratio, per-response token mean then batch mean (reduction="token" for DAPO's token-level mean),
   optional k3 KL to a reference policy (kl_coef, ref_logprobs)."""
   rows = dict(group_size=group_size, rewards=rewards, behaviour_logprobs=behaviour_logprobs, ref_logprobs=ref_logprobs)
   return _entry("grpo", options, with_metrics, teacher=None, tokens=tokens, mask=mask, logits=student_logits, **rows)

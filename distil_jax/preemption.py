@@ -32,13 +32,11 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 class Preempted(Exception):  # noqa: N818 (not an error: the run stopped where it was asked to)
   """The run stopped at a signal; `main.py` prints the message as one line and exits 0."""
 
-  def __init__(
-    self, signame: str, iteration: int | None, checkpoint_dir: str, *, warmup: tuple[int, int] | None = None
-  ):
-    """`warmup`: (steps done, steps in all) when it stopped during the warm-up (saved in `checkpoint_dir`)."""
+  def __init__(self, signame: str, iteration: int | None, checkpoint_dir: str, *, bc: tuple[int, int] | None = None):
+    """`bc`: (steps done, steps in all) when it stopped during behaviour cloning (saved in `checkpoint_dir`)."""
     self.signame, self.iteration = signame, iteration
-    if warmup is not None:
-      text = f"stopped by {signame} during the warm-up; {warmup[0]} of its {warmup[1]} steps are checkpointed in "
+    if bc is not None:
+      text = f"stopped by {signame} during behaviour cloning; {bc[0]} of its {bc[1]} steps are checkpointed in "
       text += f"{checkpoint_dir}: run the same command to go on from there"
     elif iteration is None:
       text = f"stopped by {signame} before the first iteration completed; nothing to resume from: a rerun starts afresh"

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from distil_jax import behaviour_cloning as bc
 from distil_jax import buffer as buffer_lib
-from distil_jax import build, checkpoint, data, evaluate, metrics, preemption, run_config, sharding, update, warmup
+from distil_jax import build, checkpoint, data, evaluate, metrics, preemption, run_config, sharding, update
 from distil_jax import rollout as rollout_lib
 from distil_jax.errors import CheckpointError, ConfigError, ExpertError, InputError
 
@@ -186,7 +187,7 @@ class Loop:
     c, run, learner = self.config, self.run, self.learner
     shardings = jax.tree.map(lambda x: x.sharding, self.state)
     self.step_fn = update.make_update(
-      run.graphdef, learner.tx, learner.spec, teacher_graphdef=learner.teacher_graphdef, state_shardings=shardings
+      run.graphdef, learner.tx, learner.options, teacher_graphdef=learner.teacher_graphdef, state_shardings=shardings
     )
     run.write_workdir()
     self.ckpt.set_aside_unusable()
@@ -224,35 +225,35 @@ class Loop:
     raise preemption.Preempted(self.stopper.signame, it_done, self.ckpt.directory)
 
   def iteration_zero(self) -> dict:
-    """A fresh run's start: the behaviour-cloning warm-up when configured (evaluated before and after), and the
+    """A fresh run's start: behaviour cloning when configured (evaluated before and after), and the
     evaluation every later iteration is compared with."""
     c, run, stopper = self.config, self.run, self.stopper
     if stopper.requested():  # signalled while the run was being set up: nothing done yet, nothing to save
       raise preemption.Preempted(stopper.signame, None, self.ckpt.directory)
     t0 = time.time()
     figures = {}
-    if c.train.warmup_steps:
+    if c.train.bc_steps:
       initial = self.state["params"]
 
-      def before():  # not asked again when the warm-up goes on after a stop: its checkpoint holds them
+      def before():  # not asked again when behaviour cloning goes on after a stop: its checkpoint holds them
         got = self.eval_fn(run.graphdef, initial, jax.random.fold_in(self.eval_keys, 0))
-        return {f"before_warmup/{k}": v for k, v in got.items()}
+        return {f"before_bc/{k}": v for k, v in got.items()}
 
-      warmed = warmup.warm_up(
+      cloned = bc.train(
         initial, run, config=c, mesh=run.mesh, stop=stopper.requested, before=before, allow_changed=self.allow_changed
       )
-      if isinstance(warmed, int):  # stopped after `warmed` steps, saved in workdir/warmup
-        where = os.path.join(self.workdir, "warmup")
-        raise preemption.Preempted(stopper.signame, None, where, warmup=(warmed, c.train.warmup_steps))
-      params, figures = warmed
+      if isinstance(cloned, int):  # stopped after `cloned` steps, saved in workdir/bc
+        where = os.path.join(self.workdir, "bc")
+        raise preemption.Preempted(stopper.signame, None, where, bc=(cloned, c.train.bc_steps))
+      params, figures = cloned
       self.state = self.learner.init_state(c, params, run.mesh)
-      figures["time/warmup_s"] = time.time() - t0
+      figures["time/bc_s"] = time.time() - t0
     t1 = time.time()
     shown = []
     last = self.eval_fn(run.graphdef, self.state["params"], jax.random.fold_in(self.eval_keys, 0), samples=shown)
     self.writer.write(0, {**figures, **last, "samples/train_tokens": 0, "time/eval_s": time.time() - t1})
     self.writer.write_samples(0, shown)
-    if c.train.iterations == 0:  # a warm-up-only run (e.g. a shared start for model.init_from)
+    if c.train.iterations == 0:  # a behaviour-cloning-only run (e.g. a shared start for model.init_from)
       self.ckpt.save(0, self.state, _meta(c, 0, 0, 0, self.learner.total_updates))
     return last
 

@@ -27,7 +27,9 @@ from distil_jax import token_terms as tt
 
 
 @dataclasses.dataclass(frozen=True)
-class UpdateSpec:
+class UpdateOptions:
+  """What one jitted update is built for: the loss, where its labels are, and the state it keeps beside the policy."""
+
   loss: losses.LossConfig
   # Where the expert's labels are (batch.LABELS): "topk", targets in the batch; "device", a teacher forward inside the
   # update over the batch's re-prompts, with a model expert's parameters, else the student's EMA or live ones (self).
@@ -135,9 +137,11 @@ def topk_teacher(batch, g: int):
   return teacher, jnp.any(teacher[1] > -jnp.inf, axis=(1, 2)).astype(jnp.float32)
 
 
-def loss_fn(params, batch, teacher_params, ref_params, iteration, *, graphdef, teacher_graphdef, spec: UpdateSpec):
+def loss_fn(
+  params, batch, teacher_params, ref_params, iteration, *, graphdef, teacher_graphdef, options: UpdateOptions
+):
   model = model_lib.merge_for_compute(graphdef, params)
-  cfg = spec.loss
+  cfg = options.loss
   bg, g, n = batch["tokens"].shape
   if cfg.kind == "sft":
     prompts, pmask = batch["prompt_tokens"], batch["prompt_mask"]
@@ -148,7 +152,7 @@ def loss_fn(params, batch, teacher_params, ref_params, iteration, *, graphdef, t
   mask = mask.astype(jnp.float32)
   hidden = response_hidden(model, prompts, pmask, responses)
   teacher, labelled = None, None  # labelled [B]: the responses the expert labelled (the loss reads only these)
-  if cfg.needs_teacher and spec.labels == "topk":
+  if cfg.needs_teacher and options.labels == "topk":
     teacher, labelled = topk_teacher(batch, g)
   elif cfg.needs_teacher:
     if teacher_params is None:
@@ -159,12 +163,12 @@ def loss_fn(params, batch, teacher_params, ref_params, iteration, *, graphdef, t
     teacher = losses.HiddenTeacher(thidden, tmodel.lm_head_kernel(), positions)
     labelled = _rows(batch["teacher_valid"], g).astype(jnp.float32)
   behaviour = None
-  if spec.use_behaviour_logprobs and cfg.kind in losses.USES_RATIO:
+  if options.use_behaviour_logprobs and cfg.kind in losses.USES_RATIO:
     behaviour = _rows(batch["logprobs"], g)
   ref_logprobs = None
-  if spec.frozen_policy:
+  if options.frozen_policy:
     ref_logprobs = _reference_logprobs(ref_params, graphdef, prompts, pmask, responses, cfg)
-  fresh = (iteration - batch["iteration"]) <= spec.score_max_staleness
+  fresh = (iteration - batch["iteration"]) <= options.score_max_staleness
   own = None  # rows whose expert read their own response (a distil row's score weight is then its whole cost)
   if cfg.kind in losses.SEQUENCE_LEVEL and "whole_response_credit" in batch:
     own = _rows(batch["whole_response_credit"], g)
@@ -188,7 +192,7 @@ def loss_fn(params, batch, teacher_params, ref_params, iteration, *, graphdef, t
   )
 
 
-def make_update(graphdef, tx, spec: UpdateSpec, *, teacher_graphdef=None, state_shardings=None):
+def make_update(graphdef, tx, options: UpdateOptions, *, teacher_graphdef=None, state_shardings=None):
   """jit(update)(state, batch, teacher_params, iteration) -> (state, metrics); `state` is donated.
 
   state: {"params", "opt_state"} (+ "ema" for a self teacher with ema_decay > 0, + "ref" for GRPO's KL reference).
@@ -207,7 +211,7 @@ def make_update(graphdef, tx, spec: UpdateSpec, *, teacher_graphdef=None, state_
       iteration,
       graphdef=graphdef,
       teacher_graphdef=teacher_graphdef,
-      spec=spec,
+      options=options,
     )
     grad_norm = optax.global_norm(grads)
 
@@ -215,7 +219,7 @@ def make_update(graphdef, tx, spec: UpdateSpec, *, teacher_graphdef=None, state_
       updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
       new = {**state, "params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
       if "ema" in state:
-        d = spec.ema_decay
+        d = options.ema_decay
         new["ema"] = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], new["params"])
       return new
 

@@ -158,10 +158,10 @@ def _train_checks(ch: Checks, mode: str, rows: int, processes: int) -> None:
   ok.append(ch.number(t + "iterations", lo=0, integer=True))
   ch.number(t + "score_max_staleness", lo=0, integer=True)
   ch.flag(t + "use_behaviour_logprobs")
-  warm = ch.number(t + "warmup_steps", lo=0, integer=True) and ch.value(t + "warmup_steps") > 0
-  ok.append(ch.count(t + "warmup_batch"))
-  ch.number(t + "warmup_lr", lo=0, lo_open=True)
-  ch.number(t + "warmup_reprompt_fraction", lo=0, hi=1)
+  bc = ch.number(t + "bc_steps", lo=0, integer=True) and ch.value(t + "bc_steps") > 0
+  ok.append(ch.count(t + "bc_batch"))
+  ch.number(t + "bc_lr", lo=0, lo_open=True)
+  ch.number(t + "bc_reprompt_fraction", lo=0, hi=1)
   if ch.value("buffer.mix") is not None:  # unset: the loss kind's default (build.buffer_mix)
     ch.number("buffer.mix", lo=0, hi=1, hi_open=True)  # 1 would never train on fresh rollouts (grain refuses it)
   ch.count("buffer.max_groups")
@@ -190,10 +190,10 @@ def _train_checks(ch: Checks, mode: str, rows: int, processes: int) -> None:
   per_iteration = v(t + "prompts_per_iteration") * v(t + "group_size")
   ch.divides("train.prompts_per_iteration * train.group_size", per_iteration, rows, mesh)
   ch.divides("train.batch_groups (batches are sharded by prompt group)", v(t + "batch_groups"), rows, mesh)
-  for key in ("prompts_per_iteration", "batch_groups") + (("warmup_batch",) if warm else ()):
+  for key in ("prompts_per_iteration", "batch_groups") + (("bc_batch",) if bc else ()):
     ch.divides(t + key, v(t + key), processes, "the process count")
-  if warm:
-    ch.divides("train.warmup_batch", v(t + "warmup_batch"), rows, mesh)
+  if bc:
+    ch.divides("train.bc_batch", v(t + "bc_batch"), rows, mesh)
 
 
 def prompts(task, tok, cfg) -> None:

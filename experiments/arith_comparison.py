@@ -27,7 +27,7 @@ SmolLM2-135M-Instruct through its chat template on generated word problems (`con
 expert shown a correct sibling (`--expert sibling`, DistIL's and SDPO's setting) or the reference solution
 (`--expert reference`, OPSD's), and the harder two-to-three-step problems (`--expert hard`, `hard_reference`).
 Differences from arithmetic, each because of the task: no behaviour-cloning warm-up (the preset has
-`train.warmup_steps=0`: an instruct checkpoint already writes the answer format), so every run starts from the
+`train.bc_steps=0`: an instruct checkpoint already writes the answer format), so every run starts from the
 checkpoint; seven methods, each as its authors run it (REAL_METHODS); the methods that read no teacher (GRPO, SFT)
 are the same runs in both feedback settings of a task and run once; three seeds and 64 test prompts x 8 samples
 (Pass@1/2/4/8), sized to the 2-core machine.
@@ -66,7 +66,7 @@ METHODS = {
   "tokenwise FCE": ["--config.loss.kind=tokenwise_fce"],
   "reverse KL": ["--config.loss.kind=reverse_kl"],  # SDPO-style
   "JSD": ["--config.loss.kind=jsd", "--config.loss.jsd_beta=0.5"],  # OPSD-style
-  "GRPO": ["--config.loss.kind=grpo"],  # as published: normalize="auto", on-policy (buffer.mix 0)
+  "GRPO": ["--config.loss.kind=grpo"],  # as published: reduction="auto", on-policy (buffer.mix 0)
   "SFT": ["--config.loss.kind=sft"],
 }
 # Experiment 3's variance reductions that keep DistIL unbiased: (the method varied, its extra flags). A variant runs at
@@ -103,8 +103,8 @@ SEEDS = (0, 1, 2, 3, 4)
 FINAL = {"samples": 32, "pass_at": "(1,2,4,8,16,32)"}
 SMOKE = [
   "--config.train.iterations=2",
-  "--config.train.warmup_steps=2",
-  "--config.train.warmup_batch=8",
+  "--config.train.bc_steps=2",
+  "--config.train.bc_batch=8",
   "--config.train.prompts_per_iteration=2",
   "--config.train.group_size=4",  # a sibling-reading expert's LOO baseline needs an even group of >= 4
   "--config.train.batch_groups=2",
@@ -329,7 +329,7 @@ class Comparison:
     os.makedirs(self.root, exist_ok=True)
     self.size = size
     self.config = self._config(t.settings[expert])
-    self.warm = self.config.train.warmup_steps > 0  # no behaviour-cloning warm-up where the preset has none
+    self.warm = self.config.train.bc_steps > 0  # no behaviour-cloning warm-up where the preset has none
     self.shared = t.shares.get(expert, expert)  # where this setting's runs of methods that read no teacher live
     if self.shared != expert:
       if self.warm:
@@ -387,7 +387,7 @@ class Comparison:
     cmd = [*self._common(t.settings[setting]), *flags, *extra, f"--workdir={wd}", f"--config.seed={seed}"]
     cmd.append(f"--config.optim.lr={lr!r}")
     if self.warm:
-      cmd += [f"--config.model.init_from={self.warmup(seed)}", "--config.train.warmup_steps=0"]
+      cmd += [f"--config.model.init_from={self.warmup(seed)}", "--config.train.bc_steps=0"]
     if self.config.expert.kind != "oracle":
       # arith: GRPO and SFT read no expert distribution: they get the oracle with plain feedback, which validation
       # accepts; smollm2: they keep the self expert, whose teacher their losses never compute

@@ -67,20 +67,20 @@ def measure(c, workdir, minibatches):
   run = build.Run.build(c, workdir)
   expert = experts.make_expert(c.expert, run.task, run.tok, c.tokenizer.add_bos)
   distil = build.loss_config(c, run.tok, expert)
-  specs = {
-    kind: update.UpdateSpec(dataclasses.replace(distil, kind=kind), labels=experts.labels(expert))
+  options_by_kind = {
+    kind: update.UpdateOptions(dataclasses.replace(distil, kind=kind), labels=experts.labels(expert))
     for kind in ("distil", "tokenwise_fce")
   }
   grads = {
     kind: jax.jit(
       jax.grad(
-        lambda p, b, t, it, spec=spec: update.loss_fn(
-          p, b, t, None, it, graphdef=run.graphdef, teacher_graphdef=run.graphdef, spec=spec
+        lambda p, b, t, it, options=options: update.loss_fn(
+          p, b, t, None, it, graphdef=run.graphdef, teacher_graphdef=run.graphdef, options=options
         ),
         has_aux=True,
       )
     )
-    for kind, spec in specs.items()
+    for kind, options in options_by_kind.items()
   }
   stream = data.prompt_stream(run.task.problems("train"), seed=c.seed + 7919, per_iteration=c.train.batch_groups)
   metrics_path = os.path.join(workdir, "metrics.jsonl")

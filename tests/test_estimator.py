@@ -75,7 +75,7 @@ def _first_update_metrics(loss_cfg, graphdef, params, batch, mesh):
     10,
   )
   state = update.init_state(tx, params, mesh)
-  step = update.make_update(graphdef, tx, update.UpdateSpec(loss_cfg, labels="topk"))
+  step = update.make_update(graphdef, tx, update.UpdateOptions(loss_cfg, labels="topk"))
   _, metrics = step(state, batch, None, jnp.int32(0))
   return jax.device_get(metrics)
 
@@ -204,9 +204,9 @@ def test_long_reprompts_are_unlabelled_not_cut():
 def test_grpo_runs_as_published():
   """DeepSeekMath's per-response token mean by default, group-relative advantages refused for groups of one, no
   stale buffer rows; the other on-policy losses train on fresh rollouts unless told otherwise."""
-  assert losses.LossConfig(kind="grpo").normalization == "sequence_token_mean"
-  assert losses.LossConfig(kind="distil").normalization == "sequence"
-  assert losses.LossConfig(kind="sft").normalization == "token"
+  assert losses.LossConfig(kind="grpo").reduction_used == "sequence_token_mean"
+  assert losses.LossConfig(kind="distil").reduction_used == "sequence"
+  assert losses.LossConfig(kind="sft").reduction_used == "token"
   with pytest.raises(ValueError, match="loss.kind='grpo' needs at least 2"):
     _validate(_loop_config(**{"loss.kind": "grpo", "train.group_size": 1, "train.batch_groups": 1}))
   with pytest.raises(ValueError, match="buffer.mix"):
@@ -229,7 +229,7 @@ def test_grpo_kl_to_a_frozen_reference_on_device():
     10,
   )
   state = update.init_state(tx, params, mesh, ref=True)
-  step = update.make_update(graphdef, tx, update.UpdateSpec(loss_cfg, labels="topk", frozen_policy=True))
+  step = update.make_update(graphdef, tx, update.UpdateOptions(loss_cfg, labels="topk", frozen_policy=True))
   state, m1 = step(state, batch, None, jnp.int32(0))
   assert float(m1["kl_ref"]) == 0.0
   moved = jax.device_get(state["params"])

@@ -193,7 +193,7 @@ def test_reverse_kl_closed_form_value_and_gradient():
   kl = (np.exp(lp) * (lp - lq)).sum(-1)  # KL(pi || q)
   v, g = jax.value_and_grad(
     lambda z: losses.reverse_kl_loss(
-      z, jnp.asarray(tl), jnp.zeros((2, 3), jnp.int32), jnp.asarray(mask), normalize="token"
+      z, jnp.asarray(tl), jnp.zeros((2, 3), jnp.int32), jnp.asarray(mask), reduction="token"
     )
   )(jnp.asarray(z))
   np.testing.assert_allclose(v, (kl * mask).sum() / mask.sum(), rtol=1e-6)
@@ -213,7 +213,7 @@ def test_jsd_matches_trl(beta):
   want.backward()
   v, g = jax.value_and_grad(
     lambda z: losses.jsd_loss(
-      z, jnp.asarray(tl), jnp.zeros((2, 4), jnp.int32), jnp.asarray(mask), jsd_beta=beta, normalize="token"
+      z, jnp.asarray(tl), jnp.zeros((2, 4), jnp.int32), jnp.asarray(mask), jsd_beta=beta, reduction="token"
     )
   )(jnp.asarray(z, jnp.float32))
   np.testing.assert_allclose(v, want.item(), rtol=1e-5)

@@ -175,11 +175,11 @@ def test_a_signal_during_set_up_stops_before_any_work(tmp_path, monkeypatch):
   )
 
 
-def test_a_signal_during_the_warm_up_keeps_its_steps_and_the_resume_is_exact(tmp_path, monkeypatch):
-  """SIGTERM during warm-up step 2 of 4 (a warm-up-only run: train.iterations=0): the 2 steps done are saved (they
+def test_a_signal_during_behaviour_cloning_keeps_its_steps_and_the_resume_is_exact(tmp_path, monkeypatch):
+  """SIGTERM during behaviour-cloning step 2 of 4 (a BC-only run: train.iterations=0): the 2 steps done are saved (they
   used to be lost: "nothing to resume from"), the rerun does only the 2 others and ends with the parameters and
-  figures of a warm-up never stopped; the warm-up's own checkpoint is gone then."""
-  config = load_config("arith", **{"train.iterations": 0, "train.warmup_steps": 4, "train.warmup_batch": 2})
+  figures of a BC never stopped; its own checkpoint is gone then."""
+  config = load_config("arith", **{"train.iterations": 0, "train.bc_steps": 4, "train.bc_batch": 2})
   config.eval.greedy = False  # one sampler shape fewer to compile
   train.train(config, str(tmp_path / "whole"))
   cut = tmp_path / "cut"
@@ -196,18 +196,18 @@ def test_a_signal_during_the_warm_up_keeps_its_steps_and_the_resume_is_exact(tmp
   with pytest.raises(preemption.Preempted) as e:
     train.train(config, str(cut))
   assert str(e.value) == (
-    f"stopped by SIGTERM during the warm-up; 2 of its 4 steps are checkpointed in {cut / 'warmup'}: run the same "
+    f"stopped by SIGTERM during behaviour cloning; 2 of its 4 steps are checkpointed in {cut / 'bc'}: run the same "
     "command to go on from there"
   )
-  assert len(calls) == 2 and os.listdir(cut / "warmup") == ["2"] and not (cut / "checkpoints").exists()
+  assert len(calls) == 2 and os.listdir(cut / "bc") == ["2"] and not (cut / "checkpoints").exists()
   assert not (cut / "metrics.jsonl").read_text()
 
   monkeypatch.setattr(train.update, "make_update", counted)
   calls.clear()
   train.train(config, str(cut))
-  assert len(calls) == 2 and not (cut / "warmup").exists()  # steps 3 and 4 only
+  assert len(calls) == 2 and not (cut / "bc").exists()  # steps 3 and 4 only
   strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
   assert strip(_metrics(cut)) == strip(_metrics(tmp_path / "whole"))
-  assert _metrics(cut)[0]["warmup/steps"] == 4 and "before_warmup/eval/pass@1" in _metrics(cut)[0]
+  assert _metrics(cut)[0]["bc/steps"] == 4 and "before_bc/eval/pass@1" in _metrics(cut)[0]
   for x, y in zip(jax.tree.leaves(_state(tmp_path / "whole", 0)), jax.tree.leaves(_state(cut, 0)), strict=True):
     np.testing.assert_array_equal(x, y)

@@ -91,8 +91,8 @@ def test_one_distil_update_with_the_self_expert_lowers_its_loss(folder, tmp_path
   optim.update(lr=3e-5, lr_warmup_steps=0)
   tx = update.make_optimizer(optim, 2)
   state = update.init_state(tx, run.params, run.mesh)
-  spec = update.UpdateSpec(build.loss_config(config, run.tok, expert), labels="device")
-  step = update.make_update(run.graphdef, tx, spec, state_shardings=jax.tree.map(lambda x: x.sharding, state))
+  options = update.UpdateOptions(build.loss_config(config, run.tok, expert), labels="device")
+  step = update.make_update(run.graphdef, tx, options, state_shardings=jax.tree.map(lambda x: x.sharding, state))
   with jax.set_mesh(run.mesh):
     r = rollout_lib.rollout(
       run.graphdef,

@@ -262,16 +262,16 @@ def test_nan_loss_stops_with_a_named_error_and_keeps_what_was_written(tmp_path, 
   assert rows[0]["iteration"] == 0 and all(np.isfinite(r.get("train/loss", 0.0)) for r in rows)
 
 
-def test_warmup_only_run_then_init_from(tmp_path):
+def test_behaviour_cloning_only_run_then_init_from(tmp_path):
   """A behaviour-cloning run (iterations=0) saves its parameters; a run started from it evaluates them identically."""
   warm = load_config(
     "arith",
-    **{"train.iterations": 0, "train.warmup_steps": 3, "train.warmup_batch": 8, "train.warmup_reprompt_fraction": 0.5},
+    **{"train.iterations": 0, "train.bc_steps": 3, "train.bc_batch": 8, "train.bc_reprompt_fraction": 0.5},
   )
   train.train(warm, str(tmp_path / "warm"))
   w = _metrics(tmp_path / "warm")
-  assert len(w) == 1 and w[0]["warmup/steps"] == 3 and w[0]["warmup/loss_last"] < w[0]["warmup/loss_first"]
-  assert "before_warmup/eval/pass@1" in w[0] and (tmp_path / "warm" / "checkpoints" / "0").exists()
+  assert len(w) == 1 and w[0]["bc/steps"] == 3 and w[0]["bc/loss_last"] < w[0]["bc/loss_first"]
+  assert "before_bc/eval/pass@1" in w[0] and (tmp_path / "warm" / "checkpoints" / "0").exists()
   post = load_config("arith", **{"model.init_from": str(tmp_path / "warm")})
   train.train(post, str(tmp_path / "post"))
   p = _metrics(tmp_path / "post")
@@ -291,14 +291,14 @@ def test_sampling_temperature_is_the_policy_end_to_end(kind, tmp_path):
     "loss.kind": kind,
     "sampling.temperature": 0.7,
     "train.iterations": 1,
-    "train.warmup_steps": 40,
-    "train.warmup_batch": 16,
+    "train.bc_steps": 40,
+    "train.bc_batch": 16,
   }
   if kind == "grpo":
     overrides["loss.kl_coef"] = 0.05
   train.train(load_config("arith", **overrides), str(tmp_path))
   rows = _check_run(tmp_path, iterations=1)
-  assert rows[0]["warmup/loss_last"] < 0.7 * rows[0]["warmup/loss_first"]  # 3.9 -> 2.3 nats per token
+  assert rows[0]["bc/loss_last"] < 0.7 * rows[0]["bc/loss_first"]  # 3.9 -> 2.3 nats per token
   assert rows[1]["train/clip_fraction"] == 0.0
   np.testing.assert_allclose(rows[1]["train/ratio_mean"], 1.0, atol=1e-4)
   if kind == "grpo":

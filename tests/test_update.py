@@ -56,12 +56,12 @@ def _batch(seed=0):
   }
 
 
-def _run(mesh, spec, steps=2):
+def _run(mesh, options, steps=2):
   graphdef, params = sharding.init_params(lambda: model_lib.Transformer(CFG, rngs=nnx.Rngs(0)), mesh)
   tx = update.make_optimizer(OPTIM, 10)
-  state = update.init_state(tx, params, mesh, ema=spec.ema_decay > 0)
+  state = update.init_state(tx, params, mesh, ema=options.ema_decay > 0)
   shardings = jax.tree.map(lambda x: x.sharding, state)
-  step = update.make_update(graphdef, tx, spec, state_shardings=shardings)
+  step = update.make_update(graphdef, tx, options, state_shardings=shardings)
   figures = []
   with jax.set_mesh(mesh):
     for s in range(steps):
@@ -79,21 +79,21 @@ def test_sharded_update_equals_single_device(kind, labels):
   1% of one Adam step (lr = 3e-3): Adam divides by sqrt(v), so a coordinate whose gradient is ~0 turns rounding
   noise into a step of up to lr; anything wrong in the sharded program moves parameters by whole steps.
   """
-  spec = update.UpdateSpec(losses.LossConfig(kind=kind, chunk_size=4), labels=labels)
-  one = _run(sharding.make_mesh({"fsdp": 1}, jax.devices()[:1]), spec)
-  eight = _run(sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), spec)
+  options = update.UpdateOptions(losses.LossConfig(kind=kind, chunk_size=4), labels=labels)
+  one = _run(sharding.make_mesh({"fsdp": 1}, jax.devices()[:1]), options)
+  eight = _run(sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), options)
   np.testing.assert_allclose(eight[0], one[0], rtol=2e-5)
   for a, b in zip(jax.tree.leaves(eight[1]), jax.tree.leaves(one[1]), strict=True):
     np.testing.assert_allclose(a, b, rtol=0, atol=3e-5)
 
 
 def test_training_lowers_the_loss_and_ema_tracks():
-  spec = update.UpdateSpec(losses.LossConfig(kind="tokenwise_fce", chunk_size=4), labels="device", ema_decay=0.5)
+  options = update.UpdateOptions(losses.LossConfig(kind="tokenwise_fce", chunk_size=4), labels="device", ema_decay=0.5)
   mesh = sharding.make_mesh({"fsdp": 1}, jax.devices()[:1])
   graphdef, params = sharding.init_params(lambda: model_lib.Transformer(CFG, rngs=nnx.Rngs(0)), mesh)
   tx = update.make_optimizer(OPTIM, 30)
   state = {"params": params, "opt_state": tx.init(params), "ema": jax.tree.map(jnp.copy, params)}
-  step = update.make_update(graphdef, tx, spec)
+  step = update.make_update(graphdef, tx, options)
   batch = _batch(0)
   first = None
   for _ in range(25):
@@ -109,7 +109,7 @@ def test_training_lowers_the_loss_and_ema_tracks():
 
 
 def test_nonfinite_step_leaves_state_untouched():
-  spec = update.UpdateSpec(losses.LossConfig(kind="distil", chunk_size=4), labels="topk")
+  options = update.UpdateOptions(losses.LossConfig(kind="distil", chunk_size=4), labels="topk")
   mesh = sharding.make_mesh({"fsdp": 1}, jax.devices()[:1])
   graphdef, params = sharding.init_params(lambda: model_lib.Transformer(CFG, rngs=nnx.Rngs(0)), mesh)
   tx = update.make_optimizer(OPTIM, 10)
@@ -117,7 +117,7 @@ def test_nonfinite_step_leaves_state_untouched():
   before = jax.device_get(state)
   batch = _batch(0)
   batch["logprobs"][0, 0, 0] = np.nan  # a corrupt behaviour log-prob makes the ratio NaN
-  state, metrics = update.make_update(graphdef, tx, spec)(state, batch, None, jnp.int32(3))
+  state, metrics = update.make_update(graphdef, tx, options)(state, batch, None, jnp.int32(3))
   assert float(metrics["nonfinite"]) == 1.0
   for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(before), strict=True):
     np.testing.assert_array_equal(a, b)
@@ -126,12 +126,12 @@ def test_nonfinite_step_leaves_state_untouched():
 def test_nonfinite_guard_is_a_branch_not_a_pass_over_the_state():
   """The compiled step keeps or replaces the state in a conditional: no select between old and new parameters or
   moments outside it (a select would read and write every parameter and both moments once more each step)."""
-  spec = update.UpdateSpec(losses.LossConfig(kind="distil", chunk_size=4), labels="topk")
+  options = update.UpdateOptions(losses.LossConfig(kind="distil", chunk_size=4), labels="topk")
   mesh = sharding.make_mesh({"fsdp": 1}, jax.devices()[:1])
   graphdef, params = sharding.init_params(lambda: model_lib.Transformer(CFG, rngs=nnx.Rngs(0)), mesh)
   tx = update.make_optimizer(OPTIM, 10)
   state = {"params": params, "opt_state": tx.init(params)}
-  hlo = update.make_update(graphdef, tx, spec).lower(state, _batch(0), None, jnp.int32(3)).compile().as_text()
+  hlo = update.make_update(graphdef, tx, options).lower(state, _batch(0), None, jnp.int32(3)).compile().as_text()
   assert " conditional(" in hlo
   shape = "f32[" + ",".join(map(str, params["lm_head"]["kernel"].shape)) + "]"  # a shape only the LM head has
   selects = [line for line in hlo.splitlines() if re.search(rf"= {re.escape(shape)}\S* select\(", line)]
@@ -187,13 +187,13 @@ def test_batch_rows_are_checked_where_they_are_built():
 def test_a_frozen_teacher_stays_at_the_start():
   """expert.ema_decay=1 (OPSD's teacher, frozen at the initial checkpoint): the teacher copy is bitwise the starting
   parameters after updates that move the student."""
-  spec = update.UpdateSpec(losses.LossConfig(kind="jsd", chunk_size=4), labels="device", ema_decay=1.0)
+  options = update.UpdateOptions(losses.LossConfig(kind="jsd", chunk_size=4), labels="device", ema_decay=1.0)
   mesh = sharding.make_mesh({"fsdp": 1}, jax.devices()[:1])
   graphdef, params = sharding.init_params(lambda: model_lib.Transformer(CFG, rngs=nnx.Rngs(0)), mesh)
   start = jax.device_get(params)
   tx = update.make_optimizer(OPTIM, 30)
   state = update.init_state(tx, params, mesh, ema=True)
-  step = update.make_update(graphdef, tx, spec)
+  step = update.make_update(graphdef, tx, options)
   for _ in range(3):
     state, _ = step(state, _batch(0), None, jnp.int32(3))
   for a, b in zip(jax.tree.leaves(jax.device_get(state["ema"])), jax.tree.leaves(start), strict=True):

@@ -46,7 +46,7 @@ class Task(Protocol):
   def verify(self, problem: Problem, response: str) -> Verdict: ...
 
   def wrong_solution(self, problem: Problem) -> str:
-    """A solution written like the reference that `verify` rejects: the warm-up shows the student the verifier's
+    """A solution written like the reference that `verify` rejects: behaviour cloning shows the student the verifier's
     feedback on it, so it should be the kind of mistake a student makes (a wrong step, a wrong final answer)."""
 
   def corpus(self) -> Iterable[str]:

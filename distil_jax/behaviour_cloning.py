@@ -1,7 +1,7 @@
-"""DAgger's round 0: behaviour cloning on the expert's own responses, before the first rollout.
+"""DAgger's round 0: behaviour cloning (BC) on the expert's own responses, before the first rollout.
 
-With `train.warmup_steps` the policy first imitates the task's reference solutions to fresh prompts, as a separate
-SFT run would; `train.warmup_reprompt_fraction` of those prompts are re-prompted as the `self` expert will see them,
+With `train.bc_steps` the policy first imitates the task's reference solutions to fresh prompts, as a separate
+SFT run would; `train.bc_reprompt_fraction` of those prompts are re-prompted as the `self` expert will see them,
 so that a small model learns to read feedback before it is asked to label with it.
 """
 
@@ -20,25 +20,25 @@ from distil_jax import checkpoint, data, experts, losses, run_config, update
 from distil_jax.rollout import prompt_rows, reference_rows
 
 
-def warm_up(params, run, *, config, mesh, stop=lambda: False, before=dict, allow_changed=()):
-  """DAgger's round 0: `train.warmup_steps` behaviour-cloning updates on the expert's own responses to fresh
-  prompts (no sampling), with an optimizer of its own at `train.warmup_lr`, as a separate SFT run would be.
+def train(params, run, *, config, mesh, stop=lambda: False, before=dict, allow_changed=()):
+  """DAgger's round 0: `train.bc_steps` behaviour-cloning updates on the expert's own responses to fresh
+  prompts (no sampling), with an optimizer of its own at `train.bc_lr`, as a separate SFT run would be.
   Returns the parameters and figures (with `before()`'s: the figures of the policy it starts from), or the number
   of steps done when `stop()` said to stop (asked before each step).
 
-  Stopped, it saves what it has done (parameters, its optimizer's state, its figures) in `workdir/warmup`; a rerun
-  goes on from there and ends where an uninterrupted warm-up would (step k's batch is `stream[k]`, a function of
+  Stopped, it saves what it has done (parameters, its optimizer's state, its figures) in `workdir/bc`; a rerun
+  goes on from there and ends where an uninterrupted one would (step k's batch is `stream[k]`, a function of
   the seed and k), unless its config differs (refused as a resume is: `allow_changed`). The folder is removed once
-  the warm-up is complete: from then on the run's own checkpoints hold its result."""
+  behaviour cloning is complete: from then on the run's own checkpoints hold its result."""
   c = config
   optim = c.optim.copy_and_resolve_references()
-  optim.lr = c.train.warmup_lr
-  tx = update.make_optimizer(optim, c.train.warmup_steps)
+  optim.lr = c.train.bc_lr
+  tx = update.make_optimizer(optim, c.train.bc_steps)
   state = update.init_state(tx, params, mesh)
-  spec = update.UpdateSpec(losses.LossConfig(kind="sft", chunk_size=c.loss.chunk_size), labels="none")
-  step = update.make_update(run.graphdef, tx, spec, state_shardings=jax.tree.map(lambda x: x.sharding, state))
-  stream = data.prompt_stream(run.task.problems("train"), seed=c.seed + 1, per_iteration=c.train.warmup_batch)
-  with checkpoint.Checkpointer(os.path.join(run.workdir, "warmup"), max_to_keep=1) as saved:
+  options = update.UpdateOptions(losses.LossConfig(kind="sft", chunk_size=c.loss.chunk_size), labels="none")
+  step = update.make_update(run.graphdef, tx, options, state_shardings=jax.tree.map(lambda x: x.sharding, state))
+  stream = data.prompt_stream(run.task.problems("train"), seed=c.seed + 1, per_iteration=c.train.bc_batch)
+  with checkpoint.Checkpointer(os.path.join(run.workdir, "bc"), max_to_keep=1) as saved:
     found = saved.restore_latest(checkpoint.abstract_like(state))
     if found is None:
       first, losses_seen, figures = 0, [], dict(before())
@@ -46,24 +46,24 @@ def warm_up(params, run, *, config, mesh, stop=lambda: False, before=dict, allow
       first, state, meta = found
       run_config.check_resume(meta["config"], c, allow_changed, saved.directory)
       losses_seen, figures = meta["losses"], meta["figures"]
-    for k in range(first, c.train.warmup_steps):
+    for k in range(first, c.train.bc_steps):
       if stop():
         if saved.latest_step() != k:
           saved.save(k, state, {"config": run_config.flat(c), "losses": losses_seen, "figures": figures})
         return k
-      problems = with_feedback(stream[k], c.train.warmup_reprompt_fraction, config=c, task=run.task)
-      batch = warmup_batch(problems, config=c, tok=run.tok)
+      problems = with_feedback(stream[k], c.train.bc_reprompt_fraction, config=c, task=run.task)
+      batch = bc_batch(problems, config=c, tok=run.tok)
       state, m = step(state, data.to_global(batch, mesh), None, jnp.int32(0))
       losses_seen.append(float(m["loss"]))
       if not np.isfinite(losses_seen[-1]):
-        raise FloatingPointError(f"non-finite loss in warm-up step {k + 1}")
-  if found is not None and jax.process_index() == 0:  # (a warm-up never stopped has no folder)
+        raise FloatingPointError(f"non-finite loss in behaviour-cloning step {k + 1}")
+  if found is not None and jax.process_index() == 0:  # (one never stopped has no folder)
     shutil.rmtree(saved.directory, ignore_errors=True)
   return state["params"], {
     **figures,
-    "warmup/loss_first": losses_seen[0],
-    "warmup/loss_last": losses_seen[-1],
-    "warmup/steps": c.train.warmup_steps,
+    "bc/loss_first": losses_seen[0],
+    "bc/loss_last": losses_seen[-1],
+    "bc/steps": c.train.bc_steps,
   }
 
 
@@ -83,11 +83,11 @@ def with_feedback(problems, fraction: float, *, config, task):
   return out
 
 
-def warmup_batch(problems, *, config, tok) -> dict[str, np.ndarray]:
+def bc_batch(problems, *, config, tok) -> dict[str, np.ndarray]:
   """A behaviour-cloning batch: prompts and the expert's responses, as one-response groups."""
   width, key = config.sampling.max_prompt_tokens, "sampling.max_prompt_tokens"
-  if config.train.warmup_reprompt_fraction:  # re-prompts are longer: pad every row to the expert's width
-    width, key = max(width, config.expert.max_prompt_tokens), "expert.max_prompt_tokens (warm-up re-prompts)"
+  if config.train.bc_reprompt_fraction:  # re-prompts are longer: pad every row to the expert's width
+    width, key = max(width, config.expert.max_prompt_tokens), "expert.max_prompt_tokens (behaviour-cloning re-prompts)"
   _, prompt, pmask = prompt_rows(problems, tok=tok, add_bos=config.tokenizer.add_bos, width=width, key=key)
   sft_tokens, sft_mask = reference_rows(problems, config.sampling.max_new_tokens, tok)
   b = len(problems)
