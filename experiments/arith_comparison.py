@@ -155,7 +155,7 @@ REAL_FINAL = {"samples": 8, "pass_at": "(1,2,4,8)", "num_prompts": 64}
 # Tiny settings on the same presets: a random 1-layer model and the task's own small tokenizer instead of the
 # checkpoint, no warm-up (as the presets), the arithmetic smoke's batch and evaluation sizes.
 REAL_SMOKE = [
-  *(f for f in SMOKE if not f.startswith("--config.train.warmup")),
+  *(f for f in SMOKE if not f.startswith("--config.train.bc_")),
   "--config.model.hf_path=",
   "--config.model.remat=none",
   "--config.sampling.max_new_tokens=16",
