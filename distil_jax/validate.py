@@ -158,7 +158,7 @@ def _train_checks(ch: Checks, mode: str, rows: int, processes: int) -> None:
   ok.append(ch.number(t + "iterations", lo=0, integer=True))
   ch.number(t + "score_max_staleness", lo=0, integer=True)
   ch.flag(t + "use_behaviour_logprobs")
-  bc = ch.number(t + "bc_steps", lo=0, integer=True) and ch.value(t + "bc_steps") > 0
+  bc_on = ch.number(t + "bc_steps", lo=0, integer=True) and ch.value(t + "bc_steps") > 0
   ok.append(ch.count(t + "bc_batch"))
   ch.number(t + "bc_lr", lo=0, lo_open=True)
   ch.number(t + "bc_reprompt_fraction", lo=0, hi=1)
@@ -190,9 +190,9 @@ def _train_checks(ch: Checks, mode: str, rows: int, processes: int) -> None:
   per_iteration = v(t + "prompts_per_iteration") * v(t + "group_size")
   ch.divides("train.prompts_per_iteration * train.group_size", per_iteration, rows, mesh)
   ch.divides("train.batch_groups (batches are sharded by prompt group)", v(t + "batch_groups"), rows, mesh)
-  for key in ("prompts_per_iteration", "batch_groups") + (("bc_batch",) if bc else ()):
+  for key in ("prompts_per_iteration", "batch_groups") + (("bc_batch",) if bc_on else ()):
     ch.divides(t + key, v(t + key), processes, "the process count")
-  if bc:
+  if bc_on:
     ch.divides("train.bc_batch", v(t + "bc_batch"), rows, mesh)
 
 
