@@ -9,7 +9,7 @@ Reduction to the scalar (`reduction`):
   "sequence"             sum over a sequence's tokens, mean over sequences: an unbiased estimate of J and grad J.
   "token"                the same sum divided by the batch's token count: per batch, a positive rescaling of the
                          "sequence" estimator (same direction, a step size that does not grow with response length);
-                         in expectation it follows E[sum_t c_t] / E[|y|] with the normaliser held fixed.
+                         in expectation it follows E[sum_t c_t] / E[|y|] with the divisor held fixed.
   "sequence_token_mean"  token mean within each sequence, then mean over sequences (original GRPO): weighs every
                          sequence equally whatever its length, i.e. optimises E[(1/|y|) sum_t c_t], not J.
   "auto"                 the kind's published convention: "sequence" for the distillation losses, "token" for SFT,
@@ -204,7 +204,7 @@ def loss_from_terms(
 
 
 def _distil_grpo(cfg, terms, mask, group_size, rewards, behaviour, ref, score_weight, own, labelled, weight):
-  """GRPO on every response plus `weight` x DistIL on the labelled ones, each normalised by its own convention
+  """GRPO on every response plus `weight` x DistIL on the labelled ones, each reduced by its own convention
   ("auto"), or both by `reduction`."""
   labelled_mask = mask if labelled is None else mask * labelled.astype(jnp.float32)[:, None]
   per_token, metrics, cost_mask = surrogate.distil_per_token(

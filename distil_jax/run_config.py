@@ -42,6 +42,17 @@ FREE = (
 )
 
 
+# Keys a checkpoint records under their earlier names, read under today's so that such a run still resumes (its
+# `--allow_changed` could not name a key the config no longer has).
+RENAMED = {
+  "train.warmup_steps": "train.bc_steps",
+  "train.warmup_batch": "train.bc_batch",
+  "train.warmup_lr": "train.bc_lr",
+  "train.warmup_reprompt_fraction": "train.bc_reprompt_fraction",
+  "loss.normalize": "loss.reduction",
+}
+
+
 def flat(config) -> dict[str, Any]:
   """{"section.key": value} with JSON values (tuples as lists), as a checkpoint's meta stores them."""
   out = {}
@@ -89,7 +100,7 @@ def check_allowed_names(allowed, config) -> None:
 def check_resume(recorded: dict[str, Any], config, allowed, where: str) -> list[tuple[str, Any, Any]]:
   """The changes of `config` against the `recorded` one that `allowed` names (returned, for the log); raises
   ConfigError naming every other change that alters what is trained."""
-  changes = differences(recorded, flat(config))
+  changes = differences({RENAMED.get(k, k): v for k, v in recorded.items()}, flat(config))
   refused = [c for c in changes if c[0] not in allowed]
   if refused:
     listed = "; ".join(f"{k}: {_show(a)} there, {_show(b)} now" for k, a, b in refused)

@@ -108,7 +108,7 @@ def ratio_metrics(ratio, m, clip_eps):
 def distil_per_token(
   cfg, terms, mask, group_size, behaviour_logprobs, sequence_term, score_weight, whole_response_credit
 ):
-  """(per-token loss [B,T], metrics, the mask it is normalised over): the cost c_t, plus with `sequence_term` the
+  """(per-token loss [B,T], metrics, the mask it is reduced over): the cost c_t, plus with `sequence_term` the
   score term (R_t - b_t) grad log pi(y_t) entered as `x - stop_gradient(x)`; tokenwise forward CE is the cost
   alone. With `terminal="hold"` the costs and the mask cover the whole horizon (`hold_terminal`)."""
   m = mask.astype(jnp.float32)

@@ -46,12 +46,12 @@ def config(cfg, *, mode: str = "train", devices: int | None = None, processes: i
   _model_checks(ch, mode)
   sizes = sharding.check_mesh(ch, devices)
   sharding.check_rules(ch)
-  rows = sizes["data"] * sizes["fsdp"] if sizes else 0  # batches are split over data x fsdp
+  shards = sizes["data"] * sizes["fsdp"] if sizes else 0  # batches are split over data x fsdp
   sampler.check_section(ch)
   experts.check_section(ch)
   _loss_checks(ch)
   update.check_section(ch)
-  _train_checks(ch, mode, rows, processes)
+  _train_checks(ch, mode, shards, processes)
   for key in ("log.progress", "log.tensorboard"):
     ch.flag(key)
   ch.enum("export.dtype", tuple(hf.DTYPES))  # what save_hf writes
@@ -150,8 +150,8 @@ def _loss_checks(ch: Checks) -> None:
     ch.fail("buffer.mix", f"{name} is on-policy: stale buffer rows would bias it (leave it unset, or 0)")
 
 
-def _train_checks(ch: Checks, mode: str, rows: int, processes: int) -> None:
-  """The loop's sizes, and the divisibility sharded batches need: rows are split over data x fsdp (`rows`) and
+def _train_checks(ch: Checks, mode: str, shards: int, processes: int) -> None:
+  """The loop's sizes, and the divisibility sharded batches need: rows are split over data x fsdp (`shards`) and
   prompts over processes."""
   t = "train."
   ok = [ch.count(t + k) for k in ("prompts_per_iteration", "group_size", "updates_per_iteration", "batch_groups")]
@@ -181,19 +181,19 @@ def _train_checks(ch: Checks, mode: str, rows: int, processes: int) -> None:
   if mode == "export" or not eval_ok or not all(ok):
     return
   v, mesh = ch.value, "the data x fsdp mesh size"
-  ch.divides("eval.num_prompts * eval.samples", v("eval.num_prompts") * v("eval.samples"), rows, mesh)
+  ch.divides("eval.num_prompts * eval.samples", v("eval.num_prompts") * v("eval.samples"), shards, mesh)
   ch.divides("eval.num_prompts", v("eval.num_prompts"), processes, "the process count")
   if v("eval.greedy"):
-    ch.divides("eval.num_prompts (greedy evaluation)", v("eval.num_prompts"), rows, mesh)
+    ch.divides("eval.num_prompts (greedy evaluation)", v("eval.num_prompts"), shards, mesh)
   if mode != "train":
     return
   per_iteration = v(t + "prompts_per_iteration") * v(t + "group_size")
-  ch.divides("train.prompts_per_iteration * train.group_size", per_iteration, rows, mesh)
-  ch.divides("train.batch_groups (batches are sharded by prompt group)", v(t + "batch_groups"), rows, mesh)
+  ch.divides("train.prompts_per_iteration * train.group_size", per_iteration, shards, mesh)
+  ch.divides("train.batch_groups (batches are sharded by prompt group)", v(t + "batch_groups"), shards, mesh)
   for key in ("prompts_per_iteration", "batch_groups") + (("bc_batch",) if bc_on else ()):
     ch.divides(t + key, v(t + key), processes, "the process count")
   if bc_on:
-    ch.divides("train.bc_batch", v(t + "bc_batch"), rows, mesh)
+    ch.divides("train.bc_batch", v(t + "bc_batch"), shards, mesh)
 
 
 def prompts(task, tok, cfg) -> None:

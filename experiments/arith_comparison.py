@@ -3,7 +3,7 @@
 Protocol:
   1. Three disjoint prompt sets. Training draws from the task's stream, which excludes every held-out prompt; the
      held-out prompts are split by identity into validation and test (`evaluate.held_out`, `eval.split`).
-  2. Per seed, one behaviour-cloning warm-up (300 steps on reference solutions) shared by every method and rate.
+  2. Per seed, one behaviour-cloning run (300 steps on reference solutions) shared by every method and rate.
   3. Per method, the learning rate is chosen from `--lrs` (>= 3 values) by the final validation Pass@1 of one seed
      (`--select_seed`); ties go to the smaller rate.
   4. Every seed (`--seeds`, default five) runs each method at its chosen rate: 40 DAgger iterations of 16 prompts x 8
@@ -26,7 +26,7 @@ The same protocol on a real pretrained model (`--task smollm2`, issue 24; experi
 SmolLM2-135M-Instruct through its chat template on generated word problems (`configs/math.py:smollm2_*`), the self
 expert shown a correct sibling (`--expert sibling`, DistIL's and SDPO's setting) or the reference solution
 (`--expert reference`, OPSD's), and the harder two-to-three-step problems (`--expert hard`, `hard_reference`).
-Differences from arithmetic, each because of the task: no behaviour-cloning warm-up (the preset has
+Differences from arithmetic, each because of the task: no behaviour cloning (the preset has
 `train.bc_steps=0`: an instruct checkpoint already writes the answer format), so every run starts from the
 checkpoint; seven methods, each as its authors run it (REAL_METHODS); the methods that read no teacher (GRPO, SFT)
 are the same runs in both feedback settings of a task and run once; three seeds and 64 test prompts x 8 samples
@@ -153,7 +153,7 @@ REAL_LRS = (3e-6, 1e-5, 3e-5)
 REAL_SEEDS = (0, 1, 2)
 REAL_FINAL = {"samples": 8, "pass_at": "(1,2,4,8)", "num_prompts": 64}
 # Tiny settings on the same presets: a random 1-layer model and the task's own small tokenizer instead of the
-# checkpoint, no warm-up (as the presets), the arithmetic smoke's batch and evaluation sizes.
+# checkpoint, no behaviour cloning (as the presets), the arithmetic smoke's batch and evaluation sizes.
 REAL_SMOKE = [
   *(f for f in SMOKE if not f.startswith("--config.train.bc_")),
   "--config.model.hf_path=",
@@ -319,7 +319,7 @@ class Comparison:
     self.cores = queue.Queue()  # a run takes a core for its whole life; with jobs=1 it is not pinned at all
     for core in sorted(os.sched_getaffinity(0))[:jobs] if jobs > 1 else [None]:
       self.cores.put(core)
-    self.locks = collections.defaultdict(threading.Lock)  # one process per warm-up or run, however many threads ask
+    self.locks = collections.defaultdict(threading.Lock)  # one process per run, however many threads ask
     self.expert, self.smoke, self.task_name = expert, smoke, task
     self.name = expert if size == "small" else f"{expert}_{size}"
     self.label = f"{task}_{self.name}"  # the files written to --out
@@ -329,11 +329,11 @@ class Comparison:
     os.makedirs(self.root, exist_ok=True)
     self.size = size
     self.config = self._config(t.settings[expert])
-    self.warm = self.config.train.bc_steps > 0  # no behaviour-cloning warm-up where the preset has none
+    self.warm = self.config.train.bc_steps > 0  # no behaviour cloning where the preset has none
     self.shared = t.shares.get(expert, expert)  # where this setting's runs of methods that read no teacher live
     if self.shared != expert:
       if self.warm:
-        raise ValueError(f"{expert}: runs are shared only without a warm-up (each setting's warm-up is its own)")
+        raise ValueError(f"{expert}: runs are shared only without behaviour cloning (each setting clones its own)")
       if _without_expert(self.config) != _without_expert(self._config(t.settings[self.shared])):
         raise ValueError(f"{expert} and {self.shared} differ outside the expert: their runs cannot be shared")
     self.iterations = SMOKE_ITERATIONS if smoke else self.config.train.iterations
@@ -467,7 +467,7 @@ def run_protocol(cmp: Comparison, methods, seeds, lrs, select_seed):
     return selection, [cmp.test(cmp.train(method, seed, lr)) for seed in seeds]
 
   with concurrent.futures.ThreadPoolExecutor(len(seeds) + len(methods)) as pool:
-    for seed in seeds if cmp.warm else ():  # queued first, so no core waits for a warm-up while another could run it
+    for seed in seeds if cmp.warm else ():  # queued first: no core waits for behaviour cloning that another could run
       pool.submit(cmp.warmup, seed)
     done = dict(zip(methods, pool.map(one_method, methods), strict=True))
   return {m: done[m][0] for m in methods}, [r for m in methods for r in done[m][1]]
@@ -528,8 +528,8 @@ def plot(finals, expert, out, task="arith"):
   for method in methods:
     mine = [r["metrics"] for r in finals if r["method"] == method]
     for ax, key in zip(axes, ("eval/pass@1", top), strict=True):
-      # The gain over the run's own start: the seeds' warm-ups differ far more than the methods do (README), and
-      # every method shares them, so a band around the absolute figure would hide the differences being compared.
+      # The gain over the run's own start: the seeds' behaviour-cloned starts differ far more than the methods do
+      # (README), and every method shares them, so a band around the absolute figure would hide the differences.
       rows = [[(m["samples/train_tokens"], m[key] - run[0][key]) for m in run if key in m] for run in mine]
       n = min(len(x) for x in rows)
       _band(ax, np.mean([[p[0] for p in x[:n]] for x in rows], 0), [[p[1] for p in x[:n]] for x in rows], method)

@@ -1,11 +1,11 @@
 """The statistics of the comparison protocol, in numpy alone (scipy is not a dependency).
 
 Intervals are Student-t intervals over seeds: a seed is one independent replication of the whole pipeline
-(warm-up, rollouts, updates, evaluation sampling), and what a reader wants to know is how a method does across such
-replications; the test prompts are one fixed set shared by every run, so their sampling error is common to all methods
-and mostly cancels in the paired differences. Paired differences are taken seed by seed (same warm-up, same seed),
-and the sign test over seeds makes no assumption on their distribution. With 5 seeds the two-sided sign test cannot go
-below 2/32 = 0.0625: a clean sweep is reported as such, not as p < 0.05.
+(behaviour cloning, rollouts, updates, evaluation sampling), and what a reader wants to know is how a method does across
+such replications; the test prompts are one fixed set shared by every run, so their sampling error is common to all
+methods and mostly cancels in the paired differences. Paired differences are taken seed by seed (same behaviour-cloned
+start, same seed), and the sign test over seeds makes no assumption on their distribution. With 5 seeds the two-sided
+sign test cannot go below 2/32 = 0.0625: a clean sweep is reported as such, not as p < 0.05.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Is the `self` expert a better policy than the student? Self-distillation can only help if it is.
 
-For a checkpoint (e.g. the comparison's warm-up) and held-out prompts (`eval.split`), with the same parameters:
+For a checkpoint (e.g. the comparison's behaviour-cloned start) and held-out prompts (`eval.split`), with the same
+parameters:
   from the prompt   Pass@1 of the student, and of the re-prompted student (as the `self` expert is) shown
                     - own:       the verifier's feedback on one of the student's own responses;
                     - sibling:   a correct solution (what it sees when a sibling succeeded; here the reference);
@@ -15,14 +16,14 @@ For a checkpoint (e.g. the comparison's warm-up) and held-out prompts (`eval.spl
                     whether the teacher is better (the interval's lower end above 0).
 Samples at the config's sampling temperature. A re-prompt longer than `expert.max_prompt_tokens` is left out, as the
 expert leaves it unlabelled in training (counted). The teacher is the checkpoint's parameters (an EMA teacher equals
-them at a warm-up).
+them at the end of behaviour cloning).
 
   python -m experiments.teacher_quality --config=configs/arith.py:compare_self_reference \\
     --workdir=/tmp/distil-compare/self_reference/warmup_seed0 \\
     --out experiments/results/arith_self_reference_teacher_seed0.json
 
-A run without a warm-up (the real-model protocol) starts from its checkpoint: `--start` reads the parameters the run
-starts from (`model.hf_path`) instead of a workdir's checkpoint, so the check is at the student the comparison
+A run without behaviour cloning (the real-model protocol) starts from its checkpoint: `--start` reads the parameters the
+run starts from (`model.hf_path`) instead of a workdir's checkpoint, so the check is at the student the comparison
 trains. `--skip_from_prompt` measures only at the student's states (what depends on `expert.feedback`; the
 from-the-prompt figures are the same for every feedback mode):
   python -m experiments.teacher_quality --config=configs/math.py:smollm2_sibling --start --workdir=/tmp/tq \\

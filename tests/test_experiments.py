@@ -243,7 +243,7 @@ def test_protocol_selects_on_validation_and_reports_test_once(tmp_path, monkeypa
     assert f"--config.optim.lr={out['table'][method]['chosen_lr']!r}" in args
   trains = [a for a in calls if "--mode=eval" not in a and "--config.train.iterations=0" not in a]
   assert len(trains) == 3 * 3 + 3 * 2  # the grid on seed 0, then seeds 1 and 2
-  for args in trains:  # every run starts from its own seed's warm-up
+  for args in trains:  # every run starts from its own seed's behaviour-cloned start
     seed = next(a for a in args if a.startswith("--config.seed=")).split("=")[1]
     assert any(a.startswith("--config.model.init_from=") and a.endswith(f"warmup_seed{seed}") for a in args)
   varying = r"--(workdir|config\.(seed|optim\.lr|loss\.|model\.init_from))"
@@ -277,7 +277,7 @@ def test_a_variant_runs_at_its_methods_rate_and_each_run_once(tmp_path, monkeypa
   out, calls = _protocol_with_fake_runs(tmp_path, monkeypatch, *flags)
   assert out["table"]["DistIL, 16 per prompt"]["chosen_lr"] == 3e-4
   workdirs = [next(a for a in args if a.startswith("--workdir=")) for args in calls if "--mode=eval" not in args]
-  assert len(workdirs) == len(set(workdirs)) == 2 + 3 + 1 + 2  # warm-ups, DistIL's grid and seed 1, the variant's
+  assert len(workdirs) == len(set(workdirs)) == 2 + 3 + 1 + 2  # BC runs, DistIL's grid and seed 1, the variant's
   variant = [args for args in calls if "--config.train.group_size=16" in args]
   assert len(variant) == 4 and all("--config.optim.lr=0.0003" in args for args in variant)
   assert out["paired_DistIL_minus"]["DistIL, 16 per prompt"]["pass@1"]["seeds"] == [0, 1]
@@ -325,10 +325,10 @@ def _fake_real_main(calls):
 
 
 def test_real_model_protocol_without_warmup_shares_the_teacherless_runs(tmp_path, monkeypatch):
-  """`--task smollm2 --smoke`, both feedback settings in turn, with the stand-in trainer: no warm-up (the presets have
-    none), every command a config the run accepts on the tiny smoke model, the hybrid's weight decaying over the run's
-    length, GRPO / SFT trained once for both settings (the second invocation launches only the teacher methods), and
-  no run's weights left behind once its figures are written."""
+  """`--task smollm2 --smoke`, both feedback settings in turn, with the stand-in trainer: no behaviour cloning (the
+    presets have none), every command a config the run accepts on the tiny smoke model, the hybrid's weight decaying
+    over the run's length, GRPO / SFT trained once for both settings (the second invocation launches only the teacher
+  methods), and no run's weights left behind once its figures are written."""
   calls = []
   monkeypatch.setattr(arith_comparison, "main_process", _fake_real_main(calls))
   methods = ["DistIL", "SDPO", "OPSD", "GRPO", "SFT", "DistIL+GRPO"]
@@ -401,9 +401,9 @@ def _smoke_config(preset):
 
 @pytest.mark.slow
 def test_scripts_smoke_privileged_feedback(tmp_path, monkeypatch):
-  """The protocol on tiny settings with the reference-feedback self expert (warm-up with re-prompts, a DistIL run
-  whose teacher reads the reference, the test evaluation), then the teacher-quality check on the warm-up and the
-  gradient-variance measurement on the run."""
+  """The protocol on tiny settings with the reference-feedback self expert (behaviour cloning with re-prompts, a DistIL
+  run whose teacher reads the reference, the test evaluation), then the teacher-quality check on the behaviour-cloned
+  start and the gradient-variance measurement on the run."""
   argv = ["cmp", "--smoke", "--expert", "self_reference", "--seeds", "0", "--lrs", "1e-3", "--methods", "DistIL"]
   monkeypatch.setattr("sys.argv", [*argv, "--out", str(tmp_path), "--workdir", str(tmp_path / "runs")])
   arith_comparison.main()

@@ -54,6 +54,21 @@ def test_a_changed_config_is_refused_unless_allowed_and_an_extension_keeps_the_s
   assert json.loads(json.dumps(meta["config"])) == run_config.flat(changed)
 
 
+def test_a_checkpoint_recording_renamed_keys_resumes_and_its_values_are_still_compared():
+  """A run recorded with `train.warmup_*` / `loss.normalize` (the keys' earlier names) resumes under today's names
+  when the values agree, and a changed value is named under today's key, which `--allow_changed` accepts."""
+  config = load_config("arith")
+  recorded = run_config.flat(config)
+  for old, new in run_config.RENAMED.items():
+    recorded[old] = recorded.pop(new)
+  assert run_config.check_resume(recorded, config, (), "W") == []
+  recorded["train.warmup_lr"] = 0.5
+  with pytest.raises(ConfigError, match=r"train\.bc_lr: 0\.5 there, 0\.003 now.*--allow_changed=train\.bc_lr to"):
+    run_config.check_resume(recorded, config, (), "W")
+  run_config.check_allowed_names(("train.bc_lr",), config)
+  assert run_config.check_resume(recorded, config, ("train.bc_lr",), "W") == [("train.bc_lr", 0.5, 0.003)]
+
+
 def test_config_differences_name_each_key_and_skip_the_free_ones():
   a = run_config.flat(load_config("arith"))
   b = run_config.flat(load_config("arith", **{"train.group_size": 8, "eval.every": 5, "mesh.fsdp": 2}))

@@ -194,7 +194,7 @@ def test_generated_math_grades_a_final_answer_in_prose_and_traces_the_oracle_for
 
 
 def test_each_task_has_a_wrong_solution_its_verifier_rejects(tmp_path):
-  """The warm-up's wrong solution, task by task: the reference passes, the wrong solution fails with feedback that
+  """Behaviour cloning's wrong solution, task by task: the reference passes, the wrong solution fails with feedback that
   says why (a wrong step, a wrong answer, a failing test), and it is written like the reference."""
   path = tmp_path / "d.jsonl"
   path.write_text(
