@@ -147,6 +147,7 @@ def _train() -> dict:
     updates_per_iteration=4,
     batch_groups=8,
     use_behaviour_logprobs=True,
+    skip_unlabelled=True,  # the update runs the student and teacher over labelled rows only (update.kept_rows)
     score_max_staleness=0,
     bc_steps=0,
     bc_batch=64,

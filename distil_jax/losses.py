@@ -42,6 +42,7 @@ USES_RATIO = ("distil", "grpo", "distil_grpo")  # the losses whose estimator com
 ON_POLICY = ("grpo", "reverse_kl", "jsd", "distil_grpo")  # trained on fresh rollouts unless buffer.mix says otherwise
 NO_TEACHER = ("grpo", "sft")  # read no expert distribution
 OVER_STUDENT_TOPK = ("reverse_kl", "jsd")  # may be taken over the student's top k ids (loss.student_topk)
+LABELLED_ONLY = ("distil", "tokenwise_fce", "reverse_kl", "jsd")  # read only labelled rows: the others may be skipped
 BASELINES = ("none", "loo")
 REDUCTIONS = ("auto", "sequence", "token", "sequence_token_mean")
 _PUBLISHED_REDUCTION = {"grpo": "sequence_token_mean", "sft": "token"}  # every other kind: "sequence"
@@ -254,15 +255,28 @@ def compute_loss(
   whole_response_credit=None,
   labelled=None,
   distil_weight=None,
+  rows=None,
 ):
-  """The loss from student logits, or fused from hidden states and the LM head when `hidden` is given."""
+  """The loss from student logits, or fused from hidden states and the LM head when `hidden` is given.
+
+  rows [K]: the batch rows that `logits` / `hidden` and the teacher hold, a superset of the `labelled` ones, for the
+  kinds that read only those (`LABELLED_ONLY`); the other rows get zero terms and ratio 1, which their zero mask
+  makes exact: the update need not run the student and the teacher over rows no label reaches. None: every row."""
   teacher = teacher if cfg.needs_teacher else None
+  held_tokens, held_mask = (tokens, mask) if rows is None else (tokens[rows], mask[rows])
   if hidden is not None:
     terms = tt.fused_token_terms(
-      hidden, lm_head, teacher, tokens, mask=mask, chunk_size=cfg.chunk_size, opts=cfg.term_options
+      hidden, lm_head, teacher, held_tokens, mask=held_mask, chunk_size=cfg.chunk_size, opts=cfg.term_options
     )
   else:
-    terms = tt.token_terms(logits, teacher, tokens, mask=mask, opts=cfg.term_options)
+    terms = tt.token_terms(logits, teacher, held_tokens, mask=held_mask, opts=cfg.term_options)
+  if rows is not None:
+    if cfg.kind not in LABELLED_ONLY or labelled is None:
+      raise ValueError(f"rows: loss.kind={cfg.kind!r} reads rows no label reaches, or no rows are marked labelled")
+    full = {k: jnp.zeros(tokens.shape, v.dtype).at[rows].set(v) for k, v in terms.items()}
+    if behaviour_logprobs is not None:  # ratio exactly 1 on the rows not held (their score is masked out anyway)
+      full["logp"] = behaviour_logprobs.astype(terms["logp"].dtype).at[rows].set(terms["logp"])
+    terms = full
   return loss_from_terms(
     cfg,
     terms,

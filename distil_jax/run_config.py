@@ -25,6 +25,7 @@ from distil_jax.errors import ConfigError
 
 FREE = (
   "train.iterations",
+  "train.skip_unlabelled",  # the same loss and gradient (update.kept_rows)
   "log.",
   "eval.",
   "checkpoint.",

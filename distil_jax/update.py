@@ -18,6 +18,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -38,6 +39,28 @@ class UpdateOptions:
   frozen_policy: bool = False  # grpo with kl_coef > 0: state["ref"] holds the policy its KL term is taken to
   use_behaviour_logprobs: bool = True  # off-policy ratio from the sampler's log-probs
   score_max_staleness: int = 0  # DistIL's score term only on rollouts at most this many iterations old
+
+  @property
+  def skips_unlabelled(self) -> bool:
+    """Whether the step may run the student and the teacher over the labelled rows only (`kept_rows`): a device
+    teacher marks its rows (`teacher_valid`), and the loss reads nothing else."""
+    return self.labels == "device" and self.loss.kind in losses.LABELLED_ONLY
+
+
+def kept_rows(labelled_BgxG, shards: int) -> np.ndarray | None:
+  """The rows [K] a step runs the student and the teacher over: every labelled one, then unlabelled ones up to K, the
+  smallest of B/4 and B/2 that holds them and splits over `shards` devices; None (every row) when none does.
+
+  Why: a self teacher shown a correct sibling labels only responses whose group has one, often a fifth of them or
+  fewer; the others' loss is zero, so their forward and backward passes are work for nothing. Two sizes bound the
+  compilations."""
+  labelled = np.asarray(labelled_BgxG).reshape(-1) > 0
+  b, n = labelled.size, int(labelled.sum())
+  sizes = [k for k in (b // 4, b // 2) if k >= max(n, 1) and k % shards == 0]
+  if not sizes:
+    return None
+  order = np.concatenate([np.flatnonzero(labelled), np.flatnonzero(~labelled)])
+  return np.sort(order[: sizes[0]]).astype(np.int32)
 
 
 def check_section(ch: checks.Checks) -> None:
@@ -138,8 +161,11 @@ def topk_teacher(batch, g: int):
 
 
 def loss_fn(
-  params, batch, teacher_params, ref_params, iteration, *, graphdef, teacher_graphdef, options: UpdateOptions
+  params, batch, teacher_params, ref_params, iteration, kept=None, *, graphdef, teacher_graphdef, options: UpdateOptions
 ):
+  """(loss, metrics) of a batch; `kept` [K]: the rows the student and the teacher run over (`kept_rows`), or None."""
+  if kept is not None and not options.skips_unlabelled:
+    raise ValueError(f"kept rows: loss.kind={options.loss.kind!r} with {options.labels!r} labels reads every row")
   model = model_lib.merge_for_compute(graphdef, params)
   cfg = options.loss
   bg, g, n = batch["tokens"].shape
@@ -150,7 +176,8 @@ def loss_fn(
     prompts, pmask = jnp.repeat(batch["prompt_tokens"], g, 0), jnp.repeat(batch["prompt_mask"], g, 0)
     responses, mask, group = _rows(batch["tokens"], g), _rows(batch["mask"], g), g
   mask = mask.astype(jnp.float32)
-  hidden = response_hidden(model, prompts, pmask, responses)
+  held = (lambda x: x) if kept is None else (lambda x: x[kept])
+  hidden = response_hidden(model, held(prompts), held(pmask), held(responses))
   teacher, labelled = None, None  # labelled [B]: the responses the expert labelled (the loss reads only these)
   if cfg.needs_teacher and options.labels == "topk":
     teacher, labelled = topk_teacher(batch, g)
@@ -158,8 +185,9 @@ def loss_fn(
     if teacher_params is None:
       teacher_params = jax.lax.stop_gradient(params)
     tmodel = model_lib.merge_for_compute(teacher_graphdef, teacher_params)
-    thidden = response_hidden(tmodel, _rows(batch["teacher_tokens"], g), _rows(batch["teacher_mask"], g), responses)
-    positions = jnp.broadcast_to(jnp.arange(n), (bg * g, n))
+    tprompts, tmask = held(_rows(batch["teacher_tokens"], g)), held(_rows(batch["teacher_mask"], g))
+    thidden = response_hidden(tmodel, tprompts, tmask, held(responses))
+    positions = jnp.broadcast_to(jnp.arange(n), (thidden.shape[0], n))
     teacher = losses.HiddenTeacher(thidden, tmodel.lm_head_kernel(), positions)
     labelled = _rows(batch["teacher_valid"], g).astype(jnp.float32)
   behaviour = None
@@ -189,17 +217,19 @@ def loss_fn(
     whole_response_credit=own,
     labelled=labelled,
     distil_weight=cfg.distil_weight_at(iteration) if cfg.kind == "distil_grpo" else None,
+    rows=kept,
   )
 
 
 def make_update(graphdef, tx, options: UpdateOptions, *, teacher_graphdef=None, state_shardings=None):
-  """jit(update)(state, batch, teacher_params, iteration) -> (state, metrics); `state` is donated.
+  """jit(update)(state, batch, teacher_params, iteration, kept=None) -> (state, metrics); `state` is donated. `kept`:
+  the rows to run the student and the teacher over (`kept_rows`; one compilation per size).
 
   state: {"params", "opt_state"} (+ "ema" for a self teacher with ema_decay > 0, + "ref" for GRPO's KL reference).
   """
   teacher_graphdef = teacher_graphdef or graphdef
 
-  def update(state, batch, teacher_params, iteration):
+  def update(state, batch, teacher_params, iteration, kept=None):
     if teacher_params is None:  # a self teacher: its EMA, or (None) the live parameters
       teacher_params = state.get("ema")
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -209,6 +239,7 @@ def make_update(graphdef, tx, options: UpdateOptions, *, teacher_graphdef=None, 
       teacher_params,
       state.get("ref"),
       iteration,
+      kept,
       graphdef=graphdef,
       teacher_graphdef=teacher_graphdef,
       options=options,

@@ -158,6 +158,7 @@ def _train_checks(ch: Checks, mode: str, shards: int, processes: int) -> None:
   ok.append(ch.number(t + "iterations", lo=0, integer=True))
   ch.number(t + "score_max_staleness", lo=0, integer=True)
   ch.flag(t + "use_behaviour_logprobs")
+  ch.flag(t + "skip_unlabelled")
   bc_on = ch.number(t + "bc_steps", lo=0, integer=True) and ch.value(t + "bc_steps") > 0
   ok.append(ch.count(t + "bc_batch"))
   ch.number(t + "bc_lr", lo=0, lo_open=True)
