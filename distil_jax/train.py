@@ -355,9 +355,8 @@ class Loop:
         self.stop_here()
       if batch is not None:
         kept = update.kept_rows(batch["teacher_valid"], mesh.shape["data"] * mesh.shape["fsdp"]) if skip else None
-        self.state, m = self.step_fn(
-          self.state, data.to_global(batch, mesh), self.learner.teacher_params, jnp.int32(it), kept
-        )
+        args = (self.state, data.to_global(batch, mesh), self.learner.teacher_params, jnp.int32(it))
+        self.state, m = self.step_fn(*args) if kept is None else self.step_fn(*args, kept)
       if pending is not None:
         step_figures.append(_finite_or_raise(jax.device_get(pending), it, k, self.ckpt, self.writer, c.expert))
       pending = m if batch is not None else None
