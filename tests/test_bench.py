@@ -31,7 +31,7 @@ from run_helpers import ROOT, XLA_TEST_FLAGS
     ),
     (
       "bench.sampler",
-      ["--size", "tiny", "--dtype", "float32", "--batch", "2", "4", "--prompt", "8", "--new", "8", "--group", "2"]
+      ["--size", "tiny", "--dtype", "float32", "--batch", "2", "--prompt", "8", "--new", "8", "--group", "2"]
       + ["--vs_torch"],
       {
         "decode_tokens_per_second",
