@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every accelerator figure the README lists, in one call of under 8 minutes on one H100 / H200 (or a TPU host):
+# Every accelerator figure the README lists, in one call of under 9 minutes on one H100 / H200 (or a TPU host):
 #
 #   bash bench/accelerator.sh [OUT]        (OUT defaults to $OUT, else /tmp/distil-accelerator)
 #
@@ -10,6 +10,7 @@
 #   sampler_1b.jsonl    decode tokens/s and the fraction of the HBM roofline, ratio to transformers' generate
 #   loss_chunk.jsonl    the fused loss's chunk sweep at the 1B vocabulary
 #   loop_smollm2.jsonl  one DAgger iteration on SmolLM2-135M-Instruct's shapes against transformers + torch
+#   skip_unlabelled.jsonl  the update over 4 labelled rows of 16 against the update over all 16 (SmolLM2's shapes)
 # The GPU machine has no network and lacks grain and ml-collections: wheels in `.wheels/` (made here with
 # `pip download --no-deps grain ml-collections -d .wheels`) are installed first, and the SmolLM2 folder's small
 # files in `.smollm2/` (config, tokenizer, template; `cp ~/.cache/distil_jax/SmolLM2-135M-Instruct/*.json
@@ -45,4 +46,5 @@ run loss_chunk 60 python -m bench.loss_chunk --vocab 128256 --tokens 16384 --dim
   --chunks 16,32,64,128,256
 run loop_smollm2 100 python -m bench.loop_iteration --hf_path "$smollm2" --random_weights --dtype bfloat16 \
   --remat none --prompts 16 --group 8 --new 256 --updates 2 --batch_groups 8
+run skip_unlabelled 60 python -m bench.skip_unlabelled --hf_path "$smollm2" --dtype bfloat16 --remat none --labelled 4
 ls -l "$out"
