@@ -25,7 +25,7 @@ def _local(array, mesh):
 def _global_prompts(tokens, mask, mesh):
   """Each prompt once, as global arrays (the sampler prefills it once for its whole group): rows split over the
   batch axes when they divide them, else whole on every device (one host; several hosts must split them)."""
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  shards = sharding.batch_shards(mesh)
   rows = len(tokens) * jax.process_count()
   if rows % shards == 0:
     glob = data.to_global({"t": tokens, "m": mask}, mesh)

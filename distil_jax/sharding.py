@@ -127,6 +127,11 @@ def param_shardings(abstract_state: nnx.State, mesh, rules=None):
   return jax.tree.map(lambda s: NamedSharding(mesh, s), nnx.State(specs).to_pure_dict())
 
 
+def batch_shards(mesh) -> int:
+  """How many devices a batch's rows are split over (data x fsdp): what a batch's row count must divide."""
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
 def batch_sharding(mesh, ndim: int = 2) -> NamedSharding:
   """Leading (example) dimension split over data and fsdp; the rest replicated."""
   return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))

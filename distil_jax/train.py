@@ -348,15 +348,17 @@ class Loop:
     )
     mesh = self.run.mesh
     skip = c.train.skip_unlabelled and self.learner.options.skips_unlabelled and jax.process_count() == 1
+    shards = sharding.batch_shards(mesh)
     # Metrics of update k are read after update k+1 is dispatched, so the host never waits on the device.
     step_figures, pending = [], None
     for k, batch in enumerate([*batches, None]):
       if k and batch is not None and saved_before and self.stopper.requested():
         self.stop_here()
       if batch is not None:
-        kept = update.kept_rows(batch["teacher_valid"], mesh.shape["data"] * mesh.shape["fsdp"]) if skip else None
-        args = (self.state, data.to_global(batch, mesh), self.learner.teacher_params, jnp.int32(it))
-        self.state, m = self.step_fn(*args) if kept is None else self.step_fn(*args, kept)
+        kept = update.kept_rows(batch["teacher_valid"], shards) if skip else None
+        self.state, m = self.step_fn(
+          self.state, data.to_global(batch, mesh), self.learner.teacher_params, jnp.int32(it), kept
+        )
       if pending is not None:
         step_figures.append(_finite_or_raise(jax.device_get(pending), it, k, self.ckpt, self.writer, c.expert))
       pending = m if batch is not None else None

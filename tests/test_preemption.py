@@ -81,7 +81,7 @@ def test_a_signal_abandons_or_finishes_the_iteration_and_the_resume_is_exact(tmp
   # (iteration 3), abandoned when it has one (iteration 4, after checkpoint 3).
   make_update = train.update.make_update
   for signum, at, stopped_at in ((signal.SIGINT, 3, 3), (signal.SIGTERM, 4, 3)):
-    in_update = _signal_once(signum, lambda state, batch, teacher, it, at=at: int(it) == at)
+    in_update = _signal_once(signum, lambda state, batch, teacher, it, kept=None, at=at: int(it) == at)
     monkeypatch.setattr(train.update, "make_update", lambda *a, wrap=in_update, **k: wrap(make_update(*a, **k)))
     name = signal.Signals(signum).name
     with pytest.raises(preemption.Preempted, match=rf"^stopped by {name}; iteration {stopped_at} is checkpointed"):

@@ -249,7 +249,7 @@ def test_skipping_unlabelled_rows_changes_no_figure_and_no_parameter(kind, dtype
   batch["teacher_valid"] = np.array([[1, 0], [0, 0], [0, 1], [0, 0]], np.int32)
   one = sharding.make_mesh({"fsdp": 1}, jax.devices()[:1])
   mesh = one if devices == 1 else sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  kept = update.kept_rows(batch["teacher_valid"], mesh.shape["data"] * mesh.shape["fsdp"])
+  kept = update.kept_rows(batch["teacher_valid"], sharding.batch_shards(mesh))
   assert len(kept) == (2 if devices == 1 else 4)
   full = _steps(one, options, batch, None, dtype)
   held = _steps(mesh, options, batch, kept, dtype)
