@@ -121,6 +121,7 @@ SMOKE = [
 ]
 SMOKE_FINAL = {"samples": 2, "pass_at": "(1,2)"}
 SMOKE_ITERATIONS = 2
+WALL_EVERY = 60  # seconds between the wall-time records of a running run (`main_process`)
 
 # -- The real model (--task smollm2) -----------------------------------------------------------------------------------
 # Each method as its authors run it. The teacher of DistIL, tokenwise forward CE and the hybrid is the preset's
@@ -239,10 +240,12 @@ def _pass_signal_on(signum, frame):
   sys.exit(128 + signum)
 
 
-def main_process(args, log, core=None):
+def main_process(args, log, core=None, elapsed=None):
   """`python -m distil_jax.main ARGS` in a fresh process (on CPU `core` alone if given), its output streamed to `log`;
-  the wall time in seconds. The process holds a lock on its workdir for its whole life (an inherited descriptor), so
-  a second orchestrator started while an earlier one's run is still going refuses it instead of writing beside it.
+  the wall time in seconds. `elapsed(seconds)` is called every WALL_EVERY seconds while it runs, so that a run killed
+  with its orchestrator (a session's end) keeps all but the last interval of its wall time. The process holds a lock
+  on its workdir for its whole life (an inherited descriptor), so a second orchestrator started while an earlier
+  one's run is still going refuses it instead of writing beside it.
   The environment passes through as given, XLA_FLAGS included (a user's compile flags apply to every run)."""
   env = {"JAX_PLATFORMS": "cpu", **os.environ}
   pin = ["taskset", "-c", str(core)] if core is not None else []
@@ -264,7 +267,9 @@ def main_process(args, log, core=None):
       )  # fmt: skip
       _LIVE.add(p)
       try:
-        code = p.wait()
+        while (code := _wait(p, WALL_EVERY)) is None:
+          if elapsed is not None:
+            elapsed(time.time() - t)
       finally:
         _LIVE.discard(p)
   finally:
@@ -274,6 +279,14 @@ def main_process(args, log, core=None):
       last = (f.read().strip().splitlines() or ["?"])[-1]
     raise RuntimeError(f"run failed ({log}): {last}")
   return time.time() - t
+
+
+def _wait(p, seconds):
+  """The process's exit code, or None if it is still running after `seconds`."""
+  try:
+    return p.wait(timeout=seconds)
+  except subprocess.TimeoutExpired:
+    return None
 
 
 def read_jsonl(path):
@@ -360,10 +373,10 @@ class Comparison:
     common = [f"--config={self.task.config}:{preset}", "--config.log.tensorboard=False", *self.task.sizes[self.size]]
     return common + (self.task.smoke if self.smoke else [])
 
-  def launch(self, args, log):
+  def launch(self, args, log, elapsed=None):
     core = self.cores.get()
     try:
-      return main_process(args, log, core)
+      return main_process(args, log, core, elapsed)
     finally:
       self.cores.put(core)
 
@@ -407,9 +420,10 @@ class Comparison:
     with self.locks[wd]:
       if not self.finished(metrics_path):
         before = _read_wall(wall)
-        seconds = self.launch(cmd, os.path.join(os.path.dirname(wd), f"{name}.log"))
-        with open(wall, "w") as f:
-          json.dump(before + seconds, f)
+        seconds = self.launch(
+          cmd, os.path.join(os.path.dirname(wd), f"{name}.log"), lambda s: _write_wall(wall, before + s)
+        )
+        _write_wall(wall, before + seconds)
         if not self.finished(metrics_path):  # stopped at a signal: saved, exit 0; the next invocation resumes it
           raise RuntimeError(f"{wd} stopped before iteration {self.iterations}; run the same command to resume")
     run = {"method": method, "seed": seed, "lr": lr, "wall_seconds": _read_wall(wall), "workdir": wd}
@@ -429,6 +443,13 @@ class Comparison:
         self.launch([*cmd, *flags], os.path.join(os.path.dirname(wd), f"{os.path.basename(wd)}_test.log"))
       self.drop_weights(wd)
     return {**run, "test": read_jsonl(path)[-1], "test_command": "python -m distil_jax.main " + " ".join(cmd + flags)}
+
+
+def _write_wall(path, seconds):
+  """Replaced whole (a kill mid-write leaves the previous figure, not a torn file)."""
+  with open(path + ".tmp", "w") as f:
+    json.dump(seconds, f)
+  os.replace(path + ".tmp", path)
 
 
 def _read_wall(path):

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import types
 
 import jax
@@ -197,7 +198,7 @@ OFFSET = {"DistIL": 0.3, "GRPO": 0.1, "SFT": 0.35}
 
 
 def _fake_main(calls):
-  def fake(args, log, core=None):
+  def fake(args, log, core=None, elapsed=None):
     calls.append(args)
     flag = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if "=" in a}
     wd, seed = flag["--workdir"], int(flag["--config.seed"])
@@ -264,6 +265,38 @@ def test_protocol_selects_on_validation_and_reports_test_once(tmp_path, monkeypa
   assert "| GRPO | +0.200 [+0.200, +0.200]; +0.200 +0.200 +0.200; 3/3 up, p=0.25 |" in text
 
 
+def test_a_run_killed_with_its_orchestrator_keeps_its_wall_time(tmp_path, monkeypatch):
+  """A session's end kills the orchestrator and its run at once: the intervals the run had lived are on disk, and its
+  resumed part adds to them (the record was once written only when the run's process returned)."""
+  cmp = arith_comparison.Comparison("oracle", str(tmp_path), smoke=True)
+  _, wd, _ = cmp.command("DistIL", 0, 1e-4)
+  killed = RuntimeError("killed")
+
+  class Process:  # lives three intervals, then its orchestrator dies; resumed, it ends at once
+    def __init__(self, *args, **kwargs):
+      self.waits = 0
+      self.resumed = os.path.exists(os.path.join(wd, "wall_seconds.json"))
+
+    def wait(self, timeout=None):
+      if self.resumed:
+        with open(os.path.join(wd, "metrics.jsonl"), "w") as f:
+          f.write(json.dumps({"iteration": cmp.iterations}) + "\n")
+        return 0
+      self.waits += 1
+      if timeout is None or self.waits > 3:  # a wait without a timeout blocks until the kill
+        raise killed
+      time.sleep(timeout)
+      raise subprocess.TimeoutExpired("run", timeout)
+
+  monkeypatch.setattr(arith_comparison, "WALL_EVERY", 0.05)
+  monkeypatch.setattr(arith_comparison.subprocess, "Popen", Process)
+  with pytest.raises(RuntimeError, match="killed"):
+    cmp.train("DistIL", 0, 1e-4)
+  lived = json.loads(open(os.path.join(wd, "wall_seconds.json")).read())
+  assert 0.15 <= lived < 1.0
+  assert cmp.train("DistIL", 0, 1e-4)["wall_seconds"] >= lived
+
+
 def test_method_flags_cannot_change_the_budget(monkeypatch):
   monkeypatch.setitem(arith_comparison.METHODS, "cheat", ["--config.loss.kind=sft", "--config.train.iterations=80"])
   with pytest.raises(ValueError, match="cheat: --config.train.iterations=80"):
@@ -305,7 +338,7 @@ def _fake_real_main(calls):
   """A stand-in trainer for the real-model protocol: every run ends at its configured length; validation Pass@1 is
   the rate (so the largest wins), the test figure the seed."""
 
-  def fake(args, log, core=None):
+  def fake(args, log, core=None, elapsed=None):
     calls.append(args)
     flag = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if "=" in a}
     wd = flag["--workdir"]
