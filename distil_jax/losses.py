@@ -221,9 +221,12 @@ def _distil_grpo(cfg, terms, mask, group_size, rewards, behaviour, ref, score_we
 
 
 def _common_metrics(cfg, terms, mask, metrics, loss):
-  """Every kind's figures: the loss, the student's entropy and log pi(y_t), length, and the teacher's terms."""
+  """Every kind's figures: the loss, the student's entropy and log pi(y_t), length, and the teacher's terms; the token
+  means run over `mask`'s tokens, whose count is `loss_tokens` (0 for a teacher loss on a batch with no labelled row:
+  its means are then 0, which the loop leaves out of an iteration's figures)."""
   metrics.update(
     loss=loss,
+    loss_tokens=jnp.sum(mask),
     entropy=surrogate.token_mean(terms["entropy"], mask),
     logp=surrogate.token_mean(terms["logp"], mask),
     length=jnp.mean(jnp.sum(mask, axis=1)),

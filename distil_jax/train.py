@@ -86,6 +86,14 @@ def label_shares(groups: dict) -> dict[str, float]:
   return out
 
 
+def iteration_figures(step_figures: list[dict]) -> dict[str, float]:
+  """The mean of the updates' figures over those whose loss read a token (`loss_tokens` > 0), all of them when none
+  did. A teacher loss on a batch with no labelled row changes nothing, and its token means over no token are 0:
+  averaged in, they would halve an iteration's KL, entropy or ratio whenever one of two updates drew no label."""
+  read = [m for m in step_figures if m["loss_tokens"] > 0] or step_figures
+  return {f"train/{k}": float(np.mean([m[k] for m in read])) for k in step_figures[0]}
+
+
 def _meta(config, iteration: int, buffer_rows: int, sampled_tokens: int, schedule_updates: int) -> dict:
   """The host-side state a checkpoint carries (`buffer_rows`: this process's rows, as many on every process: each
   labels an equal share of the prompts), the config it was trained with and the number of updates its learning-rate
@@ -336,7 +344,7 @@ class Loop:
     return old
 
   def update(self, groups, old, it: int, saved_before: bool) -> dict:
-    """`train.updates_per_iteration` steps on fresh and aggregated rows; the mean of their figures."""
+    """`train.updates_per_iteration` steps on fresh and aggregated rows; their figures (`iteration_figures`)."""
     c = self.config
     batches = data.training_batches(
       data.split_rows(groups),
@@ -362,7 +370,7 @@ class Loop:
       if pending is not None:
         step_figures.append(_finite_or_raise(jax.device_get(pending), it, k, self.ckpt, self.writer, c.expert))
       pending = m if batch is not None else None
-    return {f"train/{k}": float(np.mean([m[k] for m in step_figures])) for k in step_figures[0]}
+    return iteration_figures(step_figures)
 
   def evaluate(self, it: int, figures: dict) -> None:
     """Pass@k on held-out prompts every `eval.every` iterations and at the last, into `figures`."""

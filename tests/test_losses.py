@@ -7,7 +7,7 @@ import pytest
 import torch
 from trl.experimental.gkd.gkd_trainer import GKDTrainer
 
-from distil_jax import losses, sharding
+from distil_jax import losses, sharding, train
 from distil_jax import token_terms as tt
 
 B, T, D, V, K, S = 4, 13, 16, 37, 5, 19  # T not a multiple of the chunk sizes used: the padding path runs
@@ -421,3 +421,27 @@ def test_distil_grpo_is_grpo_plus_weighted_distil():
   cfg = losses.LossConfig(kind="distil_grpo", distil_weight=0.8, distil_weight_decay_iterations=10)
   assert [float(cfg.distil_weight_at(i)) for i in (1, 6, 11, 30)] == pytest.approx([0.8, 0.4, 0.0, 0.0])
   assert losses.LossConfig(kind="distil_grpo", distil_weight=0.8).distil_weight_at(30) == 0.8
+
+
+def test_an_iteration_reports_the_updates_whose_loss_read_a_token():
+  """`loss_tokens` counts the labelled rows' response tokens (by hand from the mask). An update with no labelled row
+  has token means of 0 and is left out of the iteration's figures; averaged in, it halved them (a ratio of 1 read
+  0.5). With no update reading a token, the figures are the plain mean."""
+  rng = np.random.default_rng(5)
+  z = jnp.asarray(rng.normal(size=(B, T, V)), jnp.float32)
+  _, _, tokens, mask, targets = _inputs(seed=3)
+  behaviour = jax.nn.log_softmax(z, -1)[jnp.arange(B)[:, None], jnp.arange(T)[None], tokens]
+
+  def figures(labelled):
+    cfg = losses.LossConfig(kind="distil", baseline="loo")
+    inputs = dict(teacher=targets["dense"], tokens=tokens, mask=mask, logits=z, group_size=2)
+    _, m = losses.compute_loss(cfg, **inputs, behaviour_logprobs=behaviour, labelled=jnp.asarray(labelled))
+    return {k: float(v) for k, v in m.items()}
+
+  some, none = figures([1.0, 0.0, 0.0, 1.0]), figures([0.0, 0.0, 0.0, 0.0])
+  assert some["loss_tokens"] == T + 4 and none["loss_tokens"] == 0  # row 0 whole, row 3 up to position 4
+  assert none["ratio_mean"] == 0.0 and none["kl_per_token"] == 0.0
+  np.testing.assert_allclose(some["ratio_mean"], 1.0, rtol=1e-6)
+  got = train.iteration_figures([none, some])
+  assert got == {f"train/{k}": v for k, v in some.items()}
+  assert train.iteration_figures([none, none]) == {f"train/{k}": v for k, v in none.items()}
