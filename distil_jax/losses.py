@@ -220,10 +220,20 @@ def _distil_grpo(cfg, terms, mask, group_size, rewards, behaviour, ref, score_we
   return loss, _common_metrics(cfg, terms, labelled_mask, metrics, loss)
 
 
+def count_of(figure: str) -> str | None:
+  """The figure counting the tokens that a step's token-mean `figure` divides by, so that an iteration can pool its
+  updates token by token (a teacher loss's update with no labelled row has means of 0 over no token); None for a
+  figure with one value per update (loss, cost, length, reward, grad_norm)."""
+  if figure in ("ratio_mean", "clip_fraction", "kl_ref"):
+    return "ratio_tokens"
+  if figure in ("entropy", "logp", "advantage_abs", "teacher_nonfinite") or figure.endswith("_per_token"):
+    return "loss_tokens"
+  return None
+
+
 def _common_metrics(cfg, terms, mask, metrics, loss):
   """Every kind's figures: the loss, the student's entropy and log pi(y_t), length, and the teacher's terms; the token
-  means run over `mask`'s tokens, whose count is `loss_tokens` (0 for a teacher loss on a batch with no labelled row:
-  its means are then 0, which the loop leaves out of an iteration's figures)."""
+  means run over `mask`'s tokens, `loss_tokens` of them (`count_of`)."""
   metrics.update(
     loss=loss,
     loss_tokens=jnp.sum(mask),

@@ -98,8 +98,9 @@ def token_mean(x_BxT, m_BxT):
 
 
 def ratio_metrics(ratio, m, clip_eps):
-  """How far the policy has moved from the sampler's: exactly 1 and 0 on fresh rollouts."""
+  """How far the policy has moved from the sampler's: exactly 1 and 0 on fresh rollouts; over `ratio_tokens` tokens."""
   return {
+    "ratio_tokens": jnp.sum(m),
     "ratio_mean": token_mean(ratio, m),
     "clip_fraction": token_mean((jnp.abs(ratio - 1.0) > clip_eps).astype(jnp.float32), m),
   }

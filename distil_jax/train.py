@@ -19,7 +19,7 @@ from absl import logging
 
 from distil_jax import behaviour_cloning as bc
 from distil_jax import buffer as buffer_lib
-from distil_jax import build, checkpoint, data, evaluate, metrics, preemption, run_config, sharding, update
+from distil_jax import build, checkpoint, data, evaluate, losses, metrics, preemption, run_config, sharding, update
 from distil_jax import rollout as rollout_lib
 from distil_jax.errors import CheckpointError, ConfigError, ExpertError, InputError
 
@@ -87,11 +87,16 @@ def label_shares(groups: dict) -> dict[str, float]:
 
 
 def iteration_figures(step_figures: list[dict]) -> dict[str, float]:
-  """The mean of the updates' figures over those whose loss read a token (`loss_tokens` > 0), all of them when none
-  did. A teacher loss on a batch with no labelled row changes nothing, and its token means over no token are 0:
-  averaged in, they would halve an iteration's KL, entropy or ratio whenever one of two updates drew no label."""
-  read = [m for m in step_figures if m["loss_tokens"] > 0] or step_figures
-  return {f"train/{k}": float(np.mean([m[k] for m in read])) for k in step_figures[0]}
+  """An iteration's figures from its updates': a token mean pooled over the updates' tokens (weighted by the count it
+  divides by, `losses.count_of`), any other figure the mean over updates. A teacher loss's update with no labelled row
+  has means of 0 over no token; averaged in, it halved the iteration's KL, entropy or ratio."""
+  out = {}
+  for k in step_figures[0]:
+    values, count = np.array([m[k] for m in step_figures]), losses.count_of(k)
+    weights = np.array([m[count] for m in step_figures]) if count in step_figures[0] else None
+    pooled = weights is not None and weights.sum() > 0
+    out[f"train/{k}"] = float(np.average(values, weights=weights) if pooled else values.mean())
+  return out
 
 
 def _meta(config, iteration: int, buffer_rows: int, sampled_tokens: int, schedule_updates: int) -> dict:

@@ -423,25 +423,31 @@ def test_distil_grpo_is_grpo_plus_weighted_distil():
   assert losses.LossConfig(kind="distil_grpo", distil_weight=0.8).distil_weight_at(30) == 0.8
 
 
-def test_an_iteration_reports_the_updates_whose_loss_read_a_token():
-  """`loss_tokens` counts the labelled rows' response tokens (by hand from the mask). An update with no labelled row
-  has token means of 0 and is left out of the iteration's figures; averaged in, it halved them (a ratio of 1 read
-  0.5). With no update reading a token, the figures are the plain mean."""
+def test_an_iteration_pools_its_updates_token_means_over_their_tokens():
+  """An iteration's token means are its updates' pooled token by token: equal to the figure of one update over the
+  union of their labelled rows (derived by running it). An update with no labelled row has means of 0 over no token
+  and counts for nothing; averaged in, it halved them (a ratio of 1 read 0.5). The hybrid's GRPO figures read every
+  row, so such an update (no correct response, no label) still counts in its reward."""
   rng = np.random.default_rng(5)
   z = jnp.asarray(rng.normal(size=(B, T, V)), jnp.float32)
   _, _, tokens, mask, targets = _inputs(seed=3)
   behaviour = jax.nn.log_softmax(z, -1)[jnp.arange(B)[:, None], jnp.arange(T)[None], tokens]
 
-  def figures(labelled):
-    cfg = losses.LossConfig(kind="distil", baseline="loo")
+  def figures(labelled, kind="distil", rewards=(1.0, 0.0, 0.0, 0.0)):
+    cfg = losses.LossConfig(kind=kind, baseline="loo")
     inputs = dict(teacher=targets["dense"], tokens=tokens, mask=mask, logits=z, group_size=2)
-    _, m = losses.compute_loss(cfg, **inputs, behaviour_logprobs=behaviour, labelled=jnp.asarray(labelled))
+    labelled, rewards = jnp.asarray(labelled), jnp.asarray(rewards)
+    _, m = losses.compute_loss(cfg, **inputs, behaviour_logprobs=behaviour, labelled=labelled, rewards=rewards)
     return {k: float(v) for k, v in m.items()}
 
-  some, none = figures([1.0, 0.0, 0.0, 1.0]), figures([0.0, 0.0, 0.0, 0.0])
-  assert some["loss_tokens"] == T + 4 and none["loss_tokens"] == 0  # row 0 whole, row 3 up to position 4
+  rows_03, row_1, none = figures([1, 0, 0, 1]), figures([0, 1, 0, 0]), figures([0, 0, 0, 0])
+  assert rows_03["loss_tokens"] == T + 4 and row_1["loss_tokens"] == 9 and none["loss_tokens"] == 0  # by the mask
   assert none["ratio_mean"] == 0.0 and none["kl_per_token"] == 0.0
-  np.testing.assert_allclose(some["ratio_mean"], 1.0, rtol=1e-6)
-  got = train.iteration_figures([none, some])
-  assert got == {f"train/{k}": v for k, v in some.items()}
+  pooled, union = train.iteration_figures([rows_03, none, row_1]), figures([1, 1, 0, 1])
+  for k in ("entropy", "logp", "ce_per_token", "kl_per_token", "ratio_mean"):  # the baseline reads its batch
+    np.testing.assert_allclose(pooled[f"train/{k}"], union[k], rtol=1e-5, err_msg=k)
+  np.testing.assert_allclose(pooled["train/ratio_mean"], 1.0, rtol=1e-6)
   assert train.iteration_figures([none, none]) == {f"train/{k}": v for k, v in none.items()}
+  hybrid = [figures([0, 0, 0, 0], "distil_grpo", rewards=(0, 0, 0, 0)), figures([1, 1, 0, 0], "distil_grpo")]
+  assert train.iteration_figures(hybrid)["train/reward"] == (0.0 + 0.25) / 2
+  np.testing.assert_allclose(train.iteration_figures(hybrid)["train/ratio_mean"], 1.0, rtol=1e-6)
