@@ -186,6 +186,7 @@ class Task:
   no_expert: list
   shares: dict
   prune: bool = False  # drop a run's weights once nothing reads them (SmolLM2's take ~2 GB a run)
+  test_each_run: bool = False  # test every grid run as it finishes, while its weights exist (see `run_protocol`)
 
 
 TASKS = {
@@ -221,6 +222,7 @@ TASKS = {
     [],  # GRPO and SFT keep the preset's self expert: its loss never reads it (no teacher forward)
     {"reference": "sibling", "hard_reference": "hard"},
     prune=True,
+    test_each_run=True,
   ),
 }
 
@@ -324,8 +326,9 @@ def _without_expert(config):
 class Comparison:
   """The runs of one expert setting under the protocol; every run is a subprocess and skipped if already done."""
 
-  def __init__(self, expert, workdir, smoke=False, size="small", jobs=1, task="arith"):
+  def __init__(self, expert, workdir, smoke=False, size="small", jobs=1, task="arith", record=None):
     self.task = t = TASKS[task]
+    self.workdir, self.record = workdir, record
     if expert not in t.settings:
       raise ValueError(f"--expert {expert}: task {task!r} has the settings {sorted(t.settings)}")
     check_budget_is_shared(t.settings[expert], task)
@@ -418,6 +421,7 @@ class Comparison:
     name, wd, cmd = self.command(method, seed, lr)
     metrics_path, wall = os.path.join(wd, "metrics.jsonl"), os.path.join(wd, "wall_seconds.json")
     with self.locks[wd]:
+      self.restore(wd)
       if not self.finished(metrics_path):
         before = _read_wall(wall)
         seconds = self.launch(
@@ -442,7 +446,34 @@ class Comparison:
           raise RuntimeError(f"{wd}: weights dropped before its test (a rate chosen after a grid change?): retrain it")
         self.launch([*cmd, *flags], os.path.join(os.path.dirname(wd), f"{os.path.basename(wd)}_test.log"))
       self.drop_weights(wd)
+      self.keep(wd)
     return {**run, "test": read_jsonl(path)[-1], "test_command": "python -m distil_jax.main " + " ".join(cmd + flags)}
+
+  def _recorded(self, wd):
+    return os.path.join(self.record, os.path.relpath(wd, self.workdir))
+
+  def keep(self, wd):
+    """Copy a trained and tested run's figures (no weights: a few KB) to `--record`, a folder that outlives the
+    machine (a git checkout): a session may end on a fresh machine, where the workdir is gone. Written once, with
+    the commit of the code that trained it; eval.jsonl last, so that its presence marks a whole record."""
+    if self.record and not os.path.exists(os.path.join(self._recorded(wd), RECORDED[-1])):
+      os.makedirs(self._recorded(wd), exist_ok=True)
+      commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+      with open(os.path.join(self._recorded(wd), "commit"), "w") as f:
+        f.write(commit)
+      for name in RECORDED:
+        shutil.copyfile(os.path.join(wd, name), os.path.join(self._recorded(wd), name))
+
+  def restore(self, wd):
+    """The recorded figures of a finished run, copied into a workdir that lacks them; the run is then read back."""
+    if self.record and os.path.exists(os.path.join(self._recorded(wd), RECORDED[-1])):
+      if not os.path.exists(os.path.join(wd, "eval.jsonl")):
+        os.makedirs(wd, exist_ok=True)
+        for name in RECORDED:
+          shutil.copyfile(os.path.join(self._recorded(wd), name), os.path.join(wd, name))
+
+
+RECORDED = ("metrics.jsonl", "wall_seconds.json", "eval.jsonl")  # what a finished run is read back from
 
 
 def _write_wall(path, seconds):
@@ -473,6 +504,8 @@ def run_protocol(cmp: Comparison, methods, seeds, lrs, select_seed):
     """Grid on the selection seed, then every seed at the chosen rate; the methods run side by side (`--jobs`)."""
     base = cmp.task.variants.get(method, (method,))[0]  # a variant takes its method's rate
     grid = [cmp.train(base, select_seed, lr) for lr in lrs]
+    if cmp.task.test_each_run:  # weights may not outlive the session that trained them: test each run at once
+      grid = [cmp.test(r) for r in grid]
     lr, scores = select_lr(grid)
     if base == method:  # a variant's runs read its method's grid; the method prunes it
       for r in grid:
@@ -587,6 +620,7 @@ def main():
   ap.add_argument("--size", default="small")
   ap.add_argument("--smoke", action="store_true")
   ap.add_argument("--jobs", type=int, default=1, help="runs at once, one core each (see the docstring)")
+  ap.add_argument("--record", default=None, help="a folder that outlives the machine: finished runs' figures")
   args = ap.parse_args()
   task = TASKS[args.task]
   args.expert = args.expert or next(iter(task.settings))
@@ -600,7 +634,7 @@ def main():
     ap.error(f"--methods: task {args.task} has {[*task.methods, *task.variants]}")
   handlers = {s: signal.signal(s, _pass_signal_on) for s in (signal.SIGTERM, signal.SIGINT)}
   t0 = time.time()
-  cmp = Comparison(args.expert, args.workdir, args.smoke, args.size, args.jobs, args.task)
+  cmp = Comparison(args.expert, args.workdir, args.smoke, args.size, args.jobs, args.task, args.record)
   try:
     selection, finals = run_protocol(cmp, args.methods, args.seeds, args.lrs, args.select_seed)
   finally:

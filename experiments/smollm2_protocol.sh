@@ -4,17 +4,23 @@
 # run continues from its last checkpoint). First the three methods behind the paper's central claims (sequence-level
 # credit against tokenwise; DistIL against RLVR) on one-step problems with sibling feedback, so that one table
 # completes in a few sessions; then every method and setting.
-#   setsid experiments/smollm2_protocol.sh ~/distil-real >> ~/distil-real/orchestrator.log 2>&1 < /dev/null &
+#   setsid experiments/smollm2_protocol.sh ~/distil-real /work/main/experiments/results/smollm2_runs \
+#     >> ~/distil-real/orchestrator.log 2>&1 < /dev/null &
+# The second argument is a folder that outlives the machine (a git checkout, committed as runs finish): each run is
+# tested as it finishes and its figures copied there, so a later session on a fresh machine reads it back. A run
+# that was still going when its machine was lost starts again.
 # Stop it with `kill -TERM` to the orchestrator (experiments.arith_comparison): its run saves and exits.
 set -u
 work=${1:-$HOME/distil-real}
-mkdir -p "$work"
+record=${2:-$(cd "$(dirname "$0")/.." && pwd)/experiments/results/smollm2_runs}
+record=$(realpath -m "$record")
+mkdir -p "$work" "$record"
 echo 1000 > /proc/self/oom_score_adj
 echo 19 > /proc/self/autogroup 2>/dev/null  # nice alone does not lower a job in its own session against other sessions
 cd "$(dirname "$0")/.."
 nice -n 19 python -m experiments.arith_comparison --task smollm2 --expert sibling \
-  --methods DistIL "tokenwise FCE" GRPO --out "$work/results_core" --workdir "$work" || exit 1
+  --methods DistIL "tokenwise FCE" GRPO --out "$work/results_core" --workdir "$work" --record "$record" || exit 1
 for e in sibling reference hard hard_reference; do
   nice -n 19 python -m experiments.arith_comparison --task smollm2 --expert "$e" --out "$work/results" \
-    --workdir "$work" || exit 1
+    --workdir "$work" --record "$record" || exit 1
 done

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -378,7 +379,7 @@ def test_real_model_protocol_without_warmup_shares_the_teacherless_runs(tmp_path
   sibling, reference = (json.loads((tmp_path / f"smollm2_{e}.json").read_text()) for e in ("sibling", "reference"))
   assert sibling["protocol"]["warmup"] is False and sibling["table"]["GRPO"]["chosen_lr"] == 3e-4
   trains = lambda cs: [a for a in cs if "--mode=eval" not in a]
-  assert len(trains(launched["sibling"])) == 6 * 2 + 6 and len(launched["sibling"]) == 6 * 2 + 6 + 6 * 2
+  assert len(trains(launched["sibling"])) == 6 * 2 + 6 and len(launched["sibling"]) == 2 * (6 * 2 + 6)  # each tested
   assert not any("--config.train.iterations=0" in a or "model.init_from" in " ".join(a) for a in launched["sibling"])
   teachers = {"DistIL", "SDPO", "OPSD", "DistIL+GRPO"}
   assert len(trains(launched["reference"])) == len(teachers) * 3  # GRPO and SFT: the sibling setting's runs, read
@@ -393,6 +394,30 @@ def test_real_model_protocol_without_warmup_shares_the_teacherless_runs(tmp_path
     validate.config(_with_flags(load_config("math", preset), flags), devices=1, processes=1)
   assert reference["paired_DistIL_minus"]["GRPO"]["pass@1"]["diffs"] == [0.0, 0.0]  # the same GRPO runs, read back
   assert not list((tmp_path / "runs").glob("*/*/checkpoints"))  # weights dropped once tested or not chosen
+
+
+def test_real_model_runs_recorded_outside_the_machine_are_read_back_on_a_fresh_one(tmp_path, monkeypatch):
+  """A session may end on a machine that the next one does not get: every run is tested as it finishes (its weights
+  die with the machine), its figures go to `--record`, and a fresh workdir launches nothing and reports the same."""
+  calls = []
+  monkeypatch.setattr(arith_comparison, "main_process", _fake_real_main(calls))
+  argv = ["cmp", "--task", "smollm2", "--smoke", "--seeds", "0", "1", "--lrs", "1e-4", "3e-4", "--methods", "DistIL"]
+  argv += ["--out", str(tmp_path), "--workdir", str(tmp_path / "runs"), "--record", str(tmp_path / "record")]
+  monkeypatch.setattr("sys.argv", argv)
+  arith_comparison.main()
+  first = json.loads((tmp_path / "smollm2_sibling.json").read_text())
+  tests = [a for a in calls if "--mode=eval" in a]
+  assert len(calls) == 3 + 3 and len(tests) == 3  # both grid runs tested before the choice, then seed 1
+  recorded = sorted(str(p.relative_to(tmp_path / "record")) for p in (tmp_path / "record").rglob("*") if p.is_file())
+  runs = ["DistIL_lr0.0001_seed0", "DistIL_lr0.0003_seed0", "DistIL_lr0.0003_seed1"]
+  files = ("commit", "eval.jsonl", "metrics.jsonl", "wall_seconds.json")
+  assert recorded == [f"smollm2_sibling/{r}/{f}" for r in runs for f in files]
+  shutil.rmtree(tmp_path / "runs")
+  calls.clear()
+  arith_comparison.main()
+  assert calls == []
+  again = json.loads((tmp_path / "smollm2_sibling.json").read_text())
+  assert again["table"] == first["table"] and [r["test"] for r in again["runs"]] == [r["test"] for r in first["runs"]]
 
 
 @pytest.mark.parametrize("expert", list(arith_comparison.REAL_SETTINGS))
