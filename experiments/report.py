@@ -3,9 +3,12 @@
   python -m experiments.report experiments/results/arith_oracle.json
 prints two markdown tables: per method the chosen rate, test Pass@1/8/32 (mean over seeds [95% t-interval]),
 sampled tokens and wall time per run; then DistIL minus each baseline, seed by seed, with the sign test.
+  python -m experiments.report --runs experiments/results/smollm2_runs
+prints every run recorded so far (`arith_comparison --record`), finished table or not: one row per run.
 """
 
 import json
+import os
 import sys
 
 
@@ -45,7 +48,42 @@ def tables(summary: dict, ks=("pass@1", "pass@8", "pass@32")) -> str:
   return "\n".join(lines)
 
 
+def _figure(row: dict, key: str, fmt: str = ".3f") -> str:
+  return f"{row[key]:{fmt}}" if key in row else "-"
+
+
+def runs_table(record: str, ks=("pass@1", "pass@8")) -> str:
+  """One row per recorded run: validation at the start and the end of training (T = 0.7 samples, and greedy), the
+  test figures, the mean labelled fraction of its rollouts, its wall time and the commit that trained it."""
+  head = ["setting", "run", "val. Pass@1", "val. Pass@4", "greedy acc.", "greedy length"]
+  head += [f"test {k}" for k in ks] + ["labelled", "wall", "commit"]
+  lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+  for setting in sorted(os.listdir(record)):
+    for run in sorted(os.listdir(os.path.join(record, setting))):
+      folder = os.path.join(record, setting, run)
+      if not os.path.exists(os.path.join(folder, "eval.jsonl")):
+        continue  # a record is whole once its eval.jsonl is written
+      read = lambda name, folder=folder: [json.loads(x) for x in open(os.path.join(folder, name))]
+      curve, test = read("metrics.jsonl"), read("eval.jsonl")[-1]
+      start, end = curve[0], curve[-1]
+      labelled = [m["rollout/feedback_valid"] for m in curve if "rollout/feedback_valid" in m]
+      cells = [setting, run]
+      cells += [
+        f"{_figure(start, f'eval/{k}', f)} -> {_figure(end, f'eval/{k}', f)}"
+        for k, f in (("pass@1", ".3f"), ("pass@4", ".3f"), ("greedy_accuracy", ".3f"), ("greedy_length", ".1f"))
+      ]
+      cells += [_figure(test, f"eval/{k}") for k in ks]
+      cells += [f"{sum(labelled) / len(labelled):.2f}" if labelled else "-"]
+      cells += [f"{json.load(open(os.path.join(folder, 'wall_seconds.json'))) / 60:.0f} min"]
+      cells += [open(os.path.join(folder, "commit")).read().strip()[:7] or "-"]
+      lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def main(paths):
+  if paths[:1] == ["--runs"]:
+    print(runs_table(paths[1]))
+    return
   for path in paths:
     with open(path) as f:
       summary = json.load(f)

@@ -412,6 +412,9 @@ def test_real_model_runs_recorded_outside_the_machine_are_read_back_on_a_fresh_o
   runs = ["DistIL_lr0.0001_seed0", "DistIL_lr0.0003_seed0", "DistIL_lr0.0003_seed1"]
   files = ("commit", "eval.jsonl", "metrics.jsonl", "wall_seconds.json")
   assert recorded == [f"smollm2_sibling/{r}/{f}" for r in runs for f in files]
+  rows = report.runs_table(str(tmp_path / "record")).splitlines()
+  assert rows[-1].startswith("| smollm2_sibling | DistIL_lr0.0003_seed1 | 0.000 -> 0.000 | - -> - | - -> - |")
+  assert "| 0.100 | - | - | 0 min |" in rows[-1]  # the test figure the stand-in wrote for seed 1; no pass@8
   shutil.rmtree(tmp_path / "runs")
   calls.clear()
   arith_comparison.main()
