@@ -503,9 +503,8 @@ def run_protocol(cmp: Comparison, methods, seeds, lrs, select_seed):
   def one_method(method):
     """Grid on the selection seed, then every seed at the chosen rate; the methods run side by side (`--jobs`)."""
     base = cmp.task.variants.get(method, (method,))[0]  # a variant takes its method's rate
-    grid = [cmp.train(base, select_seed, lr) for lr in lrs]
-    if cmp.task.test_each_run:  # weights may not outlive the session that trained them: test each run at once
-      grid = [cmp.test(r) for r in grid]
+    # weights may not outlive the session that trained them: where the task says so, each run is tested at once
+    grid = [cmp.test(r) if cmp.task.test_each_run else r for r in (cmp.train(base, select_seed, lr) for lr in lrs)]
     lr, scores = select_lr(grid)
     if base == method:  # a variant's runs read its method's grid; the method prunes it
       for r in grid:
