@@ -39,6 +39,7 @@ exact) when the command is given again; finished runs and test evaluations are r
 import argparse
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -187,6 +188,7 @@ class Task:
   shares: dict
   prune: bool = False  # drop a run's weights once nothing reads them (SmolLM2's take ~2 GB a run)
   test_each_run: bool = False  # test every grid run as it finishes, while its weights exist (see `run_protocol`)
+  test_start: bool = False  # test the checkpoint every run starts from, as a run is tested (`Comparison.start`)
 
 
 TASKS = {
@@ -223,6 +225,7 @@ TASKS = {
     {"reference": "sibling", "hard_reference": "hard"},
     prune=True,
     test_each_run=True,
+    test_start=True,
   ),
 }
 
@@ -336,6 +339,7 @@ class Comparison:
     for core in sorted(os.sched_getaffinity(0))[:jobs] if jobs > 1 else [None]:
       self.cores.put(core)
     self.locks = collections.defaultdict(threading.Lock)  # one process per run, however many threads ask
+    self.held = threading.local()  # the core a thread holds across several processes (`slot`)
     self.expert, self.smoke, self.task_name = expert, smoke, task
     self.name = expert if size == "small" else f"{expert}_{size}"
     self.label = f"{task}_{self.name}"  # the files written to --out
@@ -376,12 +380,23 @@ class Comparison:
     common = [f"--config={self.task.config}:{preset}", "--config.log.tensorboard=False", *self.task.sizes[self.size]]
     return common + (self.task.smoke if self.smoke else [])
 
-  def launch(self, args, log, elapsed=None):
-    core = self.cores.get()
+  @contextlib.contextmanager
+  def slot(self):
+    """Hold a run slot (a core) across several processes: a run and then its test, with no other run between them
+    (the weights the test reads may not outlive the session). Nested holds are the outer one."""
+    if hasattr(self.held, "core"):
+      yield
+      return
+    self.held.core = self.cores.get()
     try:
-      return main_process(args, log, core, elapsed)
+      yield
     finally:
-      self.cores.put(core)
+      self.cores.put(self.held.core)
+      del self.held.core
+
+  def launch(self, args, log, elapsed=None):
+    with self.slot():
+      return main_process(args, log, self.held.core, elapsed)
 
   def warmup(self, seed):
     warm = os.path.join(self.root, f"warmup_seed{seed}")
@@ -433,9 +448,26 @@ class Comparison:
     run = {"method": method, "seed": seed, "lr": lr, "wall_seconds": _read_wall(wall), "workdir": wd}
     return {**run, "command": "python -m distil_jax.main " + " ".join(cmd), "metrics": read_jsonl(metrics_path)}
 
+  def start(self, seed) -> dict:
+    """The test figures of the checkpoint every run of the setting starts from (the model as loaded; a task with a
+    warm-up tests its runs against each other only), taken and read back as a run's: the row a method's gain is
+    read against. It lives with the runs that read no teacher, so settings that share those share it."""
+    wd = os.path.join(self.roots[self.shared], f"start_seed{seed}")
+    cmd = [*self._common(self.task.settings[self.shared]), f"--workdir={wd}", f"--config.seed={seed}"]
+    cmd.append("--config.train.iterations=0")  # a checkpoint of the parameters as loaded
+    with self.slot(), self.locks[wd]:
+      self.restore(wd)
+      if not os.path.exists(os.path.join(wd, "eval.jsonl")):  # again if killed: a saved start returns at once
+        _write_wall(os.path.join(wd, "wall_seconds.json"), self.launch(cmd, f"{wd}.log"))
+      return self._test(wd, cmd, {"method": "start", "seed": seed, "workdir": wd})
+
   def test(self, run) -> dict:
     """The test figures of a final run: evaluated once, then read back."""
     _, wd, cmd = self.command(run["method"], run["seed"], run["lr"])
+    return self._test(wd, cmd, run)
+
+  def _test(self, wd, cmd, run) -> dict:
+    """The test figures of the checkpoint in `wd`, trained by `cmd`; its weights dropped and its figures recorded."""
     path = os.path.join(wd, "eval.jsonl")
     flags = ["--mode=eval", "--config.eval.split=test", "--config.eval.greedy=False"]
     flags += [f"--config.eval.samples={self.final['samples']}", f"--config.eval.pass_at={self.final['pass_at']}"]
@@ -462,7 +494,8 @@ class Comparison:
       with open(os.path.join(self._recorded(wd), "commit"), "w") as f:
         f.write(commit)
       for name in RECORDED:
-        shutil.copyfile(os.path.join(wd, name), os.path.join(self._recorded(wd), name))
+        if os.path.exists(os.path.join(wd, name)):
+          shutil.copyfile(os.path.join(wd, name), os.path.join(self._recorded(wd), name))
 
   def restore(self, wd):
     """The recorded figures of a finished run, copied into a workdir that lacks them; the run is then read back."""
@@ -470,7 +503,8 @@ class Comparison:
       if not os.path.exists(os.path.join(wd, "eval.jsonl")):
         os.makedirs(wd, exist_ok=True)
         for name in RECORDED:
-          shutil.copyfile(os.path.join(self._recorded(wd), name), os.path.join(wd, name))
+          if os.path.exists(os.path.join(self._recorded(wd), name)):
+            shutil.copyfile(os.path.join(self._recorded(wd), name), os.path.join(wd, name))
 
 
 RECORDED = ("metrics.jsonl", "wall_seconds.json", "eval.jsonl")  # what a finished run is read back from
@@ -503,8 +537,7 @@ def run_protocol(cmp: Comparison, methods, seeds, lrs, select_seed):
   def one_method(method):
     """Grid on the selection seed, then every seed at the chosen rate; the methods run side by side (`--jobs`)."""
     base = cmp.task.variants.get(method, (method,))[0]  # a variant takes its method's rate
-    # weights may not outlive the session that trained them: where the task says so, each run is tested at once
-    grid = [cmp.test(r) if cmp.task.test_each_run else r for r in (cmp.train(base, select_seed, lr) for lr in lrs)]
+    grid = [trained(base, select_seed, lr) for lr in lrs]
     lr, scores = select_lr(grid)
     if base == method:  # a variant's runs read its method's grid; the method prunes it
       for r in grid:
@@ -517,13 +550,22 @@ def run_protocol(cmp: Comparison, methods, seeds, lrs, select_seed):
       "grid_commands": {f"{r['lr']:g}": r["command"] for r in grid},
       "grid_runs": [{k: r[k] for k in ("lr", "wall_seconds", "metrics")} for r in grid],  # seed 0's curves per rate
     }
-    return selection, [cmp.test(cmp.train(method, seed, lr)) for seed in seeds]
+    return selection, [cmp.test(trained(method, seed, lr)) for seed in seeds]
 
-  with concurrent.futures.ThreadPoolExecutor(len(seeds) + len(methods)) as pool:
+  def trained(method, seed, lr):
+    """A run; where weights may not outlive the session that trained them, tested at once, in the same slot."""
+    if not cmp.task.test_each_run:
+      return cmp.train(method, seed, lr)
+    with cmp.slot():
+      return cmp.test(cmp.train(method, seed, lr))
+
+  with concurrent.futures.ThreadPoolExecutor(len(seeds) + len(methods) + 1) as pool:
+    start = pool.submit(cmp.start, select_seed) if cmp.task.test_start else None  # first: it is short
     for seed in seeds if cmp.warm else ():  # queued first: no core waits for behaviour cloning that another could run
       pool.submit(cmp.warmup, seed)
     done = dict(zip(methods, pool.map(one_method, methods), strict=True))
-  return {m: done[m][0] for m in methods}, [r for m in methods for r in done[m][1]]
+  start = start and start.result()
+  return {m: done[m][0] for m in methods}, [r for m in methods for r in done[m][1]], start
 
 
 def pass_keys(run):
@@ -635,11 +677,13 @@ def main():
   t0 = time.time()
   cmp = Comparison(args.expert, args.workdir, args.smoke, args.size, args.jobs, args.task, args.record)
   try:
-    selection, finals = run_protocol(cmp, args.methods, args.seeds, args.lrs, args.select_seed)
+    selection, finals, start = run_protocol(cmp, args.methods, args.seeds, args.lrs, args.select_seed)
   finally:
     for s, handler in handlers.items():
       signal.signal(s, handler)
   summary = summarize(selection, finals)
+  if start:
+    summary["start"] = {"seed": start["seed"], "test": start["test"], "test_command": start["test_command"]}
   protocol = {
     "task": args.task,
     "expert": args.expert,

@@ -35,6 +35,10 @@ def tables(summary: dict, ks=("pass@1", "pass@8", "pass@32")) -> str:
     cells += [interval(row["test"][k]) for k in ks]
     cells += [f"{row['sampled_tokens_mean'] / 1e3:.0f}k", f"{row['wall_seconds_mean']:.0f} s"]
     lines.append("| " + " | ".join(cells) + " |")
+  if "start" in summary:  # the checkpoint every run started from, tested as the runs are
+    start = summary["start"]["test"]
+    lines.append("| " + " | ".join(["the start (no training)", "-", "-", *(f"{start['eval/' + k]:.3f}" for k in ks)]))
+    lines[-1] += " | 0 | - |"
   paired = next((v for k, v in summary.items() if k.startswith("paired_")), {})
   if paired:
     lines += ["", "| DistIL minus | " + " | ".join(f"{k}: mean [95% CI]; per seed; sign test" for k in ks) + " |"]

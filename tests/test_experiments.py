@@ -351,10 +351,10 @@ def _fake_real_main(calls):
       with open(os.path.join(wd, "eval.jsonl"), "a") as f:
         f.write(json.dumps({"eval/pass@1": 0.1 * int(flag["--config.seed"]), "eval/pass@2": 0.5}) + "\n")
       return 1.0
-    lr = float(flag["--config.optim.lr"])
+    lr = float(flag.get("--config.optim.lr", "0"))  # the start (train.iterations=0) has no rate
     os.makedirs(os.path.join(wd, "checkpoints"), exist_ok=True)
     with open(os.path.join(wd, "metrics.jsonl"), "w") as f:
-      for it in (0, arith_comparison.SMOKE_ITERATIONS):
+      for it in sorted({0, int(flag.get("--config.train.iterations", arith_comparison.SMOKE_ITERATIONS))}):
         f.write(json.dumps({"iteration": it, "eval/pass@1": lr, "eval/pass@2": lr, "samples/train_tokens": it}) + "\n")
     return 2.0
 
@@ -363,9 +363,9 @@ def _fake_real_main(calls):
 
 def test_real_model_protocol_without_warmup_shares_the_teacherless_runs(tmp_path, monkeypatch):
   """`--task smollm2 --smoke`, both feedback settings in turn, with the stand-in trainer: no behaviour cloning (the
-    presets have none), every command a config the run accepts on the tiny smoke model, the hybrid's weight decaying
-    over the run's length, GRPO / SFT trained once for both settings (the second invocation launches only the teacher
-  methods), and no run's weights left behind once its figures are written."""
+  presets have none), every command a config the run accepts on the tiny smoke model, the hybrid's weight decaying
+  over the run's length, GRPO / SFT and the start's test taken once for both settings (the second invocation
+  launches only the teacher methods), and no run's weights left behind once its figures are written."""
   calls = []
   monkeypatch.setattr(arith_comparison, "main_process", _fake_real_main(calls))
   methods = ["DistIL", "SDPO", "OPSD", "GRPO", "SFT", "DistIL+GRPO"]
@@ -378,17 +378,20 @@ def test_real_model_protocol_without_warmup_shares_the_teacherless_runs(tmp_path
     launched[expert], calls[:] = list(calls), []
   sibling, reference = (json.loads((tmp_path / f"smollm2_{e}.json").read_text()) for e in ("sibling", "reference"))
   assert sibling["protocol"]["warmup"] is False and sibling["table"]["GRPO"]["chosen_lr"] == 3e-4
-  trains = lambda cs: [a for a in cs if "--mode=eval" not in a]
-  assert len(trains(launched["sibling"])) == 6 * 2 + 6 and len(launched["sibling"]) == 2 * (6 * 2 + 6)  # each tested
-  assert not any("--config.train.iterations=0" in a or "model.init_from" in " ".join(a) for a in launched["sibling"])
+  trains = lambda cs: [a for a in cs if "--mode=eval" not in a and "--config.train.iterations=0" not in a]
+  assert len(trains(launched["sibling"])) == 6 * 2 + 6 and len(launched["sibling"]) == 2 * (1 + 6 * 2 + 6)  # all tested
+  start = [a for a in launched["sibling"] if "--config.train.iterations=0" in a]  # the model as loaded, then its test
+  assert len(start) == 2 and start[0][-1] == "--config.train.iterations=0"  # the last flag wins
+  assert not any("model.init_from" in " ".join(a) for a in launched["sibling"])
+  assert reference["start"] == sibling["start"] and sibling["start"]["test"]["eval/pass@1"] == 0.0  # seed 0's
   teachers = {"DistIL", "SDPO", "OPSD", "DistIL+GRPO"}
-  assert len(trains(launched["reference"])) == len(teachers) * 3  # GRPO and SFT: the sibling setting's runs, read
+  assert len(launched["reference"]) == 2 * len(teachers) * 3  # GRPO, SFT, the start: the sibling setting's, read
   for run in reference["runs"]:
     setting = "smollm2_reference" if run["method"] in teachers else "smollm2_sibling"
     assert f"/{setting}/" in run["workdir"] and f"--config=configs/math.py:{setting}" in run["command"]
   hybrid = next(a for a in launched["sibling"] if "--config.loss.kind=distil_grpo" in a)
   assert f"--config.loss.distil_weight_decay_iterations={arith_comparison.SMOKE_ITERATIONS}" in hybrid
-  for args in trains(launched["sibling"] + launched["reference"]):
+  for args in trains(launched["sibling"] + launched["reference"]) + start[:1]:
     preset = next(a for a in args if a.startswith("--config=")).split(":")[1]
     flags = [f for f in args if f.startswith("--config.")]
     validate.config(_with_flags(load_config("math", preset), flags), devices=1, processes=1)
@@ -406,21 +409,24 @@ def test_real_model_runs_recorded_outside_the_machine_are_read_back_on_a_fresh_o
   monkeypatch.setattr("sys.argv", argv)
   arith_comparison.main()
   first = json.loads((tmp_path / "smollm2_sibling.json").read_text())
-  tested = ["--mode=eval" in a for a in calls]  # each run tested right after it trained, grid runs before the choice
-  assert tested == [False, True] * 3
+  workdir = lambda a: next(f for f in a if f.startswith("--workdir="))
+  tested = [i for i, a in enumerate(calls) if "--mode=eval" in a]  # the start and 3 runs, grid runs before the choice
+  assert len(calls) == 8 and tested == [1, 3, 5, 7]  # each tested right after it trained, no other run between
+  assert all(workdir(calls[i]) == workdir(calls[i - 1]) for i in tested)
   recorded = sorted(str(p.relative_to(tmp_path / "record")) for p in (tmp_path / "record").rglob("*") if p.is_file())
-  runs = ["DistIL_lr0.0001_seed0", "DistIL_lr0.0003_seed0", "DistIL_lr0.0003_seed1"]
+  runs = ["DistIL_lr0.0001_seed0", "DistIL_lr0.0003_seed0", "DistIL_lr0.0003_seed1", "start_seed0"]
   files = ("commit", "eval.jsonl", "metrics.jsonl", "wall_seconds.json")
   assert recorded == [f"smollm2_sibling/{r}/{f}" for r in runs for f in files]
   rows = report.runs_table(str(tmp_path / "record")).splitlines()
-  assert rows[-1].startswith("| smollm2_sibling | DistIL_lr0.0003_seed1 | 0.000 -> 0.000 | - -> - | - -> - |")
-  assert "| 0.100 | - | - | 0 min |" in rows[-1]  # the test figure the stand-in wrote for seed 1; no pass@8
+  assert rows[-2].startswith("| smollm2_sibling | DistIL_lr0.0003_seed1 | 0.000 -> 0.000 | - -> - | - -> - |")
+  assert "| 0.100 | - | - | 0 min |" in rows[-2]  # the test figure the stand-in wrote for seed 1; no pass@8
   shutil.rmtree(tmp_path / "runs")
   calls.clear()
   arith_comparison.main()
   assert calls == []
   again = json.loads((tmp_path / "smollm2_sibling.json").read_text())
   assert again["table"] == first["table"] and [r["test"] for r in again["runs"]] == [r["test"] for r in first["runs"]]
+  assert again["start"] == first["start"]
 
 
 @pytest.mark.parametrize("expert", list(arith_comparison.REAL_SETTINGS))
