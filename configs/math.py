@@ -93,6 +93,11 @@ def smollm2_protocol(c, arg):
   last figure. The harder variant chains two or three operations. SmolLM2 starts below 30% Pass@1 already on one
   operation (0.07-0.11 measured, experiments/README.md); the harder variant's start is not measured yet."""
   c.task.eval_size = 256
+  # Two updates of 4 groups: every response an iteration samples can reach an update (the on-policy losses read
+  # each of the 8 groups once; DAgger's draw half of theirs from the buffer). With 2 groups per update, half of the
+  # fresh groups (on-policy) or about 3/4 (DAgger's) were never trained on, and 3 of DistIL's 10 iterations (3e-6,
+  # seed 0) drew no labelled row at all.
+  c.train.batch_groups = 4
   c.eval.update(split="validation", every=c.train.iterations)
   c.log.progress = False
   if arg.startswith("smollm2_hard"):
