@@ -322,6 +322,21 @@ def check_budget_is_shared(preset="compare", task="arith"):
       raise ValueError(f"{method}: {mine} responses per (iteration, update) where every other method has {shared}")
 
 
+def resolve(cmd):
+  """The config a command's `--config` and `--config.*` flags give, parsed by ml_collections as `python -m
+  distil_jax.main` parses them, without starting a process."""
+  path = cmd[0].split("=", 1)[1]  # a command starts with --config=configs/<task>.py:<preset>
+  argv = [
+    "arith_comparison",
+    f"--config={os.path.join(ROOT, path)}",
+    *(f for f in cmd[1:] if f.startswith("--config.")),
+  ]
+  parsed = absl_flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=parsed, lock_config=True, sys_argv=argv)
+  parsed(argv)
+  return parsed.config
+
+
 def _without_expert(config):
   return {k: v for k, v in config.to_dict().items() if k != "expert"}
 
@@ -332,6 +347,7 @@ class Comparison:
   def __init__(self, expert, workdir, smoke=False, size="small", jobs=1, task="arith", record=None):
     self.task = t = TASKS[task]
     self.workdir, self.record = workdir, record
+    self.commit = code_commit()  # the orchestrator's own: restart it when its worktree moves
     if expert not in t.settings:
       raise ValueError(f"--expert {expert}: task {task!r} has the settings {sorted(t.settings)}")
     check_budget_is_shared(t.settings[expert], task)
@@ -368,13 +384,15 @@ class Comparison:
         shutil.rmtree(os.path.join(wd, part), ignore_errors=True)
 
   def _config(self, preset):
-    """The preset as every run of it starts (the smoke's and the size's flags applied), parsed by ml_collections as
-    `python -m distil_jax.main` parses its flags, without starting a process."""
-    argv = ["arith_comparison", f"--config={os.path.join(ROOT, self.task.config)}:{preset}", *self._common(preset)[1:]]
-    parsed = absl_flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "", flag_values=parsed, lock_config=True, sys_argv=argv)
-    parsed(argv)
-    return parsed.config
+    """The preset as every run of it starts (the smoke's and the size's flags applied)."""
+    return resolve(self._common(preset))
+
+  def trained_config(self, cmd) -> str:
+    """What a command trains, as the text a record keeps: its whole config, the checkpoint's folder by name only
+    (machines put it in different homes)."""
+    config = resolve(cmd).to_dict()
+    config["model"]["hf_path"] = os.path.basename(config["model"]["hf_path"].rstrip("/"))
+    return json.dumps(config, sort_keys=True, indent=1, default=str) + "\n"
 
   def _common(self, preset):
     common = [f"--config={self.task.config}:{preset}", "--config.log.tensorboard=False", *self.task.sizes[self.size]]
@@ -436,8 +454,9 @@ class Comparison:
     name, wd, cmd = self.command(method, seed, lr)
     metrics_path, wall = os.path.join(wd, "metrics.jsonl"), os.path.join(wd, "wall_seconds.json")
     with self.locks[wd]:
-      self.restore(wd)
+      self.restore(wd, cmd)
       if not self.finished(metrics_path):
+        self.note_commit(wd)
         before = _read_wall(wall)
         seconds = self.launch(
           cmd, os.path.join(os.path.dirname(wd), f"{name}.log"), lambda s: _write_wall(wall, before + s)
@@ -456,9 +475,11 @@ class Comparison:
     cmd = [*self._common(self.task.settings[self.shared]), f"--workdir={wd}", f"--config.seed={seed}"]
     cmd.append("--config.train.iterations=0")  # a checkpoint of the parameters as loaded
     with self.slot(), self.locks[wd]:
-      self.restore(wd)
+      self.restore(wd, cmd)
       if not os.path.exists(os.path.join(wd, "eval.jsonl")):  # again if killed: a saved start returns at once
-        _write_wall(os.path.join(wd, "wall_seconds.json"), self.launch(cmd, f"{wd}.log"))
+        self.note_commit(wd)
+        wall = os.path.join(wd, "wall_seconds.json")
+        _write_wall(wall, _read_wall(wall) + self.launch(cmd, f"{wd}.log"))
       return self._test(wd, cmd, {"method": "start", "seed": seed, "workdir": wd})
 
   def test(self, run) -> dict:
@@ -478,36 +499,68 @@ class Comparison:
           raise RuntimeError(f"{wd}: weights dropped before its test (a rate chosen after a grid change?): retrain it")
         self.launch([*cmd, *flags], os.path.join(os.path.dirname(wd), f"{os.path.basename(wd)}_test.log"))
       self.drop_weights(wd)
-      self.keep(wd)
+      self.keep(wd, cmd)
     return {**run, "test": read_jsonl(path)[-1], "test_command": "python -m distil_jax.main " + " ".join(cmd + flags)}
 
   def _recorded(self, wd):
     return os.path.join(self.record, os.path.relpath(wd, self.workdir))
 
-  def keep(self, wd):
+  def note_commit(self, wd):
+    """The commit each launched part of a run ran at, one line per part (a run may resume under other code)."""
+    os.makedirs(wd, exist_ok=True)
+    with open(os.path.join(wd, "commits"), "a") as f:
+      f.write(self.commit + "\n")
+
+  def keep(self, wd, cmd):
     """Copy a trained and tested run's figures (no weights: a few KB) to `--record`, a folder that outlives the
-    machine (a git checkout): a session may end on a fresh machine, where the workdir is gone. Written once, with
-    the commit of the code that trained it; eval.jsonl last, so that its presence marks a whole record."""
-    if self.record and not os.path.exists(os.path.join(self._recorded(wd), RECORDED[-1])):
-      os.makedirs(self._recorded(wd), exist_ok=True)
-      commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
-      with open(os.path.join(self._recorded(wd), "commit"), "w") as f:
-        f.write(commit)
-      for name in RECORDED:
-        if os.path.exists(os.path.join(wd, name)):
-          shutil.copyfile(os.path.join(wd, name), os.path.join(self._recorded(wd), name))
+    machine (a git checkout): a session may end on a fresh machine, where the workdir is gone. Written once, each
+    file whole (a copy then a rename), with the config the run trained and the commits its parts ran at (`commits`,
+    written at each launch); eval.jsonl last, so that its presence marks a whole record."""
+    if not self.record or os.path.exists(os.path.join(self._recorded(wd), RECORDED[-1])):
+      return
+    os.makedirs(self._recorded(wd), exist_ok=True)
+    with open(os.path.join(self._recorded(wd), "config.json"), "w") as f:
+      f.write(self.trained_config(cmd))
+    for name in ("commits", *RECORDED):
+      if os.path.exists(os.path.join(wd, name)):
+        _copy_whole(os.path.join(wd, name), os.path.join(self._recorded(wd), name))
 
-  def restore(self, wd):
-    """The recorded figures of a finished run, copied into a workdir that lacks them; the run is then read back."""
-    if self.record and os.path.exists(os.path.join(self._recorded(wd), RECORDED[-1])):
-      if not os.path.exists(os.path.join(wd, "eval.jsonl")):
-        os.makedirs(wd, exist_ok=True)
-        for name in RECORDED:
-          if os.path.exists(os.path.join(self._recorded(wd), name)):
-            shutil.copyfile(os.path.join(self._recorded(wd), name), os.path.join(wd, name))
+  def restore(self, wd, cmd):
+    """The recorded figures of a finished run, copied into a workdir that lacks them; the run is then read back.
+    A record of another config (the preset changed since) is refused, not read as this run."""
+    recorded = self._recorded(wd) if self.record else None
+    if not recorded or not os.path.exists(os.path.join(recorded, RECORDED[-1])):
+      return
+    with open(os.path.join(recorded, "config.json")) as f:
+      kept, now = _flat(json.load(f)), _flat(json.loads(self.trained_config(cmd)))
+    if kept != now:
+      keys = sorted(k for k in kept.keys() | now.keys() if kept.get(k) != now.get(k))
+      raise RuntimeError(f"{recorded} was trained under another config ({', '.join(keys)}): move it aside to rerun it")
+    if not os.path.exists(os.path.join(wd, RECORDED[-1])):
+      os.makedirs(wd, exist_ok=True)
+      for name in ("commits", *RECORDED):
+        if os.path.exists(os.path.join(recorded, name)):
+          _copy_whole(os.path.join(recorded, name), os.path.join(wd, name))
 
 
-RECORDED = ("metrics.jsonl", "wall_seconds.json", "eval.jsonl")  # what a finished run is read back from
+def _copy_whole(src, dst):
+  shutil.copyfile(src, dst + ".tmp")
+  os.replace(dst + ".tmp", dst)
+
+
+def _flat(tree, prefix=""):
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+
+
+def code_commit() -> str:
+  """The commit of the code the runs import (`-dirty` if the tree has changes), or "" outside git."""
+  describe = ["git", "-C", ROOT, "describe", "--always", "--dirty", "--abbrev=40"]
+  return subprocess.run(describe, capture_output=True, text=True).stdout.strip()
+
+
+RECORDED = ("metrics.jsonl", "wall_seconds.json", "eval.jsonl")  # what a finished run is read back from, in order
 
 
 def _write_wall(path, seconds):

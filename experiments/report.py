@@ -58,15 +58,16 @@ def _figure(row: dict, key: str, fmt: str = ".3f") -> str:
 
 def runs_table(record: str, ks=("pass@1", "pass@8")) -> str:
   """One row per recorded run: validation at the start and the end of training (T = 0.7 samples, and greedy), the
-  test figures, the mean labelled fraction of its rollouts, its wall time and the commit that trained it."""
+  test figures, the mean labelled fraction of its rollouts (for GRPO and SFT, what a teacher would have labelled),
+  its wall time and the commits its parts ran at. Folders without a whole record are left out."""
   head = ["setting", "run", "val. Pass@1", "val. Pass@4", "greedy acc.", "greedy length"]
-  head += [f"test {k}" for k in ks] + ["labelled", "wall", "commit"]
+  head += [f"test {k}" for k in ks] + ["labelled", "wall", "commits"]
   lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-  for setting in sorted(os.listdir(record)):
+  for setting in sorted(d for d in os.listdir(record) if os.path.isdir(os.path.join(record, d))):
     for run in sorted(os.listdir(os.path.join(record, setting))):
       folder = os.path.join(record, setting, run)
       if not os.path.exists(os.path.join(folder, "eval.jsonl")):
-        continue  # a record is whole once its eval.jsonl is written
+        continue  # a record is whole once its eval.jsonl is written (its other files before it)
       read = lambda name, folder=folder: [json.loads(x) for x in open(os.path.join(folder, name))]
       curve, test = read("metrics.jsonl"), read("eval.jsonl")[-1]
       start, end = curve[0], curve[-1]
@@ -79,7 +80,8 @@ def runs_table(record: str, ks=("pass@1", "pass@8")) -> str:
       cells += [_figure(test, f"eval/{k}") for k in ks]
       cells += [f"{sum(labelled) / len(labelled):.2f}" if labelled else "-"]
       cells += [f"{json.load(open(os.path.join(folder, 'wall_seconds.json'))) / 60:.0f} min"]
-      cells += [open(os.path.join(folder, "commit")).read().strip()[:7] or "-"]
+      commits = open(os.path.join(folder, "commits")).read().split() if os.path.exists(f"{folder}/commits") else []
+      cells += [" ".join(dict.fromkeys(c[:7] for c in commits)) or "-"]
       lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 

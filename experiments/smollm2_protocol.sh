@@ -12,7 +12,7 @@
 # Stop it with `kill -TERM` to the orchestrator (experiments.arith_comparison): its run saves and exits.
 set -u
 work=${1:-$HOME/distil-real}
-record=${2:-$(cd "$(dirname "$0")/.." && pwd)/experiments/results/smollm2_runs}
+record=${2:?the second argument: a folder that outlives the machine, e.g. /work/main/experiments/results/smollm2_runs}
 record=$(realpath -m "$record")
 mkdir -p "$work" "$record"
 echo 1000 > /proc/self/oom_score_adj

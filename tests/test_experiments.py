@@ -400,25 +400,28 @@ def test_real_model_protocol_without_warmup_shares_the_teacherless_runs(tmp_path
 
 
 def test_real_model_runs_recorded_outside_the_machine_are_read_back_on_a_fresh_one(tmp_path, monkeypatch):
-  """A session may end on a machine that the next one does not get: every run is tested as it finishes (its weights
-  die with the machine), its figures go to `--record`, and a fresh workdir launches nothing and reports the same."""
+  """A session may end on a machine that the next one does not get: every run is tested as it finishes, holding its
+  slot (its weights die with the machine), its figures and config go to `--record`, and a fresh workdir launches
+  nothing and reports the same; a record of another config is refused, not read as the run."""
   calls = []
   monkeypatch.setattr(arith_comparison, "main_process", _fake_real_main(calls))
-  argv = ["cmp", "--task", "smollm2", "--smoke", "--seeds", "0", "1", "--lrs", "1e-4", "3e-4", "--methods", "DistIL"]
-  argv += ["--out", str(tmp_path), "--workdir", str(tmp_path / "runs"), "--record", str(tmp_path / "record")]
-  monkeypatch.setattr("sys.argv", argv)
+  argv = ["cmp", "--task", "smollm2", "--smoke", "--seeds", "0", "1", "--lrs", "1e-4", "3e-4"]
+  argv += ["--methods", "DistIL", "GRPO", "--out", str(tmp_path), "--workdir", str(tmp_path / "runs")]
+  monkeypatch.setattr("sys.argv", [*argv, "--record", str(tmp_path / "record")])
   arith_comparison.main()
   first = json.loads((tmp_path / "smollm2_sibling.json").read_text())
   workdir = lambda a: next(f for f in a if f.startswith("--workdir="))
-  tested = [i for i, a in enumerate(calls) if "--mode=eval" in a]  # the start and 3 runs, grid runs before the choice
-  assert len(calls) == 8 and tested == [1, 3, 5, 7]  # each tested right after it trained, no other run between
+  tested = [i for i, a in enumerate(calls) if "--mode=eval" in a]  # the start and 2 x 3 runs, grid runs included
+  assert len(calls) == 14 and tested == list(range(1, 14, 2))  # each right after its training, no run between
   assert all(workdir(calls[i]) == workdir(calls[i - 1]) for i in tested)
   recorded = sorted(str(p.relative_to(tmp_path / "record")) for p in (tmp_path / "record").rglob("*") if p.is_file())
-  runs = ["DistIL_lr0.0001_seed0", "DistIL_lr0.0003_seed0", "DistIL_lr0.0003_seed1", "start_seed0"]
-  files = ("commit", "eval.jsonl", "metrics.jsonl", "wall_seconds.json")
-  assert recorded == [f"smollm2_sibling/{r}/{f}" for r in runs for f in files]
+  runs = [f"{m}_lr{lr}_seed{s}" for m in ("DistIL", "GRPO") for lr, s in (("0.0001", 0), ("0.0003", 0), ("0.0003", 1))]
+  files = ("commits", "config.json", "eval.jsonl", "metrics.jsonl", "wall_seconds.json")
+  assert recorded == [f"smollm2_sibling/{r}/{f}" for r in [*runs, "start_seed0"] for f in files]
+  config = json.loads((tmp_path / "record/smollm2_sibling/GRPO_lr0.0003_seed1/config.json").read_text())
+  assert (config["loss"]["kind"], config["optim"]["lr"], config["seed"]) == ("grpo", 3e-4, 1)
   rows = report.runs_table(str(tmp_path / "record")).splitlines()
-  assert rows[-2].startswith("| smollm2_sibling | DistIL_lr0.0003_seed1 | 0.000 -> 0.000 | - -> - | - -> - |")
+  assert rows[-2].startswith("| smollm2_sibling | GRPO_lr0.0003_seed1 | 0.000 -> 0.000 | - -> - | - -> - |")
   assert "| 0.100 | - | - | 0 min |" in rows[-2]  # the test figure the stand-in wrote for seed 1; no pass@8
   shutil.rmtree(tmp_path / "runs")
   calls.clear()
@@ -427,6 +430,11 @@ def test_real_model_runs_recorded_outside_the_machine_are_read_back_on_a_fresh_o
   again = json.loads((tmp_path / "smollm2_sibling.json").read_text())
   assert again["table"] == first["table"] and [r["test"] for r in again["runs"]] == [r["test"] for r in first["runs"]]
   assert again["start"] == first["start"]
+  stale = tmp_path / "record/smollm2_sibling/DistIL_lr0.0001_seed0/config.json"  # as if the preset changed since
+  stale.write_text(stale.read_text().replace('"batch_groups": 2', '"batch_groups": 4'))
+  shutil.rmtree(tmp_path / "runs")
+  with pytest.raises(RuntimeError, match=r"DistIL_lr0.0001_seed0 was trained under another config \(train.batch_g"):
+    arith_comparison.main()
 
 
 @pytest.mark.parametrize("expert", list(arith_comparison.REAL_SETTINGS))
