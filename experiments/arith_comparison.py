@@ -232,15 +232,18 @@ TASKS = {
 
 _LIVE = set()  # the runs this process has started: a SIGTERM / SIGINT to the orchestrator is passed on to them
 _STOPPING = threading.Event()  # set at that signal: no further run starts
+_STARTING = threading.Lock()  # a run being started when the signal comes is either refused or in _LIVE
 
 
 def _pass_signal_on(signum, frame):
   """Stop the runs at their safe points (each saves its last iteration and exits 0), then stop: the next invocation
   resumes them exactly instead of finding them half-written or still running."""
   _STOPPING.set()
-  for p in list(_LIVE):
-    p.send_signal(signum)
-  for p in list(_LIVE):
+  with _STARTING:  # held by worker threads only, never by the main thread this handler runs in
+    live = list(_LIVE)
+  for p in live:
+    p.send_signal(signum)  # once: a second signal would end the run at once, not at its safe point
+  for p in live:
     p.wait()
   sys.exit(128 + signum)
 
@@ -262,15 +265,16 @@ def main_process(args, log, core=None, elapsed=None):
       fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       raise RuntimeError(f"{workdir} is in use by another process (an earlier orchestrator's run?)") from None
-    if _STOPPING.is_set():
-      raise RuntimeError("stopping at a signal: not started")
     t = time.time()
     with open(log, "a") as f:
-      p = subprocess.Popen(
-        [*pin, sys.executable, "-m", "distil_jax.main", *args], env=env, stdout=f, stderr=subprocess.STDOUT,
-        pass_fds=(lock,),
-      )  # fmt: skip
-      _LIVE.add(p)
+      with _STARTING:
+        if _STOPPING.is_set():
+          raise RuntimeError("stopping at a signal: not started")
+        p = subprocess.Popen(
+          [*pin, sys.executable, "-m", "distil_jax.main", *args], env=env, stdout=f, stderr=subprocess.STDOUT,
+          pass_fds=(lock,),
+        )  # fmt: skip
+        _LIVE.add(p)
       try:
         while (code := _wait(p, WALL_EVERY)) is None:
           if elapsed is not None:

@@ -7,8 +7,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 
@@ -299,6 +301,40 @@ def test_a_run_killed_with_its_orchestrator_keeps_its_wall_time(tmp_path, monkey
     recorded.append(json.loads(open(os.path.join(wd, "wall_seconds.json")).read()))
   assert 0.15 <= recorded[0] < 1.0 and 0.25 <= recorded[1] < 2.0  # 3 intervals of 0.05 s, then 3 + 2
   assert cmp.train("DistIL", 0, 1e-4)["wall_seconds"] >= recorded[1]
+
+
+def test_a_signal_reaches_a_run_that_was_starting_when_it_came(tmp_path, monkeypatch):
+  """A SIGTERM to the orchestrator while a worker thread is starting a run: the run gets the signal once (so it
+  stops at its safe point, not at a second signal's hard exit) and no later run starts."""
+  signals, started = [], threading.Event()
+
+  class Process:  # a run whose start takes a while
+    def __init__(self, *args, **kwargs):
+      started.set()
+      time.sleep(0.3)
+
+    def send_signal(self, signum):
+      signals.append(signum)
+
+    def wait(self, timeout=None):
+      if not signals:
+        time.sleep(timeout or 0)
+        raise subprocess.TimeoutExpired("run", timeout)
+      return 0
+
+  monkeypatch.setattr(arith_comparison.subprocess, "Popen", Process)
+  monkeypatch.setattr(arith_comparison, "WALL_EVERY", 0.01)
+  monkeypatch.setattr(arith_comparison, "_STOPPING", threading.Event())
+  run = lambda name: arith_comparison.main_process([f"--workdir={tmp_path / name}"], str(tmp_path / f"{name}.log"))
+  worker = threading.Thread(target=run, args=("a",), daemon=True)
+  worker.start()
+  started.wait()
+  with pytest.raises(SystemExit):
+    arith_comparison._pass_signal_on(signal.SIGTERM, None)
+  worker.join(5)  # a run the signal missed would go on: the suite waits for it no longer than this
+  assert signals == [signal.SIGTERM]
+  with pytest.raises(RuntimeError, match="stopping at a signal: not started"):
+    run("b")
 
 
 def test_method_flags_cannot_change_the_budget(monkeypatch):
