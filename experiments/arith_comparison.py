@@ -144,6 +144,11 @@ REAL_METHODS = {
     "--config.loss.distil_weight_decay_iterations={iterations}",
   ],
 }
+# DistIL's J with the cost c_t = KL(q_t || pi_t) instead of the paper's cross-entropy H(q_t) + KL: a self teacher's
+# entropy (0.8-1.1 nats a token on SmolLM2 at T = 0.7, 3-5x the KL) is then not charged per future token, so the
+# score term stops rewarding short responses for being short (experiments/README.md, "What we learned"). At
+# DistIL's chosen rate: a diagnostic of the paper's objective, not a method of its own.
+REAL_VARIANTS = {"DistIL, KL cost": ("DistIL", ["--config.loss.cost=kl"])}
 REAL_SETTINGS = {
   "sibling": "smollm2_sibling",
   "reference": "smollm2_reference",
@@ -212,8 +217,8 @@ TASKS = {
     "configs/math.py",
     REAL_SETTINGS,
     REAL_METHODS,
-    {},
-    ("DistIL", "tokenwise FCE", "SDPO", "OPSD", "DistIL+GRPO"),
+    REAL_VARIANTS,
+    ("DistIL", "tokenwise FCE", "SDPO", "OPSD", "DistIL+GRPO", *REAL_VARIANTS),
     (),
     {"small": []},  # one size so far; a bigger checkpoint would be an entry setting model.hf_path (an accelerator's)
     REAL_LRS,
