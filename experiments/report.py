@@ -37,8 +37,8 @@ def tables(summary: dict, ks=("pass@1", "pass@8", "pass@32")) -> str:
     lines.append("| " + " | ".join(cells) + " |")
   if "start" in summary:  # the checkpoint every run started from, tested as the runs are
     start = summary["start"]["test"]
-    lines.append("| " + " | ".join(["the start (no training)", "-", "-", *(f"{start['eval/' + k]:.3f}" for k in ks)]))
-    lines[-1] += " | 0 | - |"
+    cells = ["the start (no training)", "-", "-", *(f"{start['eval/' + k]:.3f}" for k in ks), "0", "-"]
+    lines.append("| " + " | ".join(cells) + " |")
   paired = next((v for k, v in summary.items() if k.startswith("paired_")), {})
   if paired:
     lines += ["", "| DistIL minus | " + " | ".join(f"{k}: mean [95% CI]; per seed; sign test" for k in ks) + " |"]
@@ -56,6 +56,11 @@ def _figure(row: dict, key: str, fmt: str = ".3f") -> str:
   return f"{row[key]:{fmt}}" if key in row else "-"
 
 
+def _read(path: str, lines: bool = False):
+  with open(path) as f:
+    return [json.loads(x) for x in f] if lines else f.read()
+
+
 def runs_table(record: str, ks=("pass@1", "pass@8")) -> str:
   """One row per recorded run: validation at the start and the end of training (T = 0.7 samples, and greedy), the
   test figures, the mean labelled fraction of its rollouts (for GRPO and SFT, what a teacher would have labelled),
@@ -68,8 +73,7 @@ def runs_table(record: str, ks=("pass@1", "pass@8")) -> str:
       folder = os.path.join(record, setting, run)
       if not os.path.exists(os.path.join(folder, "eval.jsonl")):
         continue  # a record is whole once its eval.jsonl is written (its other files before it)
-      read = lambda name, folder=folder: [json.loads(x) for x in open(os.path.join(folder, name))]
-      curve, test = read("metrics.jsonl"), read("eval.jsonl")[-1]
+      curve, test = _read(f"{folder}/metrics.jsonl", lines=True), _read(f"{folder}/eval.jsonl", lines=True)[-1]
       start, end = curve[0], curve[-1]
       labelled = [m["rollout/feedback_valid"] for m in curve if "rollout/feedback_valid" in m]
       cells = [setting, run]
@@ -79,8 +83,8 @@ def runs_table(record: str, ks=("pass@1", "pass@8")) -> str:
       ]
       cells += [_figure(test, f"eval/{k}") for k in ks]
       cells += [f"{sum(labelled) / len(labelled):.2f}" if labelled else "-"]
-      cells += [f"{json.load(open(os.path.join(folder, 'wall_seconds.json'))) / 60:.0f} min"]
-      commits = open(os.path.join(folder, "commits")).read().split() if os.path.exists(f"{folder}/commits") else []
+      cells += [f"{json.loads(_read(f'{folder}/wall_seconds.json')) / 60:.0f} min"]
+      commits = _read(f"{folder}/commits").split() if os.path.exists(f"{folder}/commits") else []
       cells += [" ".join(dict.fromkeys(c[:7] for c in commits)) or "-"]
       lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
