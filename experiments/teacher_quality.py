@@ -13,7 +13,9 @@ parameters:
                     one state y_<t is drawn with t uniform over the response's positions; the student (plain prompt)
                     and the teacher (its re-prompt) each continue from it once, and the completed response is
                     verified. Reported: both success rates, their difference with a 95% t-interval over prompts, and
-                    whether the teacher is better (the interval's lower end above 0).
+                    whether the teacher is better (the interval's lower end above 0); and the tokens each writes
+                    after the prefix, with their difference (does the teacher end sooner than the student would,
+                    so that imitating it shortens the student?).
 Samples at the config's sampling temperature. A re-prompt longer than `expert.max_prompt_tokens` is left out, as the
 expert leaves it unlabelled in training (counted). The teacher is the checkpoint's parameters (an EMA teacher equals
 them at the end of behaviour cloning).
@@ -67,20 +69,19 @@ def sample_ids(run, params, id_rows, rng, sampling_cfg):
   return np.concatenate(tokens)[:n], np.concatenate(lengths)[:n]
 
 
-def pass_at_1(run, params, problems, prompts, rng, sampling_cfg, prefixes=None):
-  """[rows] 1.0 where the response to `prompts[i]` (text), appended to `prefixes[i]`, solves `problems[i]`."""
+def continue_and_verify(run, params, problems, prompts, rng, sampling_cfg, prefixes=None):
+  """([rows] 1.0 where the response to `prompts[i]` (text), appended to `prefixes[i]`, solves `problems[i]`,
+  [rows] the tokens sampled after the prefix)."""
   ids = [run.tok.prompt_ids(text, run.config.tokenizer.add_bos) for text in prompts]
   if prefixes is not None:
     ids = [i + list(p) for i, p in zip(ids, prefixes, strict=True)]
   tokens, lengths = sample_ids(run, params, ids, rng, sampling_cfg)
   prefix_texts = [run.tok.text_of(p) for p in prefixes] if prefixes is not None else [""] * len(prompts)
-  return np.array(
-    [
-      run.task.verify(p, before + run.tok.text_of(row[:n])).correct
-      for p, before, row, n in zip(problems, prefix_texts, tokens, lengths, strict=True)
-    ],
-    np.float64,
-  )
+  correct = [
+    run.task.verify(p, before + run.tok.text_of(row[:n])).correct
+    for p, before, row, n in zip(problems, prefix_texts, tokens, lengths, strict=True)
+  ]
+  return np.array(correct, np.float64), lengths.astype(np.float64)
 
 
 def main(_):
@@ -112,7 +113,8 @@ def main(_):
       prompts = [template.format(prompt=p.prompt, feedback=f) for p, f in zip(problems, feedback, strict=True)]
       kept = np.array([fits(t) for t in prompts])
       rows = [(p, t) for p, t, k in zip(problems, prompts, kept, strict=True) if k for _ in range(g)]
-      per_prompt = pass_at_1(run, params, *zip(*rows, strict=True), keys[1 + i], base).reshape(-1, g).mean(1)
+      solved, _ = continue_and_verify(run, params, *zip(*rows, strict=True), keys[1 + i], base)
+      per_prompt = solved.reshape(-1, g).mean(1)
       out[f"self_expert_{name}/pass@1"] = float(per_prompt.mean())
       out[f"self_expert_{name}/prompts_left_out"] = int(np.sum(~kept))
       if name == "own_feedback" and np.any(first_wrong[kept]):
@@ -130,11 +132,11 @@ def main(_):
     if not rows:
       raise ValueError("the expert labels none of the student's responses here: nothing to compare")
     index, probs, teacher_texts, prefixes = zip(*rows, strict=True)
-    s_ok = pass_at_1(run, params, probs, [p.prompt for p in probs], keys[4], base, prefixes)
-    t_ok = pass_at_1(run, params, probs, teacher_texts, keys[5], base, prefixes)
+    s_ok, s_len = continue_and_verify(run, params, probs, [p.prompt for p in probs], keys[4], base, prefixes)
+    t_ok, t_len = continue_and_verify(run, params, probs, teacher_texts, keys[5], base, prefixes)
   index = np.array(index)
-  per_prompt = [float(np.mean(t_ok[index == b] - s_ok[index == b])) for b in sorted(set(index.tolist()))]
-  diff = stats.mean_ci(per_prompt)
+  by_prompt = lambda t, s: stats.mean_ci([float(np.mean(t[index == b] - s[index == b])) for b in sorted(set(index))])
+  diff = by_prompt(t_ok, s_ok)
   better = diff["ci"] is not None and diff["ci"][0] > 0
   out.update(
     {
@@ -142,6 +144,10 @@ def main(_):
       "at_student_states/student_pass": float(s_ok.mean()),
       "at_student_states/teacher_pass": float(t_ok.mean()),
       "at_student_states/teacher_minus_student": diff,
+      "at_student_states/student_tokens": float(s_len.mean()),
+      "at_student_states/teacher_tokens": float(t_len.mean()),
+      "at_student_states/teacher_minus_student_tokens": by_prompt(t_len, s_len),
+      "at_student_states/prefix_tokens": float(np.mean([len(x) for x in prefixes])),
       "at_student_states/states": len(rows),
       "at_student_states/responses_unlabelled": int(np.sum(valid == 0)),
       "teacher_better_at_student_states": bool(better),
