@@ -148,7 +148,14 @@ REAL_METHODS = {
 # entropy (0.8-1.1 nats a token on SmolLM2 at T = 0.7, 3-5x the KL) is then not charged per future token, so the
 # score term stops rewarding short responses for being short (experiments/README.md, "What we learned"). At
 # DistIL's chosen rate: a diagnostic of the paper's objective, not a method of its own.
-REAL_VARIANTS = {"DistIL, KL cost": ("DistIL", ["--config.loss.cost=kl"])}
+# `loss.terminal="hold"` (surrogate.py) removes the other half of that incentive: with either cost a response that
+# stops early forfeits every future cost under the paper's J, and under "hold" keeps paying its stopping state's.
+# Beside tokenwise FCE (the local term alone, which did not shorten), it asks whether the score term's loss on
+# SmolLM2 is its length incentive or something else it does.
+REAL_VARIANTS = {
+  "DistIL, KL cost": ("DistIL", ["--config.loss.cost=kl"]),
+  "DistIL, held terminal": ("DistIL", ["--config.loss.terminal=hold"]),
+}
 REAL_SETTINGS = {
   "sibling": "smollm2_sibling",
   "reference": "smollm2_reference",

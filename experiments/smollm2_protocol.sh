@@ -19,7 +19,8 @@ echo 1000 > /proc/self/oom_score_adj
 echo 19 > /proc/self/autogroup 2>/dev/null  # nice alone does not lower a job in its own session against other sessions
 cd "$(dirname "$0")/.."
 nice -n 19 python -m experiments.arith_comparison --task smollm2 --expert sibling \
-  --methods DistIL "tokenwise FCE" GRPO "DistIL, KL cost" --out "$work/results_core" --workdir "$work" --record "$record" || exit 1
+  --methods DistIL "tokenwise FCE" GRPO "DistIL, KL cost" "DistIL, held terminal" \
+  --out "$work/results_core" --workdir "$work" --record "$record" || exit 1
 for e in sibling reference hard hard_reference; do
   nice -n 19 python -m experiments.arith_comparison --task smollm2 --expert "$e" --out "$work/results" \
     --workdir "$work" --record "$record" || exit 1

@@ -405,7 +405,9 @@ def test_real_model_protocol_without_warmup_shares_the_teacherless_runs(tmp_path
   calls = []
   monkeypatch.setattr(arith_comparison, "main_process", _fake_real_main(calls))
   methods = ["DistIL", "SDPO", "OPSD", "GRPO", "SFT", "DistIL+GRPO"]
+  variants = list(arith_comparison.REAL_VARIANTS)  # DistIL's rate, both seeds; no grid of their own
   base = ["cmp", "--task", "smollm2", "--smoke", "--seeds", "0", "1", "--lrs", "1e-4", "3e-4", "--methods", *methods]
+  base += variants
   base += ["--out", str(tmp_path), "--workdir", str(tmp_path / "runs")]
   launched = {}
   for expert in ("sibling", "reference"):
@@ -415,15 +417,20 @@ def test_real_model_protocol_without_warmup_shares_the_teacherless_runs(tmp_path
   sibling, reference = (json.loads((tmp_path / f"smollm2_{e}.json").read_text()) for e in ("sibling", "reference"))
   assert sibling["protocol"]["warmup"] is False and sibling["table"]["GRPO"]["chosen_lr"] == 3e-4
   trains = lambda cs: [a for a in cs if "--mode=eval" not in a and "--config.train.iterations=0" not in a]
-  assert len(trains(launched["sibling"])) == 6 * 2 + 6 and len(launched["sibling"]) == 2 * (1 + 6 * 2 + 6)  # all tested
+  runs = 6 * 2 + 6 + 2 * len(variants)
+  assert len(trains(launched["sibling"])) == runs and len(launched["sibling"]) == 2 * (1 + runs)  # all tested
   start = [a for a in launched["sibling"] if "--config.train.iterations=0" in a]  # the model as loaded, then its test
   assert len(start) == 2 and start[0][-1] == "--config.train.iterations=0"  # the last flag wins
   assert not any("model.init_from" in " ".join(a) for a in launched["sibling"])
   assert reference["start"] == sibling["start"] and sibling["start"]["test"]["eval/pass@1"] == 0.0  # seed 0's
   teachers = {"DistIL", "SDPO", "OPSD", "DistIL+GRPO"}
-  assert len(launched["reference"]) == 2 * len(teachers) * 3  # GRPO, SFT, the start: the sibling setting's, read
+  assert len(launched["reference"]) == 2 * (len(teachers) * 3 + 2 * len(variants))  # GRPO, SFT, the start: read
+  for name, (method, flags) in arith_comparison.REAL_VARIANTS.items():  # its method's rate, with its own flags
+    mine = [r for r in sibling["runs"] if r["method"] == name]
+    assert [r["lr"] for r in mine] == [sibling["table"][method]["chosen_lr"]] * 2
+    assert all(f in r["command"] for r in mine for f in flags)
   for run in reference["runs"]:
-    setting = "smollm2_reference" if run["method"] in teachers else "smollm2_sibling"
+    setting = "smollm2_reference" if run["method"] in teachers | set(variants) else "smollm2_sibling"
     assert f"/{setting}/" in run["workdir"] and f"--config=configs/math.py:{setting}" in run["command"]
   hybrid = next(a for a in launched["sibling"] if "--config.loss.kind=distil_grpo" in a)
   assert f"--config.loss.distil_weight_decay_iterations={arith_comparison.SMOKE_ITERATIONS}" in hybrid
