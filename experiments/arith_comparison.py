@@ -5,7 +5,8 @@ Protocol:
      held-out prompts are split by identity into validation and test (`evaluate.held_out`, `eval.split`).
   2. Per seed, one behaviour-cloning run (300 steps on reference solutions) shared by every method and rate.
   3. Per method, the learning rate is chosen from `--lrs` (>= 3 values) by the final validation Pass@1 of one seed
-     (`--select_seed`); ties go to the smaller rate.
+     (`--select_seed`); ties go to the smaller rate. Where a task checks its edge (`Task.check_edge`), a rate chosen
+     at the grid's edge is tried one step beyond it and the choice made again.
   4. Every seed (`--seeds`, default five) runs each method at its chosen rate: 40 DAgger iterations of 16 prompts x 8
      samples and 4 updates each, identical for all methods (method flags may not touch `train.*` or `sampling.*`).
   5. The test set is evaluated once per final run, 32 samples per prompt (Pass@1/8/32, unbiased estimator), and
@@ -43,6 +44,7 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import queue
 import re
@@ -201,6 +203,7 @@ class Task:
   prune: bool = False  # drop a run's weights once nothing reads them (SmolLM2's take ~2 GB a run)
   test_each_run: bool = False  # test every grid run as it finishes, while its weights exist (see `run_protocol`)
   test_start: bool = False  # test the checkpoint every run starts from, as a run is tested (`Comparison.start`)
+  check_edge: bool = False  # a rate chosen at the grid's edge is checked one step beyond it (`beyond_edge`)
 
 
 TASKS = {
@@ -238,6 +241,7 @@ TASKS = {
     prune=True,
     test_each_run=True,
     test_start=True,
+    check_edge=True,
   ),
 }
 
@@ -599,6 +603,21 @@ def select_lr(grid_runs) -> tuple[float, dict]:
   return max(scores, key=lambda lr: (scores[lr], -lr)), scores
 
 
+def beyond_edge(lrs, lr):
+  """The next rate past the grid's edge when `lr` sits on it (on the 1-3-10 ladder: 3e-6 -> 1e-6, 3e-5 -> 1e-4;
+  off it, the grid's own ratio), else None. A rate chosen at the edge is the best only of those tried."""
+  lo, hi = min(lrs), max(lrs)
+  if lo == hi or lr not in (lo, hi):
+    return None
+  exp = math.floor(math.log10(lr) + 1e-9)
+  mantissa = round(lr / 10.0**exp, 6)
+  down = lr == lo
+  if mantissa in (1.0, 3.0):
+    factor = (1 / 3 if mantissa == 3 else 0.3) if down else (3 if mantissa == 1 else 10 / 3)
+    return float(f"{lr * factor:.0e}")
+  return float(f"{lr * lr / sorted(lrs)[1 if down else -2]:.3g}")
+
+
 def run_protocol(cmp: Comparison, methods, seeds, lrs, select_seed):
   if len(lrs) < 3 and not cmp.smoke:
     raise ValueError(f"--lrs {lrs}: the protocol chooses each method's rate from at least three values")
@@ -608,6 +627,10 @@ def run_protocol(cmp: Comparison, methods, seeds, lrs, select_seed):
     base = cmp.task.variants.get(method, (method,))[0]  # a variant takes its method's rate
     grid = [trained(base, select_seed, lr) for lr in lrs]
     lr, scores = select_lr(grid)
+    beyond = beyond_edge(lrs, lr) if cmp.task.check_edge else None
+    if beyond is not None:
+      grid.append(trained(base, select_seed, beyond))
+      lr, scores = select_lr(grid)
     if base == method:  # a variant's runs read its method's grid; the method prunes it
       for r in grid:
         if r["lr"] != lr:
@@ -616,6 +639,8 @@ def run_protocol(cmp: Comparison, methods, seeds, lrs, select_seed):
       "chosen_lr": lr,
       "chosen_by": base,
       "validation_pass@1": {f"{k:g}": v for k, v in scores.items()},
+      "edge_checked": beyond,  # the rate tried past the grid's edge, or None
+      "at_edge": lr in (min(scores), max(scores)),  # still at the edge of every rate tried
       "grid_commands": {f"{r['lr']:g}": r["command"] for r in grid},
       "grid_runs": [{k: r[k] for k in ("lr", "wall_seconds", "metrics")} for r in grid],  # seed 0's curves per rate
     }

@@ -31,7 +31,8 @@ def tables(summary: dict, ks=("pass@1", "pass@8", "pass@32")) -> str:
   lines = ["| " + " | ".join([*head, "sampled tokens", "wall per run"]) + " |", "|---" * (len(head) + 2) + "|"]
   for method, row in table.items():
     grid = ", ".join(f"{lr}: {v:.3f}" for lr, v in row["validation_pass@1"].items())
-    cells = [method, f"**{row['chosen_lr']:g}** ({grid})", interval(row["validation_pass@1_start"])]
+    edge = ", still at the edge" if row.get("at_edge") else ""  # the rate past the edge won too (`beyond_edge`)
+    cells = [method, f"**{row['chosen_lr']:g}**{edge} ({grid})", interval(row["validation_pass@1_start"])]
     cells += [interval(row["test"][k]) for k in ks]
     cells += [f"{row['sampled_tokens_mean'] / 1e3:.0f}k", f"{row['wall_seconds_mean']:.0f} s"]
     lines.append("| " + " | ".join(cells) + " |")

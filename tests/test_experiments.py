@@ -415,16 +415,21 @@ def test_real_model_protocol_without_warmup_shares_the_teacherless_runs(tmp_path
     arith_comparison.main()
     launched[expert], calls[:] = list(calls), []
   sibling, reference = (json.loads((tmp_path / f"smollm2_{e}.json").read_text()) for e in ("sibling", "reference"))
-  assert sibling["protocol"]["warmup"] is False and sibling["table"]["GRPO"]["chosen_lr"] == 3e-4
+  assert sibling["protocol"]["warmup"] is False
+  grpo = sibling["table"]["GRPO"]  # the grid's largest rate won, so one step beyond it was tried, and won again
+  assert (grpo["edge_checked"], grpo["chosen_lr"], grpo["at_edge"]) == (1e-3, 1e-3, True)
+  assert grpo["validation_pass@1"] == {"0.0001": 1e-4, "0.0003": 3e-4, "0.001": 1e-3}
+  row = "| GRPO | **0.001**, still at the edge (0.0001: 0.000, 0.0003: 0.000, 0.001: 0.001) |"
+  assert row in report.tables(sibling)
   trains = lambda cs: [a for a in cs if "--mode=eval" not in a and "--config.train.iterations=0" not in a]
-  runs = 6 * 2 + 6 + 2 * len(variants)
+  runs = 6 * 3 + 6 + 2 * len(variants)
   assert len(trains(launched["sibling"])) == runs and len(launched["sibling"]) == 2 * (1 + runs)  # all tested
   start = [a for a in launched["sibling"] if "--config.train.iterations=0" in a]  # the model as loaded, then its test
   assert len(start) == 2 and start[0][-1] == "--config.train.iterations=0"  # the last flag wins
   assert not any("model.init_from" in " ".join(a) for a in launched["sibling"])
   assert reference["start"] == sibling["start"] and sibling["start"]["test"]["eval/pass@1"] == 0.0  # seed 0's
   teachers = {"DistIL", "SDPO", "OPSD", "DistIL+GRPO"}
-  assert len(launched["reference"]) == 2 * (len(teachers) * 3 + 2 * len(variants))  # GRPO, SFT, the start: read
+  assert len(launched["reference"]) == 2 * (len(teachers) * 4 + 2 * len(variants))  # GRPO, SFT, the start: read
   for name, (method, flags) in arith_comparison.REAL_VARIANTS.items():  # its method's rate, with its own flags
     mine = [r for r in sibling["runs"] if r["method"] == name]
     assert [r["lr"] for r in mine] == [sibling["table"][method]["chosen_lr"]] * 2
@@ -454,17 +459,18 @@ def test_real_model_runs_recorded_outside_the_machine_are_read_back_on_a_fresh_o
   arith_comparison.main()
   first = json.loads((tmp_path / "smollm2_sibling.json").read_text())
   workdir = lambda a: next(f for f in a if f.startswith("--workdir="))
-  tested = [i for i, a in enumerate(calls) if "--mode=eval" in a]  # the start and 2 x 3 runs, grid runs included
-  assert len(calls) == 14 and tested == list(range(1, 14, 2))  # each right after its training, no run between
+  tested = [i for i, a in enumerate(calls) if "--mode=eval" in a]  # the start and 2 x 4 runs, grid and edge included
+  assert len(calls) == 18 and tested == list(range(1, 18, 2))  # each right after its training, no run between
   assert all(workdir(calls[i]) == workdir(calls[i - 1]) for i in tested)
   recorded = sorted(str(p.relative_to(tmp_path / "record")) for p in (tmp_path / "record").rglob("*") if p.is_file())
-  runs = [f"{m}_lr{lr}_seed{s}" for m in ("DistIL", "GRPO") for lr, s in (("0.0001", 0), ("0.0003", 0), ("0.0003", 1))]
+  lrs = (("0.0001", 0), ("0.0003", 0), ("0.001", 0), ("0.001", 1))  # 3e-4 won at the edge: 1e-3 tried, and won
+  runs = [f"{m}_lr{lr}_seed{s}" for m in ("DistIL", "GRPO") for lr, s in lrs]
   files = ("commits", "config.json", "eval.jsonl", "metrics.jsonl", "wall_seconds.json")
   assert recorded == [f"smollm2_sibling/{r}/{f}" for r in [*runs, "start_seed0"] for f in files]
-  config = json.loads((tmp_path / "record/smollm2_sibling/GRPO_lr0.0003_seed1/config.json").read_text())
-  assert (config["loss"]["kind"], config["optim"]["lr"], config["seed"]) == ("grpo", 3e-4, 1)
+  config = json.loads((tmp_path / "record/smollm2_sibling/GRPO_lr0.001_seed1/config.json").read_text())
+  assert (config["loss"]["kind"], config["optim"]["lr"], config["seed"]) == ("grpo", 1e-3, 1)
   rows = report.runs_table(str(tmp_path / "record")).splitlines()
-  assert rows[-2].startswith("| smollm2_sibling | GRPO_lr0.0003_seed1 | 0.000 -> 0.000 | - -> - | - -> - |")
+  assert rows[-2].startswith("| smollm2_sibling | GRPO_lr0.001_seed1 | 0.001 -> 0.001 | - -> - | - -> - |")
   assert "| 0.100 | - | - | 0 min |" in rows[-2]  # the test figure the stand-in wrote for seed 1; no pass@8
   shutil.rmtree(tmp_path / "runs")
   calls.clear()
@@ -478,6 +484,14 @@ def test_real_model_runs_recorded_outside_the_machine_are_read_back_on_a_fresh_o
   shutil.rmtree(tmp_path / "runs")
   with pytest.raises(RuntimeError, match=r"DistIL_lr0.0001_seed0 was trained under another config \(train.batch_g"):
     arith_comparison.main()
+
+
+def test_a_rate_chosen_at_the_grid_edge_is_checked_one_step_beyond():
+  """On the 1-3-10 ladder the grids use; off it, one more of the grid's own ratio; inside the grid, nothing."""
+  smollm2, arith = (3e-6, 1e-5, 3e-5), (1e-4, 3e-4, 1e-3)
+  cases = [(smollm2, 3e-6, 1e-6), (smollm2, 3e-5, 1e-4), (smollm2, 1e-5, None), (arith, 1e-4, 3e-5)]
+  cases += [(arith, 1e-3, 3e-3), ((2e-4, 4e-4, 8e-4), 2e-4, 1e-4), ((2e-4, 4e-4, 8e-4), 8e-4, 1.6e-3)]
+  assert [arith_comparison.beyond_edge(lrs, lr) for lrs, lr, _ in cases] == [want for *_, want in cases]
 
 
 @pytest.mark.parametrize("expert", list(arith_comparison.REAL_SETTINGS))
