@@ -14,8 +14,9 @@ parameters:
                     and the teacher (its re-prompt) each continue from it once, and the completed response is
                     verified. Reported: both success rates, their difference with a 95% t-interval over prompts, and
                     whether the teacher is better (the interval's lower end above 0); and the tokens each writes
-                    after the prefix, with their difference (does the teacher end sooner than the student would,
-                    so that imitating it shortens the student?).
+                    after the prefix and the share that stops, with their differences (does the teacher end sooner
+                    than the student would, so that imitating it shortens the student?). A continuation is cut
+                    where a training response would be: `sampling.max_new_tokens` tokens, the prefix included.
 Samples at the config's sampling temperature. A re-prompt longer than `expert.max_prompt_tokens` is left out, as the
 expert leaves it unlabelled in training (counted). The teacher is the checkpoint's parameters (an EMA teacher equals
 them at the end of behaviour cloning).
@@ -70,18 +71,21 @@ def sample_ids(run, params, id_rows, rng, sampling_cfg):
 
 
 def continue_and_verify(run, params, problems, prompts, rng, sampling_cfg, prefixes=None):
-  """([rows] 1.0 where the response to `prompts[i]` (text), appended to `prefixes[i]`, solves `problems[i]`,
-  [rows] the tokens sampled after the prefix)."""
-  ids = [run.tok.prompt_ids(text, run.config.tokenizer.add_bos) for text in prompts]
-  if prefixes is not None:
-    ids = [i + list(p) for i, p in zip(ids, prefixes, strict=True)]
+  """Per row, the response to `prompts[i]` (text) appended to `prefixes[i]` (ids) and cut where a training response
+  would be (`sampling.max_new_tokens` in all, prefix included): ([rows] 1.0 where it solves `problems[i]`, [rows]
+  the tokens written after the prefix, [rows] 1.0 where it stopped within that horizon). Sampling is
+  autoregressive, so the cut is what sampling with the horizon's budget would have given."""
+  prefixes = [[] for _ in prompts] if prefixes is None else [list(p) for p in prefixes]
+  ids = [run.tok.prompt_ids(text, run.config.tokenizer.add_bos) + p for text, p in zip(prompts, prefixes, strict=True)]
   tokens, lengths = sample_ids(run, params, ids, rng, sampling_cfg)
-  prefix_texts = [run.tok.text_of(p) for p in prefixes] if prefixes is not None else [""] * len(prompts)
+  budget = np.array([run.config.sampling.max_new_tokens - len(p) for p in prefixes])
+  cut = np.minimum(lengths, budget)
+  stopped = [n <= b and int(row[n - 1]) in run.tok.stop_ids for row, n, b in zip(tokens, lengths, budget, strict=True)]
   correct = [
-    run.task.verify(p, before + run.tok.text_of(row[:n])).correct
-    for p, before, row, n in zip(problems, prefix_texts, tokens, lengths, strict=True)
+    run.task.verify(p, run.tok.text_of(before) + run.tok.text_of(row[:n])).correct
+    for p, before, row, n in zip(problems, prefixes, tokens, cut, strict=True)
   ]
-  return np.array(correct, np.float64), lengths.astype(np.float64)
+  return np.array(correct, np.float64), cut.astype(np.float64), np.array(stopped, np.float64)
 
 
 def main(_):
@@ -113,7 +117,7 @@ def main(_):
       prompts = [template.format(prompt=p.prompt, feedback=f) for p, f in zip(problems, feedback, strict=True)]
       kept = np.array([fits(t) for t in prompts])
       rows = [(p, t) for p, t, k in zip(problems, prompts, kept, strict=True) if k for _ in range(g)]
-      solved, _ = continue_and_verify(run, params, *zip(*rows, strict=True), keys[1 + i], base)
+      solved, *_ = continue_and_verify(run, params, *zip(*rows, strict=True), keys[1 + i], base)
       per_prompt = solved.reshape(-1, g).mean(1)
       out[f"self_expert_{name}/pass@1"] = float(per_prompt.mean())
       out[f"self_expert_{name}/prompts_left_out"] = int(np.sum(~kept))
@@ -132,8 +136,8 @@ def main(_):
     if not rows:
       raise ValueError("the expert labels none of the student's responses here: nothing to compare")
     index, probs, teacher_texts, prefixes = zip(*rows, strict=True)
-    s_ok, s_len = continue_and_verify(run, params, probs, [p.prompt for p in probs], keys[4], base, prefixes)
-    t_ok, t_len = continue_and_verify(run, params, probs, teacher_texts, keys[5], base, prefixes)
+    s_ok, s_len, s_end = continue_and_verify(run, params, probs, [p.prompt for p in probs], keys[4], base, prefixes)
+    t_ok, t_len, t_end = continue_and_verify(run, params, probs, teacher_texts, keys[5], base, prefixes)
   index = np.array(index)
   by_prompt = lambda t, s: stats.mean_ci([float(np.mean(t[index == b] - s[index == b])) for b in sorted(set(index))])
   diff = by_prompt(t_ok, s_ok)
@@ -147,6 +151,9 @@ def main(_):
       "at_student_states/student_tokens": float(s_len.mean()),
       "at_student_states/teacher_tokens": float(t_len.mean()),
       "at_student_states/teacher_minus_student_tokens": by_prompt(t_len, s_len),
+      "at_student_states/student_stopped": float(s_end.mean()),
+      "at_student_states/teacher_stopped": float(t_end.mean()),
+      "at_student_states/teacher_minus_student_stopped": by_prompt(t_end, s_end),
       "at_student_states/prefix_tokens": float(np.mean([len(x) for x in prefixes])),
       "at_student_states/states": len(rows),
       "at_student_states/responses_unlabelled": int(np.sum(valid == 0)),
