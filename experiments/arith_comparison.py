@@ -43,6 +43,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
+import itertools
 import json
 import math
 import os
@@ -603,19 +604,28 @@ def select_lr(grid_runs) -> tuple[float, dict]:
   return max(scores, key=lambda lr: (scores[lr], -lr)), scores
 
 
-def beyond_edge(lrs, lr):
-  """The next rate past the grid's edge when `lr` sits on it (on the 1-3-10 ladder: 3e-6 -> 1e-6, 3e-5 -> 1e-4;
-  off it, the grid's own ratio), else None. A rate chosen at the edge is the best only of those tried."""
-  lo, hi = min(lrs), max(lrs)
-  if lo == hi or lr not in (lo, hi):
-    return None
+def _ladder(lr):
+  """lr as (mantissa, exponent) where it is 1 or 3 times a power of ten, else None."""
   exp = math.floor(math.log10(lr) + 1e-9)
   mantissa = round(lr / 10.0**exp, 6)
-  down = lr == lo
-  if mantissa in (1.0, 3.0):
-    factor = (1 / 3 if mantissa == 3 else 0.3) if down else (3 if mantissa == 1 else 10 / 3)
+  return (mantissa, exp) if mantissa in (1.0, 3.0) else None
+
+
+def beyond_edge(lrs, lr):
+  """The next rate past the grid's edge when `lr` sits on it, else None. A grid of consecutive 1-3-10 steps goes on
+  along them (3e-6 -> 1e-6, 3e-5 -> 1e-4); any other grid by its own ratio at that edge. A rate chosen at the edge
+  is the best only of those tried."""
+  ordered = sorted(lrs)
+  if len(ordered) < 2 or lr not in (ordered[0], ordered[-1]):
+    return None
+  down = lr == ordered[0]
+  steps = [_ladder(x) for x in ordered]
+  up = lambda step: (3.0, step[1]) if step[0] == 1.0 else (1.0, step[1] + 1)
+  on_ladder = all(steps) and all(b == up(a) for a, b in itertools.pairwise(steps))
+  if on_ladder:
+    factor = (1 / 3 if steps[0][0] == 3 else 0.3) if down else (3 if steps[-1][0] == 1 else 10 / 3)
     return float(f"{lr * factor:.0e}")
-  return float(f"{lr * lr / sorted(lrs)[1 if down else -2]:.3g}")
+  return float(f"{lr * lr / (ordered[1] if down else ordered[-2]):.3g}")
 
 
 def run_protocol(cmp: Comparison, methods, seeds, lrs, select_seed):
@@ -640,7 +650,7 @@ def run_protocol(cmp: Comparison, methods, seeds, lrs, select_seed):
       "chosen_by": base,
       "validation_pass@1": {f"{k:g}": v for k, v in scores.items()},
       "edge_checked": beyond,  # the rate tried past the grid's edge, or None
-      "at_edge": lr in (min(scores), max(scores)),  # still at the edge of every rate tried
+      "at_edge": beyond is not None and lr in (min(scores), max(scores)),  # the rate past the edge won too
       "grid_commands": {f"{r['lr']:g}": r["command"] for r in grid},
       "grid_runs": [{k: r[k] for k in ("lr", "wall_seconds", "metrics")} for r in grid],  # seed 0's curves per rate
     }

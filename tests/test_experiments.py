@@ -240,6 +240,7 @@ def test_protocol_selects_on_validation_and_reports_test_once(tmp_path, monkeypa
   flags = ["--seeds", "0", "1", "2", "--methods", "DistIL", "GRPO", "SFT"]
   out, calls = _protocol_with_fake_runs(tmp_path, monkeypatch, *flags)
   assert {m: out["table"][m]["chosen_lr"] for m in PLANTED} == {"DistIL": 3e-4, "GRPO": 1e-4, "SFT": 1e-3}
+  assert all(r["edge_checked"] is None and not r["at_edge"] for r in out["table"].values())  # arith: widened by hand
   tests = [a for a in calls if "--mode=eval" in a]
   assert len(tests) == 9  # once per method and seed, at the chosen rate only
   for args in tests:
@@ -487,10 +488,18 @@ def test_real_model_runs_recorded_outside_the_machine_are_read_back_on_a_fresh_o
 
 
 def test_a_rate_chosen_at_the_grid_edge_is_checked_one_step_beyond():
-  """On the 1-3-10 ladder the grids use; off it, one more of the grid's own ratio; inside the grid, nothing."""
+  """Along the 1-3-10 ladder where the grid steps along it; otherwise one more of the grid's own ratio; inside the
+  grid, nothing."""
   smollm2, arith = (3e-6, 1e-5, 3e-5), (1e-4, 3e-4, 1e-3)
   cases = [(smollm2, 3e-6, 1e-6), (smollm2, 3e-5, 1e-4), (smollm2, 1e-5, None), (arith, 1e-4, 3e-5)]
   cases += [(arith, 1e-3, 3e-3), ((2e-4, 4e-4, 8e-4), 2e-4, 1e-4), ((2e-4, 4e-4, 8e-4), 8e-4, 1.6e-3)]
+  decades = (1e-5, 1e-4, 1e-3)  # on the ladder's values but not its steps: the grid's own ratio
+  cases += [
+    (decades, 1e-3, 1e-2),
+    (decades, 1e-5, 1e-6),
+    ((1e-4, 2e-4, 4e-4), 1e-4, 5e-5),
+    ((3e-6, 3e-5, 3e-4), 3e-4, 3e-3),
+  ]
   assert [arith_comparison.beyond_edge(lrs, lr) for lrs, lr, _ in cases] == [want for *_, want in cases]
 
 
