@@ -203,7 +203,7 @@ class Task:
   shares: dict
   prune: bool = False  # drop a run's weights once nothing reads them (SmolLM2's take ~2 GB a run)
   test_each_run: bool = False  # test every grid run as it finishes, while its weights exist (see `run_protocol`)
-  test_start: bool = False  # test the checkpoint every run starts from, as a run is tested (`Comparison.start`)
+  test_start: bool = False  # test the checkpoint every run starts from on every seed, as a run is (`Comparison.start`)
   check_edge: bool = False  # a rate chosen at the grid's edge is checked one step beyond it (`beyond_edge`)
 
 
@@ -491,7 +491,8 @@ class Comparison:
   def start(self, seed) -> dict:
     """The test figures of the checkpoint every run of the setting starts from (the model as loaded; a task with a
     warm-up tests its runs against each other only), taken and read back as a run's: the row a method's gain is
-    read against. It lives with the runs that read no teacher, so settings that share those share it."""
+    read against, on each seed (the test's draw is the seed's, as a run's is, so each method minus the start pairs
+    seed by seed). It lives with the runs that read no teacher, so settings that share those share it."""
     wd = os.path.join(self.roots[self.shared], f"start_seed{seed}")
     cmd = [*self._common(self.task.settings[self.shared]), f"--workdir={wd}", f"--config.seed={seed}"]
     cmd.append("--config.train.iterations=0")  # a checkpoint of the parameters as loaded
@@ -664,20 +665,24 @@ def run_protocol(cmp: Comparison, methods, seeds, lrs, select_seed):
       return cmp.test(cmp.train(method, seed, lr))
 
   with concurrent.futures.ThreadPoolExecutor(len(seeds) + len(methods) + 1) as pool:
-    start = pool.submit(cmp.start, select_seed) if cmp.task.test_start else None  # first: it is short
+    starts = {s: pool.submit(cmp.start, s) for s in seeds} if cmp.task.test_start else {}  # first: they are short
     for seed in seeds if cmp.warm else ():  # queued first: no core waits for behaviour cloning that another could run
       pool.submit(cmp.warmup, seed)
     done = dict(zip(methods, pool.map(one_method, methods), strict=True))
-  start = start and start.result()
-  return {m: done[m][0] for m in methods}, [r for m in methods for r in done[m][1]], start
+  return (
+    {m: done[m][0] for m in methods},
+    [r for m in methods for r in done[m][1]],
+    {s: f.result() for s, f in starts.items()},
+  )
 
 
 def pass_keys(run):
   return sorted((k for k in run["test"] if k.startswith("eval/pass@")), key=lambda k: int(k.split("@")[1]))
 
 
-def summarize(selection, finals, reference="DistIL"):
-  """Per method: test Pass@k means with 95% t-intervals over seeds; paired differences `reference` minus each."""
+def summarize(selection, finals, reference="DistIL", starts=None):
+  """Per method: test Pass@k means with 95% t-intervals over seeds; paired differences `reference` minus each; and
+  with `starts` (the start's test per seed), each method minus the start, seed by seed (the same seed's test draw)."""
   keys = pass_keys(finals[0])
   by = {}
   for r in finals:
@@ -703,7 +708,15 @@ def summarize(selection, finals, reference="DistIL"):
           )
           for k in keys
         }
-  return {"table": table, f"paired_{reference}_minus": differences}
+  out = {"table": table, f"paired_{reference}_minus": differences}
+  if starts:
+    out["start_by_seed"] = {str(s): r["test"] for s, r in starts.items()}
+    start_by = {k: {s: r["test"][k] for s, r in starts.items()} for k in keys}
+    out["minus_start"] = {
+      m: {k.split("/")[1]: stats.paired({s: r["test"][k] for s, r in runs.items()}, start_by[k]) for k in keys}
+      for m, runs in by.items()
+    }
+  return out
 
 
 def _band(ax, xs, rows, label):
@@ -781,12 +794,13 @@ def main():
   t0 = time.time()
   cmp = Comparison(args.expert, args.workdir, args.smoke, args.size, args.jobs, args.task, args.record)
   try:
-    selection, finals, start = run_protocol(cmp, args.methods, args.seeds, args.lrs, args.select_seed)
+    selection, finals, starts = run_protocol(cmp, args.methods, args.seeds, args.lrs, args.select_seed)
   finally:
     for s, handler in handlers.items():
       signal.signal(s, handler)
-  summary = summarize(selection, finals)
-  if start:
+  summary = summarize(selection, finals, starts=starts)
+  if starts:
+    start = starts.get(args.select_seed, next(iter(starts.values())))
     summary["start"] = {"seed": start["seed"], "test": start["test"], "test_command": start["test_command"]}
   protocol = {
     "task": args.task,

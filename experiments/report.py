@@ -2,7 +2,8 @@
 
   python -m experiments.report experiments/results/arith_oracle.json
 prints two markdown tables: per method the chosen rate, test Pass@1/8/32 (mean over seeds [95% t-interval]),
-sampled tokens and wall time per run; then DistIL minus each baseline, seed by seed, with the sign test.
+sampled tokens and wall time per run; then DistIL minus each baseline, seed by seed, with the sign test; and where
+the start was tested on every seed, each method minus the start, seed by seed.
   python -m experiments.report --runs experiments/results/smollm2_runs
 prints every run recorded so far (`arith_comparison --record`), finished table or not: one row per run.
 """
@@ -10,6 +11,8 @@ prints every run recorded so far (`arith_comparison --record`), finished table o
 import json
 import os
 import sys
+
+from experiments import stats
 
 
 def interval(ci: dict, fmt: str = ".3f") -> str:
@@ -36,21 +39,29 @@ def tables(summary: dict, ks=("pass@1", "pass@8", "pass@32")) -> str:
     cells += [interval(row["test"][k]) for k in ks]
     cells += [f"{row['sampled_tokens_mean'] / 1e3:.0f}k", f"{row['wall_seconds_mean']:.0f} s"]
     lines.append("| " + " | ".join(cells) + " |")
-  if "start" in summary:  # the checkpoint every run started from, tested as the runs are
-    start = summary["start"]["test"]
-    cells = ["the start (no training)", "-", "-", *(f"{start['eval/' + k]:.3f}" for k in ks), "0", "-"]
-    lines.append("| " + " | ".join(cells) + " |")
+  if "start" in summary:  # the checkpoint every run started from, tested as the runs are (on every seed, or one)
+    by_seed = summary.get("start_by_seed", {str(summary["start"]["seed"]): summary["start"]["test"]})
+    figures = [interval(stats.mean_ci([t["eval/" + k] for t in by_seed.values()])) for k in ks]
+    lines.append("| " + " | ".join(["the start (no training)", "-", "-", *figures, "0", "-"]) + " |")
   paired = next((v for k, v in summary.items() if k.startswith("paired_")), {})
-  if paired:
-    lines += ["", "| DistIL minus | " + " | ".join(f"{k}: mean [95% CI]; per seed; sign test" for k in ks) + " |"]
-    lines.append("|---" * (len(ks) + 1) + "|")
-    for method, by_k in paired.items():
-      cells = [method]
-      for k in ks:
-        d = by_k[k]
-        cells.append(f"{interval(d, '+.3f')}; {' '.join(f'{x:+.3f}' for x in d['diffs'])}; {sign(d['sign_test'])}")
-      lines.append("| " + " | ".join(cells) + " |")
+  lines += _paired_table("DistIL minus", paired, ks)
+  lines += _paired_table("minus the start", summary.get("minus_start", {}), ks)
   return "\n".join(lines)
+
+
+def _paired_table(title: str, by_method: dict, ks) -> list:
+  """Seed-by-seed differences per method: mean [95% CI], each seed's, and the sign test; no lines when empty."""
+  if not by_method:
+    return []
+  lines = ["", f"| {title} | " + " | ".join(f"{k}: mean [95% CI]; per seed; sign test" for k in ks) + " |"]
+  lines.append("|---" * (len(ks) + 1) + "|")
+  for method, by_k in by_method.items():
+    cells = [method]
+    for k in ks:
+      d = by_k[k]
+      cells.append(f"{interval(d, '+.3f')}; {' '.join(f'{x:+.3f}' for x in d['diffs'])}; {sign(d['sign_test'])}")
+    lines.append("| " + " | ".join(cells) + " |")
+  return lines
 
 
 def _figure(row: dict, key: str, fmt: str = ".3f") -> str:

@@ -377,7 +377,7 @@ def test_a_variant_may_regroup_the_responses_but_not_add_any(monkeypatch):
 
 def _fake_real_main(calls):
   """A stand-in trainer for the real-model protocol: every run ends at its configured length; validation Pass@1 is
-  the rate (so the largest wins), the test figure the seed."""
+  the rate (so the largest wins), the test figure 0.1 x the seed (the start's 0.05 x the seed)."""
 
   def fake(args, log, core=None, elapsed=None):
     calls.append(args)
@@ -385,8 +385,9 @@ def _fake_real_main(calls):
     wd = flag["--workdir"]
     os.makedirs(wd, exist_ok=True)
     if flag.get("--mode") == "eval":
+      scale = 0.05 if os.path.basename(wd).startswith("start_") else 0.1  # the start below every run but seed 0's
       with open(os.path.join(wd, "eval.jsonl"), "a") as f:
-        f.write(json.dumps({"eval/pass@1": 0.1 * int(flag["--config.seed"]), "eval/pass@2": 0.5}) + "\n")
+        f.write(json.dumps({"eval/pass@1": scale * int(flag["--config.seed"]), "eval/pass@2": 0.5}) + "\n")
       return 1.0
     lr = float(flag.get("--config.optim.lr", "0"))  # the start (train.iterations=0) has no rate
     os.makedirs(os.path.join(wd, "checkpoints"), exist_ok=True)
@@ -424,11 +425,15 @@ def test_real_model_protocol_without_warmup_shares_the_teacherless_runs(tmp_path
   assert row in report.tables(sibling)
   trains = lambda cs: [a for a in cs if "--mode=eval" not in a and "--config.train.iterations=0" not in a]
   runs = 6 * 3 + 6 + 2 * len(variants)
-  assert len(trains(launched["sibling"])) == runs and len(launched["sibling"]) == 2 * (1 + runs)  # all tested
+  assert len(trains(launched["sibling"])) == runs and len(launched["sibling"]) == 2 * (2 + runs)  # all tested
   start = [a for a in launched["sibling"] if "--config.train.iterations=0" in a]  # the model as loaded, then its test
-  assert len(start) == 2 and start[0][-1] == "--config.train.iterations=0"  # the last flag wins
+  assert len(start) == 4 and start[0][-1] == "--config.train.iterations=0"  # per seed; the last flag wins
   assert not any("model.init_from" in " ".join(a) for a in launched["sibling"])
   assert reference["start"] == sibling["start"] and sibling["start"]["test"]["eval/pass@1"] == 0.0  # seed 0's
+  for method, minus in sibling["minus_start"].items():  # runs 0.1 x seed, the start 0.05 x seed (the stand-in's)
+    np.testing.assert_allclose(minus["pass@1"]["diffs"], [0.0, 0.05], atol=1e-12, err_msg=method)
+  assert "| the start (no training) | - | - | 0.025 [-0.293, 0.343] | 0 | - |" in report.tables(sibling)
+  assert "| DistIL | +0.025 [-0.293, +0.343]; +0.000 +0.050; 1/1 up, p=1 |" in report.tables(sibling)
   teachers = {"DistIL", "SDPO", "OPSD", "DistIL+GRPO"}
   assert len(launched["reference"]) == 2 * (len(teachers) * 4 + 2 * len(variants))  # GRPO, SFT, the start: read
   for name, (method, flags) in arith_comparison.REAL_VARIANTS.items():  # its method's rate, with its own flags
@@ -460,19 +465,20 @@ def test_real_model_runs_recorded_outside_the_machine_are_read_back_on_a_fresh_o
   arith_comparison.main()
   first = json.loads((tmp_path / "smollm2_sibling.json").read_text())
   workdir = lambda a: next(f for f in a if f.startswith("--workdir="))
-  tested = [i for i, a in enumerate(calls) if "--mode=eval" in a]  # the start and 2 x 4 runs, grid and edge included
-  assert len(calls) == 18 and tested == list(range(1, 18, 2))  # each right after its training, no run between
+  tested = [i for i, a in enumerate(calls) if "--mode=eval" in a]  # 2 starts and 2 x 4 runs, grid and edge included
+  assert len(calls) == 20 and tested == list(range(1, 20, 2))  # each right after its training, no run between
   assert all(workdir(calls[i]) == workdir(calls[i - 1]) for i in tested)
   recorded = sorted(str(p.relative_to(tmp_path / "record")) for p in (tmp_path / "record").rglob("*") if p.is_file())
   lrs = (("0.0001", 0), ("0.0003", 0), ("0.001", 0), ("0.001", 1))  # 3e-4 won at the edge: 1e-3 tried, and won
   runs = [f"{m}_lr{lr}_seed{s}" for m in ("DistIL", "GRPO") for lr, s in lrs]
   files = ("commits", "config.json", "eval.jsonl", "metrics.jsonl", "wall_seconds.json")
-  assert recorded == [f"smollm2_sibling/{r}/{f}" for r in [*runs, "start_seed0"] for f in files]
+  assert recorded == [f"smollm2_sibling/{r}/{f}" for r in [*runs, "start_seed0", "start_seed1"] for f in files]
   config = json.loads((tmp_path / "record/smollm2_sibling/GRPO_lr0.001_seed1/config.json").read_text())
   assert (config["loss"]["kind"], config["optim"]["lr"], config["seed"]) == ("grpo", 1e-3, 1)
   rows = report.runs_table(str(tmp_path / "record")).splitlines()
-  assert rows[-2].startswith("| smollm2_sibling | GRPO_lr0.001_seed1 | 0.001 -> 0.001 | - -> - | - -> - |")
-  assert "| 0.100 | - | - | 0 min |" in rows[-2]  # the test figure the stand-in wrote for seed 1; no pass@8
+  assert rows[-3].startswith("| smollm2_sibling | GRPO_lr0.001_seed1 | 0.001 -> 0.001 | - -> - | - -> - |")
+  assert "| 0.100 | - | - | 0 min |" in rows[-3]  # the test figure the stand-in wrote for seed 1; no pass@8
+  assert "| 0.050 | - | - | 0 min |" in rows[-1]  # the start's, seed 1
   shutil.rmtree(tmp_path / "runs")
   calls.clear()
   arith_comparison.main()
