@@ -569,11 +569,11 @@ def test_scripts_smoke_privileged_feedback(tmp_path, monkeypatch):
   assert tq["prompts"] == 4 and tq["at_student_states/feedback"] == "reference"
   assert all(0 <= v <= 1 for k, v in tq.items() if k.endswith(("pass@1", "_pass")))
   assert isinstance(tq["teacher_better_at_student_states"], bool)
-  most = _smoke_config("compare_self_reference").sampling.max_new_tokens
+  config = _smoke_config("compare_self_reference")
+  most = config.sampling.max_new_tokens
   for who in ("student", "teacher"):  # cut where a training response would be: the prefix and what follows it
     assert 0 <= tq["at_student_states/prefix_tokens"] + tq[f"at_student_states/{who}_tokens"] <= most
     assert 0 <= tq[f"at_student_states/{who}_stopped"] <= 1
-  config = _smoke_config("compare_self_reference")
   config.update_from_flattened_dict({"expert.kind": "self", "mesh.num_devices": 1})
   figures = gradient_variance.measure(config, run["workdir"], minibatches=2)
   assert sorted(figures) == [1, 2]  # every kept checkpoint (smoke: one per iteration, two kept)
