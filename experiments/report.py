@@ -5,7 +5,8 @@ prints two markdown tables: per method the chosen rate, test Pass@1/8/32 (mean o
 sampled tokens and wall time per run; then DistIL minus each baseline, seed by seed, with the sign test; and where
 the start was tested on every seed, each method minus the start, seed by seed.
   python -m experiments.report --runs experiments/results/smollm2_runs
-prints every run recorded so far (`arith_comparison --record`), finished table or not: one row per run.
+prints every run recorded so far (`arith_comparison --record`), finished table or not: one row per run; then what
+each run's training signal was made of (`signal_table`).
 """
 
 import json
@@ -102,9 +103,48 @@ def runs_table(record: str, ks=("pass@1", "pass@8")) -> str:
   return "\n".join(lines)
 
 
+def _token_mean(curve: list, key: str):
+  """The mean of a per-token figure over iterations, weighted by each one's loss tokens; None if it is not logged."""
+  if key not in curve[0]:
+    return None
+  return sum(m[key] * m["train/loss_tokens"] for m in curve) / sum(m["train/loss_tokens"] for m in curve)
+
+
+def signal_table(record: str) -> str:
+  """What each recorded run trained on, as token means over the iterations that had loss tokens (weighted by them).
+
+  Why: a forward cross-entropy cost is c_t = H(q_t) + KL(q_t || pi_t). The teacher's entropy H(q_t) is no
+  disagreement any policy can remove, yet it is summed into the reward-to-go that DistIL's score term weights, where
+  it rewards writing fewer tokens. The table shows how much of the cross-entropy that is (with `loss.cost="kl"` the
+  cost is the KL part alone), how large the score term's weights |R_t - b_t| were, and where the student's entropy
+  went at the states it trained on (the labelled rows for a teacher method, every row for GRPO). Runs without
+  trained tokens are left out; a figure a run does not log is "-".
+  """
+  head = ["setting", "run", "iterations trained", "CE(q, pi) per token", "teacher entropy H(q)", "KL(q || pi)"]
+  head += ["H(q) / CE", "score weight abs(R_t - b_t)", "student entropy, first -> last iteration"]
+  lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+  for setting in sorted(d for d in os.listdir(record) if os.path.isdir(os.path.join(record, d))):
+    for run in sorted(os.listdir(os.path.join(record, setting))):
+      path = os.path.join(record, setting, run, "metrics.jsonl")
+      curve = _read(path, lines=True) if os.path.exists(path) else []
+      trained = [m for m in curve if m.get("train/loss_tokens", 0) > 0]
+      if not trained:
+        continue
+      ce, h, kl, adv = (
+        _token_mean(trained, f"train/{k}")
+        for k in ("ce_per_token", "teacher_entropy_per_token", "kl_per_token", "advantage_abs")
+      )
+      show = lambda x, f=".3f": "-" if x is None else f"{x:{f}}"
+      cells = [setting, run, f"{len(trained)} of {len(curve) - 1}", show(ce), show(h), show(kl)]
+      cells += [show(h / ce if ce else None, ".2f"), show(adv, ".1f")]
+      cells += [f"{trained[0]['train/entropy']:.3f} -> {trained[-1]['train/entropy']:.3f}"]
+      lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def main(paths):
   if paths[:1] == ["--runs"]:
-    print(runs_table(paths[1]))
+    print(runs_table(paths[1]) + "\n\n" + signal_table(paths[1]))
     return
   for path in paths:
     with open(path) as f:

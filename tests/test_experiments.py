@@ -493,6 +493,36 @@ def test_real_model_runs_recorded_outside_the_machine_are_read_back_on_a_fresh_o
     arith_comparison.main()
 
 
+def test_signal_table_weights_each_iteration_by_its_loss_tokens(tmp_path):
+  """Token means over the iterations that trained (hand-computed: 100 and 300 tokens; an iteration with no labelled
+  row counts for nothing), '-' for what a run does not log (GRPO has no teacher), and no row for a run that never
+  trained (the start)."""
+  runs = {
+    "DistIL_lr1e-05_seed0": [
+      {"train/loss_tokens": 100, "train/ce_per_token": 1.0, "train/teacher_entropy_per_token": 0.8},
+      {"train/loss_tokens": 0, "train/ce_per_token": 0.0, "train/teacher_entropy_per_token": 0.0},
+      {"train/loss_tokens": 300, "train/ce_per_token": 2.0, "train/teacher_entropy_per_token": 1.0},
+    ],
+    "GRPO_lr1e-05_seed0": [{"train/loss_tokens": 50, "train/entropy": 0.7}, {"train/loss_tokens": 50}],
+    "start_seed0": [],
+  }
+  for update in runs["DistIL_lr1e-05_seed0"]:
+    update["train/kl_per_token"] = update["train/ce_per_token"] - update["train/teacher_entropy_per_token"]
+    update["train/advantage_abs"] = 10 * update["train/ce_per_token"] ** 2
+    update["train/entropy"] = update["train/teacher_entropy_per_token"] / 2
+  runs["GRPO_lr1e-05_seed0"][1]["train/entropy"] = 0.6
+  for run, curve in runs.items():
+    (tmp_path / "s" / run).mkdir(parents=True)
+    lines = [{"iteration": 0, "eval/pass@1": 0.1}] + [{"iteration": i + 1, **m} for i, m in enumerate(curve)]
+    (tmp_path / "s" / run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+  rows = report.signal_table(str(tmp_path)).splitlines()[2:]
+  # CE (100 * 1 + 300 * 2) / 400 = 1.75; H (80 + 300) / 400 = 0.95; KL 0.8; H / CE 0.543; weight (1000 + 12000) / 400
+  assert rows == [
+    "| s | DistIL_lr1e-05_seed0 | 2 of 3 | 1.750 | 0.950 | 0.800 | 0.54 | 32.5 | 0.400 -> 0.500 |",
+    "| s | GRPO_lr1e-05_seed0 | 2 of 2 | - | - | - | - | - | 0.700 -> 0.600 |",
+  ]
+
+
 def test_a_rate_chosen_at_the_grid_edge_is_checked_one_step_beyond():
   """Along the 1-3-10 ladder where the grid steps along it; otherwise one more of the grid's own ratio; inside the
   grid, nothing."""
