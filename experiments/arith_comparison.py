@@ -622,10 +622,10 @@ def beyond_edge(lrs, lr):
   down = lr == ordered[0]
   steps = [_ladder(x) for x in ordered]
   up = lambda step: (3.0, step[1]) if step[0] == 1.0 else (1.0, step[1] + 1)
-  on_ladder = all(steps) and all(b == up(a) for a, b in itertools.pairwise(steps))
-  if on_ladder:
-    factor = (1 / 3 if steps[0][0] == 3 else 0.3) if down else (3 if steps[-1][0] == 1 else 10 / 3)
-    return float(f"{lr * factor:.0e}")
+  below = lambda step: (1.0, step[1]) if step[0] == 3.0 else (3.0, step[1] - 1)  # up's inverse
+  if all(steps) and all(b == up(a) for a, b in itertools.pairwise(steps)):
+    mantissa, exp = below(steps[0]) if down else up(steps[-1])
+    return float(f"{mantissa}e{exp}")
   return float(f"{lr * lr / (ordered[1] if down else ordered[-2]):.3g}")
 
 
@@ -680,9 +680,10 @@ def pass_keys(run):
   return sorted((k for k in run["test"] if k.startswith("eval/pass@")), key=lambda k: int(k.split("@")[1]))
 
 
-def summarize(selection, finals, reference="DistIL", starts=None):
+def summarize(selection, finals, reference="DistIL", starts=None, select_seed=0):
   """Per method: test Pass@k means with 95% t-intervals over seeds; paired differences `reference` minus each; and
-  with `starts` (the start's test per seed), each method minus the start, seed by seed (the same seed's test draw)."""
+  with `starts` (the start's run per seed), each method minus the start, seed by seed (the same seed's test draw),
+  and as `start` the selection seed's (or the first seed's) test, the row a single-seed reader compares against."""
   keys = pass_keys(finals[0])
   by = {}
   for r in finals:
@@ -710,6 +711,8 @@ def summarize(selection, finals, reference="DistIL", starts=None):
         }
   out = {"table": table, f"paired_{reference}_minus": differences}
   if starts:
+    start = starts.get(select_seed, next(iter(starts.values())))
+    out["start"] = {"seed": start["seed"], "test": start["test"], "test_command": start["test_command"]}
     out["start_by_seed"] = {str(s): r["test"] for s, r in starts.items()}
     start_by = {k: {s: r["test"][k] for s, r in starts.items()} for k in keys}
     out["minus_start"] = {
@@ -798,10 +801,7 @@ def main():
   finally:
     for s, handler in handlers.items():
       signal.signal(s, handler)
-  summary = summarize(selection, finals, starts=starts)
-  if starts:
-    start = starts.get(args.select_seed, next(iter(starts.values())))
-    summary["start"] = {"seed": start["seed"], "test": start["test"], "test_command": start["test_command"]}
+  summary = summarize(selection, finals, starts=starts, select_seed=args.select_seed)
   protocol = {
     "task": args.task,
     "expert": args.expert,
