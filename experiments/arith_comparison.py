@@ -536,14 +536,15 @@ class Comparison:
   def keep(self, wd, cmd):
     """Copy a trained and tested run's figures (no weights: a few KB) to `--record`, a folder that outlives the
     machine (a git checkout): a session may end on a fresh machine, where the workdir is gone. Written once, each
-    file whole (a copy then a rename), with the config the run trained and the commits its parts ran at (`commits`,
-    written at each launch); eval.jsonl last, so that its presence marks a whole record."""
+    file whole (a copy then a rename), with the config the run trained, the commits its parts ran at (`commits`,
+    written at each launch) and the responses it wrote at each validation (`samples.jsonl`, about 40 KB: what the
+    report's answers table reads); eval.jsonl last, so that its presence marks a whole record."""
     if not self.record or os.path.exists(os.path.join(self._recorded(wd), RECORDED[-1])):
       return
     os.makedirs(self._recorded(wd), exist_ok=True)
     with open(os.path.join(self._recorded(wd), "config.json"), "w") as f:
       f.write(self.trained_config(cmd))
-    for name in ("commits", *RECORDED):
+    for name in KEPT:
       if os.path.exists(os.path.join(wd, name)):
         _copy_whole(os.path.join(wd, name), os.path.join(self._recorded(wd), name))
 
@@ -560,7 +561,7 @@ class Comparison:
       raise RuntimeError(f"{recorded} was trained under another config ({', '.join(keys)}): move it aside to rerun it")
     if not os.path.exists(os.path.join(wd, RECORDED[-1])):
       os.makedirs(wd, exist_ok=True)
-      for name in ("commits", *RECORDED):
+      for name in KEPT:
         if os.path.exists(os.path.join(recorded, name)):
           _copy_whole(os.path.join(recorded, name), os.path.join(wd, name))
 
@@ -583,6 +584,7 @@ def code_commit() -> str:
 
 
 RECORDED = ("metrics.jsonl", "wall_seconds.json", "eval.jsonl")  # what a finished run is read back from, in order
+KEPT = ("commits", "samples.jsonl", *RECORDED)  # a record's files: the commits, what it wrote at each validation
 
 
 def _write_wall(path, seconds):

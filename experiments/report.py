@@ -6,13 +6,14 @@ sampled tokens and wall time per run; then DistIL minus each baseline, seed by s
 the start was tested on every seed, each method minus the start, seed by seed.
   python -m experiments.report --runs experiments/results/smollm2_runs
 prints every run recorded so far (`arith_comparison --record`), finished table or not: one row per run; then what
-each run's training signal was made of (`signal_table`).
+each run's training signal was made of (`signal_table`); then how its validation responses failed (`answers_table`).
 """
 
 import json
 import os
 import sys
 
+from distil_jax.tasks import math as math_task
 from experiments import stats
 
 
@@ -142,9 +143,41 @@ def signal_table(record: str) -> str:
   return "\n".join(lines)
 
 
+def answer_forms(samples: list, formats) -> dict:
+  """{iteration: (correct, answered but wrong, no final answer)} counts over the responses logged at each validation.
+  "No final answer" is what the task's grader reads as none (`extract_answer` in the run's `task.answer_formats`)."""
+  out = {}
+  for row in samples:
+    counts = out.setdefault(row["iteration"], [0, 0, 0])
+    counts[0 if row["correct"] else 1 if math_task.extract_answer(row["response"], formats) else 2] += 1
+  return {it: tuple(c) for it, c in out.items()}
+
+
+def answers_table(record: str) -> str:
+  """How each run's validation responses (`eval.log_samples` per prompt) went, at its first and last validation:
+  correct / a final answer that is wrong / no final answer the grader could read. Why: a verifiable reward pays for
+  the answer's form as much as for its value, and a teacher's next-token distribution may not; this separates the
+  two. Runs without `samples.jsonl` (recorded before it was kept) or of a task other than math are left out."""
+  head = ["setting", "run", "responses", "first: correct / wrong / no answer", "last: correct / wrong / no answer"]
+  lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+  for setting in sorted(d for d in os.listdir(record) if os.path.isdir(os.path.join(record, d))):
+    for run in sorted(os.listdir(os.path.join(record, setting))):
+      folder = os.path.join(record, setting, run)
+      if not all(os.path.exists(os.path.join(folder, f)) for f in ("samples.jsonl", "config.json")):
+        continue
+      task = json.loads(_read(f"{folder}/config.json"))["task"]
+      if task["name"] != "math":
+        continue
+      forms = answer_forms(_read(f"{folder}/samples.jsonl", lines=True), task.get("answer_formats", math_task.FORMATS))
+      first, last = forms[min(forms)], forms[max(forms)]
+      cells = [setting, run, str(sum(first)), " / ".join(map(str, first)), " / ".join(map(str, last))]
+      lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def main(paths):
   if paths[:1] == ["--runs"]:
-    print(runs_table(paths[1]) + "\n\n" + signal_table(paths[1]))
+    print("\n\n".join(table(paths[1]) for table in (runs_table, signal_table, answers_table)))
     return
   for path in paths:
     with open(path) as f:

@@ -20,6 +20,7 @@ import pytest
 from run_helpers import ROOT, child_env, load_config
 
 from distil_jax import build, evaluate, experts, tasks, validate
+from distil_jax.tasks import math as math_task
 from experiments import arith_comparison, bandit, credit_assignment, gradient_variance, report, stats
 
 
@@ -391,9 +392,14 @@ def _fake_real_main(calls):
       return 1.0
     lr = float(flag.get("--config.optim.lr", "0"))  # the start (train.iterations=0) has no rate
     os.makedirs(os.path.join(wd, "checkpoints"), exist_ok=True)
+    iterations = sorted({0, int(flag.get("--config.train.iterations", arith_comparison.SMOKE_ITERATIONS))})
     with open(os.path.join(wd, "metrics.jsonl"), "w") as f:
-      for it in sorted({0, int(flag.get("--config.train.iterations", arith_comparison.SMOKE_ITERATIONS))}):
+      for it in iterations:
         f.write(json.dumps({"iteration": it, "eval/pass@1": lr, "eval/pass@2": lr, "samples/train_tokens": it}) + "\n")
+    with open(os.path.join(wd, "samples.jsonl"), "w") as f:  # one response per validation: answered, not correct
+      f.writelines(
+        json.dumps({"iteration": it, "response": "The answer is 3.", "correct": False}) + "\n" for it in iterations
+      )
     return 2.0
 
   return fake
@@ -471,7 +477,7 @@ def test_real_model_runs_recorded_outside_the_machine_are_read_back_on_a_fresh_o
   recorded = sorted(str(p.relative_to(tmp_path / "record")) for p in (tmp_path / "record").rglob("*") if p.is_file())
   lrs = (("0.0001", 0), ("0.0003", 0), ("0.001", 0), ("0.001", 1))  # 3e-4 won at the edge: 1e-3 tried, and won
   runs = [f"{m}_lr{lr}_seed{s}" for m in ("DistIL", "GRPO") for lr, s in lrs]
-  files = ("commits", "config.json", "eval.jsonl", "metrics.jsonl", "wall_seconds.json")
+  files = ("commits", "config.json", "eval.jsonl", "metrics.jsonl", "samples.jsonl", "wall_seconds.json")
   assert recorded == [f"smollm2_sibling/{r}/{f}" for r in [*runs, "start_seed0", "start_seed1"] for f in files]
   config = json.loads((tmp_path / "record/smollm2_sibling/GRPO_lr0.001_seed1/config.json").read_text())
   assert (config["loss"]["kind"], config["optim"]["lr"], config["seed"]) == ("grpo", 1e-3, 1)
@@ -479,6 +485,8 @@ def test_real_model_runs_recorded_outside_the_machine_are_read_back_on_a_fresh_o
   assert rows[-3].startswith("| smollm2_sibling | GRPO_lr0.001_seed1 | 0.001 -> 0.001 | - -> - | - -> - |")
   assert "| 0.100 | - | - | 0 min |" in rows[-3]  # the test figure the stand-in wrote for seed 1; no pass@8
   assert "| 0.050 | - | - | 0 min |" in rows[-1]  # the start's, seed 1
+  answers = report.answers_table(str(tmp_path / "record")).splitlines()  # the recorded samples, read back
+  assert answers[-1] == "| smollm2_sibling | start_seed1 | 1 | 0 / 1 / 0 | 0 / 1 / 0 |"
   shutil.rmtree(tmp_path / "runs")
   calls.clear()
   arith_comparison.main()
@@ -521,6 +529,21 @@ def test_signal_table_weights_each_iteration_by_its_loss_tokens(tmp_path):
     "| s | DistIL_lr1e-05_seed0 | 2 of 3 | 1.750 | 0.950 | 0.800 | 0.54 | 32.5 | 0.400 -> 0.500 |",
     "| s | GRPO_lr1e-05_seed0 | 2 of 2 | - | - | - | - | - | 0.700 -> 0.600 |",
   ]
+
+
+def test_answer_forms_separate_a_wrong_answer_from_no_answer():
+  """Counted by hand: the grader reads the last answer written in the run's formats; prose with the right number but
+  no cue has no answer, and a form the run's config leaves out does not count as one."""
+  samples = [
+    {"iteration": 0, "response": "1 + 8 = 9. The answer is 9.", "correct": True},
+    {"iteration": 0, "response": "So there are 7 books in total.", "correct": False},
+    {"iteration": 0, "response": "#### 5", "correct": False},
+    {"iteration": 10, "response": "\\boxed{9}", "correct": True},
+    {"iteration": 10, "response": "It is \\boxed{} with 7", "correct": False},  # an empty box is no answer
+    {"iteration": 10, "response": "Answer: 4", "correct": False},
+  ]
+  assert report.answer_forms(samples, math_task.FORMATS) == {0: (1, 1, 1), 10: (1, 1, 1)}
+  assert report.answer_forms(samples, ["boxed", "the answer is"]) == {0: (1, 0, 2), 10: (1, 0, 2)}
 
 
 def test_a_rate_chosen_at_the_grid_edge_is_checked_one_step_beyond():
