@@ -59,10 +59,14 @@ def held_out(task, split: str) -> list:
 
 def sample_rows(r, per_prompt: int, *, tok, add_bos: bool) -> list[dict]:
   """The first `per_prompt` responses to each prompt as a user reads them: the question, the rendered prompt the
-  model saw (special tokens included), the response, the expected answer and the verdict."""
+  model saw (special tokens included), the response, the expected answer and the verdict; and its length in tokens
+  and whether it stopped (ended with a stop id) or was cut at `sampling.max_new_tokens`, which its text cannot tell."""
   rows = []
-  for problem, texts, verdicts in zip(r.problems, r.texts, r.verdicts, strict=True):
-    for text, verdict in list(zip(texts, verdicts, strict=True))[:per_prompt]:
+  for problem, texts, verdicts, tokens_GxN, mask_GxN in zip(
+    r.problems, r.texts, r.verdicts, r.tokens, r.mask, strict=True
+  ):
+    responses = zip(texts, verdicts, tokens_GxN, mask_GxN.sum(-1), strict=True)
+    for text, verdict, tokens_N, length in list(responses)[:per_prompt]:
       rows.append(
         {
           "question": problem.prompt,
@@ -71,6 +75,8 @@ def sample_rows(r, per_prompt: int, *, tok, add_bos: bool) -> list[dict]:
           "answer": problem.answer,
           "correct": verdict.correct,
           "feedback": verdict.feedback,
+          "tokens": int(length),
+          "stopped": bool(length > 0 and int(tokens_N[length - 1]) in tok.stop_ids),
         }
       )
   return rows

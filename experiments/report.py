@@ -75,6 +75,16 @@ def _read(path: str, lines: bool = False):
     return [json.loads(x) for x in f] if lines else f.read()
 
 
+def _records(record: str):
+  """(setting, run, folder) of every whole record under `record`, in order: a record is whole once its eval.jsonl is
+  written (`arith_comparison.Comparison.keep` writes its other files before it)."""
+  for setting in sorted(d for d in os.listdir(record) if os.path.isdir(os.path.join(record, d))):
+    for run in sorted(os.listdir(os.path.join(record, setting))):
+      folder = os.path.join(record, setting, run)
+      if os.path.exists(os.path.join(folder, "eval.jsonl")):
+        yield setting, run, folder
+
+
 def runs_table(record: str, ks=("pass@1", "pass@8")) -> str:
   """One row per recorded run: validation at the start and the end of training (T = 0.7 samples, and greedy), the
   test figures, the mean labelled fraction of its rollouts (for GRPO and SFT, what a teacher would have labelled),
@@ -82,31 +92,27 @@ def runs_table(record: str, ks=("pass@1", "pass@8")) -> str:
   head = ["setting", "run", "val. Pass@1", "val. Pass@4", "greedy acc.", "greedy length"]
   head += [f"test {k}" for k in ks] + ["labelled", "wall", "commits"]
   lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-  for setting in sorted(d for d in os.listdir(record) if os.path.isdir(os.path.join(record, d))):
-    for run in sorted(os.listdir(os.path.join(record, setting))):
-      folder = os.path.join(record, setting, run)
-      if not os.path.exists(os.path.join(folder, "eval.jsonl")):
-        continue  # a record is whole once its eval.jsonl is written (its other files before it)
-      curve, test = _read(f"{folder}/metrics.jsonl", lines=True), _read(f"{folder}/eval.jsonl", lines=True)[-1]
-      start, end = curve[0], curve[-1]
-      labelled = [m["rollout/feedback_valid"] for m in curve if "rollout/feedback_valid" in m]
-      cells = [setting, run]
-      cells += [
-        f"{_figure(start, f'eval/{k}', f)} -> {_figure(end, f'eval/{k}', f)}"
-        for k, f in (("pass@1", ".3f"), ("pass@4", ".3f"), ("greedy_accuracy", ".3f"), ("greedy_length", ".1f"))
-      ]
-      cells += [_figure(test, f"eval/{k}") for k in ks]
-      cells += [f"{sum(labelled) / len(labelled):.2f}" if labelled else "-"]
-      cells += [f"{json.loads(_read(f'{folder}/wall_seconds.json')) / 60:.0f} min"]
-      commits = _read(f"{folder}/commits").split() if os.path.exists(f"{folder}/commits") else []
-      cells += [" ".join(dict.fromkeys(c[:7] for c in commits)) or "-"]
-      lines.append("| " + " | ".join(cells) + " |")
+  for setting, run, folder in _records(record):
+    curve, test = _read(f"{folder}/metrics.jsonl", lines=True), _read(f"{folder}/eval.jsonl", lines=True)[-1]
+    start, end = curve[0], curve[-1]
+    labelled = [m["rollout/feedback_valid"] for m in curve if "rollout/feedback_valid" in m]
+    cells = [setting, run]
+    cells += [
+      f"{_figure(start, f'eval/{k}', f)} -> {_figure(end, f'eval/{k}', f)}"
+      for k, f in (("pass@1", ".3f"), ("pass@4", ".3f"), ("greedy_accuracy", ".3f"), ("greedy_length", ".1f"))
+    ]
+    cells += [_figure(test, f"eval/{k}") for k in ks]
+    cells += [f"{sum(labelled) / len(labelled):.2f}" if labelled else "-"]
+    cells += [f"{json.loads(_read(f'{folder}/wall_seconds.json')) / 60:.0f} min"]
+    commits = _read(f"{folder}/commits").split() if os.path.exists(f"{folder}/commits") else []
+    cells += [" ".join(dict.fromkeys(c[:7] for c in commits)) or "-"]
+    lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
 def _token_mean(curve: list, key: str):
-  """The mean of a per-token figure over iterations, weighted by each one's loss tokens; None if it is not logged."""
-  if key not in curve[0]:
+  """A per-token figure's mean over iterations, weighted by their loss tokens; None unless every one logs it."""
+  if not all(key in m for m in curve):
     return None
   return sum(m[key] * m["train/loss_tokens"] for m in curve) / sum(m["train/loss_tokens"] for m in curve)
 
@@ -124,54 +130,66 @@ def signal_table(record: str) -> str:
   head = ["setting", "run", "iterations trained", "CE(q, pi) per token", "teacher entropy H(q)", "KL(q || pi)"]
   head += ["H(q) / CE", "score weight abs(R_t - b_t)", "student entropy, first -> last iteration"]
   lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-  for setting in sorted(d for d in os.listdir(record) if os.path.isdir(os.path.join(record, d))):
-    for run in sorted(os.listdir(os.path.join(record, setting))):
-      path = os.path.join(record, setting, run, "metrics.jsonl")
-      curve = _read(path, lines=True) if os.path.exists(path) else []
-      trained = [m for m in curve if m.get("train/loss_tokens", 0) > 0]
-      if not trained:
-        continue
-      ce, h, kl, adv = (
-        _token_mean(trained, f"train/{k}")
-        for k in ("ce_per_token", "teacher_entropy_per_token", "kl_per_token", "advantage_abs")
-      )
-      show = lambda x, f=".3f": "-" if x is None else f"{x:{f}}"
-      cells = [setting, run, f"{len(trained)} of {len(curve) - 1}", show(ce), show(h), show(kl)]
-      cells += [show(h / ce if ce else None, ".2f"), show(adv, ".1f")]
-      cells += [f"{trained[0]['train/entropy']:.3f} -> {trained[-1]['train/entropy']:.3f}"]
-      lines.append("| " + " | ".join(cells) + " |")
+  for setting, run, folder in _records(record):
+    curve = _read(f"{folder}/metrics.jsonl", lines=True)
+    trained = [m for m in curve if m.get("train/loss_tokens", 0) > 0]
+    if not trained:
+      continue
+    ce, h, kl, adv = (
+      _token_mean(trained, f"train/{k}")
+      for k in ("ce_per_token", "teacher_entropy_per_token", "kl_per_token", "advantage_abs")
+    )
+    show = lambda x, f=".3f": "-" if x is None else f"{x:{f}}"
+    iterations = sum(m["iteration"] > 0 for m in curve)
+    cells = [setting, run, f"{len(trained)} of {iterations}", show(ce), show(h), show(kl)]
+    cells += [show(h / ce if ce and h is not None else None, ".2f"), show(adv, ".1f")]
+    entropy = [m["train/entropy"] for m in trained if "train/entropy" in m]
+    cells += [f"{entropy[0]:.3f} -> {entropy[-1]:.3f}" if entropy else "-"]
+    lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
 def answer_forms(samples: list, formats) -> dict:
-  """{iteration: (correct, answered but wrong, no final answer)} counts over the responses logged at each validation.
-  "No final answer" is what the task's grader reads as none (`extract_answer` in the run's `task.answer_formats`)."""
+  """{iteration: (correct, answered but wrong, no final answer, of those cut at the horizon)} over the responses
+  logged at each validation. "No final answer" is what the task's grader reads as none (`extract_answer` in the
+  run's `task.answer_formats`); "cut" is a response that never stopped (None where the rows do not say: samples
+  logged before `stopped` was)."""
   out = {}
   for row in samples:
-    counts = out.setdefault(row["iteration"], [0, 0, 0])
-    counts[0 if row["correct"] else 1 if math_task.extract_answer(row["response"], formats) else 2] += 1
-  return {it: tuple(c) for it, c in out.items()}
+    counts = out.setdefault(row["iteration"], [0, 0, 0, 0, True])
+    form = 0 if row["correct"] else 1 if math_task.extract_answer(row["response"], formats) else 2
+    counts[form] += 1
+    counts[3] += form == 2 and not row.get("stopped", True)
+    counts[4] &= "stopped" in row
+  return {it: (*c[:3], c[3] if c[4] else None) for it, c in out.items()}
+
+
+def _forms(counts) -> str:
+  correct, wrong, none, cut = counts
+  return f"{correct} / {wrong} / {none}" + ("" if cut is None else f" ({cut} cut)")
 
 
 def answers_table(record: str) -> str:
   """How each run's validation responses (`eval.log_samples` per prompt) went, at its first and last validation:
-  correct / a final answer that is wrong / no final answer the grader could read. Why: a verifiable reward pays for
-  the answer's form as much as for its value, and a teacher's next-token distribution may not; this separates the
-  two. Runs without `samples.jsonl` (recorded before it was kept) or of a task other than math are left out."""
+  correct / a final answer that is wrong / no final answer the grader could read, and how many of the last were cut
+  at the horizon rather than stopped. Why: a verifiable reward pays for the answer's form as much as for its value,
+  and a teacher's next-token distribution may not; this separates the two, and a response that stops before its
+  answer from one that runs out of tokens. Runs without logged responses (recorded before 730aa2b, or
+  `eval.log_samples=0`) or of a task other than math are left out."""
   head = ["setting", "run", "responses", "first: correct / wrong / no answer", "last: correct / wrong / no answer"]
   lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-  for setting in sorted(d for d in os.listdir(record) if os.path.isdir(os.path.join(record, d))):
-    for run in sorted(os.listdir(os.path.join(record, setting))):
-      folder = os.path.join(record, setting, run)
-      if not all(os.path.exists(os.path.join(folder, f)) for f in ("samples.jsonl", "config.json")):
-        continue
-      task = json.loads(_read(f"{folder}/config.json"))["task"]
-      if task["name"] != "math":
-        continue
-      forms = answer_forms(_read(f"{folder}/samples.jsonl", lines=True), task.get("answer_formats", math_task.FORMATS))
-      first, last = forms[min(forms)], forms[max(forms)]
-      cells = [setting, run, str(sum(first)), " / ".join(map(str, first)), " / ".join(map(str, last))]
-      lines.append("| " + " | ".join(cells) + " |")
+  for setting, run, folder in _records(record):
+    if not all(os.path.exists(os.path.join(folder, f)) for f in ("samples.jsonl", "config.json")):
+      continue
+    task = json.loads(_read(f"{folder}/config.json"))["task"]
+    if task["name"] != "math":
+      continue
+    forms = answer_forms(_read(f"{folder}/samples.jsonl", lines=True), task.get("answer_formats", math_task.FORMATS))
+    if not forms:  # eval.log_samples=0 writes an empty file
+      continue
+    first, last = forms[min(forms)], forms[max(forms)]
+    cells = [setting, run, str(sum(first[:3])), _forms(first), _forms(last)]
+    lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 

@@ -21,6 +21,7 @@ from run_helpers import ROOT, child_env, load_config
 
 from distil_jax import build, evaluate, experts, tasks, validate
 from distil_jax.tasks import math as math_task
+from distil_jax.tasks.base import Problem, Verdict
 from experiments import arith_comparison, bandit, credit_assignment, gradient_variance, report, stats
 
 
@@ -139,6 +140,23 @@ def test_train_validation_test_are_disjoint_by_problem():
   assert {p.prompt for p in evaluate.held_out(small, "test")} <= {p.prompt for p in test}
   with pytest.raises(ValueError, match="eval.split='dev'"):
     evaluate.held_out(task, "dev")
+
+
+def test_logged_samples_say_whether_a_response_stopped_or_was_cut():
+  """Hand-built responses of up to 4 tokens with stop id 2: one ends with it, one fills the horizon without it, one
+  fills it and ends with it (stopped, at the horizon); `per_prompt` keeps the first ones of each prompt."""
+  tokens = np.array([[[5, 6, 2, 0], [5, 6, 7, 8], [5, 6, 7, 2]]], np.int32)
+  mask = (np.arange(4) < np.array([3, 4, 4])[:, None]).astype(np.int32)[None]
+  r = experts.Rollouts(
+    problems=[Problem("1 + 1?", "2")], prompt_tokens=np.zeros((1, 1), np.int32), prompt_mask=np.ones((1, 1)),
+    tokens=tokens, mask=mask, logprobs=np.zeros(tokens.shape, np.float32), texts=[["a", "b", "c"]],
+    verdicts=[[Verdict(True, "correct"), Verdict(False, "no final answer"), Verdict(False, "wrong")]],
+  )  # fmt: skip
+  tok = types.SimpleNamespace(stop_ids=(2,), prompt_text=lambda text, add_bos: f"<user>{text}")
+  rows = evaluate.sample_rows(r, 3, tok=tok, add_bos=False)
+  assert [(x["response"], x["tokens"], x["stopped"]) for x in rows] == [("a", 3, True), ("b", 4, False), ("c", 4, True)]
+  assert rows[0]["prompt"] == "<user>1 + 1?" and [x["correct"] for x in rows] == [True, False, False]
+  assert len(evaluate.sample_rows(r, 2, tok=tok, add_bos=False)) == 2
 
 
 # -- Privileged feedback (expert.feedback="reference") -----------------------------------------------------------------
@@ -396,10 +414,9 @@ def _fake_real_main(calls):
     with open(os.path.join(wd, "metrics.jsonl"), "w") as f:
       for it in iterations:
         f.write(json.dumps({"iteration": it, "eval/pass@1": lr, "eval/pass@2": lr, "samples/train_tokens": it}) + "\n")
-    with open(os.path.join(wd, "samples.jsonl"), "w") as f:  # one response per validation: answered, not correct
-      f.writelines(
-        json.dumps({"iteration": it, "response": "The answer is 3.", "correct": False}) + "\n" for it in iterations
-      )
+    with open(os.path.join(wd, "samples.jsonl"), "w") as f:  # a wrong answer at the start; none, cut, at the end
+      for it, response, stopped in zip(iterations, ("The answer is 3.", "Three"), (True, False), strict=False):
+        f.write(json.dumps({"iteration": it, "response": response, "correct": False, "stopped": stopped}) + "\n")
     return 2.0
 
   return fake
@@ -486,7 +503,8 @@ def test_real_model_runs_recorded_outside_the_machine_are_read_back_on_a_fresh_o
   assert "| 0.100 | - | - | 0 min |" in rows[-3]  # the test figure the stand-in wrote for seed 1; no pass@8
   assert "| 0.050 | - | - | 0 min |" in rows[-1]  # the start's, seed 1
   answers = report.answers_table(str(tmp_path / "record")).splitlines()  # the recorded samples, read back
-  assert answers[-1] == "| smollm2_sibling | start_seed1 | 1 | 0 / 1 / 0 | 0 / 1 / 0 |"
+  assert answers[-3] == "| smollm2_sibling | GRPO_lr0.001_seed1 | 1 | 0 / 1 / 0 (0 cut) | 0 / 0 / 1 (1 cut) |"
+  assert answers[-1] == "| smollm2_sibling | start_seed1 | 1 | 0 / 1 / 0 (0 cut) | 0 / 1 / 0 (0 cut) |"  # untrained
   shutil.rmtree(tmp_path / "runs")
   calls.clear()
   arith_comparison.main()
@@ -494,6 +512,7 @@ def test_real_model_runs_recorded_outside_the_machine_are_read_back_on_a_fresh_o
   again = json.loads((tmp_path / "smollm2_sibling.json").read_text())
   assert again["table"] == first["table"] and [r["test"] for r in again["runs"]] == [r["test"] for r in first["runs"]]
   assert again["start"] == first["start"]
+  assert (tmp_path / "runs/smollm2_sibling/GRPO_lr0.001_seed1/samples.jsonl").exists()  # copied back too
   stale = tmp_path / "record/smollm2_sibling/DistIL_lr0.0001_seed0/config.json"  # as if the preset changed since
   stale.write_text(stale.read_text().replace('"batch_groups": 2', '"batch_groups": 4'))
   shutil.rmtree(tmp_path / "runs")
@@ -502,14 +521,14 @@ def test_real_model_runs_recorded_outside_the_machine_are_read_back_on_a_fresh_o
 
 
 def test_signal_table_weights_each_iteration_by_its_loss_tokens(tmp_path):
-  """Token means over the iterations that trained (hand-computed: 100 and 300 tokens; an iteration with no labelled
-  row counts for nothing), '-' for what a run does not log (GRPO has no teacher), and no row for a run that never
-  trained (the start)."""
+  """Token means over the iterations that trained (hand-computed: 100 and 300 tokens; the last iteration, with no
+  labelled row, counts for nothing, its entropy included), '-' for what a run does not log (GRPO has no teacher), and
+  no row for a run that never trained (the start)."""
   runs = {
     "DistIL_lr1e-05_seed0": [
       {"train/loss_tokens": 100, "train/ce_per_token": 1.0, "train/teacher_entropy_per_token": 0.8},
-      {"train/loss_tokens": 0, "train/ce_per_token": 0.0, "train/teacher_entropy_per_token": 0.0},
       {"train/loss_tokens": 300, "train/ce_per_token": 2.0, "train/teacher_entropy_per_token": 1.0},
+      {"train/loss_tokens": 0, "train/ce_per_token": 0.0, "train/teacher_entropy_per_token": 0.0},  # as logged
     ],
     "GRPO_lr1e-05_seed0": [{"train/loss_tokens": 50, "train/entropy": 0.7}, {"train/loss_tokens": 50}],
     "start_seed0": [],
@@ -523,6 +542,7 @@ def test_signal_table_weights_each_iteration_by_its_loss_tokens(tmp_path):
     (tmp_path / "s" / run).mkdir(parents=True)
     lines = [{"iteration": 0, "eval/pass@1": 0.1}] + [{"iteration": i + 1, **m} for i, m in enumerate(curve)]
     (tmp_path / "s" / run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    (tmp_path / "s" / run / "eval.jsonl").write_text("{}\n")  # a whole record
   rows = report.signal_table(str(tmp_path)).splitlines()[2:]
   # CE (100 * 1 + 300 * 2) / 400 = 1.75; H (80 + 300) / 400 = 0.95; KL 0.8; H / CE 0.543; weight (1000 + 12000) / 400
   assert rows == [
@@ -541,9 +561,29 @@ def test_answer_forms_separate_a_wrong_answer_from_no_answer():
     {"iteration": 10, "response": "\\boxed{9}", "correct": True},
     {"iteration": 10, "response": "It is \\boxed{} with 7", "correct": False},  # an empty box is no answer
     {"iteration": 10, "response": "Answer: 4", "correct": False},
+    {"iteration": 10, "response": "Answer: 4 \\boxed{5}", "correct": False},
   ]
-  assert report.answer_forms(samples, math_task.FORMATS) == {0: (1, 1, 1), 10: (1, 1, 1)}
-  assert report.answer_forms(samples, ["boxed", "the answer is"]) == {0: (1, 0, 2), 10: (1, 0, 2)}
+  assert report.answer_forms(samples, math_task.FORMATS) == {0: (1, 1, 1, None), 10: (1, 2, 1, None)}
+  assert report.answer_forms(samples, ["boxed", "the answer is"]) == {0: (1, 0, 2, None), 10: (1, 1, 2, None)}
+  for row, stopped in zip(samples, (True, False, False, True, False, False, True), strict=True):  # since 'stopped'
+    row["stopped"] = stopped
+  assert report.answer_forms(samples, math_task.FORMATS) == {0: (1, 1, 1, 1), 10: (1, 2, 1, 1)}  # a wrong one cut: 0
+
+
+def test_summary_start_is_the_selection_seeds_and_differences_pair_by_seed():
+  """Runs score 0.3 and 0.5 on seeds 0 and 1, the start 0.1 and 0.4: minus the start is +0.2 and +0.1 seed by seed;
+  `start` is the selection seed's test (seed 1 here), not the first seed's."""
+
+  def run(seed, p):
+    metrics = [{"eval/pass@1": 0.0, "samples/train_tokens": 0}]
+    return {"method": "DistIL", "seed": seed, "test": {"eval/pass@1": p}, "wall_seconds": 1.0, "metrics": metrics}
+
+  starts = {s: {"seed": s, "test": {"eval/pass@1": p}, "test_command": f"start {s}"} for s, p in ((0, 0.1), (1, 0.4))}
+  summary = arith_comparison.summarize({"DistIL": {}}, [run(0, 0.3), run(1, 0.5)], starts=starts, select_seed=1)
+  assert summary["start"] == {"seed": 1, "test": {"eval/pass@1": 0.4}, "test_command": "start 1"}
+  np.testing.assert_allclose(summary["minus_start"]["DistIL"]["pass@1"]["diffs"], [0.2, 0.1], atol=1e-12)
+  alone = arith_comparison.summarize({"DistIL": {}}, [run(0, 0.3)], starts={0: starts[0]}, select_seed=1)
+  assert alone["start"]["seed"] == 0  # the selection seed's start missing: the first one
 
 
 def test_a_rate_chosen_at_the_grid_edge_is_checked_one_step_beyond():
