@@ -154,14 +154,16 @@ def answer_forms(samples: list, formats) -> dict:
   logged at each validation. "No final answer" is what the task's grader reads as none (`extract_answer` in the
   run's `task.answer_formats`); "cut" is a response that never stopped (None where the rows do not say: samples
   logged before `stopped` was)."""
-  out = {}
+  by_iteration = {}
   for row in samples:
-    counts = out.setdefault(row["iteration"], [0, 0, 0, 0, True])
-    form = 0 if row["correct"] else 1 if math_task.extract_answer(row["response"], formats) else 2
-    counts[form] += 1
-    counts[3] += form == 2 and not row.get("stopped", True)
-    counts[4] &= "stopped" in row
-  return {it: (*c[:3], c[3] if c[4] else None) for it, c in out.items()}
+    by_iteration.setdefault(row["iteration"], []).append(row)
+  out = {}
+  for it, rows in by_iteration.items():
+    forms = [0 if r["correct"] else 1 if math_task.extract_answer(r["response"], formats) else 2 for r in rows]
+    said = all("stopped" in r for r in rows)
+    cut = sum(f == 2 and not r["stopped"] for f, r in zip(forms, rows, strict=True)) if said else None
+    out[it] = (forms.count(0), forms.count(1), forms.count(2), cut)
+  return out
 
 
 def _forms(counts) -> str:
