@@ -3,7 +3,7 @@
 # pressure. The same command starts it and resumes it after a session ends (finished runs are read back, a stopped
 # run continues from its last checkpoint). First the three methods behind the paper's central claims (sequence-level
 # credit against tokenwise; DistIL against RLVR) on one-step problems with sibling feedback, so that one table
-# completes in a few sessions; then every method and setting.
+# completes in a few sessions; then SDPO and OPSD on that setting; then every method and setting.
 #   setsid experiments/smollm2_protocol.sh ~/distil-real /work/main/experiments/results/smollm2_runs \
 #     >> ~/distil-real/orchestrator.log 2>&1 < /dev/null &
 # The second argument is a folder that outlives the machine (a git checkout, committed as runs finish): each run is
@@ -21,6 +21,11 @@ cd "$(dirname "$0")/.."
 nice -n 19 python -m experiments.arith_comparison --task smollm2 --expert sibling \
   --methods DistIL "tokenwise FCE" GRPO "DistIL, KL cost" "DistIL, held terminal" \
   --out "$work/results_core" --workdir "$work" --record "$record" || exit 1
+# Then the two self-distillers the paper compares DistIL against (reverse KL, SDPO; JSD, OPSD) on the same setting,
+# before the hybrid and SFT: the methods take turns for the one run slot, so a stage of two finishes in about one
+# session where the setting's four remaining methods would all finish in about three.
+nice -n 19 python -m experiments.arith_comparison --task smollm2 --expert sibling --methods SDPO OPSD \
+  --out "$work/results_distillers" --workdir "$work" --record "$record" || exit 1
 for e in sibling reference hard hard_reference; do
   nice -n 19 python -m experiments.arith_comparison --task smollm2 --expert "$e" --out "$work/results" \
     --workdir "$work" --record "$record" || exit 1
