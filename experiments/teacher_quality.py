@@ -17,6 +17,12 @@ parameters:
                     after the prefix and the share that stops, with their differences (does the teacher end sooner
                     than the student would, so that imitating it shortens the student?). A continuation is cut
                     where a training response would be: `sampling.max_new_tokens` tokens, the prefix included.
+  stopping          what DistIL's local term imitates, without sampling: over the same labelled responses, each
+                    policy's probability of ending the turn (any stop id) before every response token, at the
+                    temperature and vocabulary the loss scores it at. Where the student stopped, split by whether
+                    the response holds a final answer (the math grader's reader): does the teacher, shown a correct
+                    sibling, put less mass than the student on stopping without an answer? Also over the states
+                    where the student went on. Differences are means per prompt with 95% t-intervals.
 Samples at the config's sampling temperature. A re-prompt longer than `expert.max_prompt_tokens` is left out, as the
 expert leaves it unlabelled in training (counted). The teacher is the checkpoint's parameters (an EMA teacher equals
 them at the end of behaviour cloning).
@@ -40,17 +46,25 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from distil_jax import build, data, evaluate, experts, rollout, sampler, sharding
+from distil_jax import build, data, evaluate, experts, rollout, sampler, sharding, update
+from distil_jax import model as model_lib
+from distil_jax import token_terms as tt
+from distil_jax.tasks import math as math_task
 from experiments import stats
 
-config_flags.DEFINE_config_file("config", None, "Config file (the run's).", lock_config=True)
-flags.DEFINE_string("workdir", None, "A workdir holding a checkpoint.", required=True)
-flags.DEFINE_string("out", None, "JSON file to write the figures to.")
-flags.DEFINE_integer("samples", 8, "Responses per prompt (even and >= 4 when the expert reads siblings).")
-flags.DEFINE_integer("chunk", 512, "Rows per sampler call (the last call is padded to it).")
-flags.DEFINE_bool("start", False, "The parameters the run starts from (model.hf_path), not a checkpoint.")
-flags.DEFINE_bool("skip_from_prompt", False, "Only the comparison at the student's states.")
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The script's flags, defined when it runs (not at import: the tests import its functions beside other scripts
+  that define `--config` too)."""
+  config_flags.DEFINE_config_file("config", None, "Config file (the run's).", lock_config=True)
+  flags.DEFINE_string("workdir", None, "A workdir holding a checkpoint.", required=True)
+  flags.DEFINE_string("out", None, "JSON file to write the figures to.")
+  flags.DEFINE_integer("samples", 8, "Responses per prompt (even and >= 4 when the expert reads siblings).")
+  flags.DEFINE_integer("chunk", 512, "Rows per sampler call (the last call is padded to it).")
+  flags.DEFINE_bool("start", False, "The parameters the run starts from (model.hf_path), not a checkpoint.")
+  flags.DEFINE_bool("skip_from_prompt", False, "Only the comparison at the student's states.")
 
 
 def sample_ids(run, params, id_rows, rng, sampling_cfg):
@@ -86,6 +100,76 @@ def continue_and_verify(run, params, problems, prompts, rng, sampling_cfg, prefi
     for p, before, row, n in zip(problems, prefixes, tokens, cut, strict=True)
   ]
   return np.array(correct, np.float64), cut.astype(np.float64), np.array(stopped, np.float64)
+
+
+def stop_probability(run, params, prompt_id_rows, responses_RxN, temperature, chunk):
+  """[R,N] each row's probability of ending the turn (any of the tokenizer's stop ids) at every response position,
+  given its prompt (ids) and the response before that position: the next-token distribution the loss reads at the
+  student's states, at `temperature` and the tokenizer's vocabulary (`token_terms.restrict`); `chunk` rows a call."""
+  c = run.config
+  width = max(c.expert.max_prompt_tokens, c.sampling.max_prompt_tokens)
+  stops = np.array(run.tok.stop_ids)
+
+  @jax.jit
+  def one_chunk(params, prompt_BxP, mask_BxP, responses_BxN):
+    model = model_lib.merge_for_compute(run.graphdef, params)
+    hidden_BxNxD = update.response_hidden(model, prompt_BxP, mask_BxP, responses_BxN)
+    z_BxNxV = tt.restrict(model.logits(hidden_BxNxD), temperature, run.tok.vocab_size)
+    return jax.numpy.exp(jax.nn.logsumexp(z_BxNxV[..., stops], -1) - jax.nn.logsumexp(z_BxNxV, -1))
+
+  n = len(prompt_id_rows)
+  rows = list(prompt_id_rows) + [prompt_id_rows[0]] * (-n % chunk)
+  responses = np.concatenate([responses_RxN, np.repeat(responses_RxN[:1], -n % chunk, 0)])
+  out = []
+  for start in range(0, len(rows), chunk):
+    prompt, mask = sampler.left_pad(rows[start : start + chunk], (width,), run.tok.pad_id)
+    out.append(np.asarray(one_chunk(params, prompt, mask, responses[start : start + chunk])))
+  return np.concatenate(out)[:n]
+
+
+def _by_prompt(index_R, keep_R, student_R, teacher_R):
+  """Per-response figures of the kept responses: their count, each policy's mean, and the teacher minus the student
+  as a mean over prompts (each prompt's responses averaged first) with its 95% t-interval."""
+  prompts = sorted(set(index_R[keep_R]))
+  per_prompt = lambda x_R: np.array([x_R[keep_R & (index_R == b)].mean() for b in prompts])
+  return {
+    "responses": int(keep_R.sum()),
+    "student": float(student_R[keep_R].mean()) if prompts else None,
+    "teacher": float(teacher_R[keep_R].mean()) if prompts else None,
+    "teacher_minus_student": stats.mean_ci(list(per_prompt(teacher_R) - per_prompt(student_R))) if prompts else None,
+  }
+
+
+def stopping(run, params, r, labelled, teacher_texts, chunk):
+  """The stop probabilities of `stop_probability` for the labelled responses (`labelled`: (prompt index, response
+  index) pairs; `teacher_texts` their re-prompts), summarised where the student stopped with and without a final
+  answer (math; other tasks: every stop alike) and where it went on: each policy's mean, and the teacher minus the
+  student per prompt."""
+  c = run.config
+  loss = build.loss_config(c, run.tok, experts.make_expert(c.expert, run.task, run.tok, c.tokenizer.add_bos))
+  index = np.array([b for b, _ in labelled])
+  responses = np.stack([r.tokens[b, j] for b, j in labelled])
+  lengths = np.array([int(r.mask[b, j].sum()) for b, j in labelled])
+  student_ids = [run.tok.prompt_ids(r.problems[b].prompt, c.tokenizer.add_bos) for b, _ in labelled]
+  teacher_ids = [run.tok.prompt_ids(t, c.tokenizer.add_bos) for t in teacher_texts]
+  p_student = stop_probability(run, params, student_ids, responses, loss.policy_temperature, chunk)
+  p_teacher = stop_probability(run, params, teacher_ids, responses, loss.teacher_temperature, chunk)
+  last = np.maximum(lengths - 1, 0)
+  ended = np.array([n > 0 and int(row[n - 1]) in run.tok.stop_ids for row, n in zip(responses, lengths, strict=True)])
+  at_stop = (p_student[np.arange(len(labelled)), last], p_teacher[np.arange(len(labelled)), last])
+  groups = [("stopped", ended, *at_stop)]
+  if c.task.name == "math":  # the grader's reader of a final answer
+    formats = tuple(c.task.get("answer_formats", math_task.FORMATS))
+    answered = np.array([math_task.extract_answer(r.texts[b][j], formats) is not None for b, j in labelled])
+    groups = [("stopped_without_answer", ended & ~answered, *at_stop)]
+    groups.append(("stopped_with_answer", ended & answered, *at_stop))
+  going_on_RxN = np.arange(responses.shape[1])[None, :] < last[:, None]  # the states where the student went on
+  mean_going_on = lambda p_RxN: (p_RxN * going_on_RxN).sum(1) / np.maximum(going_on_RxN.sum(1), 1)
+  groups.append(("going_on", going_on_RxN.any(1), mean_going_on(p_student), mean_going_on(p_teacher)))
+  out = {}
+  for name, keep_R, student_R, teacher_R in groups:
+    out.update({f"stopping/{name}/{k}": v for k, v in _by_prompt(index, keep_R, student_R, teacher_R).items()})
+  return out
 
 
 def main(_):
@@ -127,17 +211,19 @@ def main(_):
     # -- At the student's states ------------------------------------------------------------------------------------
     texts, valid = experts.reprompt_texts(r, template, c.expert.feedback == "sibling", c.expert.feedback)
     pick = np.random.default_rng(c.seed)
-    rows = []  # (prompt index, problem, teacher text, prefix ids)
+    rows, labelled = [], []  # (prompt index, problem, teacher text, prefix ids); (prompt index, response index)
     for b, p in enumerate(problems):
       for j in range(g):
         length = int(r.mask[b, j].sum())
         if valid[b, j] and length and fits(texts[b][j]):
           rows.append((b, p, texts[b][j], r.tokens[b, j, : int(pick.integers(0, length))]))
+          labelled.append((b, j))
     if not rows:
       raise ValueError("the expert labels none of the student's responses here: nothing to compare")
     index, probs, teacher_texts, prefixes = zip(*rows, strict=True)
     s_ok, s_len, s_end = continue_and_verify(run, params, probs, [p.prompt for p in probs], keys[4], base, prefixes)
     t_ok, t_len, t_end = continue_and_verify(run, params, probs, teacher_texts, keys[5], base, prefixes)
+    out.update(stopping(run, params, r, labelled, teacher_texts, FLAGS.chunk))
   index = np.array(index)
   by_prompt = lambda t, s: stats.mean_ci([float(np.mean(t[index == b] - s[index == b])) for b in sorted(set(index))])
   diff = by_prompt(t_ok, s_ok)
@@ -177,4 +263,5 @@ def main(_):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

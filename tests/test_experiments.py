@@ -17,12 +17,13 @@ import types
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from run_helpers import ROOT, child_env, load_config
 
-from distil_jax import build, evaluate, experts, tasks, validate
+from distil_jax import build, evaluate, experts, rollout, sharding, tasks, validate
 from distil_jax.tasks import math as math_task
 from distil_jax.tasks.base import Problem, Verdict
-from experiments import arith_comparison, bandit, credit_assignment, gradient_variance, report, stats
+from experiments import arith_comparison, bandit, credit_assignment, gradient_variance, report, stats, teacher_quality
 
 
 def test_bandit_worked_case_signs():
@@ -622,6 +623,48 @@ def test_gradient_part_statistics_by_hand():
   assert (s["mean_norm"], s["variance"], s["signal"], s["signal_to_noise"]) == (2.0, 2.0, 3.0, 1.5)
 
 
+def test_stop_probability_against_a_plain_forward_and_the_samplers_draws(tmp_path):
+  """teacher_quality's probability of ending the turn at each response position (left-padded prompts, the update's
+  `response_hidden`) against the model called on each unpadded prompt + response, softmax(logits / 0.7) over the
+  tokenizer's ids, and, where a response stopped, against the sampler's own log-probability of the stop it drew
+  (its cached decode). A random 1-layer model with the math task's tokenizer (one stop id), the sibling preset's
+  T = 0.7; float32, 2e-6 apart."""
+  config = _with_flags(load_config("math", "smollm2_sibling"), arith_comparison.REAL_SMOKE)
+  run = build.Run.build(config, str(tmp_path))
+  temperature, (stop,) = config.sampling.temperature, run.tok.stop_ids
+  problems = evaluate.held_out(run.task, "validation")[:4]
+  with sharding.use(run.mesh, run.rules):
+    r = rollout.rollout(
+      run.graphdef, run.params, problems, jax.random.key(0), tok=run.tok, add_bos=config.tokenizer.add_bos,
+      task=run.task, mesh=run.mesh, samples_per_prompt=4,
+      sampling_cfg=rollout.sampling_config(config.sampling, run.tok),
+    )  # fmt: skip
+    prompts = [run.tok.prompt_ids(p.prompt, config.tokenizer.add_bos) for p in problems for _ in range(4)]
+    responses, lengths = r.tokens.reshape(16, -1), r.mask.reshape(16, -1).sum(1)
+    got = teacher_quality.stop_probability(run, run.params, prompts, responses, temperature, chunk=6)
+  model = nnx.merge(run.graphdef, run.params)
+  for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+    z = np.asarray(model(np.array([prompt + list(response)]))[0, len(prompt) - 1 : -1, : run.tok.vocab_size])
+    want = np.exp(z[:, stop] / temperature - jax.nn.logsumexp(z / temperature, -1))
+    np.testing.assert_allclose(got[i, : lengths[i]], want[: lengths[i]], atol=2e-6)
+  stopped = [i for i in range(16) if responses[i, lengths[i] - 1] == stop]
+  assert stopped  # this draw ends 2 of the 16 responses within their 16 tokens
+  for i in stopped:
+    np.testing.assert_allclose(got[i, lengths[i] - 1], np.exp(r.logprobs.reshape(16, -1)[i, lengths[i] - 1]), atol=2e-6)
+
+
+def test_stopping_figures_average_within_each_prompt_first():
+  """Prompt 0 holds two responses, prompt 1 one; the third's figures are left out. Pooled means over the kept
+  responses; the difference per prompt (teacher minus student): prompt 0 (0.2 + 0.2) / 2 - (0.1 + 0.3) / 2 = 0,
+  prompt 1 0.9 - 0.5 = 0.4, mean 0.2."""
+  got = teacher_quality._by_prompt(
+    np.array([0, 0, 1, 1]), np.array([True, True, True, False]), np.array([0.1, 0.3, 0.5, 9.0]),
+    np.array([0.2, 0.2, 0.9, 9.0]),
+  )  # fmt: skip
+  assert got["responses"] == 3 and math.isclose(got["student"], 0.3) and math.isclose(got["teacher"], 1.3 / 3)
+  assert got["teacher_minus_student"]["n"] == 2 and math.isclose(got["teacher_minus_student"]["mean"], 0.2)
+
+
 # -- The scripts end to end on tiny settings ---------------------------------------------------------------------------
 
 
@@ -662,6 +705,8 @@ def test_scripts_smoke_privileged_feedback(tmp_path, monkeypatch):
   assert tq["prompts"] == 4 and tq["at_student_states/feedback"] == "reference"
   assert all(0 <= v <= 1 for k, v in tq.items() if k.endswith(("pass@1", "_pass")))
   assert isinstance(tq["teacher_better_at_student_states"], bool)
+  assert tq["stopping/going_on/responses"] > 0 and "stopping/stopped/responses" in tq  # arith: no answer split
+  assert all(0 <= tq[f"stopping/going_on/{who}"] <= 1 for who in ("student", "teacher"))
   config = _smoke_config("compare_self_reference")
   most = config.sampling.max_new_tokens
   for who in ("student", "teacher"):  # cut where a training response would be: the prefix and what follows it
