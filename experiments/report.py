@@ -29,22 +29,31 @@ def sign(test: dict) -> str:
   return f"{test['positive']}/{test['n']} up, p={test['p_two_sided']:.3g}"
 
 
+def _row(cells) -> str:
+  return "| " + " | ".join(cells) + " |"
+
+
+def _head(cells) -> list:
+  """A markdown table's first two lines."""
+  return [_row(cells), "|---" * len(cells) + "|"]
+
+
 def tables(summary: dict, ks=("pass@1", "pass@8", "pass@32")) -> str:
   table = summary["table"]
   ks = [k for k in ks if k in next(iter(table.values()))["test"]]
   head = ["method", "lr (val. Pass@1 per rate)", "val. Pass@1 start"] + [f"test {k}" for k in ks]
-  lines = ["| " + " | ".join([*head, "sampled tokens", "wall per run"]) + " |", "|---" * (len(head) + 2) + "|"]
+  lines = _head([*head, "sampled tokens", "wall per run"])
   for method, row in table.items():
     grid = ", ".join(f"{lr}: {v:.3f}" for lr, v in row["validation_pass@1"].items())
     edge = ", still at the edge" if row.get("at_edge") else ""  # the rate past the edge won too (`beyond_edge`)
     cells = [method, f"**{row['chosen_lr']:g}**{edge} ({grid})", interval(row["validation_pass@1_start"])]
     cells += [interval(row["test"][k]) for k in ks]
     cells += [f"{row['sampled_tokens_mean'] / 1e3:.0f}k", f"{row['wall_seconds_mean']:.0f} s"]
-    lines.append("| " + " | ".join(cells) + " |")
+    lines.append(_row(cells))
   if "start" in summary:  # the checkpoint every run started from, tested as the runs are (on every seed, or one)
     by_seed = summary.get("start_by_seed", {str(summary["start"]["seed"]): summary["start"]["test"]})
     figures = [interval(stats.mean_ci([t["eval/" + k] for t in by_seed.values()])) for k in ks]
-    lines.append("| " + " | ".join(["the start (no training)", "-", "-", *figures, "0", "-"]) + " |")
+    lines.append(_row(["the start (no training)", "-", "-", *figures, "0", "-"]))
   paired = next((v for k, v in summary.items() if k.startswith("paired_")), {})
   lines += _paired_table("DistIL minus", paired, ks)
   lines += _paired_table("minus the start", summary.get("minus_start", {}), ks)
@@ -55,14 +64,13 @@ def _paired_table(title: str, by_method: dict, ks) -> list:
   """Seed-by-seed differences per method: mean [95% CI], each seed's, and the sign test; no lines when empty."""
   if not by_method:
     return []
-  lines = ["", f"| {title} | " + " | ".join(f"{k}: mean [95% CI]; per seed; sign test" for k in ks) + " |"]
-  lines.append("|---" * (len(ks) + 1) + "|")
+  lines = ["", *_head([title, *(f"{k}: mean [95% CI]; per seed; sign test" for k in ks)])]
   for method, by_k in by_method.items():
     cells = [method]
     for k in ks:
       d = by_k[k]
       cells.append(f"{interval(d, '+.3f')}; {' '.join(f'{x:+.3f}' for x in d['diffs'])}; {sign(d['sign_test'])}")
-    lines.append("| " + " | ".join(cells) + " |")
+    lines.append(_row(cells))
   return lines
 
 
@@ -91,7 +99,7 @@ def runs_table(record: str, ks=("pass@1", "pass@8")) -> str:
   its wall time and the commits its parts ran at. Folders without a whole record are left out."""
   head = ["setting", "run", "val. Pass@1", "val. Pass@4", "greedy acc.", "greedy length"]
   head += [f"test {k}" for k in ks] + ["labelled", "wall", "commits"]
-  lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+  lines = _head(head)
   for setting, run, folder in _records(record):
     curve, test = _read(f"{folder}/metrics.jsonl", lines=True), _read(f"{folder}/eval.jsonl", lines=True)[-1]
     start, end = curve[0], curve[-1]
@@ -106,7 +114,7 @@ def runs_table(record: str, ks=("pass@1", "pass@8")) -> str:
     cells += [f"{json.loads(_read(f'{folder}/wall_seconds.json')) / 60:.0f} min"]
     commits = _read(f"{folder}/commits").split() if os.path.exists(f"{folder}/commits") else []
     cells += [" ".join(dict.fromkeys(c[:7] for c in commits)) or "-"]
-    lines.append("| " + " | ".join(cells) + " |")
+    lines.append(_row(cells))
   return "\n".join(lines)
 
 
@@ -129,7 +137,7 @@ def signal_table(record: str) -> str:
   """
   head = ["setting", "run", "iterations trained", "CE(q, pi) per token", "teacher entropy H(q)", "KL(q || pi)"]
   head += ["H(q) / CE", "score weight abs(R_t - b_t)", "student entropy, first -> last iteration"]
-  lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+  lines = _head(head)
   for setting, run, folder in _records(record):
     curve = _read(f"{folder}/metrics.jsonl", lines=True)
     trained = [m for m in curve if m.get("train/loss_tokens", 0) > 0]
@@ -145,7 +153,7 @@ def signal_table(record: str) -> str:
     cells += [show(h / ce if ce and h is not None else None, ".2f"), show(adv, ".1f")]
     entropy = [m["train/entropy"] for m in trained if "train/entropy" in m]
     cells += [f"{entropy[0]:.3f} -> {entropy[-1]:.3f}" if entropy else "-"]
-    lines.append("| " + " | ".join(cells) + " |")
+    lines.append(_row(cells))
   return "\n".join(lines)
 
 
@@ -179,7 +187,7 @@ def answers_table(record: str) -> str:
   answer from one that runs out of tokens. Runs without logged responses (recorded before 730aa2b, or
   `eval.log_samples=0`) or of a task other than math are left out."""
   head = ["setting", "run", "responses", "first: correct / wrong / no answer", "last: correct / wrong / no answer"]
-  lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+  lines = _head(head)
   for setting, run, folder in _records(record):
     if not all(os.path.exists(os.path.join(folder, f)) for f in ("samples.jsonl", "config.json")):
       continue
@@ -191,7 +199,7 @@ def answers_table(record: str) -> str:
       continue
     first, last = forms[min(forms)], forms[max(forms)]
     cells = [setting, run, str(sum(first[:3])), _forms(first), _forms(last)]
-    lines.append("| " + " | ".join(cells) + " |")
+    lines.append(_row(cells))
   return "\n".join(lines)
 
 
