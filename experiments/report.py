@@ -7,6 +7,8 @@ the start was tested on every seed, each method minus the start, seed by seed.
   python -m experiments.report --runs experiments/results/smollm2_runs
 prints every run recorded so far (`arith_comparison --record`), finished table or not: one row per run; then what
 each run's training signal was made of (`signal_table`); then how its validation responses failed (`answers_table`).
+  python -m experiments.report experiments/results/smollm2_sibling_teacher_start.json
+prints `experiments.teacher_quality`'s figures at the student's states (`teacher_table`).
 """
 
 import json
@@ -203,6 +205,33 @@ def answers_table(record: str) -> str:
   return "\n".join(lines)
 
 
+def teacher_table(out: dict) -> str:
+  """`experiments.teacher_quality`'s figures at the student's states: per row, how many it covers, the student's and
+  the teacher's mean, and the teacher minus the student as a mean over prompts [95% t-interval] (n prompts); the
+  figures a file predates are left out."""
+  at = "at_student_states/"
+  rows = [
+    ("continuing from one state of each: finished correctly", out[f"{at}states"], "pass", "teacher_minus_student"),
+    ("continuing: tokens written after the state", out[f"{at}states"], "tokens", "teacher_minus_student_tokens"),
+    ("continuing: stopped within the horizon", out[f"{at}states"], "stopped", "teacher_minus_student_stopped"),
+  ]
+  lines = _head(["at the student's states", "responses", "student", "teacher", "teacher minus student (prompts)"])
+  for name, n, key, diff in rows:
+    if at + diff not in out:  # written before teacher_quality measured it
+      continue
+    d = out[at + diff]
+    lines.append(_row([name, str(n), f"{out[f'{at}student_{key}']:.3f}", f"{out[f'{at}teacher_{key}']:.3f}",
+                       f"{interval(d, '+.3f')} ({d['n']})"]))  # fmt: skip
+  for group in dict.fromkeys(k.split("/")[1] for k in out if k.startswith("stopping/")):
+    g = {k.split("/")[2]: v for k, v in out.items() if k.startswith(f"stopping/{group}/")}
+    if g["student"] is None:
+      continue
+    d, name = g["teacher_minus_student"], f"probability of stopping: {group.replace('_', ' ')}"
+    lines.append(_row([name, str(g["responses"]), f"{g['student']:.4f}", f"{g['teacher']:.4f}",
+                       f"{interval(d, '+.4f')} ({d['n']})"]))  # fmt: skip
+  return "\n".join(lines)
+
+
 def main(paths):
   if paths[:1] == ["--runs"]:
     print("\n\n".join(table(paths[1]) for table in (runs_table, signal_table, answers_table)))
@@ -210,6 +239,11 @@ def main(paths):
   for path in paths:
     with open(path) as f:
       summary = json.load(f)
+    if "at_student_states/states" in summary:  # experiments.teacher_quality's figures
+      print(f"{path}: {summary['prompts']} {summary['split']} prompts x {summary['samples']}, checkpoint "
+            f"{summary['checkpoint_iteration']}, feedback {summary['at_student_states/feedback']}\n")  # fmt: skip
+      print(teacher_table(summary) + "\n")
+      continue
     p = summary["protocol"]
     print(
       f"{path}: expert {p['expert']}, size {p['size']}, seeds {p['seeds']}, rates {p['lrs']}, "

@@ -571,6 +571,28 @@ def test_answer_forms_separate_a_wrong_answer_from_no_answer():
   assert report.answer_forms(samples, math_task.FORMATS) == {0: (1, 1, 1, 1), 10: (1, 2, 1, 1)}  # a wrong one cut: 0
 
 
+def test_teacher_table_rows_from_teacher_quality_figures():
+  """Rows written out by hand from a teacher-quality file's keys; a group with no response (student None) and the
+  continuation figures a file predates are left out."""
+  ci = lambda mean, lo, hi, n: {"n": n, "mean": mean, "ci": [lo, hi]}
+  out = {
+    "at_student_states/states": 12,
+    "at_student_states/student_pass": 0.25,
+    "at_student_states/teacher_pass": 0.5,
+    "at_student_states/teacher_minus_student": ci(0.2, -0.1, 0.5, 3),
+    "stopping/stopped_without_answer/responses": 0,
+    "stopping/stopped_without_answer/student": None,
+    "stopping/going_on/responses": 12,
+    "stopping/going_on/student": 0.01,
+    "stopping/going_on/teacher": 0.002,
+    "stopping/going_on/teacher_minus_student": ci(-0.008, -0.01, -0.006, 3),
+  }
+  assert report.teacher_table(out).splitlines()[2:] == [
+    "| continuing from one state of each: finished correctly | 12 | 0.250 | 0.500 | +0.200 [-0.100, +0.500] (3) |",
+    "| probability of stopping: going on | 12 | 0.0100 | 0.0020 | -0.0080 [-0.0100, -0.0060] (3) |",
+  ]
+
+
 def test_summary_start_is_the_selection_seeds_and_differences_pair_by_seed():
   """Runs score 0.3 and 0.5 on seeds 0 and 1, the start 0.1 and 0.4: minus the start is +0.2 and +0.1 seed by seed;
   `start` is the selection seed's test (seed 1 here), not the first seed's."""
