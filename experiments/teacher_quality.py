@@ -22,7 +22,8 @@ parameters:
                     temperature and vocabulary the loss scores it at. Where the student stopped, split by whether
                     the response holds a final answer (the math grader's reader): does the teacher, shown a correct
                     sibling, put less mass than the student on stopping without an answer? Also over the states
-                    where the student went on. Differences are means per prompt with 95% t-intervals.
+                    where the student went on. Differences are means per prompt with 95% t-intervals. At one
+                    checkpoint: a live self teacher changes as the student trains.
 Samples at the config's sampling temperature. A re-prompt longer than `expert.max_prompt_tokens` is left out, as the
 expert leaves it unlabelled in training (counted). The teacher is the checkpoint's parameters (an EMA teacher equals
 them at the end of behaviour cloning).
@@ -36,7 +37,8 @@ run starts from (`model.hf_path`) instead of a workdir's checkpoint, so the chec
 trains. `--skip_from_prompt` measures only at the student's states (what depends on `expert.feedback`; the
 from-the-prompt figures are the same for every feedback mode):
   python -m experiments.teacher_quality --config=configs/math.py:smollm2_sibling --start --workdir=/tmp/tq \\
-    --config.eval.num_prompts=16 --samples=8 --chunk=64 --out experiments/results/smollm2_sibling_teacher_start.json
+    --config.eval.num_prompts=64 --samples=8 --chunk=32 --skip_from_prompt \\
+    --out experiments/results/smollm2_sibling_teacher_start.json
 """
 
 import json
@@ -140,36 +142,49 @@ def _by_prompt(index_R, keep_R, student_R, teacher_R):
   }
 
 
-def stopping(run, params, r, labelled, teacher_texts, chunk):
-  """The stop probabilities of `stop_probability` for the labelled responses (`labelled`: (prompt index, response
-  index) pairs; `teacher_texts` their re-prompts), summarised where the student stopped with and without a final
-  answer (math; other tasks: every stop alike) and where it went on: each policy's mean, and the teacher minus the
-  student per prompt."""
+def stop_figures(index_R, lengths_R, ended_R, answered_R, student_RxN, teacher_RxN):
+  """The stop probabilities ([R,N] per policy) summarised by `_by_prompt`: at the state where the student stopped
+  (the last response token), split by whether the response holds a final answer when `answered_R` is given (else
+  every stop alike), and each response's mean over the states where the student went on (every state before a
+  stop; every state of a response cut at the horizon)."""
+  rows = np.arange(len(index_R))
+  at_stop = (student_RxN[rows, lengths_R - 1], teacher_RxN[rows, lengths_R - 1])
+  groups = [("stopped", ended_R, *at_stop)]
+  if answered_R is not None:
+    groups = [("stopped_without_answer", ended_R & ~answered_R, *at_stop)]
+    groups.append(("stopped_with_answer", ended_R & answered_R, *at_stop))
+  went_on = np.where(ended_R, lengths_R - 1, lengths_R)
+  going_on_RxN = np.arange(student_RxN.shape[1])[None, :] < went_on[:, None]
+  mean_going_on = lambda p_RxN: (p_RxN * going_on_RxN).sum(1) / np.maximum(going_on_RxN.sum(1), 1)
+  groups.append(("going_on", going_on_RxN.any(1), mean_going_on(student_RxN), mean_going_on(teacher_RxN)))
+  out = {}
+  for name, keep_R, student_R, teacher_R in groups:
+    out.update({f"stopping/{name}/{k}": v for k, v in _by_prompt(index_R, keep_R, student_R, teacher_R).items()})
+  return out
+
+
+FORWARD_ROWS = 16  # rows per `stop_probability` call: its logits are [rows, N, V] float32 (SmolLM2: 300 MB)
+
+
+def stopping(run, params, r, labelled, teacher_texts):
+  """`stop_figures` for the labelled responses (`labelled`: (prompt index, response index) pairs; `teacher_texts`
+  their re-prompts), each policy at the temperature the loss scores it at; a final answer as the math grader reads
+  it (other tasks: every stop alike)."""
   c = run.config
   loss = build.loss_config(c, run.tok, experts.make_expert(c.expert, run.task, run.tok, c.tokenizer.add_bos))
-  index = np.array([b for b, _ in labelled])
   responses = np.stack([r.tokens[b, j] for b, j in labelled])
   lengths = np.array([int(r.mask[b, j].sum()) for b, j in labelled])
   student_ids = [run.tok.prompt_ids(r.problems[b].prompt, c.tokenizer.add_bos) for b, _ in labelled]
   teacher_ids = [run.tok.prompt_ids(t, c.tokenizer.add_bos) for t in teacher_texts]
-  p_student = stop_probability(run, params, student_ids, responses, loss.policy_temperature, chunk)
-  p_teacher = stop_probability(run, params, teacher_ids, responses, loss.teacher_temperature, chunk)
-  last = np.maximum(lengths - 1, 0)
-  ended = np.array([n > 0 and int(row[n - 1]) in run.tok.stop_ids for row, n in zip(responses, lengths, strict=True)])
-  at_stop = (p_student[np.arange(len(labelled)), last], p_teacher[np.arange(len(labelled)), last])
-  groups = [("stopped", ended, *at_stop)]
-  if c.task.name == "math":  # the grader's reader of a final answer
+  p_student = stop_probability(run, params, student_ids, responses, loss.policy_temperature, FORWARD_ROWS)
+  p_teacher = stop_probability(run, params, teacher_ids, responses, loss.teacher_temperature, FORWARD_ROWS)
+  ended = np.array([int(row[n - 1]) in run.tok.stop_ids for row, n in zip(responses, lengths, strict=True)])
+  answered = None
+  if c.task.name == "math":
     formats = tuple(c.task.get("answer_formats", math_task.FORMATS))
     answered = np.array([math_task.extract_answer(r.texts[b][j], formats) is not None for b, j in labelled])
-    groups = [("stopped_without_answer", ended & ~answered, *at_stop)]
-    groups.append(("stopped_with_answer", ended & answered, *at_stop))
-  going_on_RxN = np.arange(responses.shape[1])[None, :] < last[:, None]  # the states where the student went on
-  mean_going_on = lambda p_RxN: (p_RxN * going_on_RxN).sum(1) / np.maximum(going_on_RxN.sum(1), 1)
-  groups.append(("going_on", going_on_RxN.any(1), mean_going_on(p_student), mean_going_on(p_teacher)))
-  out = {}
-  for name, keep_R, student_R, teacher_R in groups:
-    out.update({f"stopping/{name}/{k}": v for k, v in _by_prompt(index, keep_R, student_R, teacher_R).items()})
-  return out
+  index = np.array([b for b, _ in labelled])
+  return stop_figures(index, lengths, ended, answered, p_student, p_teacher)
 
 
 def main(_):
@@ -223,7 +238,7 @@ def main(_):
     index, probs, teacher_texts, prefixes = zip(*rows, strict=True)
     s_ok, s_len, s_end = continue_and_verify(run, params, probs, [p.prompt for p in probs], keys[4], base, prefixes)
     t_ok, t_len, t_end = continue_and_verify(run, params, probs, teacher_texts, keys[5], base, prefixes)
-    out.update(stopping(run, params, r, labelled, teacher_texts, FLAGS.chunk))
+    out.update(stopping(run, params, r, labelled, teacher_texts))
   index = np.array(index)
   by_prompt = lambda t, s: stats.mean_ci([float(np.mean(t[index == b] - s[index == b])) for b in sorted(set(index))])
   diff = by_prompt(t_ok, s_ok)

@@ -665,14 +665,47 @@ def test_stop_probability_against_a_plain_forward_and_the_samplers_draws(tmp_pat
     responses, lengths = r.tokens.reshape(16, -1), r.mask.reshape(16, -1).sum(1)
     got = teacher_quality.stop_probability(run, run.params, prompts, responses, temperature, chunk=6)
   model = nnx.merge(run.graphdef, run.params)
-  for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
-    z = np.asarray(model(np.array([prompt + list(response)]))[0, len(prompt) - 1 : -1, : run.tok.vocab_size])
-    want = np.exp(z[:, stop] / temperature - jax.nn.logsumexp(z / temperature, -1))
-    np.testing.assert_allclose(got[i, : lengths[i]], want[: lengths[i]], atol=2e-6)
+
+  def want(i, stop_ids):  # the unpadded forward: log-probabilities of every id at each response position
+    z = np.asarray(model(np.array([prompts[i] + list(responses[i])]))[0, len(prompts[i]) - 1 : -1])
+    z = z[: lengths[i], : run.tok.vocab_size] / temperature
+    return np.exp(jax.nn.logsumexp(z[:, list(stop_ids)], -1) - jax.nn.logsumexp(z, -1))
+
+  for i in range(16):
+    np.testing.assert_allclose(got[i, : lengths[i]], want(i, [stop]), atol=2e-6)
   stopped = [i for i in range(16) if responses[i, lengths[i] - 1] == stop]
   assert stopped  # this draw ends 2 of the 16 responses within their 16 tokens
   for i in stopped:
     np.testing.assert_allclose(got[i, lengths[i] - 1], np.exp(r.logprobs.reshape(16, -1)[i, lengths[i] - 1]), atol=2e-6)
+  run.tok.__dict__["stop_ids"] = (stop, 7)  # a second stop id (a template's end of turn): their mass is summed
+  with sharding.use(run.mesh, run.rules):
+    both = teacher_quality.stop_probability(run, run.params, prompts[:2], responses[:2], temperature, chunk=2)
+  for i in range(2):
+    np.testing.assert_allclose(both[i, : lengths[i]], want(i, [stop, 7]), atol=2e-6)
+
+
+def test_stop_figures_by_hand():
+  """Three responses of a 4-token horizon, the probabilities written so that each state is recognisable: the student's
+  at position t is t / 10 + row / 100, the teacher's half of it. Row 0 (prompt 0) stopped at its 3rd token with an
+  answer, row 1 (prompt 0) stopped at its 2nd without one, row 2 (prompt 1) was cut at the horizon. Going on: rows 0
+  and 1 before their stop (positions 0-1, and 0), row 2 at all 4 positions."""
+  student = np.arange(4)[None, :] / 10 + np.arange(3)[:, None] / 100
+  got = teacher_quality.stop_figures(
+    np.array([0, 0, 1]), np.array([3, 2, 4]), np.array([True, True, False]), np.array([True, False, False]),
+    student, student / 2,
+  )  # fmt: skip
+  assert got["stopping/stopped_with_answer/responses"] == 1 and math.isclose(
+    got["stopping/stopped_with_answer/student"], 0.2
+  )
+  assert math.isclose(got["stopping/stopped_without_answer/student"], 0.11)
+  assert math.isclose(got["stopping/stopped_without_answer/teacher_minus_student"]["mean"], -0.055)
+  going_on = [0.05, 0.01, 0.17]  # row means: (0 + 0.1) / 2, 0.01, (0.02 + 0.12 + 0.22 + 0.32) / 4
+  assert got["stopping/going_on/responses"] == 3 and math.isclose(got["stopping/going_on/student"], np.mean(going_on))
+  diffs = [-(0.05 + 0.01) / 2 / 2, -0.17 / 2]  # per prompt: its rows' mean, teacher (half) minus student
+  assert math.isclose(got["stopping/going_on/teacher_minus_student"]["mean"], np.mean(diffs))
+  assert "stopping/stopped/responses" not in got
+  plain = teacher_quality.stop_figures(np.array([0]), np.array([2]), np.array([True]), None, student[:1], student[:1])
+  assert plain["stopping/stopped/responses"] == 1 and math.isclose(plain["stopping/stopped/student"], 0.1)
 
 
 def test_stopping_figures_average_within_each_prompt_first():
