@@ -23,7 +23,16 @@ from run_helpers import ROOT, child_env, load_config
 from distil_jax import build, evaluate, experts, rollout, sharding, tasks, validate
 from distil_jax.tasks import math as math_task
 from distil_jax.tasks.base import Problem, Verdict
-from experiments import arith_comparison, bandit, credit_assignment, gradient_variance, report, stats, teacher_quality
+from experiments import (
+  arith_comparison,
+  bandit,
+  comparison_tasks,
+  credit_assignment,
+  gradient_variance,
+  report,
+  stats,
+  teacher_quality,
+)
 
 
 def test_bandit_worked_case_signs():
@@ -228,7 +237,7 @@ def _fake_main(calls):
     os.makedirs(os.path.join(wd, "checkpoints"), exist_ok=True)
     if flag.get("--config.train.iterations") == "0":
       return 1.0
-    method = next(m for m, f in arith_comparison.METHODS.items() if f[0] in args)
+    method = next(m for m, f in comparison_tasks.METHODS.items() if f[0] in args)
     lr = float(flag["--config.optim.lr"])
     if flag.get("--mode") == "eval":
       assert flag["--config.eval.split"] == "test"
@@ -264,7 +273,7 @@ def test_protocol_selects_on_validation_and_reports_test_once(tmp_path, monkeypa
   tests = [a for a in calls if "--mode=eval" in a]
   assert len(tests) == 9  # once per method and seed, at the chosen rate only
   for args in tests:
-    method = next(m for m in PLANTED if arith_comparison.METHODS[m][0] in args)
+    method = next(m for m in PLANTED if comparison_tasks.METHODS[m][0] in args)
     assert f"--config.optim.lr={out['table'][method]['chosen_lr']!r}" in args
   trains = [a for a in calls if "--mode=eval" not in a and "--config.train.iterations=0" not in a]
   assert len(trains) == 3 * 3 + 3 * 2  # the grid on seed 0, then seeds 1 and 2
@@ -359,7 +368,7 @@ def test_a_signal_reaches_a_run_that_was_starting_when_it_came(tmp_path, monkeyp
 
 
 def test_method_flags_cannot_change_the_budget(monkeypatch):
-  monkeypatch.setitem(arith_comparison.METHODS, "cheat", ["--config.loss.kind=sft", "--config.train.iterations=80"])
+  monkeypatch.setitem(comparison_tasks.METHODS, "cheat", ["--config.loss.kind=sft", "--config.train.iterations=80"])
   with pytest.raises(ValueError, match="cheat: --config.train.iterations=80"):
     arith_comparison.check_budget_is_shared()
 
@@ -377,20 +386,20 @@ def test_a_variant_runs_at_its_methods_rate_and_each_run_once(tmp_path, monkeypa
   assert out["paired_DistIL_minus"]["DistIL, 16 per prompt"]["pass@1"]["seeds"] == [0, 1]
 
 
-@pytest.mark.parametrize("expert", list(arith_comparison.PRESETS))
+@pytest.mark.parametrize("expert", list(comparison_tasks.PRESETS))
 def test_every_runs_command_passes_validation(expert, tmp_path):
   """Every method's (and variant's) command in every expert setting is a config the run accepts: GRPO and SFT in a
   self-expert setting once failed at start, because the preset's reference feedback does not go with their oracle."""
   cmp = arith_comparison.Comparison(expert, str(tmp_path))
   cmp.warmup = lambda seed: str(tmp_path / f"warmup_seed{seed}")
-  for method in [*arith_comparison.METHODS, *arith_comparison.VARIANTS]:
+  for method in [*comparison_tasks.METHODS, *comparison_tasks.VARIANTS]:
     _, _, cmd = cmp.command(method, 0, 1e-4)
     flags = [f for f in cmd if f.startswith("--config.") and not f.startswith("--config.model.init_from=")]
-    validate.config(_with_flags(load_config("arith", arith_comparison.PRESETS[expert]), flags), devices=1, processes=1)
+    validate.config(_with_flags(load_config("arith", comparison_tasks.PRESETS[expert]), flags), devices=1, processes=1)
 
 
 def test_a_variant_may_regroup_the_responses_but_not_add_any(monkeypatch):
-  monkeypatch.setitem(arith_comparison.VARIANTS, "more", ("DistIL", ["--config.train.group_size=16"]))
+  monkeypatch.setitem(comparison_tasks.VARIANTS, "more", ("DistIL", ["--config.train.group_size=16"]))
   with pytest.raises(ValueError, match=r"more: \[256, 128\] responses per \(iteration, update\)"):
     arith_comparison.check_budget_is_shared()
 
@@ -411,7 +420,7 @@ def _fake_real_main(calls):
       return 1.0
     lr = float(flag.get("--config.optim.lr", "0"))  # the start (train.iterations=0) has no rate
     os.makedirs(os.path.join(wd, "checkpoints"), exist_ok=True)
-    iterations = sorted({0, int(flag.get("--config.train.iterations", arith_comparison.SMOKE_ITERATIONS))})
+    iterations = sorted({0, int(flag.get("--config.train.iterations", comparison_tasks.SMOKE_ITERATIONS))})
     with open(os.path.join(wd, "metrics.jsonl"), "w") as f:
       for it in iterations:
         f.write(json.dumps({"iteration": it, "eval/pass@1": lr, "eval/pass@2": lr, "samples/train_tokens": it}) + "\n")
@@ -431,7 +440,7 @@ def test_real_model_protocol_without_warmup_shares_the_teacherless_runs(tmp_path
   calls = []
   monkeypatch.setattr(arith_comparison, "main_process", _fake_real_main(calls))
   methods = ["DistIL", "SDPO", "OPSD", "GRPO", "SFT", "DistIL+GRPO"]
-  variants = list(arith_comparison.REAL_VARIANTS)  # DistIL's rate, both seeds; no grid of their own
+  variants = list(comparison_tasks.REAL_VARIANTS)  # DistIL's rate, both seeds; no grid of their own
   base = ["cmp", "--task", "smollm2", "--smoke", "--seeds", "0", "1", "--lrs", "1e-4", "3e-4", "--methods", *methods]
   base += variants
   base += ["--out", str(tmp_path), "--workdir", str(tmp_path / "runs")]
@@ -460,7 +469,7 @@ def test_real_model_protocol_without_warmup_shares_the_teacherless_runs(tmp_path
   assert "| DistIL | +0.025 [-0.293, +0.343]; +0.000 +0.050; 1/1 up, p=1 |" in report.tables(sibling)
   teachers = {"DistIL", "SDPO", "OPSD", "DistIL+GRPO"}
   assert len(launched["reference"]) == 2 * (len(teachers) * 4 + 2 * len(variants))  # GRPO, SFT, the start: read
-  for name, (method, flags) in arith_comparison.REAL_VARIANTS.items():  # its method's rate, with its own flags
+  for name, (method, flags) in comparison_tasks.REAL_VARIANTS.items():  # its method's rate, with its own flags
     mine = [r for r in sibling["runs"] if r["method"] == name]
     assert [r["lr"] for r in mine] == [sibling["table"][method]["chosen_lr"]] * 2
     assert all(f in r["command"] for r in mine for f in flags)
@@ -468,7 +477,7 @@ def test_real_model_protocol_without_warmup_shares_the_teacherless_runs(tmp_path
     setting = "smollm2_reference" if run["method"] in teachers | set(variants) else "smollm2_sibling"
     assert f"/{setting}/" in run["workdir"] and f"--config=configs/math.py:{setting}" in run["command"]
   hybrid = next(a for a in launched["sibling"] if "--config.loss.kind=distil_grpo" in a)
-  assert f"--config.loss.distil_weight_decay_iterations={arith_comparison.SMOKE_ITERATIONS}" in hybrid
+  assert f"--config.loss.distil_weight_decay_iterations={comparison_tasks.SMOKE_ITERATIONS}" in hybrid
   for args in trains(launched["sibling"] + launched["reference"]) + start[:1]:
     preset = next(a for a in args if a.startswith("--config=")).split(":")[1]
     flags = [f for f in args if f.startswith("--config.")]
@@ -625,18 +634,18 @@ def test_a_rate_chosen_at_the_grid_edge_is_checked_one_step_beyond():
   assert [arith_comparison.beyond_edge(lrs, lr) for lrs, lr, _ in cases] == [want for *_, want in cases]
 
 
-@pytest.mark.parametrize("expert", list(arith_comparison.REAL_SETTINGS))
+@pytest.mark.parametrize("expert", list(comparison_tasks.REAL_SETTINGS))
 def test_every_real_model_command_passes_validation(expert, tmp_path):
   """The full-size commands of every method in every real-model setting (the checkpoint's shape is not read)."""
   cmp = arith_comparison.Comparison(expert, str(tmp_path), task="smollm2")
   assert not cmp.warm and cmp.iterations == cmp.config.train.iterations
-  for method in arith_comparison.REAL_METHODS:
+  for method in comparison_tasks.REAL_METHODS:
     _, wd, cmd = cmp.command(method, 0, 1e-5)
     flags = [f for f in cmd if f.startswith("--config.")]
     preset = next(a for a in cmd if a.startswith("--config=")).split(":")[1]
     validate.config(_with_flags(load_config("math", preset), flags), devices=1, processes=1)
     if method in ("GRPO", "SFT"):
-      assert preset == arith_comparison.REAL_SETTINGS[cmp.shared]
+      assert preset == comparison_tasks.REAL_SETTINGS[cmp.shared]
 
 
 def test_gradient_part_statistics_by_hand():
@@ -651,7 +660,7 @@ def test_stop_probability_against_a_plain_forward_and_the_samplers_draws(tmp_pat
   tokenizer's ids, and, where a response stopped, against the sampler's own log-probability of the stop it drew
   (its cached decode). A random 1-layer model with the math task's tokenizer (one stop id), the sibling preset's
   T = 0.7; float32, 2e-6 apart."""
-  config = _with_flags(load_config("math", "smollm2_sibling"), arith_comparison.REAL_SMOKE)
+  config = _with_flags(load_config("math", "smollm2_sibling"), comparison_tasks.REAL_SMOKE)
   run = build.Run.build(config, str(tmp_path))
   temperature, (stop,) = config.sampling.temperature, run.tok.stop_ids
   problems = evaluate.held_out(run.task, "validation")[:4]
@@ -737,7 +746,7 @@ def _with_flags(config, flags):
 
 
 def _smoke_config(preset):
-  return _with_flags(load_config("arith", preset), arith_comparison.SMOKE)
+  return _with_flags(load_config("arith", preset), comparison_tasks.SMOKE)
 
 
 @pytest.mark.slow
@@ -754,7 +763,7 @@ def test_scripts_smoke_privileged_feedback(tmp_path, monkeypatch):
   assert run["metrics"][-1]["rollout/feedback_valid"] > 0  # the reference labels responses, right or wrong
   warm = tmp_path / "runs" / "self_reference" / "warmup_seed0"
   cmd = [sys.executable, "-m", "experiments.teacher_quality", "--config=configs/arith.py:compare_self_reference"]
-  cmd += [*arith_comparison.SMOKE, f"--workdir={warm}", f"--out={tmp_path / 'tq.json'}", "--samples=4", "--chunk=16"]
+  cmd += [*comparison_tasks.SMOKE, f"--workdir={warm}", f"--out={tmp_path / 'tq.json'}", "--samples=4", "--chunk=16"]
   subprocess.run(cmd, check=True, cwd=ROOT, env=child_env(), capture_output=True)
   tq = json.loads((tmp_path / "tq.json").read_text())
   assert tq["prompts"] == 4 and tq["at_student_states/feedback"] == "reference"
