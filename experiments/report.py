@@ -6,13 +6,15 @@ sampled tokens and wall time per run; then DistIL minus each baseline, seed by s
 the start was tested on every seed, each method minus the start, seed by seed.
   python -m experiments.report --runs experiments/results/smollm2_runs
 prints every run recorded so far (`arith_comparison --record`), finished table or not: one row per run; then what
-each run's training signal was made of (`signal_table`); then how its validation responses failed (`answers_table`).
+each run's training signal was made of (`signal_table`); then how its validation responses failed (`answers_table`),
+and the same summed over each method and rate's seeds (`answers_by_rate_table`).
   python -m experiments.report experiments/results/smollm2_sibling_teacher_start.json
 prints `experiments.teacher_quality`'s figures at the student's states (`teacher_table`).
 """
 
 import json
 import os
+import re
 import sys
 
 from distil_jax.tasks import math as math_task
@@ -181,15 +183,10 @@ def _forms(counts) -> str:
   return f"{correct} / {wrong} / {none}" + ("" if cut is None else f" ({cut} cut)")
 
 
-def answers_table(record: str) -> str:
-  """How each run's validation responses (`eval.log_samples` per prompt) went, at its first and last validation:
-  correct / a final answer that is wrong / no final answer the grader could read, and how many of the last were cut
-  at the horizon rather than stopped. Why: a verifiable reward pays for the answer's form as much as for its value,
-  and a teacher's next-token distribution may not; this separates the two, and a response that stops before its
-  answer from one that runs out of tokens. Runs without logged responses (recorded before 730aa2b, or
-  `eval.log_samples=0`) or of a task other than math are left out."""
-  head = ["setting", "run", "responses", "first: correct / wrong / no answer", "last: correct / wrong / no answer"]
-  lines = _head(head)
+def _run_forms(record: str):
+  """(setting, run, first, last) per recorded math run with logged responses: `answer_forms` at its first and last
+  validation. Runs without logged responses (recorded before 730aa2b, or `eval.log_samples=0`) or of a task other
+  than math are left out."""
   for setting, run, folder in _records(record):
     if not all(os.path.exists(os.path.join(folder, f)) for f in ("samples.jsonl", "config.json")):
       continue
@@ -197,11 +194,41 @@ def answers_table(record: str) -> str:
     if task["name"] != "math":
       continue
     forms = answer_forms(_read(f"{folder}/samples.jsonl", lines=True), task.get("answer_formats", math_task.FORMATS))
-    if not forms:  # eval.log_samples=0 writes an empty file
-      continue
-    first, last = forms[min(forms)], forms[max(forms)]
-    cells = [setting, run, str(sum(first[:3])), _forms(first), _forms(last)]
-    lines.append(_row(cells))
+    if forms:  # eval.log_samples=0 writes an empty file
+      yield setting, run, forms[min(forms)], forms[max(forms)]
+
+
+def answers_table(record: str) -> str:
+  """How each run's validation responses (`eval.log_samples` per prompt) went, at its first and last validation:
+  correct / a final answer that is wrong / no final answer the grader could read, and how many of the last were cut
+  at the horizon rather than stopped. Why: a verifiable reward pays for the answer's form as much as for its value,
+  and a teacher's next-token distribution may not; this separates the two, and a response that stops before its
+  answer from one that runs out of tokens."""
+  lines = _head(
+    ["setting", "run", "responses", "first: correct / wrong / no answer", "last: correct / wrong / no answer"]
+  )
+  for setting, run, first, last in _run_forms(record):
+    lines.append(_row([setting, run, str(sum(first[:3])), _forms(first), _forms(last)]))
+  return "\n".join(lines)
+
+
+def _sum_forms(a, b):
+  """Two `answer_forms` counts added; the cut count only where both say it."""
+  return (*(x + y for x, y in zip(a[:3], b[:3], strict=True)), None if None in (a[3], b[3]) else a[3] + b[3])
+
+
+def answers_by_rate_table(record: str) -> str:
+  """`answers_table` summed over the seeds of each method and rate (a run's name less its `_seed<n>`): the counts a
+  single seed's 32 responses are too few to read. A cut count is summed only where every seed's rows say it."""
+  sums = {}
+  for setting, run, first, last in _run_forms(record):
+    key = (setting, re.sub(r"_seed\d+$", "", run))
+    seeds, *counts = sums.get(key, (0, (0, 0, 0, 0), (0, 0, 0, 0)))
+    sums[key] = (seeds + 1, _sum_forms(counts[0], first), _sum_forms(counts[1], last))
+  head = ["setting", "method and rate", "seeds", "responses"]
+  lines = _head([*head, "first: correct / wrong / no answer", "last: correct / wrong / no answer"])
+  for (setting, name), (seeds, first, last) in sums.items():
+    lines.append(_row([setting, name, str(seeds), str(sum(first[:3])), _forms(first), _forms(last)]))
   return "\n".join(lines)
 
 
@@ -234,7 +261,8 @@ def teacher_table(out: dict) -> str:
 
 def main(paths):
   if paths[:1] == ["--runs"]:
-    print("\n\n".join(table(paths[1]) for table in (runs_table, signal_table, answers_table)))
+    tables = (runs_table, signal_table, answers_table, answers_by_rate_table)
+    print("\n\n".join(table(paths[1]) for table in tables))
     return
   for path in paths:
     with open(path) as f:

@@ -515,6 +515,8 @@ def test_real_model_runs_recorded_outside_the_machine_are_read_back_on_a_fresh_o
   answers = report.answers_table(str(tmp_path / "record")).splitlines()  # the recorded samples, read back
   assert answers[-3] == "| smollm2_sibling | GRPO_lr0.001_seed1 | 1 | 0 / 1 / 0 (0 cut) | 0 / 0 / 1 (1 cut) |"
   assert answers[-1] == "| smollm2_sibling | start_seed1 | 1 | 0 / 1 / 0 (0 cut) | 0 / 1 / 0 (0 cut) |"  # untrained
+  by_rate = report.answers_by_rate_table(str(tmp_path / "record")).splitlines()  # seeds 0 and 1 at 1e-3: summed
+  assert "| smollm2_sibling | GRPO_lr0.001 | 2 | 2 | 0 / 2 / 0 (0 cut) | 0 / 0 / 2 (2 cut) |" in by_rate
   shutil.rmtree(tmp_path / "runs")
   calls.clear()
   arith_comparison.main()
@@ -578,6 +580,31 @@ def test_answer_forms_separate_a_wrong_answer_from_no_answer():
   for row, stopped in zip(samples, (True, False, False, True, False, False, True), strict=True):  # since 'stopped'
     row["stopped"] = stopped
   assert report.answer_forms(samples, math_task.FORMATS) == {0: (1, 1, 1, 1), 10: (1, 2, 1, 1)}  # a wrong one cut: 0
+
+
+def test_answers_by_rate_sum_the_seeds_and_keep_a_cut_count_only_where_every_seed_says_it(tmp_path):
+  """Two seeds of one method and rate, one whose rows say `stopped` and one whose rows predate it, and a run of
+  another rate: counts written out by hand."""
+  right, wrong, none = "The answer is 9.", "The answer is 7.", "So there are some."
+  runs = {
+    "DistIL_lr3e-06_seed0": [(0, right, True), (0, none, False), (10, none, True), (10, none, False)],
+    "DistIL_lr3e-06_seed1": [(0, wrong, None), (0, none, None), (10, right, None), (10, wrong, None)],
+    "DistIL_lr1e-05_seed0": [(0, wrong, True), (10, none, False)],
+  }
+  for run, rows in runs.items():
+    folder = tmp_path / "smollm2_sibling" / run
+    folder.mkdir(parents=True)
+    (folder / "eval.jsonl").write_text("{}\n")
+    (folder / "config.json").write_text(json.dumps({"task": {"name": "math"}}))
+    samples = [{"iteration": i, "response": r, "correct": r == right} for i, r, _ in rows]
+    for row, (*_, stopped) in zip(samples, rows, strict=True):
+      if stopped is not None:
+        row["stopped"] = stopped
+    (folder / "samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in samples))
+  assert report.answers_by_rate_table(str(tmp_path)).splitlines()[2:] == [
+    "| smollm2_sibling | DistIL_lr1e-05 | 1 | 1 | 0 / 1 / 0 (0 cut) | 0 / 0 / 1 (1 cut) |",
+    "| smollm2_sibling | DistIL_lr3e-06 | 2 | 4 | 1 / 1 / 2 | 1 / 1 / 2 |",
+  ]
 
 
 def test_teacher_table_rows_from_teacher_quality_figures():
