@@ -61,7 +61,7 @@ def sample_rows(r, per_prompt: int, *, tok, add_bos: bool) -> list[dict]:
   """The first `per_prompt` responses to each prompt as a user reads them: the question, the rendered prompt the
   model saw (special tokens included), the response, the expected answer and the verdict; and its length in tokens
   and whether it stopped (ended with a stop id) or was cut at `sampling.max_new_tokens`, which its text cannot tell."""
-  rows, stops = [], set(tok.stop_ids)  # a property that encodes the chat's end of turn: read once
+  rows = []
   for problem, texts, verdicts, tokens_GxN, mask_GxN in zip(
     r.problems, r.texts, r.verdicts, r.tokens, r.mask, strict=True
   ):
@@ -76,7 +76,7 @@ def sample_rows(r, per_prompt: int, *, tok, add_bos: bool) -> list[dict]:
           "correct": verdict.correct,
           "feedback": verdict.feedback,
           "tokens": int(length),
-          "stopped": bool(length > 0 and int(tokens_N[length - 1]) in stops),
+          "stopped": bool(length > 0 and int(tokens_N[length - 1]) in tok.stop_ids),
         }
       )
   return rows
