@@ -69,21 +69,27 @@ def define_flags():
   flags.DEFINE_bool("skip_from_prompt", False, "Only the comparison at the student's states.")
 
 
+def _in_chunks(id_rows, width, chunk, pad_id):
+  """(call index, first row, prompt [chunk,width], mask) per call over `id_rows` (lists of ids), left-padded to
+  `width` and, in the last call, padded to `chunk` rows with copies of the first: every call one shape, so one
+  compilation; callers keep the first len(id_rows) rows of what they gather."""
+  rows = list(id_rows) + [id_rows[0]] * (-len(id_rows) % chunk)
+  for i, start in enumerate(range(0, len(rows), chunk)):
+    yield i, start, *sampler.left_pad(rows[start : start + chunk], (width,), pad_id)
+
+
 def sample_ids(run, params, id_rows, rng, sampling_cfg):
   """Responses (token rows, lengths) to prompts given as id lists, in chunks of `--chunk` rows, every chunk of one
   shape [chunk, the expert's prompt width + the response length] (one compilation for the whole script)."""
   c = run.config
   tokens, lengths = [], []
   width = max(c.expert.max_prompt_tokens, c.sampling.max_prompt_tokens) + c.sampling.max_new_tokens
-  n, chunk = len(id_rows), FLAGS.chunk
-  rows = list(id_rows) + [id_rows[0]] * (-n % chunk)
-  for i, start in enumerate(range(0, len(rows), chunk)):
-    prompt, mask = sampler.left_pad(rows[start : start + chunk], (width,), run.tok.pad_id)
+  for i, _, prompt, mask in _in_chunks(id_rows, width, FLAGS.chunk, run.tok.pad_id):
     glob = data.to_global({"t": prompt, "m": mask}, run.mesh)
     out = sampler.generate(run.graphdef, params, glob["t"], glob["m"], jax.random.fold_in(rng, i), sampling_cfg)
     tokens.append(np.asarray(jax.device_get(out.tokens)))
     lengths.append(np.asarray(jax.device_get(out.lengths)))
-  return np.concatenate(tokens)[:n], np.concatenate(lengths)[:n]
+  return np.concatenate(tokens)[: len(id_rows)], np.concatenate(lengths)[: len(id_rows)]
 
 
 def continue_and_verify(run, params, problems, prompts, rng, sampling_cfg, prefixes=None):
@@ -120,11 +126,9 @@ def stop_probability(run, params, prompt_id_rows, responses_RxN, temperature, ch
     return jax.numpy.exp(jax.nn.logsumexp(z_BxNxV[..., stops], -1) - jax.nn.logsumexp(z_BxNxV, -1))
 
   n = len(prompt_id_rows)
-  rows = list(prompt_id_rows) + [prompt_id_rows[0]] * (-n % chunk)
-  responses = np.concatenate([responses_RxN, np.repeat(responses_RxN[:1], -n % chunk, 0)])
+  responses = np.concatenate([responses_RxN, np.repeat(responses_RxN[:1], -n % chunk, 0)])  # as `_in_chunks` pads
   out = []
-  for start in range(0, len(rows), chunk):
-    prompt, mask = sampler.left_pad(rows[start : start + chunk], (width,), run.tok.pad_id)
+  for _, start, prompt, mask in _in_chunks(prompt_id_rows, width, chunk, run.tok.pad_id):
     out.append(np.asarray(one_chunk(params, prompt, mask, responses[start : start + chunk])))
   return np.concatenate(out)[:n]
 
@@ -240,7 +244,8 @@ def main(_):
     t_ok, t_len, t_end = continue_and_verify(run, params, probs, teacher_texts, keys[5], base, prefixes)
     out.update(stopping(run, params, r, labelled, teacher_texts))
   index = np.array(index)
-  by_prompt = lambda t, s: stats.mean_ci([float(np.mean(t[index == b] - s[index == b])) for b in sorted(set(index))])
+  every = np.ones(len(index), bool)
+  by_prompt = lambda t, s: _by_prompt(index, every, s, t)["teacher_minus_student"]
   diff = by_prompt(t_ok, s_ok)
   better = diff["ci"] is not None and diff["ci"][0] > 0
   out.update(
