@@ -7,7 +7,8 @@ the start was tested on every seed, each method minus the start, seed by seed.
   python -m experiments.report --runs experiments/results/smollm2_runs
 prints every run recorded so far (`arith_comparison --record`), finished table or not: one row per run; then what
 each run's training signal was made of (`signal_table`); then how its validation responses failed (`answers_table`),
-and the same summed over each method and rate's seeds (`answers_by_rate_table`).
+and the same summed over each method and rate's seeds (`answers_by_rate_table`); then what each method's runs cost
+(`cost_table`).
   python -m experiments.report experiments/results/smollm2_sibling_teacher_start.json
 prints `experiments.teacher_quality`'s figures at the student's states (`teacher_table`).
 """
@@ -15,6 +16,7 @@ prints `experiments.teacher_quality`'s figures at the student's states (`teacher
 import json
 import os
 import re
+import statistics
 import sys
 
 from distil_jax.tasks import math as math_task
@@ -119,6 +121,32 @@ def runs_table(record: str, ks=("pass@1", "pass@8")) -> str:
     commits = _read(f"{folder}/commits").split() if os.path.exists(f"{folder}/commits") else []
     cells += [" ".join(dict.fromkeys(c[:7] for c in commits)) or "-"]
     lines.append(_row(cells))
+  return "\n".join(lines)
+
+
+def _spread(values, scale=1.0, fmt=".0f") -> str:
+  """`median [min, max]` of values / scale."""
+  v = sorted(x / scale for x in values)
+  return f"{statistics.median(v):{fmt}} [{v[0]:{fmt}}, {v[-1]:{fmt}}]"
+
+
+def cost_table(record: str) -> str:
+  """What each method's recorded runs cost on the machines that ran them, per setting: the median [min, max] of one
+  iteration (rollout, labels and updates; `time/iteration_s`) and of a whole run (`wall_seconds.json`: from loading
+  to the last validation, the test evaluation not included), and their sum. A method is a run's name less its rate
+  and seed. Why: the protocol's budget is read from these; a run restarted from its checkpoint counts its restart,
+  which the medians see past."""
+  groups = {}
+  for setting, run, folder in _records(record):
+    curve = _read(f"{folder}/metrics.jsonl", lines=True)
+    its = [m["time/iteration_s"] for m in curve if "time/iteration_s" in m]
+    runs, iterations = groups.setdefault((setting, re.sub(r"(_lr[^_]+)?_seed\d+$", "", run)), ([], []))
+    runs.append(json.loads(_read(f"{folder}/wall_seconds.json")))
+    iterations += its
+  lines = _head(["setting", "method", "runs", "one iteration, s", "one run, min", "all runs, h"])
+  for (setting, method), (runs, iterations) in groups.items():
+    cells = [setting, method, str(len(runs)), _spread(iterations) if iterations else "-", _spread(runs, 60)]
+    lines.append(_row([*cells, f"{sum(runs) / 3600:.1f}"]))
   return "\n".join(lines)
 
 
@@ -261,7 +289,7 @@ def teacher_table(out: dict) -> str:
 
 def main(paths):
   if paths[:1] == ["--runs"]:
-    tables = (runs_table, signal_table, answers_table, answers_by_rate_table)
+    tables = (runs_table, signal_table, answers_table, answers_by_rate_table, cost_table)
     print("\n\n".join(table(paths[1]) for table in tables))
     return
   for path in paths:
