@@ -608,18 +608,19 @@ def test_answers_by_rate_sum_the_seeds_and_keep_a_cut_count_only_where_every_see
 
 
 def test_cost_table_groups_a_methods_rates_and_seeds_and_takes_medians(tmp_path):
-  """Three runs of one method (two rates, two seeds) and the start, medians and sums worked out by hand: iterations
-  10, 20, 30, 40, 400 s -> median 30; runs 600, 900, 3300 s -> median 15 min, range 10-55 min, 4800 s = 1.3 h.
-  The test evaluation records no wall, and a folder without eval.jsonl is no record yet."""
+  """Three runs of one method (two rates, two seeds), a variant, another setting's run and the start, medians and
+  sums worked out by hand; for DistIL: iterations 10, 20, 30, 40, 400 s -> median 30; runs 600, 900, 3300 s ->
+  median 15 min, range 10-55 min, 4800 s = 1.3 h. A folder without eval.jsonl is no record yet."""
   runs = {
     "DistIL_lr3e-06_seed0": (600, [10, 20]),
     "DistIL_lr3e-06_seed1": (900, [30]),
     "DistIL_lr1e-05_seed0": (3300, [40, 400]),
     "start_seed0": (60, []),
-    "GRPO_lr3e-05_seed0": (1200, [100]),
+    "DistIL_held_terminal_lr0.0001_seed0": (120, [5]),  # a variant: its own method, whatever its rate's form
+    "hard/GRPO_lr3e-05_seed0": (1200, [100]),  # another setting: its own row
   }
   for run, (wall, its) in runs.items():
-    folder = tmp_path / "smollm2_sibling" / run
+    folder = tmp_path / (run if "/" in run else f"smollm2_sibling/{run}")
     folder.mkdir(parents=True)
     (folder / "eval.jsonl").write_text("{}\n")
     (folder / "wall_seconds.json").write_text(json.dumps(wall))
@@ -627,8 +628,9 @@ def test_cost_table_groups_a_methods_rates_and_seeds_and_takes_medians(tmp_path)
     (folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
   (tmp_path / "smollm2_sibling" / "DistIL_lr3e-05_seed0").mkdir()  # no eval.jsonl: not a whole record yet
   assert report.cost_table(str(tmp_path)).splitlines()[2:] == [
+    "| hard | GRPO | 1 | 100 [100, 100] | 20 [20, 20] | 0.3 |",
+    "| smollm2_sibling | DistIL_held_terminal | 1 | 5 [5, 5] | 2 [2, 2] | 0.0 |",  # sorts before DistIL_lr...
     "| smollm2_sibling | DistIL | 3 | 30 [10, 400] | 15 [10, 55] | 1.3 |",
-    "| smollm2_sibling | GRPO | 1 | 100 [100, 100] | 20 [20, 20] | 0.3 |",
     "| smollm2_sibling | start | 1 | - | 1 [1, 1] | 0.0 |",
   ]
 
