@@ -289,8 +289,8 @@ def teacher_table(out: dict) -> str:
 
 def main(paths):
   if paths[:1] == ["--runs"]:
-    tables = (runs_table, signal_table, answers_table, answers_by_rate_table, cost_table)
-    print("\n\n".join(table(paths[1]) for table in tables))
+    printers = (runs_table, signal_table, answers_table, answers_by_rate_table, cost_table)
+    print("\n\n".join(table(paths[1]) for table in printers))
     return
   for path in paths:
     with open(path) as f:

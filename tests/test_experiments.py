@@ -265,7 +265,7 @@ def _protocol_with_fake_runs(tmp_path, monkeypatch, *flags):
   return json.loads((tmp_path / "arith_oracle.json").read_text()), calls
 
 
-def test_protocol_selects_on_validation_and_reports_test_once(tmp_path, monkeypatch):
+def test_protocol_selects_on_validation_and_reports_test_once(tmp_path, monkeypatch, capsys):
   flags = ["--seeds", "0", "1", "2", "--methods", "DistIL", "GRPO", "SFT"]
   out, calls = _protocol_with_fake_runs(tmp_path, monkeypatch, *flags)
   assert {m: out["table"][m]["chosen_lr"] for m in PLANTED} == {"DistIL": 3e-4, "GRPO": 1e-4, "SFT": 1e-3}
@@ -296,6 +296,9 @@ def test_protocol_selects_on_validation_and_reports_test_once(tmp_path, monkeypa
     in text
   )
   assert "| GRPO | +0.200 [+0.200, +0.200]; +0.200 +0.200 +0.200; 3/3 up, p=0.25 |" in text
+  capsys.readouterr()
+  report.main([str(tmp_path / "arith_oracle.json")])  # the command the README gives prints the same tables
+  assert text in capsys.readouterr().out
 
 
 def test_a_run_killed_with_its_orchestrator_keeps_its_wall_time(tmp_path, monkeypatch):
