@@ -68,7 +68,7 @@ class LossConfig:
   chunk_size: int = 64  # fused path: time steps per logits block (block = per-device batch x chunk x V)
   terminal: str = "free"  # distil / tokenwise_fce: "free" (costs end at EOS, the paper's J) or "hold"
   student_topk: int = 0  # dense teachers: divergences over the student's top k ids + a tail bucket (SDPO: 100)
-  distil_weight: float = 1.0  # distil_grpo: GRPO + distil_weight * DistIL
+  distil_weight: float = 1.0  # distil_grpo: GRPO + distil_weight * DistIL (whose gradient can be 100-1000x GRPO's)
   distil_weight_decay_iterations: int = 0  # distil_grpo: the weight falls linearly to 0 over these (0: constant)
 
   def __post_init__(self):
