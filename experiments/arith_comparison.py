@@ -87,12 +87,13 @@ def _pass_signal_on(signum, frame):
   sys.exit(128 + signum)
 
 
-def main_process(args, log, core=None, elapsed=None):
+def main_process(args, log, core=None, elapsed=None, on_start=None):
   """`python -m distil_jax.main ARGS` in a fresh process (on CPU `core` alone if given), its output streamed to `log`;
   the wall time in seconds. `elapsed(seconds)` is called every WALL_EVERY seconds while it runs, so that a run killed
   with its orchestrator (a session's end) keeps all but the last interval of its wall time. The process holds a lock
   on its workdir for its whole life (an inherited descriptor), so a second orchestrator started while an earlier
-  one's run is still going refuses it instead of writing beside it.
+  one's run is still going refuses it instead of writing beside it. `on_start()` is called just before the process
+  starts, and never once a signal has stopped the orchestrator (a run's `commits` names only code that ran).
   The environment passes through as given, XLA_FLAGS included (a user's compile flags apply to every run)."""
   env = {"JAX_PLATFORMS": "cpu", **os.environ}
   pin = ["taskset", "-c", str(core)] if core is not None else []
@@ -109,6 +110,8 @@ def main_process(args, log, core=None, elapsed=None):
       with _STARTING:
         if _STOPPING.is_set():
           raise RuntimeError("stopping at a signal: not started")
+        if on_start is not None:
+          on_start()
         p = subprocess.Popen(
           [*pin, sys.executable, "-m", "distil_jax.main", *args], env=env, stdout=f, stderr=subprocess.STDOUT,
           pass_fds=(lock,),
@@ -255,9 +258,9 @@ class Comparison:
       self.cores.put(self.held.core)
       del self.held.core
 
-  def launch(self, args, log, elapsed=None):
+  def launch(self, args, log, elapsed=None, on_start=None):
     with self.slot():
-      return main_process(args, log, self.held.core, elapsed)
+      return main_process(args, log, self.held.core, elapsed, on_start)
 
   def warmup(self, seed):
     warm = os.path.join(self.root, f"warmup_seed{seed}")
@@ -299,10 +302,12 @@ class Comparison:
     with self.locks[wd]:
       self.restore(wd, cmd)
       if not self.finished(metrics_path):
-        self.note_commit(wd)
         before = _read_wall(wall)
         seconds = self.launch(
-          cmd, os.path.join(os.path.dirname(wd), f"{name}.log"), lambda s: _write_wall(wall, before + s)
+          cmd,
+          os.path.join(os.path.dirname(wd), f"{name}.log"),
+          lambda s: _write_wall(wall, before + s),
+          lambda: self.note_commit(wd),
         )
         _write_wall(wall, before + seconds)
         if not self.finished(metrics_path):  # stopped at a signal: saved, exit 0; the next invocation resumes it
@@ -321,9 +326,8 @@ class Comparison:
     with self.slot(), self.locks[wd]:
       self.restore(wd, cmd)
       if not os.path.exists(os.path.join(wd, "eval.jsonl")):  # again if killed: a saved start returns at once
-        self.note_commit(wd)
         wall = os.path.join(wd, "wall_seconds.json")
-        _write_wall(wall, _read_wall(wall) + self.launch(cmd, f"{wd}.log"))
+        _write_wall(wall, _read_wall(wall) + self.launch(cmd, f"{wd}.log", on_start=lambda: self.note_commit(wd)))
       return self._test(wd, cmd, {"method": "start", "seed": seed, "workdir": wd})
 
   def test(self, run) -> dict:

@@ -230,7 +230,9 @@ OFFSET = {"DistIL": 0.3, "GRPO": 0.1, "SFT": 0.35}
 
 
 def _fake_main(calls):
-  def fake(args, log, core=None, elapsed=None):
+  def fake(args, log, core=None, elapsed=None, on_start=None):
+    if on_start is not None:
+      on_start()
     calls.append(args)
     flag = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if "=" in a}
     wd, seed = flag["--workdir"], int(flag["--config.seed"])
@@ -366,8 +368,10 @@ def test_a_signal_reaches_a_run_that_was_starting_when_it_came(tmp_path, monkeyp
     arith_comparison._pass_signal_on(signal.SIGTERM, None)
   worker.join(5)  # a run the signal missed would go on: the suite waits for it no longer than this
   assert signals == [signal.SIGTERM]
+  noted = []
   with pytest.raises(RuntimeError, match="stopping at a signal: not started"):
-    run("b")
+    arith_comparison.main_process([f"--workdir={tmp_path / 'b'}"], str(tmp_path / "b.log"), on_start=lambda: noted.append(1))
+  assert noted == []  # a run that never started notes no commit
 
 
 def test_method_flags_cannot_change_the_budget(monkeypatch):
@@ -411,7 +415,9 @@ def _fake_real_main(calls):
   """A stand-in trainer for the real-model protocol: every run ends at its configured length; validation Pass@1 is
   the rate (so the largest wins), the test figure 0.1 x the seed (the start's 0.05 x the seed)."""
 
-  def fake(args, log, core=None, elapsed=None):
+  def fake(args, log, core=None, elapsed=None, on_start=None):
+    if on_start is not None:
+      on_start()
     calls.append(args)
     flag = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if "=" in a}
     wd = flag["--workdir"]
