@@ -370,7 +370,9 @@ def test_a_signal_reaches_a_run_that_was_starting_when_it_came(tmp_path, monkeyp
   assert signals == [signal.SIGTERM]
   noted = []
   with pytest.raises(RuntimeError, match="stopping at a signal: not started"):
-    arith_comparison.main_process([f"--workdir={tmp_path / 'b'}"], str(tmp_path / "b.log"), on_start=lambda: noted.append(1))
+    arith_comparison.main_process(
+      [f"--workdir={tmp_path / 'b'}"], str(tmp_path / "b.log"), on_start=lambda: noted.append(1)
+    )
   assert noted == []  # a run that never started notes no commit
 
 
