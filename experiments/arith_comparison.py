@@ -93,7 +93,8 @@ def main_process(args, log, core=None, elapsed=None, on_start=None):
   with its orchestrator (a session's end) keeps all but the last interval of its wall time. The process holds a lock
   on its workdir for its whole life (an inherited descriptor), so a second orchestrator started while an earlier
   one's run is still going refuses it instead of writing beside it. `on_start()` is called just before the process
-  starts, and never once a signal has stopped the orchestrator (a run's `commits` names only code that ran).
+  starts, and never once a signal has stopped the orchestrator, so a run's `commits` names only code that ran (a
+  process that then fails to start at all leaves its line, and the orchestrator stops on that error).
   The environment passes through as given, XLA_FLAGS included (a user's compile flags apply to every run)."""
   env = {"JAX_PLATFORMS": "cpu", **os.environ}
   pin = ["taskset", "-c", str(core)] if core is not None else []
@@ -345,7 +346,8 @@ class Comparison:
       if not os.path.exists(path):
         if not os.path.isdir(os.path.join(wd, "checkpoints")):
           raise RuntimeError(f"{wd}: weights dropped before its test (a rate chosen after a grid change?): retrain it")
-        self.launch([*cmd, *flags], os.path.join(os.path.dirname(wd), f"{os.path.basename(wd)}_test.log"))
+        log = os.path.join(os.path.dirname(wd), f"{os.path.basename(wd)}_test.log")
+        self.launch([*cmd, *flags], log, on_start=lambda: self.note_commit(wd))
       self.drop_weights(wd)
       self.keep(wd, cmd)
     return {**run, "test": read_jsonl(path)[-1], "test_command": "python -m distil_jax.main " + " ".join(cmd + flags)}
@@ -354,7 +356,8 @@ class Comparison:
     return os.path.join(self.record, os.path.relpath(wd, self.workdir))
 
   def note_commit(self, wd):
-    """The commit each launched part of a run ran at, one line per part (a run may resume under other code)."""
+    """The commit each launched part of a run (its training, each resumed part, its test) ran at, one line per part:
+    a run may resume under other code."""
     os.makedirs(wd, exist_ok=True)
     with open(os.path.join(wd, "commits"), "a") as f:
       f.write(self.commit + "\n")

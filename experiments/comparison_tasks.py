@@ -81,9 +81,10 @@ REAL_METHODS = {
   "GRPO": ["--config.loss.kind=grpo"],
   "SFT": ["--config.loss.kind=sft"],
   # DistIL's weight makes the two parts' gradients comparable at the start: on SmolLM2 (sibling feedback, seed 0,
-  # the same batch) DistIL's gradient norm before clipping is 305.6 at iteration 1 and 100-2,000 later, GRPO's
-  # 0.4-2.6 (its sequence-summed score term against GRPO's token mean). At weight 1 the clipped step is DistIL's
-  # alone until the weight has all but reached 0 (the first run at weight 1 had DistIL's gradient norm to 4 digits).
+  # the same batch) DistIL's gradient norm before clipping is 305.6 at iteration 1 and up to 2,000 later, GRPO's
+  # 0.4-2.6 (its sequence-summed score term against GRPO's token mean). At weight 1 the sum is DistIL's direction for
+  # the whole run (the first run at weight 1 had DistIL's gradient norm to 4 digits). experiments/README.md, "The
+  # hybrid's weight", says what this one-batch choice leaves.
   "DistIL+GRPO": [
     "--config.loss.kind=distil_grpo",
     "--config.loss.distil_weight=0.001",

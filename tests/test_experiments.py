@@ -336,6 +336,21 @@ def test_a_run_killed_with_its_orchestrator_keeps_its_wall_time(tmp_path, monkey
     recorded.append(json.loads(open(os.path.join(wd, "wall_seconds.json")).read()))
   assert 0.15 <= recorded[0] < 1.0 and 0.25 <= recorded[1] < 2.0  # 3 intervals of 0.05 s, then 3 + 2
   assert cmp.train("DistIL", 0, 1e-4)["wall_seconds"] >= recorded[1]
+  assert open(os.path.join(wd, "commits")).read().split() == [cmp.commit] * 3  # one line per part that ran
+
+
+def test_a_run_declined_at_a_signal_notes_no_commit(tmp_path, monkeypatch):
+  """After a SIGTERM the orchestrator starts no run, and the run it declined lists no commit: its `commits` names
+  the code each launched part ran at, and no part ran (it once noted the commit, then declined)."""
+  cmp = arith_comparison.Comparison("oracle", str(tmp_path), smoke=True)
+  _, wd, _ = cmp.command("DistIL", 0, 1e-4)
+  monkeypatch.setattr(arith_comparison.subprocess, "Popen", lambda *a, **k: pytest.fail("a run started"))
+  stopping = threading.Event()
+  stopping.set()
+  monkeypatch.setattr(arith_comparison, "_STOPPING", stopping)
+  with pytest.raises(RuntimeError, match="stopping at a signal: not started"):
+    cmp.train("DistIL", 0, 1e-4)
+  assert not os.path.exists(os.path.join(wd, "commits"))
 
 
 def test_a_signal_reaches_a_run_that_was_starting_when_it_came(tmp_path, monkeypatch):
