@@ -70,12 +70,14 @@ def define_flags():
 
 
 def _in_chunks(id_rows, width, chunk, pad_id):
-  """(call index, first row, prompt [chunk,width], mask) per call over `id_rows` (lists of ids), left-padded to
-  `width` and, in the last call, padded to `chunk` rows with copies of the first: every call one shape, so one
-  compilation; callers keep the first len(id_rows) rows of what they gather."""
-  rows = list(id_rows) + [id_rows[0]] * (-len(id_rows) % chunk)
-  for i, start in enumerate(range(0, len(rows), chunk)):
-    yield i, start, *sampler.left_pad(rows[start : start + chunk], (width,), pad_id)
+  """(call index, row indices [chunk], prompt [chunk,width], mask) per call over `id_rows` (lists of ids), left-padded
+  to `width` and, in the last call, padded to `chunk` rows with copies of the first (index 0): every call one shape,
+  so one compilation; a caller indexes its other per-row arrays with the indices and keeps the first len(id_rows)
+  rows of what it gathers."""
+  index = np.concatenate([np.arange(len(id_rows)), np.zeros(-len(id_rows) % chunk, int)])
+  for i, start in enumerate(range(0, len(index), chunk)):
+    rows_C = index[start : start + chunk]
+    yield i, rows_C, *sampler.left_pad([id_rows[r] for r in rows_C], (width,), pad_id)
 
 
 def sample_ids(run, params, id_rows, rng, sampling_cfg):
@@ -125,12 +127,10 @@ def stop_probability(run, params, prompt_id_rows, responses_RxN, temperature, ch
     z_BxNxV = tt.restrict(model.logits(hidden_BxNxD), temperature, run.tok.vocab_size)
     return jax.numpy.exp(jax.nn.logsumexp(z_BxNxV[..., stops], -1) - jax.nn.logsumexp(z_BxNxV, -1))
 
-  n = len(prompt_id_rows)
-  responses = np.concatenate([responses_RxN, np.repeat(responses_RxN[:1], -n % chunk, 0)])  # as `_in_chunks` pads
   out = []
-  for _, start, prompt, mask in _in_chunks(prompt_id_rows, width, chunk, run.tok.pad_id):
-    out.append(np.asarray(one_chunk(params, prompt, mask, responses[start : start + chunk])))
-  return np.concatenate(out)[:n]
+  for _, rows_C, prompt, mask in _in_chunks(prompt_id_rows, width, chunk, run.tok.pad_id):
+    out.append(np.asarray(one_chunk(params, prompt, mask, responses_RxN[rows_C])))
+  return np.concatenate(out)[: len(prompt_id_rows)]
 
 
 def _by_prompt(index_R, keep_R, student_R, teacher_R):
