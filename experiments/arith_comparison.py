@@ -47,7 +47,6 @@ import itertools
 import json
 import math
 import os
-import queue
 import re
 import shutil
 import signal
@@ -184,6 +183,32 @@ def resolve(cmd):
   return parsed.config
 
 
+class Cores:
+  """The run slots, handed out in the order they were asked for. A queue.Queue hands a freed core to whichever thread
+  asks next, which is usually the thread that just freed it (it holds the GIL): one method then ran all its runs
+  before another started. First come, first served makes the methods of a stage take turns, so that each has a
+  table's worth of runs at about the same time."""
+
+  def __init__(self, cores):
+    self._free = collections.deque(cores)
+    self._waiting = collections.deque()  # one token per thread asking, oldest first
+    self._changed = threading.Condition()
+
+  def get(self):
+    with self._changed:
+      token = object()
+      self._waiting.append(token)
+      self._changed.wait_for(lambda: self._free and self._waiting[0] is token)
+      self._waiting.popleft()
+      self._changed.notify_all()  # the next in line may find a core too
+      return self._free.popleft()
+
+  def put(self, core):
+    with self._changed:
+      self._free.append(core)
+      self._changed.notify_all()
+
+
 def _without_expert(config):
   return {k: v for k, v in config.to_dict().items() if k != "expert"}
 
@@ -198,9 +223,8 @@ class Comparison:
     if expert not in t.settings:
       raise ValueError(f"--expert {expert}: task {task!r} has the settings {sorted(t.settings)}")
     check_budget_is_shared(t.settings[expert], task)
-    self.cores = queue.Queue()  # a run takes a core for its whole life; with jobs=1 it is not pinned at all
-    for core in sorted(os.sched_getaffinity(0))[:jobs] if jobs > 1 else [None]:
-      self.cores.put(core)
+    # A run takes a core for its whole life; with jobs=1 it is not pinned at all.
+    self.cores = Cores(sorted(os.sched_getaffinity(0))[:jobs] if jobs > 1 else [None])
     self.locks = collections.defaultdict(threading.Lock)  # one process per run, however many threads ask
     self.held = threading.local()  # the core a thread holds across several processes (`slot`)
     self.expert, self.smoke, self.task_name = expert, smoke, task

@@ -22,8 +22,9 @@ nice -n 19 python -m experiments.arith_comparison --task smollm2 --expert siblin
   --methods DistIL "tokenwise FCE" GRPO "DistIL, KL cost" "DistIL, held terminal" \
   --out "$work/results_core" --workdir "$work" --record "$record" || exit 1
 # Then the two self-distillers the paper compares DistIL against (reverse KL, SDPO; JSD, OPSD) on the same setting,
-# before the hybrid and SFT: the methods take turns for the one run slot, so a stage of two finishes in about one
-# session where the setting's four remaining methods would all finish in about three.
+# before the hybrid and SFT: the methods take turns for the one run slot (first come, first served:
+# `arith_comparison.Cores`), so a stage of two finishes in about one session where the setting's four remaining
+# methods would all finish in about three.
 nice -n 19 python -m experiments.arith_comparison --task smollm2 --expert sibling --methods SDPO OPSD \
   --out "$work/results_distillers" --workdir "$work" --record "$record" || exit 1
 for e in sibling reference hard hard_reference; do

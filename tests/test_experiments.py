@@ -391,6 +391,29 @@ def test_a_signal_reaches_a_run_that_was_starting_when_it_came(tmp_path, monkeyp
   assert noted == []  # a run that never started notes no commit
 
 
+def test_a_freed_run_slot_goes_to_the_method_that_asked_first():
+  """Two methods share one slot: the one that freed it and asks again at once waits behind the one already waiting,
+  so the methods of a stage take turns (a plain queue gave it back to the thread that freed it)."""
+  cores = arith_comparison.Cores([None])
+  order = []
+  core = cores.get()  # method a runs
+
+  def method_b():
+    order.append(("b", cores.get()))
+    cores.put(None)
+
+  b = threading.Thread(target=method_b, daemon=True)
+  b.start()
+  for _ in range(500):  # until b waits for the slot
+    if cores._waiting:
+      break
+    time.sleep(0.01)
+  cores.put(core)
+  order.append(("a", cores.get()))  # a's next run
+  b.join(5)
+  assert order == [("b", None), ("a", None)]
+
+
 def test_method_flags_cannot_change_the_budget(monkeypatch):
   monkeypatch.setitem(comparison_tasks.METHODS, "cheat", ["--config.loss.kind=sft", "--config.train.iterations=80"])
   with pytest.raises(ValueError, match="cheat: --config.train.iterations=80"):
