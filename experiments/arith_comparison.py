@@ -283,6 +283,17 @@ class Comparison:
       self.cores.put(self.held.core)
       del self.held.core
 
+  def tested(self, wd, cmd) -> bool:
+    """Trained and tested already, here or in `--record` (a test follows its training, so its figures mark both)."""
+    with self.locks[wd]:
+      self.restore(wd, cmd)
+    return os.path.exists(os.path.join(wd, "eval.jsonl"))
+
+  def slot_for(self, wd, cmd):
+    """A run slot while the run in `wd` has a part left to run, none to read it back: a method whose runs are done
+    then reads them without waiting its turn behind another method's runs."""
+    return contextlib.nullcontext() if self.tested(wd, cmd) else self.slot()
+
   def launch(self, args, log, elapsed=None, on_start=None):
     with self.slot():
       return main_process(args, log, self.held.core, elapsed, on_start)
@@ -348,7 +359,7 @@ class Comparison:
     wd = os.path.join(self.roots[self.shared], f"start_seed{seed}")
     cmd = [*self._common(self.task.settings[self.shared]), f"--workdir={wd}", f"--config.seed={seed}"]
     cmd.append("--config.train.iterations=0")  # a checkpoint of the parameters as loaded
-    with self.slot(), self.locks[wd]:
+    with self.slot_for(wd, cmd), self.locks[wd]:
       self.restore(wd, cmd)
       if not os.path.exists(os.path.join(wd, "eval.jsonl")):  # again if killed: a saved start returns at once
         wall = os.path.join(wd, "wall_seconds.json")
@@ -516,7 +527,8 @@ def run_protocol(cmp: Comparison, methods, seeds, lrs, select_seed):
     """A run; where weights may not outlive the session that trained them, tested at once, in the same slot."""
     if not cmp.task.test_each_run:
       return cmp.train(method, seed, lr)
-    with cmp.slot():
+    _, wd, cmd = cmp.command(method, seed, lr)
+    with cmp.slot_for(wd, cmd):
       return cmp.test(cmp.train(method, seed, lr))
 
   with concurrent.futures.ThreadPoolExecutor(len(seeds) + len(methods) + 1) as pool:

@@ -538,7 +538,8 @@ def test_real_model_protocol_without_warmup_shares_the_teacherless_runs(tmp_path
 def test_real_model_runs_recorded_outside_the_machine_are_read_back_on_a_fresh_one(tmp_path, monkeypatch):
   """A session may end on a machine that the next one does not get: every run is tested as it finishes, holding its
   slot (its weights die with the machine), its figures and config go to `--record`, and a fresh workdir launches
-  nothing and reports the same; a record of another config is refused, not read as the run."""
+  nothing, takes no run slot (a method done reads its runs back without waiting its turn) and reports the same; a
+  record of another config is refused, not read as the run."""
   calls = []
   monkeypatch.setattr(arith_comparison, "main_process", _fake_real_main(calls))
   argv = ["cmp", "--task", "smollm2", "--smoke", "--seeds", "0", "1", "--lrs", "1e-4", "3e-4"]
@@ -568,6 +569,8 @@ def test_real_model_runs_recorded_outside_the_machine_are_read_back_on_a_fresh_o
   assert "| smollm2_sibling | GRPO_lr0.001 | 2 | 2 | 0 / 2 / 0 (0 cut) | 0 / 0 / 2 (2 cut) |" in by_rate
   shutil.rmtree(tmp_path / "runs")
   calls.clear()
+  no_slot = lambda self: pytest.fail("a run read back waited for a run slot")  # behind other methods' runs
+  monkeypatch.setattr(arith_comparison.Cores, "get", no_slot)
   arith_comparison.main()
   assert calls == []
   again = json.loads((tmp_path / "smollm2_sibling.json").read_text())
