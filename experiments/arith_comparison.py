@@ -359,8 +359,7 @@ class Comparison:
     wd = os.path.join(self.roots[self.shared], f"start_seed{seed}")
     cmd = [*self._common(self.task.settings[self.shared]), f"--workdir={wd}", f"--config.seed={seed}"]
     cmd.append("--config.train.iterations=0")  # a checkpoint of the parameters as loaded
-    with self.slot_for(wd, cmd), self.locks[wd]:
-      self.restore(wd, cmd)
+    with self.slot_for(wd, cmd), self.locks[wd]:  # slot_for restored a recorded start
       if not os.path.exists(os.path.join(wd, "eval.jsonl")):  # again if killed: a saved start returns at once
         wall = os.path.join(wd, "wall_seconds.json")
         _write_wall(wall, _read_wall(wall) + self.launch(cmd, f"{wd}.log", on_start=lambda: self.note_commit(wd)))
