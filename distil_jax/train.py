@@ -89,13 +89,16 @@ def label_shares(groups: dict) -> dict[str, float]:
 def iteration_figures(step_figures: list[dict]) -> dict[str, float]:
   """An iteration's figures from its updates': a token mean pooled over the updates' tokens (weighted by the count it
   divides by, `losses.count_of`), any other figure the mean over updates. A teacher loss's update with no labelled row
-  has means of 0 over no token; averaged in, it halved the iteration's KL, entropy or ratio."""
+  has means of 0 over no token; averaged in, it halved the iteration's KL, entropy or ratio. An iteration with no
+  token at all for a mean logs no such figure: a 0 there read as a collapsed entropy or KL."""
   out = {}
   for k in step_figures[0]:
     values, count = np.array([m[k] for m in step_figures]), losses.count_of(k)
     weights = np.array([m[count] for m in step_figures]) if count in step_figures[0] else None
-    pooled = weights is not None and weights.sum() > 0
-    out[f"train/{k}"] = float(np.average(values, weights=weights) if pooled else values.mean())
+    if weights is None:
+      out[f"train/{k}"] = float(values.mean())
+    elif weights.sum() > 0:
+      out[f"train/{k}"] = float(np.average(values, weights=weights))
   return out
 
 

@@ -189,6 +189,23 @@ def signal_table(record: str) -> str:
   return "\n".join(lines)
 
 
+def curves_table(record: str) -> str:
+  """Each recorded run's training rollouts, iteration by iteration: the share rewarded and the mean response length
+  against the run's cap (`sampling.max_new_tokens`). Why: a policy whose responses grow to the cap stops writing
+  answers, and GRPO has no gradient on a group where none is rewarded; these two curves show when a run took off or
+  stalled, which the end figures do not. The start (no iterations) has no row."""
+  lines = _head(["setting", "run", "reward by iteration", "response length by iteration", "cap"])
+  for setting, run, folder in _records(record):
+    curve = [m for m in _read(f"{folder}/metrics.jsonl", lines=True) if "rollout/reward" in m]
+    if not curve:
+      continue
+    cap = json.loads(_read(f"{folder}/config.json"))["sampling"]["max_new_tokens"]
+    rewards = " ".join(f"{m['rollout/reward']:.2f}" for m in curve)
+    lengths = " ".join(f"{m['rollout/length']:.0f}" for m in curve)
+    lines.append(_row([setting, run, rewards, lengths, str(cap)]))
+  return "\n".join(lines)
+
+
 def answer_forms(samples: list, formats) -> dict:
   """{iteration: (correct, answered but wrong, no final answer, of those cut at the horizon)} over the responses
   logged at each validation. "No final answer" is what the task's grader reads as none (`extract_answer` in the
@@ -289,7 +306,7 @@ def teacher_table(out: dict) -> str:
 
 def main(paths):
   if paths[:1] == ["--runs"]:
-    printers = (runs_table, signal_table, answers_table, answers_by_rate_table, cost_table)
+    printers = (runs_table, signal_table, curves_table, answers_table, answers_by_rate_table, cost_table)
     print("\n\n".join(table(paths[1]) for table in printers))
     return
   for path in paths:

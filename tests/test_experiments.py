@@ -615,6 +615,28 @@ def test_signal_table_weights_each_iteration_by_its_loss_tokens(tmp_path):
   ]
 
 
+def test_curves_table_lists_each_iterations_reward_and_length_against_the_cap(tmp_path):
+  """Rows written out by hand from hand-written curves: validation-only lines (iteration 0) are skipped, a run that
+  never trained (the start) has no row, and the cap is the run's own `sampling.max_new_tokens`."""
+  runs = {
+    "GRPO_lr3e-05_seed1": ([(0.0469, 63.06), (0.0, 95.2)], 96),
+    "SFT_lr3e-05_seed0": ([(0.125, 12.5)], 48),
+    "start_seed0": ([], 96),
+  }
+  for run, (curve, cap) in runs.items():
+    folder = tmp_path / "smollm2_sibling" / run
+    folder.mkdir(parents=True)
+    (folder / "eval.jsonl").write_text("{}\n")
+    (folder / "config.json").write_text(json.dumps({"sampling": {"max_new_tokens": cap}}))
+    rows = [{"iteration": 0, "eval/pass@1": 0.1}]
+    rows += [{"iteration": i + 1, "rollout/reward": r, "rollout/length": n} for i, (r, n) in enumerate(curve)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+  assert report.curves_table(str(tmp_path)).splitlines()[2:] == [
+    "| smollm2_sibling | GRPO_lr3e-05_seed1 | 0.05 0.00 | 63 95 | 96 |",
+    "| smollm2_sibling | SFT_lr3e-05_seed0 | 0.12 | 12 | 48 |",
+  ]
+
+
 def test_answer_forms_separate_a_wrong_answer_from_no_answer():
   """Counted by hand: the grader reads the last answer written in the run's formats; prose with the right number but
   no cue has no answer, and a form the run's config leaves out does not count as one."""
