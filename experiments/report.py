@@ -2,8 +2,9 @@
 
   python -m experiments.report experiments/results/arith_oracle.json
 prints two markdown tables: per method the chosen rate, test Pass@1/8/32 (mean over seeds [95% t-interval]),
-sampled tokens and wall time per run; then DistIL minus each baseline, seed by seed, with the sign test; and where
-the start was tested on every seed, each method minus the start, seed by seed.
+sampled tokens and wall time per run; then DistIL minus each baseline, seed by seed, with the sign test; the
+DistIL+GRPO hybrid minus GRPO the same way (`PAIRS`); and where the start was tested on every seed, each method minus
+the start, seed by seed.
   python -m experiments.report --runs experiments/results/smollm2_runs
 prints every run recorded so far (`arith_comparison --record`), finished table or not: one row per run; then what
 each run's training signal was made of (`signal_table`); then how its validation responses failed (`answers_table`),
@@ -62,8 +63,20 @@ def tables(summary: dict, ks=("pass@1", "pass@8", "pass@32")) -> str:
     lines.append(_row(["the start (no training)", "-", "-", *figures, "0", "-"]))
   paired = next((v for k, v in summary.items() if k.startswith("paired_")), {})
   lines += _paired_table("DistIL minus", paired, ks)
+  for a, b in PAIRS:
+    if a in paired and b in paired:
+      lines += _paired_table(f"{a} minus {b}", {a: between(paired, a, b, ks)}, ks)
   lines += _paired_table("minus the start", summary.get("minus_start", {}), ks)
   return "\n".join(lines)
+
+
+PAIRS = (("DistIL+GRPO", "GRPO"),)  # a rival set against another: the hybrid against the RLVR it adds DistIL to
+
+
+def between(paired: dict, a: str, b: str, ks) -> dict:
+  """a minus b, seed by seed, from DistIL minus each: (DistIL - b) - (DistIL - a) on the seeds both have."""
+  by_seed = lambda d: dict(zip(d["seeds"], d["diffs"], strict=True))
+  return {k: stats.paired(by_seed(paired[b][k]), by_seed(paired[a][k])) for k in ks}
 
 
 def _paired_table(title: str, by_method: dict, ks) -> list:

@@ -615,6 +615,25 @@ def test_signal_table_weights_each_iteration_by_its_loss_tokens(tmp_path):
   ]
 
 
+def test_the_hybrid_minus_grpo_is_derived_seed_by_seed_from_distil_minus_each():
+  """Test Pass@1 by seed written out by hand: DistIL 0.5 0.6 0.1, GRPO 0.2 0.1 0.3, the hybrid 0.4 0.5 0.2 on seeds 0
+  and 1 and 0.2 on seed 2: hybrid minus GRPO +0.2 +0.4 -0.1, mean 1/6, sd 0.2517, half-width t(0.975, 2) 4.3027 x
+  0.2517 / sqrt(3) = 0.625; a seed the hybrid lacks is left out."""
+  distil, grpo, hybrid = {0: 0.5, 1: 0.6, 2: 0.1}, {0: 0.2, 1: 0.1, 2: 0.3}, {0: 0.4, 1: 0.5, 2: 0.2}
+  paired = {"GRPO": {"pass@1": stats.paired(distil, grpo)}, "DistIL+GRPO": {"pass@1": stats.paired(distil, hybrid)}}
+  d = report.between(paired, "DistIL+GRPO", "GRPO", ["pass@1"])["pass@1"]
+  assert d["seeds"] == [0, 1, 2] and d["sign_test"]["positive"] == 2
+  np.testing.assert_allclose(d["diffs"], [0.2, 0.4, -0.1], atol=1e-12)
+  ci = lambda values: stats.mean_ci(values)
+  row = {"chosen_lr": 1e-5, "validation_pass@1": {"1e-05": 0.5}, "validation_pass@1_start": ci([0.1, 0.1, 0.1])}
+  row |= {"test": {"pass@1": ci(list(distil.values()))}, "sampled_tokens_mean": 1000.0, "wall_seconds_mean": 60.0}
+  text = report.tables({"table": {"DistIL": row}, "paired_DistIL_minus": paired})
+  assert "| DistIL+GRPO minus GRPO | pass@1: mean [95% CI]; per seed; sign test |" in text
+  assert "| DistIL+GRPO | +0.167 [-0.458, +0.792]; +0.200 +0.400 -0.100; 2/3 up, p=1 |" in text
+  paired["DistIL+GRPO"]["pass@1"] = stats.paired(distil, {0: 0.4, 1: 0.5})
+  assert report.between(paired, "DistIL+GRPO", "GRPO", ["pass@1"])["pass@1"]["seeds"] == [0, 1]
+
+
 def test_curves_table_lists_each_iterations_reward_and_length_against_the_cap(tmp_path):
   """Rows written out by hand from hand-written curves: validation-only lines (iteration 0) are skipped, a run that
   never trained (the start) has no row, and the cap is the run's own `sampling.max_new_tokens`."""
