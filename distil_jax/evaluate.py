@@ -62,11 +62,12 @@ def sample_rows(r, per_prompt: int, *, tok, add_bos: bool) -> list[dict]:
   model saw (special tokens included), the response, the expected answer and the verdict; and its length in tokens
   and whether it stopped (ended with a stop id) or was cut at `sampling.max_new_tokens`, which its text cannot tell."""
   rows = []
-  for problem, texts, verdicts, tokens_GxN, mask_GxN in zip(
-    r.problems, r.texts, r.verdicts, r.tokens, r.mask, strict=True
+  stopped_BpxG = rollout_lib.stopped(r.tokens, r.mask, tok.stop_ids)
+  for problem, texts, verdicts, stopped_G, mask_GxN in zip(
+    r.problems, r.texts, r.verdicts, stopped_BpxG, r.mask, strict=True
   ):
-    responses = zip(texts, verdicts, tokens_GxN, mask_GxN.sum(-1), strict=True)
-    for text, verdict, tokens_N, length in list(responses)[:per_prompt]:
+    responses = zip(texts, verdicts, stopped_G, mask_GxN.sum(-1), strict=True)
+    for text, verdict, stopped, length in list(responses)[:per_prompt]:
       rows.append(
         {
           "question": problem.prompt,
@@ -76,7 +77,7 @@ def sample_rows(r, per_prompt: int, *, tok, add_bos: bool) -> list[dict]:
           "correct": verdict.correct,
           "feedback": verdict.feedback,
           "tokens": int(length),
-          "stopped": bool(length > 0 and int(tokens_N[length - 1]) in tok.stop_ids),
+          "stopped": bool(stopped),
         }
       )
   return rows

@@ -43,6 +43,14 @@ def sample(graphdef, params, prompt_ids, rng, *, buckets, pad_id, mesh, samples_
   return tuple(_local(x, mesh) for x in (out.tokens, out.logprobs, out.lengths))
 
 
+def stopped(tokens, mask, stop_ids) -> np.ndarray:
+  """Whether each response (over the last axis) ended with a stop id; False for one cut at
+  `sampling.max_new_tokens`, which its text cannot tell apart, and for an empty one."""
+  length = mask.sum(-1)
+  last = np.take_along_axis(tokens, np.maximum(length - 1, 0)[..., None], axis=-1)[..., 0]
+  return (length > 0) & np.isin(last, list(stop_ids))
+
+
 def rollout(graphdef, params, problems, rng, *, tok, add_bos, task, mesh, samples_per_prompt, sampling_cfg):
   """Sample `samples_per_prompt` responses to each problem, decode them and ask the task for verdicts."""
   s = sampling_cfg

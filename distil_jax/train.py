@@ -296,6 +296,7 @@ class Loop:
     figures.update(self.update(groups, old, it, saved_before))
     t3 = time.time()
     shares = {"rollout/reward": float(groups["reward"].mean()), "rollout/length": float(r.mask.sum(-1).mean())}
+    shares["rollout/cut"] = float(1.0 - rollout_lib.stopped(r.tokens, r.mask, self.run.tok.stop_ids).mean())
     shares.update(label_shares(groups))
     figures.update(metrics.global_mean(shares))
     figures.update(

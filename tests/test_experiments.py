@@ -167,6 +167,10 @@ def test_logged_samples_say_whether_a_response_stopped_or_was_cut():
   assert [(x["response"], x["tokens"], x["stopped"]) for x in rows] == [("a", 3, True), ("b", 4, False), ("c", 4, True)]
   assert rows[0]["prompt"] == "<user>1 + 1?" and [x["correct"] for x in rows] == [True, False, False]
   assert len(evaluate.sample_rows(r, 2, tok=tok, add_bos=False)) == 2
+  # the training figure `rollout/cut` reads the same: a second prompt's group adds an empty response (never stopped)
+  tokens2 = np.concatenate([tokens, np.array([[[2, 0, 0, 0], [0, 0, 0, 0], [7, 7, 7, 7]]], np.int32)])
+  mask2 = np.concatenate([mask, (np.arange(4) < np.array([1, 0, 4])[:, None]).astype(np.int32)[None]])
+  np.testing.assert_array_equal(rollout.stopped(tokens2, mask2, (2,)), [[True, False, True], [True, False, False]])
 
 
 # -- Privileged feedback (expert.feedback="reference") -----------------------------------------------------------------

@@ -40,6 +40,7 @@ def _check_run(workdir, iterations=2, groups_per_iteration=2):
   for r in rows[1:]:
     assert np.isfinite(r["train/loss"]) and r["train/nonfinite"] == 0.0
     assert r["buffer/rows"] == groups_per_iteration * r["iteration"]  # one buffer row per prompt group
+    assert 0.0 <= r["rollout/cut"] <= 1.0  # responses cut at the horizon (`rollout.stopped`, tested by hand)
   assert {"eval/pass@1", "eval/pass@2", "eval/greedy_accuracy"} <= set(rows[-1])
   return rows
 
