@@ -45,10 +45,11 @@ def sample(graphdef, params, prompt_ids, rng, *, buckets, pad_id, mesh, samples_
 
 def stopped(tokens, mask, stop_ids) -> np.ndarray:
   """Whether each response (over the last axis) ended with a stop id; False for one cut at
-  `sampling.max_new_tokens`, which its text cannot tell apart, and for an empty one."""
-  length = mask.sum(-1)
-  last = np.take_along_axis(tokens, np.maximum(length - 1, 0)[..., None], axis=-1)[..., 0]
-  return (length > 0) & np.isin(last, list(stop_ids))
+  `sampling.max_new_tokens`, which its text cannot tell apart, and for an empty one (its position 0 is padding,
+  which may be the stop id itself)."""
+  length_X = mask.sum(-1)
+  last_X = np.take_along_axis(tokens, np.maximum(length_X - 1, 0)[..., None], axis=-1)[..., 0]
+  return (length_X > 0) & np.isin(last_X, list(stop_ids))
 
 
 def rollout(graphdef, params, problems, rng, *, tok, add_bos, task, mesh, samples_per_prompt, sampling_cfg):

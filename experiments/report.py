@@ -64,8 +64,8 @@ def tables(summary: dict, ks=("pass@1", "pass@8", "pass@32")) -> str:
   paired = next((v for k, v in summary.items() if k.startswith("paired_")), {})
   lines += _paired_table("DistIL minus", paired, ks)
   for a, b in PAIRS:
-    if a in paired and b in paired:
-      lines += _paired_table(f"{a} minus {b}", {a: between(paired, a, b, ks)}, ks)
+    if a in table and b in table and "runs" in summary:
+      lines += _paired_table(f"{a} minus {b}", {a: between(summary["runs"], a, b, ks)}, ks)
   lines += _paired_table("minus the start", summary.get("minus_start", {}), ks)
   return "\n".join(lines)
 
@@ -73,10 +73,11 @@ def tables(summary: dict, ks=("pass@1", "pass@8", "pass@32")) -> str:
 PAIRS = (("DistIL+GRPO", "GRPO"),)  # a rival set against another: the hybrid against the RLVR it adds DistIL to
 
 
-def between(paired: dict, a: str, b: str, ks) -> dict:
-  """a minus b, seed by seed, from DistIL minus each: (DistIL - b) - (DistIL - a) on the seeds both have."""
-  by_seed = lambda d: dict(zip(d["seeds"], d["diffs"], strict=True))
-  return {k: stats.paired(by_seed(paired[b][k]), by_seed(paired[a][k])) for k in ks}
+def between(runs: list, a: str, b: str, ks) -> dict:
+  """a minus b, seed by seed on the seeds both have, from the summary's runs at their chosen rates (each with its
+  test): the comparison the protocol's `DistIL minus` table does not make."""
+  by_seed = lambda method, k: {r["seed"]: r["test"][f"eval/{k}"] for r in runs if r["method"] == method}
+  return {k: stats.paired(by_seed(a, k), by_seed(b, k)) for k in ks}
 
 
 def _paired_table(title: str, by_method: dict, ks) -> list:
@@ -203,11 +204,13 @@ def signal_table(record: str) -> str:
 
 
 def curves_table(record: str) -> str:
-  """Each recorded run's training rollouts, iteration by iteration: the share rewarded and the mean response length
-  against the run's cap (`sampling.max_new_tokens`). Why: a policy whose responses grow to the cap stops writing
-  answers, and GRPO has no gradient on a group where none is rewarded; these two curves show when a run took off or
-  stalled, which the end figures do not. The start (no iterations) has no row."""
-  lines = _head(["setting", "run", "reward by iteration", "response length by iteration", "cap"])
+  """Each recorded run's training rollouts, iteration by iteration: the share rewarded, the mean response length
+  against the run's cap (`sampling.max_new_tokens`) and the share cut there ("-" for runs that predate
+  `rollout/cut`). Why: a policy whose responses grow to the cap stops writing answers, and GRPO has no gradient on a
+  group where none is rewarded; these curves show when a run took off or stalled, which the end figures do not. The
+  start (no iterations) has no row."""
+  head = ["setting", "run", "reward by iteration", "response length by iteration", "cap", "cut by iteration"]
+  lines = _head(head)
   for setting, run, folder in _records(record):
     curve = [m for m in _read(f"{folder}/metrics.jsonl", lines=True) if "rollout/reward" in m]
     if not curve:
@@ -215,7 +218,8 @@ def curves_table(record: str) -> str:
     cap = json.loads(_read(f"{folder}/config.json"))["sampling"]["max_new_tokens"]
     rewards = " ".join(f"{m['rollout/reward']:.2f}" for m in curve)
     lengths = " ".join(f"{m['rollout/length']:.0f}" for m in curve)
-    lines.append(_row([setting, run, rewards, lengths, str(cap)]))
+    cut = " ".join(f"{m['rollout/cut']:.2f}" for m in curve) if all("rollout/cut" in m for m in curve) else "-"
+    lines.append(_row([setting, run, rewards, lengths, str(cap), cut]))
   return "\n".join(lines)
 
 

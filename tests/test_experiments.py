@@ -168,7 +168,7 @@ def test_logged_samples_say_whether_a_response_stopped_or_was_cut():
   assert rows[0]["prompt"] == "<user>1 + 1?" and [x["correct"] for x in rows] == [True, False, False]
   assert len(evaluate.sample_rows(r, 2, tok=tok, add_bos=False)) == 2
   # the training figure `rollout/cut` reads the same: a second prompt's group adds an empty response (never stopped)
-  tokens2 = np.concatenate([tokens, np.array([[[2, 0, 0, 0], [0, 0, 0, 0], [7, 7, 7, 7]]], np.int32)])
+  tokens2 = np.concatenate([tokens, np.array([[[2, 0, 0, 0], [2, 0, 0, 0], [7, 7, 7, 7]]], np.int32)])  # pad = stop
   mask2 = np.concatenate([mask, (np.arange(4) < np.array([1, 0, 4])[:, None]).astype(np.int32)[None]])
   np.testing.assert_array_equal(rollout.stopped(tokens2, mask2, (2,)), [[True, False, True], [True, False, False]])
 
@@ -620,22 +620,24 @@ def test_signal_table_weights_each_iteration_by_its_loss_tokens(tmp_path):
 
 
 def test_the_hybrid_minus_grpo_is_derived_seed_by_seed_from_distil_minus_each():
-  """Test Pass@1 by seed written out by hand: DistIL 0.5 0.6 0.1, GRPO 0.2 0.1 0.3, the hybrid 0.4 0.5 0.2 on seeds 0
-  and 1 and 0.2 on seed 2: hybrid minus GRPO +0.2 +0.4 -0.1, mean 1/6, sd 0.2517, half-width t(0.975, 2) 4.3027 x
-  0.2517 / sqrt(3) = 0.625; a seed the hybrid lacks is left out."""
-  distil, grpo, hybrid = {0: 0.5, 1: 0.6, 2: 0.1}, {0: 0.2, 1: 0.1, 2: 0.3}, {0: 0.4, 1: 0.5, 2: 0.2}
-  paired = {"GRPO": {"pass@1": stats.paired(distil, grpo)}, "DistIL+GRPO": {"pass@1": stats.paired(distil, hybrid)}}
-  d = report.between(paired, "DistIL+GRPO", "GRPO", ["pass@1"])["pass@1"]
+  """Test Pass@1 by seed written out by hand: GRPO 0.2 0.1 0.3 and the hybrid 0.4 0.5 0.2 on seeds 0-2: hybrid minus
+  GRPO +0.2 +0.4 -0.1, mean 1/6, sd 0.2517, half-width t(0.975, 2) 4.3027 x 0.2517 / sqrt(3) = 0.625. DistIL's
+  missing seed 2 does not drop it; a seed the hybrid lacks is left out; no table without both methods."""
+  tests = {"GRPO": {0: 0.2, 1: 0.1, 2: 0.3}, "DistIL+GRPO": {0: 0.4, 1: 0.5, 2: 0.2}, "DistIL": {0: 0.5, 1: 0.6}}
+  runs = [{"method": m, "seed": s, "test": {"eval/pass@1": v}} for m, by in tests.items() for s, v in by.items()]
+  d = report.between(runs, "DistIL+GRPO", "GRPO", ["pass@1"])["pass@1"]
   assert d["seeds"] == [0, 1, 2] and d["sign_test"]["positive"] == 2
   np.testing.assert_allclose(d["diffs"], [0.2, 0.4, -0.1], atol=1e-12)
   ci = lambda values: stats.mean_ci(values)
   row = {"chosen_lr": 1e-5, "validation_pass@1": {"1e-05": 0.5}, "validation_pass@1_start": ci([0.1, 0.1, 0.1])}
-  row |= {"test": {"pass@1": ci(list(distil.values()))}, "sampled_tokens_mean": 1000.0, "wall_seconds_mean": 60.0}
-  text = report.tables({"table": {"DistIL": row}, "paired_DistIL_minus": paired})
+  row |= {"test": {"pass@1": ci([0.5, 0.6])}, "sampled_tokens_mean": 1000.0, "wall_seconds_mean": 60.0}
+  summary = {"table": {m: row for m in tests}, "runs": runs}
+  text = report.tables(summary)
   assert "| DistIL+GRPO minus GRPO | pass@1: mean [95% CI]; per seed; sign test |" in text
   assert "| DistIL+GRPO | +0.167 [-0.458, +0.792]; +0.200 +0.400 -0.100; 2/3 up, p=1 |" in text
-  paired["DistIL+GRPO"]["pass@1"] = stats.paired(distil, {0: 0.4, 1: 0.5})
-  assert report.between(paired, "DistIL+GRPO", "GRPO", ["pass@1"])["pass@1"]["seeds"] == [0, 1]
+  assert "minus GRPO" not in report.tables({"table": {"DistIL": row, "GRPO": row}, "runs": runs})
+  runs = [r for r in runs if not (r["method"] == "DistIL+GRPO" and r["seed"] == 2)]
+  assert report.between(runs, "DistIL+GRPO", "GRPO", ["pass@1"])["pass@1"]["seeds"] == [0, 1]
 
 
 def test_curves_table_lists_each_iterations_reward_and_length_against_the_cap(tmp_path):
@@ -653,10 +655,12 @@ def test_curves_table_lists_each_iterations_reward_and_length_against_the_cap(tm
     (folder / "config.json").write_text(json.dumps({"sampling": {"max_new_tokens": cap}}))
     rows = [{"iteration": 0, "eval/pass@1": 0.1}]
     rows += [{"iteration": i + 1, "rollout/reward": r, "rollout/length": n} for i, (r, n) in enumerate(curve)]
+    if run.startswith("SFT"):  # a run that logs the share cut at the cap
+      rows[1]["rollout/cut"] = 0.25
     (folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
   assert report.curves_table(str(tmp_path)).splitlines()[2:] == [
-    "| smollm2_sibling | GRPO_lr3e-05_seed1 | 0.05 0.00 | 63 95 | 96 |",
-    "| smollm2_sibling | SFT_lr3e-05_seed0 | 0.12 | 12 | 48 |",
+    "| smollm2_sibling | GRPO_lr3e-05_seed1 | 0.05 0.00 | 63 95 | 96 | - |",
+    "| smollm2_sibling | SFT_lr3e-05_seed0 | 0.12 | 12 | 48 | 0.25 |",
   ]
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from run_helpers import ROOT, child_env
 
-from distil_jax import multihost
+from distil_jax import multihost, tokenizer
 
 ARGS = [
   "--config=configs/arith.py:runlocal",
@@ -71,7 +71,8 @@ def _buffer(workdir, process):
 
   folder = workdir / "buffer" / f"process_{process}"
   spec = lambda name: {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(folder / name)}}
-  return {name: ts.open(spec(name), open=True).result().read().result() for name in ("mask", "reward", "iteration")}
+  names = ("tokens", "mask", "reward", "iteration")
+  return {name: ts.open(spec(name), open=True).result().read().result() for name in names}
 
 
 def test_settings_come_from_flags_then_the_launchers_variables():
@@ -134,7 +135,7 @@ def test_fatal_coordination_report_folds_into_one_line():
 
 _PEER = """
 import sys, time
-from distil_jax import multihost
+from distil_jax import multihost, tokenizer
 multihost.initialize(timeout_s=5)
 print("joined", flush=True)
 time.sleep(60)
@@ -180,6 +181,7 @@ def test_two_processes_train_with_global_figures_and_refuse_another_count(tmp_pa
   assert [r["iteration"] for r in rows] == [0, 1, 2]
   # The figures are those of both processes' rows, read back from their buffers.
   buffers = [_buffer(workdir, p) for p in (0, 1)]
+  stop_ids = tokenizer.SentencePieceTokenizer.from_file(str(workdir / "tokenizer.model")).stop_ids
   tokens = 0
   for r in rows[1:]:
     mine = [{k: v[b["iteration"] == r["iteration"]] for k, v in b.items()} for b in buffers]
@@ -191,6 +193,10 @@ def test_two_processes_train_with_global_figures_and_refuse_another_count(tmp_pa
     assert r["samples/train_tokens"] == tokens
     np.testing.assert_allclose(r["rollout/length"], mask.sum(-1).mean(), rtol=1e-6)
     np.testing.assert_allclose(r["rollout/reward"], reward.mean(), rtol=1e-6)
+    responses = np.concatenate([m["tokens"] for m in mine]).reshape(-1, mask.shape[-1])
+    lengths = mask.reshape(-1, mask.shape[-1]).sum(-1)
+    cut = np.mean([n == 0 or int(t[n - 1]) not in stop_ids for t, n in zip(responses, lengths, strict=True)])
+    np.testing.assert_allclose(r["rollout/cut"], cut, rtol=1e-6)  # each response's last token, one by one
   assert sorted(os.listdir(workdir / "logs")) == ["distil_jax.process_0.log", "distil_jax.process_1.log"]
 
   ((rc, err),) = _finish(_start(workdir, "--config.train.iterations=3", processes=1))
