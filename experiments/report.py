@@ -7,7 +7,8 @@ DistIL+GRPO hybrid minus GRPO the same way (`PAIRS`); and where the start was te
 the start, seed by seed.
   python -m experiments.report --runs experiments/results/smollm2_runs
 prints every run recorded so far (`arith_comparison --record`), finished table or not: one row per run; then what
-each run's training signal was made of (`signal_table`); then how its validation responses failed (`answers_table`),
+each run's training signal was made of (`signal_table`); then its training reward and response length by iteration
+(`curves_table`); then how its validation responses failed (`answers_table`),
 and the same summed over each method and rate's seeds (`answers_by_rate_table`); then what each method's runs cost
 (`cost_table`).
   python -m experiments.report experiments/results/smollm2_sibling_teacher_start.json
