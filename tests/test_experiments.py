@@ -619,7 +619,7 @@ def test_signal_table_weights_each_iteration_by_its_loss_tokens(tmp_path):
   ]
 
 
-def test_the_hybrid_minus_grpo_is_derived_seed_by_seed_from_distil_minus_each():
+def test_the_hybrid_minus_grpo_is_read_seed_by_seed_from_the_summarys_runs():
   """Test Pass@1 by seed written out by hand: GRPO 0.2 0.1 0.3 and the hybrid 0.4 0.5 0.2 on seeds 0-2: hybrid minus
   GRPO +0.2 +0.4 -0.1, mean 1/6, sd 0.2517, half-width t(0.975, 2) 4.3027 x 0.2517 / sqrt(3) = 0.625. DistIL's
   missing seed 2 does not drop it; a seed the hybrid lacks is left out; no table without both methods."""

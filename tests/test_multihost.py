@@ -135,7 +135,7 @@ def test_fatal_coordination_report_folds_into_one_line():
 
 _PEER = """
 import sys, time
-from distil_jax import multihost, tokenizer
+from distil_jax import multihost
 multihost.initialize(timeout_s=5)
 print("joined", flush=True)
 time.sleep(60)
