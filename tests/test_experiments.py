@@ -938,3 +938,49 @@ def test_scripts_smoke_privileged_feedback(tmp_path, monkeypatch):
   for f in figures.values():
     assert f["local"]["variance"] > 0 and f["score"]["variance"] > 0 and -1 <= f["cosine_local_score"] <= 1
   jax.clear_caches()
+
+
+def test_a_second_signal_while_stopping_does_not_hang_the_orchestrator(tmp_path):
+  """The orchestrator itself (its CLI) over a stub run that takes a second to stop: a second SIGTERM while the first
+  is waiting for the run changes nothing, and the orchestrator exits once the run has (it once re-entered its
+  handler inside `Popen.wait` and hung with the run a zombie)."""
+  stub = tmp_path / "run"
+  stub.write_text(
+    f"#!{sys.executable}\n"
+    "import os, signal, sys, time\n"
+    "d = os.environ['STUB_DIR']\n"
+    "def stop(*_):\n"
+    "  open(os.path.join(d, 'signalled'), 'a').write('TERM\\n')\n"
+    "  time.sleep(1.0)\n"
+    "  sys.exit(0)\n"
+    "signal.signal(signal.SIGTERM, stop)\n"
+    "open(os.path.join(d, 'started'), 'w').close()\n"
+    "while True:\n"
+    "  time.sleep(0.05)\n"
+  )
+  stub.chmod(0o755)
+  argv = ["arith_comparison", "--task", "arith", "--smoke", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path)]
+  driver = (
+    f"import runpy, sys; sys.executable = {str(stub)!r}; sys.argv = {argv!r}; "
+    "runpy.run_module('experiments.arith_comparison', run_name='__main__')"
+  )
+  proc = subprocess.Popen(
+    [sys.executable, "-c", driver], cwd=ROOT, env=child_env(STUB_DIR=str(tmp_path), PYTHONPATH=ROOT),
+    stderr=subprocess.PIPE, text=True,
+  )  # fmt: skip
+  try:
+    deadline = time.time() + 60
+    while not (tmp_path / "started").exists():
+      assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    while not (tmp_path / "signalled").exists():
+      time.sleep(0.01)
+    time.sleep(0.3)  # the handler is now inside the run's wait
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+  finally:
+    proc.kill()
+  assert proc.returncode == 128 + signal.SIGTERM, err
+  assert (tmp_path / "signalled").read_text() == "TERM\n"  # the run got the signal once: it stopped at its safe point
+  assert "already stopping" in err
