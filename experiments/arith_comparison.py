@@ -78,7 +78,7 @@ def _pass_signal_on(signum, frame):
   resumes them exactly instead of finding them half-written or still running. A signal while that is under way
   changes nothing: the handler would re-enter inside its own `p.wait()`, whose lock is not reentrant, and hang."""
   if _STOPPING.is_set():
-    os.write(2, b"arith_comparison: already stopping; the runs stop at their safe points (kill -9 ends it now)\n")
+    os.write(2, b"arith_comparison: already stopping; the runs stop at their safe points\n")
     return
   _STOPPING.set()
   with _STARTING:  # held by worker threads only, never by the main thread this handler runs in
