@@ -55,6 +55,20 @@ def run_main(*args, timeout=600, env=None):
   )
 
 
+def wait_for_file(path, proc, timeout=60.0) -> None:
+  """Wait until a child has written `path`, its sign that it reached a point a test signals it at. Fails at once if
+  `proc` exits first (with its stderr where piped), and after `timeout` seconds if neither happens, so a child that
+  never gets there fails the test instead of hanging the suite or being signalled at the wrong moment."""
+  deadline = time.time() + timeout
+  while not os.path.exists(path):
+    if proc.poll() is not None:
+      raise AssertionError(
+        f"exited with {proc.returncode} before writing {path}: {proc.stderr.read() if proc.stderr else ''}"
+      )
+    assert time.time() < deadline, f"{path} not written within {timeout} s"
+    time.sleep(0.02)
+
+
 class FakeExpertServer:
   """A local OpenAI-compatible endpoint: /tokenize with a given tokenizer, /v1/completions with echo (the prompt's
   tokens, then one generated) + top-k logprobs keyed "token_id:N" (the true next token gets log 0.6, the next ids

@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from run_helpers import ROOT, child_env, load_config
+from run_helpers import ROOT, child_env, load_config, wait_for_file
 
 from distil_jax import build, preemption, train
 
@@ -151,9 +151,7 @@ def test_slurm_script_forwards_sigterm_and_requeues(tmp_path):
   assert "#SBATCH --requeue" in script and "#SBATCH --signal=B:TERM@" in script
   env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77", "SLURM_SUBMIT_DIR": ROOT}
   proc = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "slurm.sbatch"), "--workdir=x"], env=env)
-  deadline = time.time() + 30
-  while time.time() < deadline and not (tmp_path / "started").exists():
-    time.sleep(0.02)
+  wait_for_file(tmp_path / "started", proc, timeout=30)
   proc.send_signal(signal.SIGTERM)
   assert proc.wait(timeout=30) == 0
   assert (tmp_path / "step").read_text() == "TERM"
