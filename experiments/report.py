@@ -9,20 +9,25 @@ the start, seed by seed.
 prints every run recorded so far (`arith_comparison --record`), finished table or not: one row per run; then what
 each run's training signal was made of (`signal_table`); then its training reward and response length by iteration
 (`curves_table`); then how its validation responses failed (`answers_table`),
-and the same summed over each method and rate's seeds (`answers_by_rate_table`); then what each method's runs cost
-(`cost_table`).
+and the same summed over each method and rate's seeds (`answers_by_rate_table`); then whether its commonest answer,
+given to every prompt, would score as much (`constants_table`); then what each method's runs cost (`cost_table`).
   python -m experiments.report experiments/results/smollm2_sibling_teacher_start.json
 prints `experiments.teacher_quality`'s figures at the student's states (`teacher_table`).
 """
 
+import collections
+import functools
 import json
 import os
 import re
 import statistics
 import sys
 
+import ml_collections
+
+from distil_jax import evaluate, tasks
 from distil_jax.tasks import math as math_task
-from experiments import stats
+from experiments import comparison_tasks, stats
 
 
 def interval(ci: dict, fmt: str = ".3f") -> str:
@@ -246,19 +251,29 @@ def _forms(counts) -> str:
   return f"{correct} / {wrong} / {none}" + ("" if cut is None else f" ({cut} cut)")
 
 
-def _run_forms(record: str):
-  """(setting, run, first, last) per recorded math run with logged responses: `answer_forms` at its first and last
-  validation. Runs without logged responses (recorded before 730aa2b, or `eval.log_samples=0`) or of a task other
-  than math are left out."""
+def _math_runs(record: str):
+  """(setting, run, folder, config, samples) per recorded math run with logged responses. Runs without them
+  (recorded before 730aa2b, or `eval.log_samples=0`, which writes an empty file) or of a task other than math are
+  left out."""
   for setting, run, folder in _records(record):
     if not all(os.path.exists(os.path.join(folder, f)) for f in ("samples.jsonl", "config.json")):
       continue
-    task = json.loads(_read(f"{folder}/config.json"))["task"]
-    if task["name"] != "math":
-      continue
-    forms = answer_forms(_read(f"{folder}/samples.jsonl", lines=True), task.get("answer_formats", math_task.FORMATS))
-    if forms:  # eval.log_samples=0 writes an empty file
-      yield setting, run, forms[min(forms)], forms[max(forms)]
+    config = json.loads(_read(f"{folder}/config.json"))
+    samples = _read(f"{folder}/samples.jsonl", lines=True)
+    if config["task"]["name"] == "math" and samples:
+      yield setting, run, folder, config, samples
+
+
+def _formats(config: dict) -> tuple:
+  return tuple(config["task"].get("answer_formats", math_task.FORMATS))
+
+
+def _run_forms(record: str):
+  """(setting, run, first, last) per recorded math run with logged responses: `answer_forms` at its first and last
+  validation."""
+  for setting, run, _, config, samples in _math_runs(record):
+    forms = answer_forms(samples, _formats(config))
+    yield setting, run, forms[min(forms)], forms[max(forms)]
 
 
 def answers_table(record: str) -> str:
@@ -295,6 +310,64 @@ def answers_by_rate_table(record: str) -> str:
   return "\n".join(lines)
 
 
+def constant_pass(problems: list, answer: str | None) -> float:
+  """Pass@1 of a policy that gives `answer` to every problem, graded as the task grades a final answer
+  (`math.equivalent`); 0 for no answer."""
+  if answer is None:
+    return 0.0
+  return sum(math_task.equivalent(answer, p.answer) for p in problems) / len(problems)
+
+
+def best_constants(problems: list) -> tuple[list, float]:
+  """The answers that score most as a constant on `problems` (ties all listed, in order), and their Pass@1."""
+  scores = {a: constant_pass(problems, a) for a in dict.fromkeys(p.answer for p in problems)}
+  top = max(scores.values())
+  return [a for a, s in scores.items() if s == top], top
+
+
+def _test_prompts(setting: str, config: dict) -> int:
+  """How many test prompts a run of `setting` was tested on: its protocol's (`comparison_tasks`), else the run's
+  own evaluation size, as `arith_comparison.Comparison._test` sets it."""
+  finals = [t.final for t in comparison_tasks.TASKS.values() if setting in t.settings.values()]
+  own = config["eval"]["num_prompts"]
+  return finals[0].get("num_prompts", own) if finals else own
+
+
+@functools.cache
+def _splits(task_json: str, validation: int, test: int) -> tuple:
+  """The validation and test prompts a run with this task section was validated and tested on."""
+  task = tasks.make_task(ml_collections.ConfigDict(json.loads(task_json)))
+  return evaluate.held_out(task, "validation")[:validation], evaluate.held_out(task, "test")[:test]
+
+
+def constants_table(record: str) -> str:
+  """Whether a run's gain could be a guess: each math run's commonest final answer at its last validation (responses
+  without one not counted, ties to the first written; "-" where none has one), its share of all the logged
+  responses, and that answer's Pass@1 as a constant on the validation and the test prompts, beside the run's own
+  test Pass@1; and, per setting, the best constant's on each split. Why: a policy that collapses to one answer scores
+  that answer's frequency among the prompts (on a small split, well above a weak start), which neither the Pass@k
+  figures nor `answers_table` tell from reading the problem."""
+  head = ["setting", "run", "last: commonest answer (share)", "as a constant: val. / test Pass@1", "test Pass@1"]
+  lines, seen = _head(head), set()
+  for setting, run, folder, config, samples in _math_runs(record):
+    validation, test = _splits(json.dumps(config["task"], sort_keys=True), config["eval"]["num_prompts"],
+                               _test_prompts(setting, config))  # fmt: skip
+    if setting not in seen:
+      seen.add(setting)
+      (v, v_pass), (t, t_pass) = best_constants(validation), best_constants(test)
+      lines.append(_row([setting, "best constant", f"val. {', '.join(v)}; test {', '.join(t)}",
+                         f"{v_pass:.3f} / {t_pass:.3f}", "-"]))  # fmt: skip
+    last = [r for r in samples if r["iteration"] == max(r["iteration"] for r in samples)]
+    answers = collections.Counter(math_task.extract_answer(r["response"], _formats(config)) for r in last)
+    answers.pop(None, None)
+    answer, count = answers.most_common(1)[0] if answers else (None, 0)
+    said = "-" if answer is None else answer
+    figures = f"{constant_pass(validation, answer):.3f} / {constant_pass(test, answer):.3f}"
+    test_pass = _figure(_read(f"{folder}/eval.jsonl", lines=True)[-1], "eval/pass@1")
+    lines.append(_row([setting, run, f"{said} ({count / len(last):.2f})", figures, test_pass]))
+  return "\n".join(lines)
+
+
 def teacher_table(out: dict) -> str:
   """`experiments.teacher_quality`'s figures at the student's states: per row, how many it covers, the student's and
   the teacher's mean, and the teacher minus the student as a mean over prompts [95% t-interval] (n prompts); the
@@ -324,7 +397,8 @@ def teacher_table(out: dict) -> str:
 
 def main(paths):
   if paths[:1] == ["--runs"]:
-    printers = (runs_table, signal_table, curves_table, answers_table, answers_by_rate_table, cost_table)
+    printers = (runs_table, signal_table, curves_table, answers_table, answers_by_rate_table, constants_table)
+    printers += (cost_table,)
     print("\n\n".join(table(paths[1]) for table in printers))
     return
   for path in paths:

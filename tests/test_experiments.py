@@ -683,6 +683,43 @@ def test_answer_forms_separate_a_wrong_answer_from_no_answer():
   assert report.answer_forms(samples, math_task.FORMATS) == {0: (1, 1, 1, 1), 10: (1, 2, 1, 1)}  # a wrong one cut: 0
 
 
+def test_a_constant_answer_scores_its_frequency_under_the_graders_equivalence():
+  """Hand-counted on five problems: '1/2' and '0.5' are one value to the grader, so each scores 2 of 5, as does '10';
+  all three tie as the best constant; no answer scores nothing."""
+  problems = [Problem(f"q{i}", a) for i, a in enumerate(["10", "10", "8", "1/2", "0.5"])]
+  assert report.constant_pass(problems, "10") == report.constant_pass(problems, "0.50") == 0.4
+  assert report.constant_pass(problems, "8") == 0.2 and report.constant_pass(problems, None) == 0.0
+  assert report.best_constants(problems) == (["10", "1/2", "0.5"], 0.4)
+
+
+def test_constants_table_reads_a_collapsed_run_against_the_prompts_it_was_tested_on(tmp_path):
+  """A run whose last validation says 10 in two of four responses (one more answers 7, one has no answer): its
+  commonest answer is 10 at 0.50, scored as a constant on the first 32 validation and the first 64 test prompts of
+  its task (64: the SmolLM2 protocol's test size, `REAL_FINAL`), counted here by plain string match; a setting no
+  protocol names is tested on its own `eval.num_prompts`."""
+  config = load_config("math", "smollm2_reference").to_dict()
+  task = tasks.make_task(load_config("math", "smollm2_reference").task)
+  validation, test = (evaluate.held_out(task, split) for split in ("validation", "test"))
+  count = lambda problems, answer: sum(p.answer == answer for p in problems) / len(problems)
+  last = ["The answer is 10.", "So \\boxed{10}", "There are some.", "The answer is 7."]
+  for setting in ("smollm2_reference", "elsewhere"):
+    folder = tmp_path / setting / "DistIL_lr1e-06_seed0"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "eval.jsonl").write_text(json.dumps({"eval/pass@1": 0.25}) + "\n")
+    rows = [{"iteration": 0, "response": "The answer is 3."}] + [{"iteration": 10, "response": r} for r in last]
+    (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  lines = report.constants_table(str(tmp_path)).splitlines()[2:]
+  n = config["eval"]["num_prompts"]
+  assert (n, comparison_tasks.REAL_FINAL["num_prompts"]) == (32, 64)
+  for i, (setting, tested) in enumerate((("elsewhere", n), ("smollm2_reference", 64))):
+    scores = {a: count(test[:tested], a) for a in {p.answer for p in test[:tested]}}
+    assert lines[2 * i].startswith(f"| {setting} | best constant | ")
+    assert lines[2 * i].endswith(f" / {max(scores.values()):.3f} | - |")
+    constant = f"{count(validation[:n], '10'):.3f} / {count(test[:tested], '10'):.3f}"
+    assert lines[2 * i + 1] == f"| {setting} | DistIL_lr1e-06_seed0 | 10 (0.50) | {constant} | 0.250 |"
+
+
 def test_answers_by_rate_sum_the_seeds_and_keep_a_cut_count_only_where_every_seed_says_it(tmp_path):
   """Two seeds of one method and rate, one whose rows say `stopped` and one whose rows predate it, and a run of
   another rate: counts written out by hand."""
