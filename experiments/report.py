@@ -265,6 +265,7 @@ def _math_runs(record: str):
 
 
 def _formats(config: dict) -> tuple:
+  """The answer forms the run's grader read (`task.answer_formats`)."""
   return tuple(config["task"].get("answer_formats", math_task.FORMATS))
 
 
@@ -341,12 +342,13 @@ def _splits(task_json: str, validation: int, test: int) -> tuple:
 
 
 def constants_table(record: str) -> str:
-  """Whether a run's gain could be a guess: each math run's commonest final answer at its last validation (responses
-  without one not counted, ties to the first written; "-" where none has one), its share of all the logged
-  responses, and that answer's Pass@1 as a constant on the validation and the test prompts, beside the run's own
-  test Pass@1; and, per setting, the best constant's on each split. Why: a policy that collapses to one answer scores
-  that answer's frequency among the prompts (on a small split, well above a weak start), which neither the Pass@k
-  figures nor `answers_table` tell from reading the problem."""
+  """Whether a run's gain could be a guess: each math run's commonest final answer at its last validation (as
+  written, so "10" and "10.0" are two; responses without one not counted; ties to the first written; "-" where none
+  has one), its share of all the logged responses, and that answer's Pass@1 as a constant on the validation and the
+  test prompts, beside the run's own test Pass@1; and per setting the best constant on each split (read from its
+  first run's task section: a setting is one preset). Why: a policy that collapses to one answer scores that
+  answer's frequency among the prompts (on a small split, well above a weak start), which neither the Pass@k figures
+  nor `answers_table` tell from reading the problem."""
   head = ["setting", "run", "last: commonest answer (share)", "as a constant: val. / test Pass@1", "test Pass@1"]
   lines, seen = _head(head), set()
   for setting, run, folder, config, samples in _math_runs(record):
@@ -354,17 +356,17 @@ def constants_table(record: str) -> str:
                                _test_prompts(setting, config))  # fmt: skip
     if setting not in seen:
       seen.add(setting)
-      (v, v_pass), (t, t_pass) = best_constants(validation), best_constants(test)
-      lines.append(_row([setting, "best constant", f"val. {', '.join(v)}; test {', '.join(t)}",
-                         f"{v_pass:.3f} / {t_pass:.3f}", "-"]))  # fmt: skip
+      (val_best, val_pass), (test_best, test_pass) = best_constants(validation), best_constants(test)
+      lines.append(_row([setting, "best constant", f"val. {', '.join(val_best)}; test {', '.join(test_best)}",
+                         f"{val_pass:.3f} / {test_pass:.3f}", "-"]))  # fmt: skip
     last = [r for r in samples if r["iteration"] == max(r["iteration"] for r in samples)]
     answers = collections.Counter(math_task.extract_answer(r["response"], _formats(config)) for r in last)
     answers.pop(None, None)
     answer, count = answers.most_common(1)[0] if answers else (None, 0)
     said = "-" if answer is None else answer
     figures = f"{constant_pass(validation, answer):.3f} / {constant_pass(test, answer):.3f}"
-    test_pass = _figure(_read(f"{folder}/eval.jsonl", lines=True)[-1], "eval/pass@1")
-    lines.append(_row([setting, run, f"{said} ({count / len(last):.2f})", figures, test_pass]))
+    tested = _figure(_read(f"{folder}/eval.jsonl", lines=True)[-1], "eval/pass@1")
+    lines.append(_row([setting, run, f"{said} ({count / len(last):.2f})", figures, tested]))
   return "\n".join(lines)
 
 
@@ -397,9 +399,17 @@ def teacher_table(out: dict) -> str:
 
 def main(paths):
   if paths[:1] == ["--runs"]:
-    printers = (runs_table, signal_table, curves_table, answers_table, answers_by_rate_table, constants_table)
-    printers += (cost_table,)
-    print("\n\n".join(table(paths[1]) for table in printers))
+    printers = (
+      runs_table,
+      signal_table,
+      curves_table,
+      answers_table,
+      answers_by_rate_table,
+      constants_table,
+      cost_table,
+    )
+    for table in printers:  # each as it is made: a table that cannot be made leaves the ones before it printed
+      print(table(paths[1]) + "\n")
     return
   for path in paths:
     with open(path) as f:

@@ -695,29 +695,42 @@ def test_a_constant_answer_scores_its_frequency_under_the_graders_equivalence():
 def test_constants_table_reads_a_collapsed_run_against_the_prompts_it_was_tested_on(tmp_path):
   """A run whose last validation says 10 in two of four responses (one more answers 7, one has no answer): its
   commonest answer is 10 at 0.50, scored as a constant on the first 32 validation and the first 64 test prompts of
-  its task (64: the SmolLM2 protocol's test size, `REAL_FINAL`), counted here by plain string match; a setting no
-  protocol names is tested on its own `eval.num_prompts`."""
+  its task (64: the SmolLM2 protocol's test size, `REAL_FINAL`), counted here by plain string match, as is each
+  split's best constant; a setting no protocol names is tested on its own `eval.num_prompts`. A tie goes to the
+  answer written first ("10.0" is not "10" there), and a run with no answer scores nothing."""
   config = load_config("math", "smollm2_reference").to_dict()
   task = tasks.make_task(load_config("math", "smollm2_reference").task)
   validation, test = (evaluate.held_out(task, split) for split in ("validation", "test"))
   count = lambda problems, answer: sum(p.answer == answer for p in problems) / len(problems)
-  last = ["The answer is 10.", "So \\boxed{10}", "There are some.", "The answer is 7."]
+  runs = {
+    "DistIL_lr1e-06_seed0": ["The answer is 10.", "So \\boxed{10}", "There are some.", "The answer is 7."],
+    "OPSD_lr1e-06_seed0": ["The answer is 8.", "The answer is 10.", "The answer is 10.0.", "No idea."],
+    "SDPO_lr1e-06_seed0": ["There are some.", "None."],
+  }
   for setting in ("smollm2_reference", "elsewhere"):
-    folder = tmp_path / setting / "DistIL_lr1e-06_seed0"
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(config))
-    (folder / "eval.jsonl").write_text(json.dumps({"eval/pass@1": 0.25}) + "\n")
-    rows = [{"iteration": 0, "response": "The answer is 3."}] + [{"iteration": 10, "response": r} for r in last]
-    (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for run, last in runs.items() if setting == "smollm2_reference" else list(runs.items())[:1]:
+      folder = tmp_path / setting / run
+      folder.mkdir(parents=True)
+      (folder / "config.json").write_text(json.dumps(config))
+      (folder / "eval.jsonl").write_text(json.dumps({"eval/pass@1": 0.25}) + "\n")
+      rows = [{"iteration": 0, "response": "The answer is 3."}] + [{"iteration": 10, "response": r} for r in last]
+      (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   lines = report.constants_table(str(tmp_path)).splitlines()[2:]
   n = config["eval"]["num_prompts"]
   assert (n, comparison_tasks.REAL_FINAL["num_prompts"]) == (32, 64)
-  for i, (setting, tested) in enumerate((("elsewhere", n), ("smollm2_reference", 64))):
-    scores = {a: count(test[:tested], a) for a in {p.answer for p in test[:tested]}}
-    assert lines[2 * i].startswith(f"| {setting} | best constant | ")
-    assert lines[2 * i].endswith(f" / {max(scores.values()):.3f} | - |")
-    constant = f"{count(validation[:n], '10'):.3f} / {count(test[:tested], '10'):.3f}"
-    assert lines[2 * i + 1] == f"| {setting} | DistIL_lr1e-06_seed0 | 10 (0.50) | {constant} | 0.250 |"
+  scored = lambda answer, tested: f"{count(validation[:n], answer):.3f} / {count(test[:tested], answer):.3f}"
+  for setting, tested, at in (("elsewhere", n, 0), ("smollm2_reference", 64, 2)):
+    best = []
+    for problems in (validation[:n], test[:tested]):
+      scores = {a: count(problems, a) for a in dict.fromkeys(p.answer for p in problems)}
+      best.append(([a for a, x in scores.items() if x == max(scores.values())], max(scores.values())))
+    (val_best, val_pass), (test_best, test_pass) = best
+    answers = f"val. {', '.join(val_best)}; test {', '.join(test_best)}"
+    assert lines[at] == f"| {setting} | best constant | {answers} | {val_pass:.3f} / {test_pass:.3f} | - |"
+    assert lines[at + 1] == f"| {setting} | DistIL_lr1e-06_seed0 | 10 (0.50) | {scored('10', tested)} | 0.250 |"
+  assert lines[4] == f"| smollm2_reference | OPSD_lr1e-06_seed0 | 8 (0.25) | {scored('8', 64)} | 0.250 |"
+  assert lines[5] == "| smollm2_reference | SDPO_lr1e-06_seed0 | - (0.00) | 0.000 / 0.000 | 0.250 |"
+  assert len(lines) == 6
 
 
 def test_answers_by_rate_sum_the_seeds_and_keep_a_cut_count_only_where_every_seed_says_it(tmp_path):
