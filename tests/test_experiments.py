@@ -29,6 +29,7 @@ from experiments import (
   comparison_tasks,
   credit_assignment,
   gradient_variance,
+  processes,
   report,
   stats,
   teacher_quality,
@@ -264,7 +265,7 @@ def _fake_main(calls):
 def _protocol_with_fake_runs(tmp_path, monkeypatch, *flags):
   """`arith_comparison` with `flags` and the stand-in trainer: (the JSON it writes, every command it launched)."""
   calls = []
-  monkeypatch.setattr(arith_comparison, "main_process", _fake_main(calls))
+  monkeypatch.setattr(processes, "main_process", _fake_main(calls))
   argv = ["cmp", "--smoke", *flags, "--out", str(tmp_path), "--workdir", str(tmp_path / "runs")]
   monkeypatch.setattr("sys.argv", argv)
   arith_comparison.main()
@@ -331,8 +332,8 @@ def test_a_run_killed_with_its_orchestrator_keeps_its_wall_time(tmp_path, monkey
       time.sleep(timeout)
       raise subprocess.TimeoutExpired("run", timeout)
 
-  monkeypatch.setattr(arith_comparison, "WALL_EVERY", 0.05)
-  monkeypatch.setattr(arith_comparison.subprocess, "Popen", Process)
+  monkeypatch.setattr(processes, "WALL_EVERY", 0.05)
+  monkeypatch.setattr(processes.subprocess, "Popen", Process)
   recorded = []
   for _ in range(2):
     with pytest.raises(RuntimeError, match="killed"):
@@ -348,10 +349,10 @@ def test_a_run_declined_at_a_signal_notes_no_commit(tmp_path, monkeypatch):
   the code each launched part ran at, and no part ran (it once noted the commit, then declined)."""
   cmp = arith_comparison.Comparison("oracle", str(tmp_path), smoke=True)
   _, wd, _ = cmp.command("DistIL", 0, 1e-4)
-  monkeypatch.setattr(arith_comparison.subprocess, "Popen", lambda *a, **k: pytest.fail("a run started"))
+  monkeypatch.setattr(processes.subprocess, "Popen", lambda *a, **k: pytest.fail("a run started"))
   stopping = threading.Event()
   stopping.set()
-  monkeypatch.setattr(arith_comparison, "_STOPPING", stopping)
+  monkeypatch.setattr(processes, "_STOPPING", stopping)
   with pytest.raises(RuntimeError, match="stopping at a signal: not started"):
     cmp.train("DistIL", 0, 1e-4)
   assert not os.path.exists(os.path.join(wd, "commits"))
@@ -376,29 +377,27 @@ def test_a_signal_reaches_a_run_that_was_starting_when_it_came(tmp_path, monkeyp
         raise subprocess.TimeoutExpired("run", timeout)
       return 0
 
-  monkeypatch.setattr(arith_comparison.subprocess, "Popen", Process)
-  monkeypatch.setattr(arith_comparison, "WALL_EVERY", 0.01)
-  monkeypatch.setattr(arith_comparison, "_STOPPING", threading.Event())
-  run = lambda name: arith_comparison.main_process([f"--workdir={tmp_path / name}"], str(tmp_path / f"{name}.log"))
+  monkeypatch.setattr(processes.subprocess, "Popen", Process)
+  monkeypatch.setattr(processes, "WALL_EVERY", 0.01)
+  monkeypatch.setattr(processes, "_STOPPING", threading.Event())
+  run = lambda name: processes.main_process([f"--workdir={tmp_path / name}"], str(tmp_path / f"{name}.log"))
   worker = threading.Thread(target=run, args=("a",), daemon=True)
   worker.start()
   started.wait()
   with pytest.raises(SystemExit):
-    arith_comparison._pass_signal_on(signal.SIGTERM, None)
+    processes.pass_signal_on(signal.SIGTERM, None)
   worker.join(5)  # a run the signal missed would go on: the suite waits for it no longer than this
   assert signals == [signal.SIGTERM]
   noted = []
   with pytest.raises(RuntimeError, match="stopping at a signal: not started"):
-    arith_comparison.main_process(
-      [f"--workdir={tmp_path / 'b'}"], str(tmp_path / "b.log"), on_start=lambda: noted.append(1)
-    )
+    processes.main_process([f"--workdir={tmp_path / 'b'}"], str(tmp_path / "b.log"), on_start=lambda: noted.append(1))
   assert noted == []  # a run that never started notes no commit
 
 
 def test_a_freed_run_slot_goes_to_the_method_that_asked_first():
   """Two methods share one slot: the one that freed it and asks again at once waits behind the one already waiting,
   so the methods of a stage take turns (a plain queue gave it back to the thread that freed it)."""
-  cores = arith_comparison.Cores([None])
+  cores = processes.Cores([None])
   order = []
   core = cores.get()  # method a runs
 
@@ -491,7 +490,7 @@ def test_real_model_protocol_without_warmup_shares_the_teacherless_runs(tmp_path
   over the run's length, GRPO / SFT and the start's test taken once for both settings (the second invocation
   launches only the teacher methods), and no run's weights left behind once its figures are written."""
   calls = []
-  monkeypatch.setattr(arith_comparison, "main_process", _fake_real_main(calls))
+  monkeypatch.setattr(processes, "main_process", _fake_real_main(calls))
   methods = ["DistIL", "SDPO", "OPSD", "GRPO", "SFT", "DistIL+GRPO"]
   variants = list(comparison_tasks.REAL_VARIANTS)  # DistIL's rate, both seeds; no grid of their own
   base = ["cmp", "--task", "smollm2", "--smoke", "--seeds", "0", "1", "--lrs", "1e-4", "3e-4", "--methods", *methods]
@@ -545,7 +544,7 @@ def test_real_model_runs_recorded_outside_the_machine_are_read_back_on_a_fresh_o
   nothing, takes no run slot (a method done reads its runs back without waiting its turn) and reports the same; a
   record of another config is refused, not read as the run."""
   calls = []
-  monkeypatch.setattr(arith_comparison, "main_process", _fake_real_main(calls))
+  monkeypatch.setattr(processes, "main_process", _fake_real_main(calls))
   argv = ["cmp", "--task", "smollm2", "--smoke", "--seeds", "0", "1", "--lrs", "1e-4", "3e-4"]
   argv += ["--methods", "DistIL", "GRPO", "--out", str(tmp_path), "--workdir", str(tmp_path / "runs")]
   monkeypatch.setattr("sys.argv", [*argv, "--record", str(tmp_path / "record")])
@@ -574,7 +573,7 @@ def test_real_model_runs_recorded_outside_the_machine_are_read_back_on_a_fresh_o
   shutil.rmtree(tmp_path / "runs")
   calls.clear()
   no_slot = lambda self: pytest.fail("a run read back waited for a run slot")  # behind other methods' runs
-  monkeypatch.setattr(arith_comparison.Cores, "get", no_slot)
+  monkeypatch.setattr(processes.Cores, "get", no_slot)
   arith_comparison.main()
   assert calls == []
   again = json.loads((tmp_path / "smollm2_sibling.json").read_text())
