@@ -164,12 +164,31 @@ REAL_RESPONSES = [  # as SmolLM2-135M-Instruct and larger instruct models write 
   ("The answer is 1,000 coins.", "1000"),
   ("The answer is $\\frac{3}{4}$.", "0.75"),
   ("She has -3 left. The answer is -3.", "-3"),
+  ("Fay has 6 + 1 = 7 books. The answer is 6 + 1 = 7 books.", "7"),  # an equation states its last value
+  ("The answer is 7 (check: 7 + 3 = 10).", "7"),  # a number that opens no equation is the answer
+  ("The answer is 9 + 8.", "17"),  # an expression: its value
 ]
 
 
 @pytest.mark.parametrize("response,answer", REAL_RESPONSES)
 def test_math_reads_the_answer_forms_instruct_models_write(response, answer):
   assert math_task.equivalent(math_task.extract_answer(response), answer)
+
+
+def test_math_grades_the_value_an_equation_after_the_cue_states_not_its_first_number():
+  """RL on SmolLM2 learned to write the right number after the cue and then an equation to another: 'The answer is
+  9 + 8 = 17 shells.' to a problem whose answer is 9. It states 17, and is wrong, in every cue's form."""
+  task = tasks.make_task(_cfg(name="math"))
+  p = task.problems("eval")[0]
+  right = int(p.answer)
+  for cue in ("The answer is", "The final answer is", "Answer:", "####"):
+    assert task.verify(p, f"{cue} {right} + 8 = {right + 8} shells.") == tasks.Verdict(
+      False, f"answer {right + 8} is wrong"
+    )
+    assert task.verify(p, f"{cue} {right - 1} + 1 = {right}.") == tasks.Verdict(True, "correct")
+  assert task.verify(p, f"The answer is ${right} \\times 2 = {2 * right}$") == tasks.Verdict(
+    False, f"answer {2 * right} is wrong"
+  )
 
 
 def test_math_answer_formats_choose_the_forms_read():

@@ -38,6 +38,7 @@ _CUES = {  # the text after which each format's answer starts (\\boxed's ends at
   "answer:": re.compile(r"answer\s*:", re.IGNORECASE),
 }
 _LEADING_NUMBER = re.compile(r"[$\s]*(?P<n>[-+]?\d[\d,]*(?:\.\d+)?(?:/\d+)?)(?![\d.,/]*\w)")
+_GOES_ON = re.compile(r"\s*(?:(?:[-+*/×x]|\\times|\\cdot|\\div)\s*\d|=)")  # an expression or an equation follows
 _PLAIN = re.compile(r"[-+]?\d+(?:\.\d+)?")
 
 
@@ -54,13 +55,23 @@ def _boxed(response: str):
 
 def _after_cue(text: str) -> str:
   """The answer written after a cue such as 'The answer is': a leading number if it starts with one ('25 coins.'
-  is 25), else the rest of its line up to the sentence's end, without markdown bold or dollar signs."""
+  is 25), else the rest of its line up to the sentence's end, without markdown bold or dollar signs. A number that
+  opens an equation is not the answer: 'The answer is 9 + 8 = 17 shells.' states 17, the value after the sentence's
+  last '=' (read as here), and an expression with no '=' is the expression ('9 + 8', whose value `equivalent`
+  reads). Why: reading the 9 there paid a policy for writing the right number and then another (seen under RL)."""
   text = text.lstrip(" *\t")
   m = _LEADING_NUMBER.match(text)
+  if m and _GOES_ON.match(text, m.end()):
+    line = _sentence(text)
+    return _after_cue(line.rsplit("=", 1)[1]) if "=" in line else line.strip().strip("$").strip()
   if m:
     return m["n"].replace(",", "") if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+", m["n"]) else m["n"]
-  line = re.split(r"\n|\.(?:\s|$)", text, maxsplit=1)[0]
-  return line.strip().strip("*").strip().strip("$").strip()
+  return _sentence(text).strip().strip("*").strip().strip("$").strip()
+
+
+def _sentence(text: str) -> str:
+  """`text` up to the end of its line or first sentence ('2.5' does not end one)."""
+  return re.split(r"\n|\.(?:\s|$)", text, maxsplit=1)[0]
 
 
 def extract_answer(response: str, formats=FORMATS) -> str | None:
