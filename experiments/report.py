@@ -8,7 +8,8 @@ the start, seed by seed.
   python -m experiments.report --runs experiments/results/smollm2_runs
 prints every run recorded so far (`arith_comparison --record`), finished table or not: one row per run; then what
 each run's training signal was made of (`signal_table`); then its training reward and response length by iteration
-(`curves_table`); then how its validation responses failed (`answers_table`),
+(`curves_table`); then how its validation responses failed, how many end on the right value in any form and how
+many the grader passes as it now stands (`answers_table`),
 and the same summed over each method and rate's seeds (`answers_by_rate_table`); then whether its commonest answer,
 given to every prompt, would score as much (`constants_table`); then what each method's runs cost (`cost_table`).
   python -m experiments.report experiments/results/smollm2_sibling_teacher_start.json
@@ -246,8 +247,29 @@ def answer_forms(samples: list, formats) -> dict:
   return out
 
 
+def values_right(samples: list) -> dict:
+  """{iteration: how many of the responses logged at that validation end on the expected value}: their last written
+  number is the answer (`math.equivalent`), whatever form carries it; None where the rows predate `answer`. Why: a
+  lenient reading beside the grader's, so that a run which computes the value and drops the answer's form ("Cy has 1
+  + 8 = 9 shells.") is told from one that computes nothing; lenient, it also counts a response ending on a number
+  it restated."""
+  by_iteration = {}
+  for row in samples:
+    by_iteration.setdefault(row["iteration"], []).append(row)
+  out = {}
+  for it, rows in by_iteration.items():
+    numbers = [re.findall(r"-?\d+(?:\.\d+)?", r["response"]) for r in rows]
+    said = all("answer" in r for r in rows)
+    out[it] = (
+      sum(bool(n) and math_task.equivalent(n[-1], r["answer"]) for n, r in zip(numbers, rows, strict=True))
+      if said
+      else None
+    )
+  return out
+
+
 def _forms(counts) -> str:
-  correct, wrong, none, cut = counts
+  correct, wrong, none, cut = counts[:4]
   return f"{correct} / {wrong} / {none}" + ("" if cut is None else f" ({cut} cut)")
 
 
@@ -269,12 +291,40 @@ def _formats(config: dict) -> tuple:
   return tuple(config["task"].get("answer_formats", math_task.FORMATS))
 
 
+def graded_now(samples: list, config: dict) -> dict:
+  """{iteration: how many of the responses logged at that validation the run's task passes as its grader now
+  stands}; None where the rows are not of the task's validation prompts (or predate `question`). Why: a row's
+  `correct` is its grader's verdict when the run ran; a grader mended since (381c20a: the value an equation after
+  the cue states) grades the same text again here, so a figure that rested on a grader's leniency shows."""
+  if not all("question" in r for r in samples):
+    return {row["iteration"]: None for row in samples}
+  task = _task(json.dumps(config["task"], sort_keys=True))
+  problems = {p.prompt: p for p in evaluate.held_out(task, "validation")}
+  by_iteration = {}
+  for row in samples:
+    by_iteration.setdefault(row["iteration"], []).append(row)
+  out = {}
+  for it, rows in by_iteration.items():
+    said = all(r.get("question") in problems for r in rows)
+    out[it] = sum(task.verify(problems[r["question"]], r["response"]).correct for r in rows) if said else None
+  return out
+
+
 def _run_forms(record: str):
   """(setting, run, first, last) per recorded math run with logged responses: `answer_forms` at its first and last
-  validation."""
+  validation, each followed by its `values_right` and its `graded_now`."""
   for setting, run, _, config, samples in _math_runs(record):
-    forms = answer_forms(samples, _formats(config))
-    yield setting, run, forms[min(forms)], forms[max(forms)]
+    forms, values, now = answer_forms(samples, _formats(config)), values_right(samples), graded_now(samples, config)
+    first, last = min(forms), max(forms)
+    yield setting, run, (*forms[first], values[first], now[first]), (*forms[last], values[last], now[last])
+
+
+def _change(first, last, i) -> str:
+  """`first -> last` of the count at index i of two `_run_forms` counts, "-" where either lacks it."""
+  return "-" if None in (first[i], last[i]) else f"{first[i]} -> {last[i]}"
+
+
+_MORE = ("right value last, any form: first -> last", "correct, graded now: first -> last")
 
 
 def answers_table(record: str) -> str:
@@ -282,18 +332,22 @@ def answers_table(record: str) -> str:
   correct / a final answer that is wrong / no final answer the grader could read, and how many of the last were cut
   at the horizon rather than stopped. Why: a verifiable reward pays for the answer's form as much as for its value,
   and a teacher's next-token distribution may not; this separates the two, and a response that stops before its
-  answer from one that runs out of tokens."""
-  lines = _head(
-    ["setting", "run", "responses", "first: correct / wrong / no answer", "last: correct / wrong / no answer"]
-  )
+  answer from one that runs out of tokens. Then how many ended on the right value in any form (`values_right`), and
+  how many the grader passes as it now stands (`graded_now`), first -> last."""
+  head = ["setting", "run", "responses", "first: correct / wrong / no answer", "last: correct / wrong / no answer"]
+  lines = _head([*head, *_MORE])
   for setting, run, first, last in _run_forms(record):
-    lines.append(_row([setting, run, str(sum(first[:3])), _forms(first), _forms(last)]))
+    cells = [setting, run, str(sum(first[:3])), _forms(first), _forms(last)]
+    lines.append(_row([*cells, _change(first, last, 4), _change(first, last, 5)]))
   return "\n".join(lines)
 
 
 def _sum_forms(a, b):
-  """Two `answer_forms` counts added; the cut count only where both say it."""
-  return (*(x + y for x, y in zip(a[:3], b[:3], strict=True)), None if None in (a[3], b[3]) else a[3] + b[3])
+  """Two `_run_forms` counts added; the cut and right-value counts only where both say them."""
+  return (
+    *(x + y for x, y in zip(a[:3], b[:3], strict=True)),
+    *(None if None in (x, y) else x + y for x, y in zip(a[3:], b[3:], strict=True)),
+  )
 
 
 def answers_by_rate_table(record: str) -> str:
@@ -302,12 +356,14 @@ def answers_by_rate_table(record: str) -> str:
   sums = {}
   for setting, run, first, last in _run_forms(record):
     key = (setting, re.sub(r"_seed\d+$", "", run))
-    seeds, *counts = sums.get(key, (0, (0, 0, 0, 0), (0, 0, 0, 0)))
+    seeds, *counts = sums.get(key, (0, (0,) * 6, (0,) * 6))
     sums[key] = (seeds + 1, _sum_forms(counts[0], first), _sum_forms(counts[1], last))
   head = ["setting", "method and rate", "seeds", "responses"]
-  lines = _head([*head, "first: correct / wrong / no answer", "last: correct / wrong / no answer"])
+  head += ["first: correct / wrong / no answer", "last: correct / wrong / no answer"]
+  lines = _head([*head, *_MORE])
   for (setting, name), (seeds, first, last) in sums.items():
-    lines.append(_row([setting, name, str(seeds), str(sum(first[:3])), _forms(first), _forms(last)]))
+    cells = [setting, name, str(seeds), str(sum(first[:3])), _forms(first), _forms(last)]
+    lines.append(_row([*cells, _change(first, last, 4), _change(first, last, 5)]))
   return "\n".join(lines)
 
 
@@ -335,9 +391,15 @@ def _test_prompts(setting: str, config: dict) -> int:
 
 
 @functools.cache
+def _task(task_json: str):
+  """The task a run's config section (as JSON) makes."""
+  return tasks.make_task(ml_collections.ConfigDict(json.loads(task_json)))
+
+
+@functools.cache
 def _splits(task_json: str, validation: int, test: int) -> tuple:
   """The validation and test prompts a run with this task section was validated and tested on."""
-  task = tasks.make_task(ml_collections.ConfigDict(json.loads(task_json)))
+  task = _task(task_json)
   return evaluate.held_out(task, "validation")[:validation], evaluate.held_out(task, "test")[:test]
 
 

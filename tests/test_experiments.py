@@ -566,10 +566,11 @@ def test_real_model_runs_recorded_outside_the_machine_are_read_back_on_a_fresh_o
   assert "| 0.100 | - | - | 0 min |" in rows[-3]  # the test figure the stand-in wrote for seed 1; no pass@8
   assert "| 0.050 | - | - | 0 min |" in rows[-1]  # the start's, seed 1
   answers = report.answers_table(str(tmp_path / "record")).splitlines()  # the recorded samples, read back
-  assert answers[-3] == "| smollm2_sibling | GRPO_lr0.001_seed1 | 1 | 0 / 1 / 0 (0 cut) | 0 / 0 / 1 (1 cut) |"
-  assert answers[-1] == "| smollm2_sibling | start_seed1 | 1 | 0 / 1 / 0 (0 cut) | 0 / 1 / 0 (0 cut) |"  # untrained
+  assert answers[-3] == "| smollm2_sibling | GRPO_lr0.001_seed1 | 1 | 0 / 1 / 0 (0 cut) | 0 / 0 / 1 (1 cut) | - | - |"
+  untrained = "| smollm2_sibling | start_seed1 | 1 | 0 / 1 / 0 (0 cut) | 0 / 1 / 0 (0 cut) | - | - |"
+  assert answers[-1] == untrained  # rows without the question and its answer: no regrading
   by_rate = report.answers_by_rate_table(str(tmp_path / "record")).splitlines()  # seeds 0 and 1 at 1e-3: summed
-  assert "| smollm2_sibling | GRPO_lr0.001 | 2 | 2 | 0 / 2 / 0 (0 cut) | 0 / 0 / 2 (2 cut) |" in by_rate
+  assert "| smollm2_sibling | GRPO_lr0.001 | 2 | 2 | 0 / 2 / 0 (0 cut) | 0 / 0 / 2 (2 cut) | - | - |" in by_rate
   shutil.rmtree(tmp_path / "runs")
   calls.clear()
   no_slot = lambda self: pytest.fail("a run read back waited for a run slot")  # behind other methods' runs
@@ -732,6 +733,34 @@ def test_constants_table_reads_a_collapsed_run_against_the_prompts_it_was_tested
   assert len(lines) == 6
 
 
+def test_answers_table_regrades_logged_responses_and_reads_the_value_in_any_form(tmp_path):
+  """Three validation prompts of the real preset, their verdicts stored as a grader that read the first number after
+  the cue gave them: at the start, 'The answer is a + 8 = a+8.' (stored correct; it states a+8: graded now, wrong,
+  and its last number is not a), a right value with no cue (stored wrong; right value, no answer), a plain right
+  answer; at the end, a boxed right answer, no number at all, and 'The answer is a-1 + 1 = a.' (stored wrong, now
+  right). Counted by hand: right value 2 -> 2, graded now 1 -> 2."""
+  config = load_config("math", "smollm2_sibling").to_dict()
+  problems = evaluate.held_out(tasks.make_task(load_config("math", "smollm2_sibling").task), "validation")[:3]
+  a = [int(p.answer) for p in problems]
+  responses = {
+    0: [(f"The answer is {a[0]} + 8 = {a[0] + 8}.", True), (f"So {a[1] - 1} + 1 = {a[1]} shells.", False),
+        (f"The answer is {a[2]}.", True)],
+    10: [(f"\\boxed{{{a[0]}}}", True), ("I do not know.", False), (f"The answer is {a[2] - 1} + 1 = {a[2]}.", False)],
+  }  # fmt: skip
+  folder = tmp_path / "smollm2_sibling" / "DistIL_lr3e-06_seed0"
+  folder.mkdir(parents=True)
+  (folder / "config.json").write_text(json.dumps(config))
+  (folder / "eval.jsonl").write_text("{}\n")
+  rows = [
+    {"iteration": it, "question": p.prompt, "answer": p.answer, "response": text, "correct": correct}
+    for it, said in responses.items()
+    for p, (text, correct) in zip(problems, said, strict=True)
+  ]
+  (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  line = report.answers_table(str(tmp_path)).splitlines()[2]
+  assert line == "| smollm2_sibling | DistIL_lr3e-06_seed0 | 3 | 2 / 0 / 1 | 1 / 1 / 1 | 2 -> 2 | 1 -> 2 |"
+
+
 def test_answers_by_rate_sum_the_seeds_and_keep_a_cut_count_only_where_every_seed_says_it(tmp_path):
   """Two seeds of one method and rate, one whose rows say `stopped` and one whose rows predate it, and a run of
   another rate: counts written out by hand."""
@@ -752,8 +781,8 @@ def test_answers_by_rate_sum_the_seeds_and_keep_a_cut_count_only_where_every_see
         row["stopped"] = stopped
     (folder / "samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in samples))
   assert report.answers_by_rate_table(str(tmp_path)).splitlines()[2:] == [
-    "| smollm2_sibling | DistIL_lr1e-05 | 1 | 1 | 0 / 1 / 0 (0 cut) | 0 / 0 / 1 (1 cut) |",
-    "| smollm2_sibling | DistIL_lr3e-06 | 2 | 4 | 1 / 1 / 2 | 1 / 1 / 2 |",
+    "| smollm2_sibling | DistIL_lr1e-05 | 1 | 1 | 0 / 1 / 0 (0 cut) | 0 / 0 / 1 (1 cut) | - | - |",
+    "| smollm2_sibling | DistIL_lr3e-06 | 2 | 4 | 1 / 1 / 2 | 1 / 1 / 2 | - | - |",
   ]
 
 
