@@ -83,9 +83,11 @@ def sample_rows(r, per_prompt: int, *, tok, add_bos: bool) -> list[dict]:
   return rows
 
 
-def evaluate_policy(graphdef, params, rng, *, config, tok, task, mesh, samples=None) -> dict[str, float]:
+def evaluate_policy(
+  graphdef, params, rng, *, config, tok, task, mesh, samples=None, samples_per_prompt=None
+) -> dict[str, float]:
   """Pass@k on the held-out prompts (this process's share), and greedy accuracy. `samples`, a list, receives
-  `eval.log_samples` rows per prompt of this process (`sample_rows`)."""
+  `samples_per_prompt` rows per prompt of this process (`sample_rows`; default `eval.log_samples`)."""
   e = config.eval
   prompts = held_out(task, e.split)
   if e.split != "eval" and len(prompts) < e.num_prompts:  # a protocol's split must be the size it says
@@ -101,7 +103,8 @@ def evaluate_policy(graphdef, params, rng, *, config, tok, task, mesh, samples=N
   r = sample(samples_per_prompt=e.samples, sampling_cfg=dataclasses.replace(base, temperature=e.temperature))
   correct = [[v.correct for v in row] for row in r.verdicts]
   if samples is not None:
-    samples += sample_rows(r, e.log_samples, tok=tok, add_bos=config.tokenizer.add_bos)
+    per_prompt = e.log_samples if samples_per_prompt is None else samples_per_prompt
+    samples += sample_rows(r, per_prompt, tok=tok, add_bos=config.tokenizer.add_bos)
   out = {f"eval/{k}": v for k, v in summarize(correct, e.pass_at).items()}
   if e.greedy:
     r = sample(samples_per_prompt=1, sampling_cfg=dataclasses.replace(base, greedy=True))

@@ -13,17 +13,25 @@ from distil_jax import build, evaluate, hf, sharding
 
 
 def evaluate_only(config, workdir: str) -> dict:
-  """Pass@k of the latest checkpoint, printed and appended to `workdir/eval.jsonl`."""
+  """Pass@k of the latest checkpoint, printed and appended to `workdir/eval.jsonl`; every response it graded goes
+  to `workdir/eval_samples.jsonl` first (process 0's share of the prompts, without the rendered prompt), so that
+  the figures can be graded again by a grader mended later."""
   build.check(config, "eval")
   run = build.Run.build(config, workdir)
   params, meta = run.restore_params()
   run.write_workdir()
+  rows = []
   with sharding.use(run.mesh, run.rules):
     out = evaluate.evaluate_policy(
-      run.graphdef, params, jax.random.key(config.seed), config=config, tok=run.tok, task=run.task, mesh=run.mesh
-    )
+      run.graphdef, params, jax.random.key(config.seed), config=config, tok=run.tok, task=run.task, mesh=run.mesh,
+      samples=rows, samples_per_prompt=config.eval.samples,
+    )  # fmt: skip
   out["iteration"] = meta["iteration"]
   if jax.process_index() == 0:
+    with open(os.path.join(workdir, "eval_samples.jsonl"), "a") as f:
+      for row in rows:
+        shown = {k: v for k, v in row.items() if k != "prompt"}
+        f.write(json.dumps({"iteration": out["iteration"], "split": config.eval.split, **shown}) + "\n")
     with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
       f.write(json.dumps(out) + "\n")
   return out

@@ -298,8 +298,9 @@ class Comparison:
     """Copy a trained and tested run's figures (no weights: a few KB) to `--record`, a folder that outlives the
     machine (a git checkout): a session may end on a fresh machine, where the workdir is gone. Written once, each
     file whole (a copy then a rename), with the config the run trained, the commits its parts ran at (`commits`,
-    written at each launch) and the responses it wrote at each validation (`samples.jsonl`, about 40 KB: what the
-    report's answers table reads); eval.jsonl last, so that its presence marks a whole record."""
+    written at each launch), the responses it wrote at each validation (`samples.jsonl`, about 40 KB: what the
+    report's answers table reads) and every response its test graded (`eval_samples.jsonl`, written by
+    `--mode=eval`; a SmolLM2 test's 512, about 250 KB); eval.jsonl last, so that its presence marks a whole record."""
     if not self.record or os.path.exists(os.path.join(self._recorded(wd), RECORDED[-1])):
       return
     os.makedirs(self._recorded(wd), exist_ok=True)
@@ -345,7 +346,8 @@ def code_commit() -> str:
 
 
 RECORDED = ("metrics.jsonl", "wall_seconds.json", "eval.jsonl")  # what a finished run is read back from, in order
-KEPT = ("commits", "samples.jsonl", *RECORDED)  # a record's files: the commits, what it wrote at each validation
+# a record's files: the commits, what it wrote at each validation and at its test (graded again by a mended grader)
+KEPT = ("commits", "samples.jsonl", "eval_samples.jsonl", *RECORDED)
 
 
 def _write_wall(path, seconds):

@@ -22,7 +22,7 @@ from flax import nnx
 from run_helpers import ROOT, FakeExpertServer, child_env, load_config, rot_one_bit, run_main
 from test_http_expert import _rollouts
 
-from distil_jax import build, checkpoint, experts, hf, losses, tasks, train
+from distil_jax import build, checkpoint, evaluate, experts, hf, losses, tasks, train
 from distil_jax import model as model_lib
 from distil_jax import tokenizer as tok_lib
 from distil_jax.errors import ConfigError, DataError
@@ -220,9 +220,28 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
     np.testing.assert_array_equal(ba[name], bb[name])
 
 
+def _test_evaluation_keeps_every_response_it_graded(args, tmp_path):
+  """`--mode=eval` writes each response it graded (eval_samples.jsonl) beside its figures: the task's grader, run
+  again on those texts, gives the stored verdicts, and their mean per prompt averaged is the Pass@1 it reported."""
+  flags = ["--mode=eval", "--config.eval.split=test", "--config.eval.samples=4", "--config.eval.pass_at=(1,2)"]
+  out = run_main(*args, *flags)
+  assert out.returncode == 0, out.stderr[-2000:]
+  config = load_config("arith")
+  task = tasks.make_task(config.task)
+  tested = {p.prompt: p for p in evaluate.held_out(task, "test")[: config.eval.num_prompts]}
+  rows = [json.loads(x) for x in (tmp_path / "eval_samples.jsonl").read_text().splitlines()]
+  assert len(rows) == 4 * len(tested) and {r["question"] for r in rows} == set(tested)
+  assert {(r["iteration"], r["split"]) for r in rows} == {(2, "test")} and all("prompt" not in r for r in rows)
+  assert [task.verify(tested[r["question"]], r["response"]).correct for r in rows] == [r["correct"] for r in rows]
+  per_prompt = [np.mean([r["correct"] for r in rows if r["question"] == q]) for q in tested]
+  reported = json.loads((tmp_path / "eval.jsonl").read_text().splitlines()[-1])
+  np.testing.assert_allclose(reported["eval/pass@1"], np.mean(per_prompt), rtol=1e-6)
+
+
 def test_export_loads_in_transformers(tmp_path):
   args = ["--config=configs/arith.py:runlocal", "--config.log.tensorboard=False", f"--workdir={tmp_path}"]
   assert run_main(*args).returncode == 0
+  _test_evaluation_keeps_every_response_it_graded(args, tmp_path)
   out = run_main(*args, "--mode=export", f"--export_dir={tmp_path / 'hf'}", "--config.export.dtype=float32")
   assert out.returncode == 0, out.stderr[-2000:]
   assert (tmp_path / "hf" / "tokenizer.model").exists()
