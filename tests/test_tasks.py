@@ -167,7 +167,19 @@ REAL_RESPONSES = [  # as SmolLM2-135M-Instruct and larger instruct models write 
   ("Fay has 6 + 1 = 7 books. The answer is 6 + 1 = 7 books.", "7"),  # an equation states its last value
   ("The answer is 7 (check: 7 + 3 = 10).", "7"),  # a number that opens no equation is the answer
   ("The answer is 9 + 8.", "17"),  # an expression: its value
+  ("The answer is 3 x 4.", "12"),
+  ("The answer is 8 \\div 2.", "4"),
+  ("The answer is 25, since 5 x 5 = 25.", "25"),  # a comma ends the number
+  ("The answer is 10 - 2 = 8, so she has 8.", "8"),
 ]
+
+
+@pytest.mark.parametrize("text", ["2 + 9^99999999", "1 + 10^10^10", "2 + 99999!", "2**(12345)"])
+def test_math_refuses_to_evaluate_a_power_or_factorial_too_large(text):
+  """A policy's text is evaluated by sympy; these would stall it (a grader that hangs stalls the run)."""
+  with pytest.raises(ValueError, match="too large"):
+    math_task._to_sympy(text)
+  assert math_task._to_sympy("2^10 + 3!") == 1030  # small ones are read
 
 
 @pytest.mark.parametrize("response,answer", REAL_RESPONSES)

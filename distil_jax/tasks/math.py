@@ -37,9 +37,10 @@ _CUES = {  # the text after which each format's answer starts (\\boxed's ends at
   "the answer is": re.compile(r"the (?:final )?answer is:?", re.IGNORECASE),
   "answer:": re.compile(r"answer\s*:", re.IGNORECASE),
 }
-_LEADING_NUMBER = re.compile(r"[$\s]*(?P<n>[-+]?\d[\d,]*(?:\.\d+)?(?:/\d+)?)(?![\d.,/]*\w)")
+_LEADING_NUMBER = re.compile(r"[$\s]*(?P<n>[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?)(?![\d.,/]*\w)")
 _GOES_ON = re.compile(r"\s*(?:(?:[-+*/×x]|\\times|\\cdot|\\div)\s*\d|=)")  # an expression or an equation follows
 _PLAIN = re.compile(r"[-+]?\d+(?:\.\d+)?")
+_HUGE = re.compile(r"\*\*\s*\(?\s*[-+]?\d{4,}|\*\*[^-+*/=]*\*\*|\d{4,}\s*!")  # a power or factorial sympy stalls on
 
 
 def _boxed(response: str):
@@ -90,11 +91,17 @@ def extract_answer(response: str, formats=FORMATS) -> str | None:
 
 
 def _to_sympy(text: str):
+  """sympy's reading of an answer. Text a policy wrote is parsed and evaluated here, so a power or factorial too
+  large to evaluate at once ('9^99999999', '10^10^10', '99999!') is refused before sympy sees it."""
   t = text.strip().strip("$").replace("\\left", "").replace("\\right", "").replace("\\!", "")
   t = re.sub(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))", t)
-  t = t.replace("\\cdot", "*").replace("\\times", "*").replace("^", "**").replace("{", "(").replace("}", ")")
+  t = t.replace("\\cdot", "*").replace("\\times", "*").replace("\\div", "/").replace("×", "*")
+  t = t.replace("^", "**").replace("{", "(").replace("}", ")")
+  t = re.sub(r"(?<=\d)\s*x\s*(?=\d)", "*", t)  # 3 x 4
   t = re.sub(r"(?<=\d),(?=\d{3}\b)", "", t)  # 1,000 -> 1000
   t = re.sub(r"\\text\(([^()]*)\)", "", t).replace("%", "")
+  if _HUGE.search(t):
+    raise ValueError(f"too large to evaluate: {t[:40]!r}")
   return parse_expr(t, transformations=standard_transformations, evaluate=True)
 
 
