@@ -230,16 +230,21 @@ def curves_table(record: str) -> str:
   return "\n".join(lines)
 
 
+def _by_iteration(samples: list) -> dict:
+  """{iteration: the rows logged at that validation}, in the order written."""
+  out = {}
+  for row in samples:
+    out.setdefault(row["iteration"], []).append(row)
+  return out
+
+
 def answer_forms(samples: list, formats) -> dict:
   """{iteration: (correct, answered but wrong, no final answer, of those cut at the horizon)} over the responses
   logged at each validation. "No final answer" is what the task's grader reads as none (`extract_answer` in the
   run's `task.answer_formats`); "cut" is a response that never stopped (None where the rows do not say: samples
   logged before `stopped` was)."""
-  by_iteration = {}
-  for row in samples:
-    by_iteration.setdefault(row["iteration"], []).append(row)
   out = {}
-  for it, rows in by_iteration.items():
+  for it, rows in _by_iteration(samples).items():
     forms = [0 if r["correct"] else 1 if math_task.extract_answer(r["response"], formats) else 2 for r in rows]
     said = all("stopped" in r for r in rows)
     cut = sum(f == 2 and not r["stopped"] for f, r in zip(forms, rows, strict=True)) if said else None
@@ -253,11 +258,8 @@ def values_right(samples: list) -> dict:
   lenient reading beside the grader's, so that a run which computes the value and drops the answer's form ("Cy has 1
   + 8 = 9 shells.") is told from one that computes nothing; lenient, it also counts a response ending on a number
   it restated."""
-  by_iteration = {}
-  for row in samples:
-    by_iteration.setdefault(row["iteration"], []).append(row)
   out = {}
-  for it, rows in by_iteration.items():
+  for it, rows in _by_iteration(samples).items():
     numbers = [re.findall(r"-?\d+(?:\.\d+)?", r["response"]) for r in rows]
     said = all("answer" in r for r in rows)
     out[it] = (
@@ -300,11 +302,8 @@ def graded_now(samples: list, config: dict) -> dict:
     return {row["iteration"]: None for row in samples}
   task = _task(json.dumps(config["task"], sort_keys=True))
   problems = {p.prompt: p for p in evaluate.held_out(task, "validation")}
-  by_iteration = {}
-  for row in samples:
-    by_iteration.setdefault(row["iteration"], []).append(row)
   out = {}
-  for it, rows in by_iteration.items():
+  for it, rows in _by_iteration(samples).items():
     said = all(r.get("question") in problems for r in rows)
     out[it] = sum(task.verify(problems[r["question"]], r["response"]).correct for r in rows) if said else None
   return out
@@ -421,7 +420,8 @@ def constants_table(record: str) -> str:
       (val_best, val_pass), (test_best, test_pass) = best_constants(validation), best_constants(test)
       lines.append(_row([setting, "best constant", f"val. {', '.join(val_best)}; test {', '.join(test_best)}",
                          f"{val_pass:.3f} / {test_pass:.3f}", "-"]))  # fmt: skip
-    last = [r for r in samples if r["iteration"] == max(r["iteration"] for r in samples)]
+    by_iteration = _by_iteration(samples)
+    last = by_iteration[max(by_iteration)]
     answers = collections.Counter(math_task.extract_answer(r["response"], _formats(config)) for r in last)
     answers.pop(None, None)
     answer, count = answers.most_common(1)[0] if answers else (None, 0)
