@@ -28,13 +28,30 @@ def evaluate_only(config, workdir: str) -> dict:
     )  # fmt: skip
   out["iteration"] = meta["iteration"]
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval_samples.jsonl"), "a") as f:
-      for row in rows:
-        shown = {k: v for k, v in row.items() if k != "prompt"}
-        f.write(json.dumps({"iteration": out["iteration"], "split": config.eval.split, **shown}) + "\n")
+    keep_graded(os.path.join(workdir, "eval_samples.jsonl"), rows, out["iteration"], config.eval.split)
     with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
       f.write(json.dumps(out) + "\n")
   return out
+
+
+def keep_graded(path: str, rows: list, iteration: int, split: str) -> None:
+  """Add one evaluation's graded responses to `path` (without the rendered prompt), in place of any earlier ones of
+  the same checkpoint and split: an evaluation killed before its figures, or repeated, leaves one set per
+  checkpoint and split, the set eval.jsonl's latest line for it was computed from. Replaced whole (a copy, then a
+  rename), so a kill mid-write leaves the file as it was."""
+  kept = []
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        row = json.loads(line)
+        if (row["iteration"], row["split"]) != (iteration, split):
+          kept.append(line)
+  with open(path + ".tmp", "w") as f:
+    f.writelines(kept)
+    for row in rows:
+      shown = {k: v for k, v in row.items() if k != "prompt"}
+      f.write(json.dumps({"iteration": iteration, "split": split, **shown}) + "\n")
+  os.replace(path + ".tmp", path)
 
 
 def export(config, workdir: str, export_dir: str) -> str:

@@ -34,6 +34,8 @@ are the same runs in both feedback settings of a task and run once; three seeds 
 (Pass@1/2/4/8), sized to the 2-core machine.
   python -m experiments.arith_comparison --task smollm2 --expert sibling --workdir ~/distil-real
 What each task runs (methods, settings, grids, seeds) is `experiments/comparison_tasks.py`.
+`--tag T` runs a setting again under other code (a mended grader: the same configs, other rewards) in folders
+`<setting>-T` of its own, beside the first runs' (which a rerun would otherwise read back as done).
 Runs resume: a run stopped by a signal or a session's end continues from its last checkpoint (the loop's resume is
 exact) when the command is given again; finished runs and test evaluations are read back, not rerun.
 """
@@ -114,7 +116,7 @@ def _without_expert(config):
 class Comparison:
   """The runs of one expert setting under the protocol; every run is a subprocess and skipped if already done."""
 
-  def __init__(self, expert, workdir, smoke=False, size="small", jobs=1, task="arith", record=None):
+  def __init__(self, expert, workdir, smoke=False, size="small", jobs=1, task="arith", record=None, tag=""):
     self.task = t = TASKS[task]
     self.workdir, self.record = workdir, record
     self.commit = code_commit()  # the orchestrator's own: restart it when its worktree moves
@@ -126,10 +128,13 @@ class Comparison:
     self.locks = collections.defaultdict(threading.Lock)  # one process per run, however many threads ask
     self.held = threading.local()  # the core a thread holds across several processes (`slot`)
     self.expert, self.smoke, self.task_name = expert, smoke, task
-    self.name = expert if size == "small" else f"{expert}_{size}"
+    # A tag names a second set of the setting's runs under other code (`--tag`): their own workdirs, records and
+    # output files, "-" before it (no preset name has one).
+    suffix = ("" if size == "small" else f"_{size}") + (f"-{tag}" if tag else "")
+    self.name = expert + suffix
     self.label = f"{task}_{self.name}"  # the files written to --out
     prefix = "" if task == "arith" else f"{task}_"  # the arithmetic workdirs keep their names
-    self.roots = {e: os.path.join(workdir, prefix + (e if size == "small" else f"{e}_{size}")) for e in t.settings}
+    self.roots = {e: os.path.join(workdir, prefix + e + suffix) for e in t.settings}
     self.root = self.roots[expert]
     os.makedirs(self.root, exist_ok=True)
     self.size = size
@@ -548,6 +553,12 @@ def main():
   ap.add_argument("--smoke", action="store_true")
   ap.add_argument("--jobs", type=int, default=1, help="runs at once, one core each (see the docstring)")
   ap.add_argument("--record", default=None, help="a folder that outlives the machine: finished runs' figures")
+  ap.add_argument(
+    "--tag",
+    default="",
+    help="the setting's runs again under other code (a mended grader: the same configs, other rewards), in their "
+    "own folders <setting>-<tag> beside the first ones, which stay as they are; letters, digits and '_'",
+  )
   args = ap.parse_args()
   task = TASKS[args.task]
   args.expert = args.expert or next(iter(task.settings))
@@ -557,11 +568,13 @@ def main():
   for what, value, known in (("--expert", [args.expert], task.settings), ("--size", [args.size], task.sizes)):
     if set(value) - set(known):
       ap.error(f"{what} {value[0]}: task {args.task} has {sorted(known)}")
+  if not re.fullmatch(r"\w*", args.tag):
+    ap.error(f"--tag {args.tag}: letters, digits and '_' only (it names folders)")
   if set(args.methods) - {*task.methods, *task.variants}:
     ap.error(f"--methods: task {args.task} has {[*task.methods, *task.variants]}")
   handlers = {s: signal.signal(s, processes.pass_signal_on) for s in (signal.SIGTERM, signal.SIGINT)}
   t0 = time.time()
-  cmp = Comparison(args.expert, args.workdir, args.smoke, args.size, args.jobs, args.task, args.record)
+  cmp = Comparison(args.expert, args.workdir, args.smoke, args.size, args.jobs, args.task, args.record, args.tag)
   try:
     selection, finals, starts = run_protocol(cmp, args.methods, args.seeds, args.lrs, args.select_seed)
   finally:
@@ -573,6 +586,7 @@ def main():
     "expert": args.expert,
     "preset": task.settings[args.expert],
     "size": args.size,
+    "tag": args.tag,
     "lrs": args.lrs,
     "select_seed": args.select_seed,
     "seeds": args.seeds,

@@ -120,12 +120,31 @@ def _records(record: str):
         yield setting, run, folder
 
 
+def tested_now(folder: str, ks) -> dict | None:
+  """{k: test Pass@k} of the responses a run's last test graded (`eval_samples.jsonl`), each graded again by its
+  task as the grader now stands; None where the run kept none (tested before 3d52d6a). Why: a grader mended since
+  the test (381c20a) would leave the reported figure standing on the old verdicts."""
+  path = os.path.join(folder, "eval_samples.jsonl")
+  if not os.path.exists(path):
+    return None
+  rows = _read(path, lines=True)
+  last = [r for r in rows if (r["iteration"], r["split"]) == (rows[-1]["iteration"], rows[-1]["split"])]
+  task_json = json.dumps(json.loads(_read(f"{folder}/config.json"))["task"], sort_keys=True)
+  task, problems = _task(task_json), {p.prompt: p for p in _held_out(task_json, last[0]["split"])}
+  verdicts = {}
+  for r in last:
+    verdicts.setdefault(r["question"], []).append(task.verify(problems[r["question"]], r["response"]).correct)
+  figures = evaluate.summarize(list(verdicts.values()), [int(k.split("@")[1]) for k in ks])
+  return {k: figures[k] for k in ks}
+
+
 def runs_table(record: str, ks=("pass@1", "pass@8")) -> str:
   """One row per recorded run: validation at the start and the end of training (T = 0.7 samples, and greedy), the
-  test figures, the mean labelled fraction of its rollouts (for GRPO and SFT, what a teacher would have labelled),
-  its wall time and the commits its parts ran at. Folders without a whole record are left out."""
+  test figures (in brackets, its kept test responses graded again as the grader now stands: `tested_now`), the mean
+  labelled fraction of its rollouts (for GRPO and SFT, what a teacher would have labelled), its wall time and the
+  commits its parts ran at. Folders without a whole record are left out."""
   head = ["setting", "run", "val. Pass@1", "val. Pass@4", "greedy acc.", "greedy length"]
-  head += [f"test {k}" for k in ks] + ["labelled", "wall", "commits"]
+  head += [f"test {k} (graded now)" for k in ks] + ["labelled", "wall", "commits"]
   lines = _head(head)
   for setting, run, folder in _records(record):
     curve, test = _read(f"{folder}/metrics.jsonl", lines=True), _read(f"{folder}/eval.jsonl", lines=True)[-1]
@@ -136,7 +155,8 @@ def runs_table(record: str, ks=("pass@1", "pass@8")) -> str:
       f"{_figure(start, f'eval/{k}', f)} -> {_figure(end, f'eval/{k}', f)}"
       for k, f in (("pass@1", ".3f"), ("pass@4", ".3f"), ("greedy_accuracy", ".3f"), ("greedy_length", ".1f"))
     ]
-    cells += [_figure(test, f"eval/{k}") for k in ks]
+    now = tested_now(folder, ks)
+    cells += [_figure(test, f"eval/{k}") + ("" if now is None else f" ({now[k]:.3f})") for k in ks]
     cells += [f"{sum(labelled) / len(labelled):.2f}" if labelled else "-"]
     cells += [f"{json.loads(_read(f'{folder}/wall_seconds.json')) / 60:.0f} min"]
     commits = _read(f"{folder}/commits").split() if os.path.exists(f"{folder}/commits") else []
@@ -300,8 +320,8 @@ def graded_now(samples: list, config: dict) -> dict:
   the cue states) grades the same text again here, so a figure that rested on a grader's leniency shows."""
   if not all("question" in r for r in samples):
     return {row["iteration"]: None for row in samples}
-  task = _task(json.dumps(config["task"], sort_keys=True))
-  problems = {p.prompt: p for p in evaluate.held_out(task, "validation")}
+  task_json = json.dumps(config["task"], sort_keys=True)
+  task, problems = _task(task_json), {p.prompt: p for p in _held_out(task_json, "validation")}
   out = {}
   for it, rows in _by_iteration(samples).items():
     said = all(r.get("question") in problems for r in rows)
@@ -384,7 +404,8 @@ def best_constants(problems: list) -> tuple[list, float]:
 def _test_prompts(setting: str, config: dict) -> int:
   """How many test prompts a run of `setting` was tested on: its protocol's (`comparison_tasks`), else the run's
   own evaluation size, as `arith_comparison.Comparison._test` sets it."""
-  finals = [t.final for t in comparison_tasks.TASKS.values() if setting in t.settings.values()]
+  preset = setting.split("-")[0]  # a tagged rerun's folder is <setting>-<tag> (`arith_comparison --tag`)
+  finals = [t.final for t in comparison_tasks.TASKS.values() if preset in t.settings.values()]
   own = config["eval"]["num_prompts"]
   return finals[0].get("num_prompts", own) if finals else own
 
@@ -396,10 +417,14 @@ def _task(task_json: str):
 
 
 @functools.cache
+def _held_out(task_json: str, split: str) -> tuple:
+  """The held-out problems of `split` of the task a run's config section (as JSON) makes."""
+  return tuple(evaluate.held_out(_task(task_json), split))
+
+
 def _splits(task_json: str, validation: int, test: int) -> tuple:
   """The validation and test prompts a run with this task section was validated and tested on."""
-  task = _task(task_json)
-  return evaluate.held_out(task, "validation")[:validation], evaluate.held_out(task, "test")[:test]
+  return list(_held_out(task_json, "validation")[:validation]), list(_held_out(task_json, "test")[:test])
 
 
 def constants_table(record: str) -> str:

@@ -27,7 +27,16 @@ nice -n 19 python -m experiments.arith_comparison --task smollm2 --expert siblin
 # methods would all finish in about three.
 nice -n 19 python -m experiments.arith_comparison --task smollm2 --expert sibling --methods SDPO OPSD \
   --out "$work/results_distillers" --workdir "$work" --record "$record" || exit 1
-for e in sibling reference hard hard_reference; do
+for e in sibling reference; do
+  nice -n 19 python -m experiments.arith_comparison --task smollm2 --expert "$e" --out "$work/results" \
+    --workdir "$work" --record "$record" || exit 1
+done
+# The one-step runs whose reward is the grader's verdict, again under the grader as mended in 381c20a and 5bb8c14
+# (it had read "The answer is 9 + 8 = 17." as 9, and the hybrid's lead over GRPO rested on that): GRPO and the hybrid,
+# grid and seeds, and the start, in folders of their own (`--tag`), the first runs kept as they were.
+nice -n 19 python -m experiments.arith_comparison --task smollm2 --expert sibling --tag mended_grader \
+  --methods GRPO DistIL+GRPO --out "$work/results" --workdir "$work" --record "$record" || exit 1
+for e in hard hard_reference; do
   nice -n 19 python -m experiments.arith_comparison --task smollm2 --expert "$e" --out "$work/results" \
     --workdir "$work" --record "$record" || exit 1
 done

@@ -692,6 +692,40 @@ def test_a_constant_answer_scores_its_frequency_under_the_graders_equivalence():
   assert report.best_constants(problems) == (["10", "1/2", "0.5"], 0.4)
 
 
+def test_a_tagged_rerun_trains_every_run_again_beside_the_first_records(tmp_path, monkeypatch):
+  """`--tag`: the setting's runs again under other code (a mended grader gives the same configs other rewards). With
+  every run of the setting recorded, the tagged invocation still launches all of them, the same commands in
+  workdirs, records and a summary named `<setting>-<tag>`; the first records stay byte for byte; run again, it reads
+  its own runs back; the report tests a tagged setting's runs on its preset's test prompts. A tag that could not
+  name a folder is refused before any run."""
+  calls = []
+  monkeypatch.setattr(processes, "main_process", _fake_real_main(calls))
+  argv = ["cmp", "--task", "smollm2", "--smoke", "--seeds", "0", "--lrs", "1e-4", "3e-4", "--methods", "GRPO"]
+  argv += ["--out", str(tmp_path), "--workdir", str(tmp_path / "runs"), "--record", str(tmp_path / "record")]
+  monkeypatch.setattr("sys.argv", argv)
+  arith_comparison.main()
+  files = lambda: {p: p.read_bytes() for p in (tmp_path / "record/smollm2_sibling").rglob("*") if p.is_file()}
+  first, untagged = files(), list(calls)
+  calls.clear()
+  monkeypatch.setattr("sys.argv", [*argv, "--tag", "mended"])
+  arith_comparison.main()
+  tagged = lambda a: a.replace("/smollm2_sibling/", "/smollm2_sibling-mended/")
+  assert calls == [[tagged(f) for f in a] for a in untagged] and len(calls) == 8  # the start, 3 rates: each tested
+  assert files() == first
+  recorded = lambda name: sorted(p.relative_to(tmp_path / name) for p in (tmp_path / name).rglob("*"))
+  assert recorded("record/smollm2_sibling-mended") == recorded("record/smollm2_sibling")
+  assert json.loads((tmp_path / "smollm2_sibling-mended.json").read_text())["protocol"]["tag"] == "mended"
+  calls.clear()
+  arith_comparison.main()
+  assert calls == []
+  config = json.loads((tmp_path / "record/smollm2_sibling-mended/GRPO_lr0.001_seed0/config.json").read_text())
+  assert report._test_prompts("smollm2_sibling-mended", config) == 64 != config["eval"]["num_prompts"]
+  monkeypatch.setattr("sys.argv", [*argv, "--tag", "../x"])
+  with pytest.raises(SystemExit):
+    arith_comparison.main()
+  assert calls == [] and not (tmp_path / "x").exists()
+
+
 def test_constants_table_reads_a_collapsed_run_against_the_prompts_it_was_tested_on(tmp_path):
   """A run whose last validation says 10 in two of four responses (one more answers 7, one has no answer): its
   commonest answer is 10 at 0.50, scored as a constant on the first 32 validation and the first 64 test prompts of
@@ -759,6 +793,35 @@ def test_answers_table_regrades_logged_responses_and_reads_the_value_in_any_form
   (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   line = report.answers_table(str(tmp_path)).splitlines()[2]
   assert line == "| smollm2_sibling | DistIL_lr3e-06_seed0 | 3 | 2 / 0 / 1 | 1 / 1 / 1 | 2 -> 2 | 1 -> 2 |"
+
+
+def test_runs_table_grades_a_runs_kept_test_responses_again(tmp_path):
+  """Two test prompts of the real preset, 2 responses each, kept with the verdicts a grader that read the first
+  number after the cue gave them (`eval_samples.jsonl`): 'The answer is a-1 + 1 = a.' (stored wrong, right now)
+  twice on the first prompt; on the second, one plain right answer and one 'The answer is b + 8 = b+8.' (stored
+  right, wrong now). An earlier evaluation's rows (iteration 0, all right) are not read. By hand: Pass@1 =
+  (2/2 + 1/2) / 2 = 0.750, Pass@2 = (1 + 1) / 2 = 1.000, shown beside the reported 0.250 and 0.500; a run that kept
+  no test responses shows its reported figures alone."""
+  config = load_config("math", "smollm2_sibling").to_dict()
+  problems = evaluate.held_out(tasks.make_task(load_config("math", "smollm2_sibling").task), "test")[:2]
+  a, b = (int(p.answer) for p in problems)
+  kept = [(0, problems[0], f"The answer is {a}.", True), (0, problems[1], f"The answer is {b}.", True)]
+  kept += [(2, problems[0], f"The answer is {a - 1} + 1 = {a}.", False)] * 2
+  kept += [(2, problems[1], f"The answer is {b}.", True), (2, problems[1], f"The answer is {b} + 8 = {b + 8}.", True)]
+  for run in ("GRPO_lr3e-05_seed0", "SFT_lr3e-05_seed0"):
+    folder = tmp_path / "smollm2_sibling-mended" / run
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "metrics.jsonl").write_text(json.dumps({"iteration": 0}) + "\n" + json.dumps({"iteration": 2}) + "\n")
+    (folder / "wall_seconds.json").write_text("60.0")
+    (folder / "eval.jsonl").write_text(json.dumps({"eval/pass@1": 0.25, "eval/pass@8": 0.5}) + "\n")
+    rows = [{"iteration": i, "split": "test", "question": p.prompt, "response": r, "correct": c} for i, p, r, c in kept]
+    if run.startswith("GRPO"):
+      (folder / "eval_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  lines = report.runs_table(str(tmp_path), ks=("pass@1", "pass@2")).splitlines()
+  assert "| test pass@1 (graded now) | test pass@2 (graded now) |" in lines[0]
+  assert "| 0.250 (0.750) | - (1.000) | - | 1 min |" in lines[2]
+  assert "| 0.250 | - | - | 1 min |" in lines[3]
 
 
 def test_answers_by_rate_sum_the_seeds_and_keep_a_cut_count_only_where_every_seed_says_it(tmp_path):

@@ -22,7 +22,7 @@ from flax import nnx
 from run_helpers import ROOT, FakeExpertServer, child_env, load_config, rot_one_bit, run_main
 from test_http_expert import _rollouts
 
-from distil_jax import build, checkpoint, evaluate, experts, hf, losses, tasks, train
+from distil_jax import build, checkpoint, evaluate, experts, hf, losses, modes, tasks, train
 from distil_jax import model as model_lib
 from distil_jax import tokenizer as tok_lib
 from distil_jax.errors import ConfigError, DataError
@@ -236,6 +236,32 @@ def _test_evaluation_keeps_every_response_it_graded(args, tmp_path):
   per_prompt = [np.mean([r["correct"] for r in rows if r["question"] == q]) for q in tested]
   reported = json.loads((tmp_path / "eval.jsonl").read_text().splitlines()[-1])
   np.testing.assert_allclose(reported["eval/pass@1"], np.mean(per_prompt), rtol=1e-6)
+
+
+def test_an_evaluation_repeated_replaces_only_its_own_kept_responses(tmp_path, monkeypatch):
+  """`modes.keep_graded`: checkpoint 2's test responses, its validation ones, checkpoint 3's test ones, then checkpoint
+  2's test again (as after a kill before its figures): the file holds one set per (checkpoint, split), the second
+  test set in place of the first, the rendered prompt in none; a kill between the copy and the rename leaves the
+  file as it was."""
+  path = str(tmp_path / "eval_samples.jsonl")
+  row = lambda text: {"prompt": "<rendered>", "question": "q", "response": text, "correct": False}
+  for texts, iteration, split in ((["a", "b"], 2, "test"), (["c"], 2, "validation"), (["d"], 3, "test")):
+    modes.keep_graded(path, [row(t) for t in texts], iteration, split)
+  modes.keep_graded(path, [row("e"), row("f")], 2, "test")
+  before = open(path).read()
+  rows = [json.loads(x) for x in before.splitlines()]
+  assert [(r["iteration"], r["split"], r["response"]) for r in rows] == [
+    (2, "validation", "c"), (3, "test", "d"), (2, "test", "e"), (2, "test", "f")
+  ]  # fmt: skip
+  assert all("prompt" not in r for r in rows)
+
+  def killed(*args):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(os, "replace", killed)
+  with pytest.raises(KeyboardInterrupt):
+    modes.keep_graded(path, [row("g")], 2, "test")
+  assert open(path).read() == before
 
 
 def test_export_loads_in_transformers(tmp_path):
