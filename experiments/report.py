@@ -122,8 +122,9 @@ def _records(record: str):
 
 def tested_now(folder: str, ks) -> dict | None:
   """{k: test Pass@k} of the responses a run's last test graded (`eval_samples.jsonl`), each graded again by its
-  task as the grader now stands; None where the run kept none (tested before 3d52d6a). Why: a grader mended since
-  the test (381c20a) would leave the reported figure standing on the old verdicts."""
+  task as the grader now stands; None where the run kept none (tested before 3d52d6a) or its rows are not of its
+  task's prompts of that split. Why: a grader mended since the test (381c20a) would leave the reported figure
+  standing on the old verdicts."""
   path = os.path.join(folder, "eval_samples.jsonl")
   if not os.path.exists(path):
     return None
@@ -131,6 +132,8 @@ def tested_now(folder: str, ks) -> dict | None:
   last = [r for r in rows if (r["iteration"], r["split"]) == (rows[-1]["iteration"], rows[-1]["split"])]
   task_json = json.dumps(json.loads(_read(f"{folder}/config.json"))["task"], sort_keys=True)
   task, problems = _task(task_json), {p.prompt: p for p in _held_out(task_json, last[0]["split"])}
+  if not all(r["question"] in problems for r in last):  # not of the task's prompts: nothing to grade them against
+    return None
   verdicts = {}
   for r in last:
     verdicts.setdefault(r["question"], []).append(task.verify(problems[r["question"]], r["response"]).correct)

@@ -801,14 +801,14 @@ def test_runs_table_grades_a_runs_kept_test_responses_again(tmp_path):
   twice on the first prompt; on the second, one plain right answer and one 'The answer is b + 8 = b+8.' (stored
   right, wrong now). An earlier evaluation's rows (iteration 0, all right) are not read. By hand: Pass@1 =
   (2/2 + 1/2) / 2 = 0.750, Pass@2 = (1 + 1) / 2 = 1.000, shown beside the reported 0.250 and 0.500; a run that kept
-  no test responses shows its reported figures alone."""
+  no test responses, or kept responses to a prompt its task's test split lacks, shows its reported figures alone."""
   config = load_config("math", "smollm2_sibling").to_dict()
   problems = evaluate.held_out(tasks.make_task(load_config("math", "smollm2_sibling").task), "test")[:2]
   a, b = (int(p.answer) for p in problems)
   kept = [(0, problems[0], f"The answer is {a}.", True), (0, problems[1], f"The answer is {b}.", True)]
   kept += [(2, problems[0], f"The answer is {a - 1} + 1 = {a}.", False)] * 2
   kept += [(2, problems[1], f"The answer is {b}.", True), (2, problems[1], f"The answer is {b} + 8 = {b + 8}.", True)]
-  for run in ("GRPO_lr3e-05_seed0", "SFT_lr3e-05_seed0"):
+  for run in ("GRPO_lr3e-05_seed0", "OPSD_lr3e-05_seed0", "SFT_lr3e-05_seed0"):
     folder = tmp_path / "smollm2_sibling-mended" / run
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config))
@@ -816,12 +816,14 @@ def test_runs_table_grades_a_runs_kept_test_responses_again(tmp_path):
     (folder / "wall_seconds.json").write_text("60.0")
     (folder / "eval.jsonl").write_text(json.dumps({"eval/pass@1": 0.25, "eval/pass@8": 0.5}) + "\n")
     rows = [{"iteration": i, "split": "test", "question": p.prompt, "response": r, "correct": c} for i, p, r, c in kept]
-    if run.startswith("GRPO"):
+    if run.startswith("OPSD"):
+      rows[-1]["question"] = "Not one of the task's prompts."
+    if not run.startswith("SFT"):
       (folder / "eval_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   lines = report.runs_table(str(tmp_path), ks=("pass@1", "pass@2")).splitlines()
   assert "| test pass@1 (graded now) | test pass@2 (graded now) |" in lines[0]
   assert "| 0.250 (0.750) | - (1.000) | - | 1 min |" in lines[2]
-  assert "| 0.250 | - | - | 1 min |" in lines[3]
+  assert "| 0.250 | - | - | 1 min |" in lines[3] and "| 0.250 | - | - | 1 min |" in lines[4]
 
 
 def test_answers_by_rate_sum_the_seeds_and_keep_a_cut_count_only_where_every_seed_says_it(tmp_path):
