@@ -57,19 +57,23 @@ def held_out(task, split: str) -> list:
   return [p for p in problems if in_test_split(p.prompt) == (split == "test")]
 
 
-def sample_rows(r, per_prompt: int, *, tok, add_bos: bool) -> list[dict]:
+def sample_rows(r, per_prompt: int, *, tok, add_bos: bool, first: int = 0, stride: int = 1) -> list[dict]:
   """The first `per_prompt` responses to each prompt as a user reads them: the question, the rendered prompt the
   model saw (special tokens included), the response, the expected answer and the verdict; and its length in tokens
-  and whether it stopped (ended with a stop id) or was cut at `sampling.max_new_tokens`, which its text cannot tell."""
+  and whether it stopped (ended with a stop id) or was cut at `sampling.max_new_tokens`, which its text cannot tell.
+  `prompt_index` is the prompt's position in the evaluated list (`first + stride * b` for the rollout's b-th prompt,
+  where a process evaluates every stride-th from `first`): held-out prompts repeat, so a prompt's text does not say
+  which of the Pass@k average's entries its responses make."""
   rows = []
   stopped_BpxG = rollout_lib.stopped(r.tokens, r.mask, tok.stop_ids)
-  for problem, texts, verdicts, stopped_G, mask_GxN in zip(
-    r.problems, r.texts, r.verdicts, stopped_BpxG, r.mask, strict=True
+  for b, (problem, texts, verdicts, stopped_G, mask_GxN) in enumerate(
+    zip(r.problems, r.texts, r.verdicts, stopped_BpxG, r.mask, strict=True)
   ):
     responses = zip(texts, verdicts, stopped_G, mask_GxN.sum(-1), strict=True)
     for text, verdict, stopped, length in list(responses)[:per_prompt]:
       rows.append(
         {
+          "prompt_index": first + stride * b,
           "question": problem.prompt,
           "prompt": tok.prompt_text(problem.prompt, add_bos),
           "response": text,
@@ -104,7 +108,9 @@ def evaluate_policy(
   correct = [[v.correct for v in row] for row in r.verdicts]
   if samples is not None:
     per_prompt = e.log_samples if samples_per_prompt is None else samples_per_prompt
-    samples += sample_rows(r, per_prompt, tok=tok, add_bos=config.tokenizer.add_bos)
+    samples += sample_rows(
+      r, per_prompt, tok=tok, add_bos=config.tokenizer.add_bos, first=jax.process_index(), stride=jax.process_count()
+    )
   out = {f"eval/{k}": v for k, v in summarize(correct, e.pass_at).items()}
   if e.greedy:
     r = sample(samples_per_prompt=1, sampling_cfg=dataclasses.replace(base, greedy=True))

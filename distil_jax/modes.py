@@ -37,8 +37,8 @@ def evaluate_only(config, workdir: str) -> dict:
 def keep_graded(path: str, rows: list, iteration: int, split: str) -> None:
   """Add one evaluation's graded responses to `path` (without the rendered prompt), in place of any earlier ones of
   the same checkpoint and split: an evaluation killed before its figures, or repeated, leaves one set per
-  checkpoint and split, the set eval.jsonl's latest line for it was computed from. Replaced whole (a copy, then a
-  rename), so a kill mid-write leaves the file as it was."""
+  checkpoint and split, the set eval.jsonl's latest line for it was computed from (with several processes, process
+  0's share of it). Replaced whole (a copy, then a rename), so a kill mid-write leaves the file as it was."""
   kept = []
   if os.path.exists(path):
     with open(path) as f:

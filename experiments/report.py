@@ -120,25 +120,32 @@ def _records(record: str):
         yield setting, run, folder
 
 
-def tested_now(folder: str, ks) -> dict | None:
-  """{k: test Pass@k} of the responses a run's last test graded (`eval_samples.jsonl`), each graded again by its
-  task as the grader now stands; None where the run kept none (tested before 3d52d6a) or its rows are not of its
-  task's prompts of that split. Why: a grader mended since the test (381c20a) would leave the reported figure
-  standing on the old verdicts."""
+def tested_now(folder: str, setting: str, test: dict, ks) -> dict:
+  """{k: test Pass@k} of the responses a run's test graded (`eval_samples.jsonl`: the rows of the test split at the
+  checkpoint `test`, eval.jsonl's last line, reports), each graded again by its task as the grader now stands,
+  averaged as `evaluate.summarize` averages them: over prompt positions (held-out prompts repeat), each position's
+  responses together. Empty where the run kept no such rows (tested before 3d52d6a, or before rows named their
+  prompt's position), or they do not cover every position the run was tested on once (a multi-process test keeps
+  process 0's share); a k above the responses kept per position is left out. Why: a grader mended since the test
+  (381c20a) would leave the reported figure standing on the old verdicts."""
   path = os.path.join(folder, "eval_samples.jsonl")
   if not os.path.exists(path):
-    return None
-  rows = _read(path, lines=True)
-  last = [r for r in rows if (r["iteration"], r["split"]) == (rows[-1]["iteration"], rows[-1]["split"])]
-  task_json = json.dumps(json.loads(_read(f"{folder}/config.json"))["task"], sort_keys=True)
-  task, problems = _task(task_json), {p.prompt: p for p in _held_out(task_json, last[0]["split"])}
-  if not all(r["question"] in problems for r in last):  # not of the task's prompts: nothing to grade them against
-    return None
+    return {}
+  rows = [r for r in _read(path, lines=True) if (r["iteration"], r["split"]) == (test.get("iteration"), "test")]
+  config = json.loads(_read(f"{folder}/config.json"))
+  task_json = json.dumps(config["task"], sort_keys=True)
+  problems = _held_out(task_json, "test")[: _test_prompts(setting, config)]
   verdicts = {}
-  for r in last:
-    verdicts.setdefault(r["question"], []).append(task.verify(problems[r["question"]], r["response"]).correct)
-  figures = evaluate.summarize(list(verdicts.values()), [int(k.split("@")[1]) for k in ks])
-  return {k: figures[k] for k in ks}
+  for r in rows:
+    position = r.get("prompt_index")
+    if position not in range(len(problems)) or problems[position].prompt != r["question"]:
+      return {}
+    verdicts.setdefault(position, []).append(_task(task_json).verify(problems[position], r["response"]).correct)
+  if len(verdicts) != len(problems):
+    return {}
+  fewest = min(len(v) for v in verdicts.values())
+  mine = [int(k.split("@")[1]) for k in ks if int(k.split("@")[1]) <= fewest]
+  return evaluate.summarize([verdicts[i] for i in range(len(problems))], mine)
 
 
 def runs_table(record: str, ks=("pass@1", "pass@8")) -> str:
@@ -158,8 +165,8 @@ def runs_table(record: str, ks=("pass@1", "pass@8")) -> str:
       f"{_figure(start, f'eval/{k}', f)} -> {_figure(end, f'eval/{k}', f)}"
       for k, f in (("pass@1", ".3f"), ("pass@4", ".3f"), ("greedy_accuracy", ".3f"), ("greedy_length", ".1f"))
     ]
-    now = tested_now(folder, ks)
-    cells += [_figure(test, f"eval/{k}") + ("" if now is None else f" ({now[k]:.3f})") for k in ks]
+    now = tested_now(folder, setting, test, ks)
+    cells += [_figure(test, f"eval/{k}") + (f" ({now[k]:.3f})" if k in now and f"eval/{k}" in test else "") for k in ks]
     cells += [f"{sum(labelled) / len(labelled):.2f}" if labelled else "-"]
     cells += [f"{json.loads(_read(f'{folder}/wall_seconds.json')) / 60:.0f} min"]
     commits = _read(f"{folder}/commits").split() if os.path.exists(f"{folder}/commits") else []

@@ -2,6 +2,7 @@
 prompt split, privileged (`reference`) feedback, and smoke runs of the scripts."""
 
 import ast
+import dataclasses
 import json
 import math
 import os
@@ -155,7 +156,8 @@ def test_train_validation_test_are_disjoint_by_problem():
 
 def test_logged_samples_say_whether_a_response_stopped_or_was_cut():
   """Hand-built responses of up to 4 tokens with stop id 2: one ends with it, one fills the horizon without it, one
-  fills it and ends with it (stopped, at the horizon); `per_prompt` keeps the first ones of each prompt."""
+  fills it and ends with it (stopped, at the horizon); `per_prompt` keeps the first ones of each prompt, and each row
+  says its prompt's position in the evaluated list (the same question twice is two positions)."""
   tokens = np.array([[[5, 6, 2, 0], [5, 6, 7, 8], [5, 6, 7, 2]]], np.int32)
   mask = (np.arange(4) < np.array([3, 4, 4])[:, None]).astype(np.int32)[None]
   r = experts.Rollouts(
@@ -172,6 +174,13 @@ def test_logged_samples_say_whether_a_response_stopped_or_was_cut():
   tokens2 = np.concatenate([tokens, np.array([[[2, 0, 0, 0], [2, 0, 0, 0], [7, 7, 7, 7]]], np.int32)])  # pad = stop
   mask2 = np.concatenate([mask, (np.arange(4) < np.array([1, 0, 4])[:, None]).astype(np.int32)[None]])
   np.testing.assert_array_equal(rollout.stopped(tokens2, mask2, (2,)), [[True, False, True], [True, False, False]])
+  # each row names its prompt's position in the evaluated list: process 1 of 3 evaluates positions 1, 4, 7, ...
+  r2 = dataclasses.replace(
+    r, problems=[Problem("1 + 1?", "2"), Problem("1 + 1?", "2")], tokens=tokens2, mask=mask2,
+    logprobs=np.zeros(tokens2.shape, np.float32), texts=[["a", "b", "c"], ["d", "e", "f"]], verdicts=r.verdicts * 2,
+  )  # fmt: skip
+  assert [x["prompt_index"] for x in evaluate.sample_rows(r2, 2, tok=tok, add_bos=False)] == [0, 0, 1, 1]
+  assert [x["prompt_index"] for x in evaluate.sample_rows(r2, 1, tok=tok, add_bos=False, first=1, stride=3)] == [1, 4]
 
 
 # -- Privileged feedback (expert.feedback="reference") -----------------------------------------------------------------
@@ -796,34 +805,43 @@ def test_answers_table_regrades_logged_responses_and_reads_the_value_in_any_form
 
 
 def test_runs_table_grades_a_runs_kept_test_responses_again(tmp_path):
-  """Two test prompts of the real preset, 2 responses each, kept with the verdicts a grader that read the first
-  number after the cue gave them (`eval_samples.jsonl`): 'The answer is a-1 + 1 = a.' (stored wrong, right now)
-  twice on the first prompt; on the second, one plain right answer and one 'The answer is b + 8 = b+8.' (stored
-  right, wrong now). An earlier evaluation's rows (iteration 0, all right) are not read. By hand: Pass@1 =
-  (2/2 + 1/2) / 2 = 0.750, Pass@2 = (1 + 1) / 2 = 1.000, shown beside the reported 0.250 and 0.500; a run that kept
-  no test responses, or kept responses to a prompt its task's test split lacks, shows its reported figures alone."""
+  """A run tested on the real preset's first 64 test prompts, 2 responses kept per position with the verdicts a
+  grader that read the first number after the cue gave them: position 0, 'The answer is a-1 + 1 = a.' twice (stored
+  wrong, right now); position 1, a plain right answer and 'The answer is b + 8 = b+8.' (stored right, wrong now); of
+  two positions that hold the same question, the first two right answers, the second none; every other position
+  none. By hand, per position then averaged (as the reported figure is): Pass@1 = (1 + 1/2 + 1) / 64 = 0.039, Pass@2
+  = 3 / 64 = 0.047 (grouped by question text, the repeated pair would read 2 of 4); Pass@4 needs 4 responses a
+  position: none shown. An earlier test's rows and a later validation's are not read. A run that kept no test
+  responses, or kept them for 63 of the 64 positions, shows its reported figures alone."""
   config = load_config("math", "smollm2_sibling").to_dict()
-  problems = evaluate.held_out(tasks.make_task(load_config("math", "smollm2_sibling").task), "test")[:2]
-  a, b = (int(p.answer) for p in problems)
-  kept = [(0, problems[0], f"The answer is {a}.", True), (0, problems[1], f"The answer is {b}.", True)]
-  kept += [(2, problems[0], f"The answer is {a - 1} + 1 = {a}.", False)] * 2
-  kept += [(2, problems[1], f"The answer is {b}.", True), (2, problems[1], f"The answer is {b} + 8 = {b + 8}.", True)]
+  problems = evaluate.held_out(tasks.make_task(load_config("math", "smollm2_sibling").task), "test")[:64]
+  texts = [p.prompt for p in problems]
+  j, k = next((j, k) for j in range(2, 64) for k in range(j + 1, 64) if texts[j] == texts[k])
+  a, b, c = (int(problems[i].answer) for i in (0, 1, j))
+  kept = {i: [("I do not know.", False)] * 2 for i in range(64)}
+  kept[0] = [(f"The answer is {a - 1} + 1 = {a}.", False)] * 2
+  kept[1] = [(f"The answer is {b}.", True), (f"The answer is {b} + 8 = {b + 8}.", True)]
+  kept[j] = [(f"The answer is {c}.", True)] * 2
+  row = lambda it, split, i, r, ok: {"iteration": it, "split": split, "prompt_index": i, "question": texts[i],
+                                     "response": r, "correct": ok}  # fmt: skip
+  earlier = [row(0, "test", i, f"The answer is {p.answer}.", True) for i, p in enumerate(problems) for _ in "ab"]
+  test = [row(2, "test", i, r, ok) for i, said in kept.items() for r, ok in said]
+  later = [row(2, "validation", i, f"The answer is {p.answer}.", True) for i, p in enumerate(problems)]
   for run in ("GRPO_lr3e-05_seed0", "OPSD_lr3e-05_seed0", "SFT_lr3e-05_seed0"):
     folder = tmp_path / "smollm2_sibling-mended" / run
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "metrics.jsonl").write_text(json.dumps({"iteration": 0}) + "\n" + json.dumps({"iteration": 2}) + "\n")
     (folder / "wall_seconds.json").write_text("60.0")
-    (folder / "eval.jsonl").write_text(json.dumps({"eval/pass@1": 0.25, "eval/pass@8": 0.5}) + "\n")
-    rows = [{"iteration": i, "split": "test", "question": p.prompt, "response": r, "correct": c} for i, p, r, c in kept]
-    if run.startswith("OPSD"):
-      rows[-1]["question"] = "Not one of the task's prompts."
+    reported = {"iteration": 2, "eval/pass@1": 0.25, "eval/pass@2": 0.5, "eval/pass@4": 0.75}
+    (folder / "eval.jsonl").write_text(json.dumps(reported) + "\n")
+    rows = earlier + (test if run.startswith("GRPO") else test[:-2]) + later
     if not run.startswith("SFT"):
       (folder / "eval_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-  lines = report.runs_table(str(tmp_path), ks=("pass@1", "pass@2")).splitlines()
-  assert "| test pass@1 (graded now) | test pass@2 (graded now) |" in lines[0]
-  assert "| 0.250 (0.750) | - (1.000) | - | 1 min |" in lines[2]
-  assert "| 0.250 | - | - | 1 min |" in lines[3] and "| 0.250 | - | - | 1 min |" in lines[4]
+  lines = report.runs_table(str(tmp_path), ks=("pass@1", "pass@2", "pass@4")).splitlines()
+  assert "| test pass@1 (graded now) | test pass@2 (graded now) | test pass@4 (graded now) |" in lines[0]
+  assert "| 0.250 (0.039) | 0.500 (0.047) | 0.750 | - | 1 min |" in lines[2]
+  assert "| 0.250 | 0.500 | 0.750 | - | 1 min |" in lines[3] and "| 0.250 | 0.500 | 0.750 | - | 1 min |" in lines[4]
 
 
 def test_answers_by_rate_sum_the_seeds_and_keep_a_cut_count_only_where_every_seed_says_it(tmp_path):

@@ -221,19 +221,21 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
 
 
 def _test_evaluation_keeps_every_response_it_graded(args, tmp_path):
-  """`--mode=eval` writes each response it graded (eval_samples.jsonl) beside its figures: the task's grader, run
-  again on those texts, gives the stored verdicts, and their mean per prompt averaged is the Pass@1 it reported."""
+  """`--mode=eval` writes each response it graded (eval_samples.jsonl) beside its figures, 4 per test prompt in the
+  order evaluated, each naming its prompt's position: the task's grader, run again on those texts, gives the stored
+  verdicts, and their mean per position averaged is the Pass@1 it reported."""
   flags = ["--mode=eval", "--config.eval.split=test", "--config.eval.samples=4", "--config.eval.pass_at=(1,2)"]
   out = run_main(*args, *flags)
   assert out.returncode == 0, out.stderr[-2000:]
   config = load_config("arith")
   task = tasks.make_task(config.task)
-  tested = {p.prompt: p for p in evaluate.held_out(task, "test")[: config.eval.num_prompts]}
+  tested = evaluate.held_out(task, "test")[: config.eval.num_prompts]
   rows = [json.loads(x) for x in (tmp_path / "eval_samples.jsonl").read_text().splitlines()]
-  assert len(rows) == 4 * len(tested) and {r["question"] for r in rows} == set(tested)
+  assert [r["prompt_index"] for r in rows] == [i for i in range(len(tested)) for _ in range(4)]
+  assert [r["question"] for r in rows] == [tested[r["prompt_index"]].prompt for r in rows]
   assert {(r["iteration"], r["split"]) for r in rows} == {(2, "test")} and all("prompt" not in r for r in rows)
-  assert [task.verify(tested[r["question"]], r["response"]).correct for r in rows] == [r["correct"] for r in rows]
-  per_prompt = [np.mean([r["correct"] for r in rows if r["question"] == q]) for q in tested]
+  assert [task.verify(tested[r["prompt_index"]], r["response"]).correct for r in rows] == [r["correct"] for r in rows]
+  per_prompt = [np.mean([r["correct"] for r in rows if r["prompt_index"] == i]) for i in range(len(tested))]
   reported = json.loads((tmp_path / "eval.jsonl").read_text().splitlines()[-1])
   np.testing.assert_allclose(reported["eval/pass@1"], np.mean(per_prompt), rtol=1e-6)
 
