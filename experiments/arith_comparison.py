@@ -94,19 +94,26 @@ def check_budget_is_shared(preset="compare", task="arith"):
       raise ValueError(f"{method}: {mine} responses per (iteration, update) where every other method has {shared}")
 
 
+# CPython 3.11 builds its AST objects with one recursion counter per interpreter: two threads compiling at once (a
+# config file, `ast.literal_eval` of a tuple flag) can fail with "SystemError: AST constructor recursion depth
+# mismatch" (python/cpython#106905). The protocol's methods resolve their commands on threads of their own.
+_PARSING = threading.Lock()
+
+
 def resolve(cmd):
   """The config a command's `--config` and `--config.*` flags give, parsed by ml_collections as `python -m
-  distil_jax.main` parses them, without starting a process."""
+  distil_jax.main` parses them, without starting a process; one thread at a time (`_PARSING`)."""
   path = cmd[0].split("=", 1)[1]  # a command starts with --config=configs/<task>.py:<preset>
   argv = [
     "arith_comparison",
     f"--config={os.path.join(ROOT, path)}",
     *(f for f in cmd[1:] if f.startswith("--config.")),
   ]
-  parsed = absl_flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=parsed, lock_config=True, sys_argv=argv)
-  parsed(argv)
-  return parsed.config
+  with _PARSING:
+    parsed = absl_flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=parsed, lock_config=True, sys_argv=argv)
+    parsed(argv)
+    return parsed.config
 
 
 def _without_expert(config):

@@ -426,6 +426,39 @@ def test_a_freed_run_slot_goes_to_the_method_that_asked_first():
   assert order == [("b", None), ("a", None)]
 
 
+def test_commands_resolve_on_many_threads_at_once():
+  """The protocol's methods resolve their commands on threads of their own. Unserialised, CPython 3.11's AST
+  constructor (one recursion counter per interpreter: python/cpython#106905) and ml_collections' config loader (one
+  module name in sys.modules) fail under threads at different stack depths: "SystemError: AST constructor recursion
+  depth mismatch" or "ImportError: module 'config_config' not in sys.modules", in 3 of 5 tries of 8 threads x 25
+  here. With thread switches forced every microsecond, 8 threads x 100 must each give the config a lone resolve
+  gives."""
+  cmd = ["--config=configs/math.py:smollm2_sibling", "--config.eval.pass_at=(1,2)", "--config.optim.lr=3e-05"]
+  alone = arith_comparison.resolve(cmd).to_dict()
+  results, errors = [], []
+
+  def resolve_at(depth):
+    if depth:
+      return resolve_at(depth - 1)
+    for _ in range(100):
+      try:
+        results.append(arith_comparison.resolve(cmd).to_dict() == alone)
+      except Exception as e:  # any failure is the finding
+        errors.append(repr(e))
+
+  interval = sys.getswitchinterval()
+  sys.setswitchinterval(1e-6)
+  try:
+    threads = [threading.Thread(target=resolve_at, args=(7 * i,)) for i in range(8)]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+  finally:
+    sys.setswitchinterval(interval)
+  assert errors == [] and results == [True] * 800
+
+
 def test_method_flags_cannot_change_the_budget(monkeypatch):
   monkeypatch.setitem(comparison_tasks.METHODS, "cheat", ["--config.loss.kind=sft", "--config.train.iterations=80"])
   with pytest.raises(ValueError, match="cheat: --config.train.iterations=80"):
