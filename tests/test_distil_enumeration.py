@@ -76,7 +76,7 @@ def _expected_surrogate_grad(loss_fn, theta, teacher, tokens, mask, group):
 
     return jnp.sum(jax.vmap(one)(combos))
 
-  return jax.grad(weighted)(theta)
+  return jax.jit(jax.grad(weighted))(theta)  # one program: eagerly, each vmapped op is compiled on its own
 
 
 @pytest.mark.parametrize("with_eos", [False, True])
@@ -198,7 +198,7 @@ def _sibling_reading_expected_grads(sibling_only, parts, baseline, seed=5):
 
     return jnp.sum(jax.vmap(one)(combos))
 
-  return np.asarray(jax.grad(weighted)(theta))
+  return np.asarray(jax.jit(jax.grad(weighted))(theta))
 
 
 @pytest.mark.parametrize("sibling_only", [False, True])
@@ -302,7 +302,7 @@ def _feedback_mode_grads(feedback, credit, seed=7):
 
     return jnp.sum(jax.vmap(one)(combos, text_ids, valid, own))
 
-  return np.asarray(jax.grad(expected_surrogate)(theta)), np.asarray(jax.grad(exact_J)(theta))
+  return np.asarray(jax.jit(jax.grad(expected_surrogate))(theta)), np.asarray(jax.jit(jax.grad(exact_J))(theta))
 
 
 @pytest.mark.parametrize("feedback", ["sibling", "any", "reference"])

@@ -1,5 +1,7 @@
 """Fused == unfused for every target kind, top-k(K=V) == dense, bf16, sharded; baselines vs closed forms / TRL."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -284,10 +286,11 @@ def test_ppo_clip_stops_score_gradient():
   teacher = jnp.asarray(np.log([[[0.98, 0.01, 0.01]] * 2, [[0.01, 0.98, 0.01]] * 2]))
   logp = jax.nn.log_softmax(z, -1)[..., 0]
   f = lambda z, old, **kw: losses.distil_loss(z, teacher, tokens, mask, behaviour_logprobs=old, **kw)
-  g_local = jax.grad(lambda z: losses.tokenwise_fce_loss(z, teacher, tokens, mask))(z)
+  g_local = jax.jit(jax.grad(lambda z: losses.tokenwise_fce_loss(z, teacher, tokens, mask)))(z)
   for kw in [{}, {"group_size": 2, "baseline": "loo"}]:
-    g_on = jax.grad(f)(z, logp, **kw)  # rho = 1
-    g_far = jax.grad(f)(z, logp - 1.0, **kw)  # rho = e everywhere
+    grad = jax.jit(jax.grad(functools.partial(f, **kw)))
+    g_on = grad(z, logp)  # rho = 1
+    g_far = grad(z, logp - 1.0)  # rho = e everywhere
     score_on, score_far = g_on - g_local, g_far - g_local
     assert np.abs(score_on[:, 0]).max() > 1e-3  # the score term is live at t = 0 ...
     np.testing.assert_allclose(score_on[:, 1], 0.0, atol=1e-7)  # ... and R_1 = 0 at the last position
@@ -328,10 +331,11 @@ def test_fused_head_gradient_sums_chunks_in_float32(head_dtype):
   teacher = jnp.asarray(rng.normal(size=(b, t, v)), jnp.float32)
   tok, m = jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32), jnp.ones((b, t))
   logits = lambda w: jnp.einsum("btd,dv->btv", h.astype(jnp.float32), w.astype(jnp.bfloat16).astype(jnp.float32))
-  ref = jax.grad(lambda w: losses.distil_loss(logits(w), teacher, tok, m))(w)
+  ref = jax.jit(jax.grad(lambda w: losses.distil_loss(logits(w), teacher, tok, m)))(w)
 
   def rel_err(chunk):
-    grad = jax.grad(lambda w: losses.fused_distil_loss(h, w, teacher, tok, m, chunk_size=chunk))(w.astype(head_dtype))
+    loss = lambda w: losses.fused_distil_loss(h, w, teacher, tok, m, chunk_size=chunk)
+    grad = jax.jit(jax.grad(loss))(w.astype(head_dtype))
     assert grad.dtype == head_dtype
     return float(jnp.linalg.norm(grad.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
 
@@ -347,19 +351,22 @@ def test_student_topk_reverse_kl_closed_form_fused_and_unfused():
   k = 4
   teacher = _dense_equivalent(targets["hidden"])
 
+  z = jnp.einsum("btd,dv->btv", hidden, head)
+  order = np.argsort(-np.asarray(z), -1)  # the student's ranking, constant in the gradient
+  ids, rest = jnp.asarray(order[..., :k]), jnp.asarray(order[..., k:])
+
+  @jax.jit
   def direct(z, teacher=teacher):
     logp, logq = jax.nn.log_softmax(z, -1), jax.nn.log_softmax(teacher, -1)
-    order = np.argsort(-np.asarray(jax.lax.stop_gradient(z)), -1)
-    ids, rest = jnp.asarray(order[..., :k]), jnp.asarray(order[..., k:])
     lp, lq = jnp.take_along_axis(logp, ids, -1), jnp.take_along_axis(logq, ids, -1)
     tail = lambda logx: jax.nn.logsumexp(jnp.take_along_axis(logx, rest, -1), -1)  # the unlisted ids' mass
     lp_tail, lq_tail = tail(logp), tail(logq)
     kl = (jnp.exp(lp) * (lp - lq)).sum(-1) + jnp.exp(lp_tail) * (lp_tail - lq_tail)
     return jnp.mean(jnp.sum(kl * mask, 1))
 
-  z = jnp.einsum("btd,dv->btv", hidden, head)
   want_v, want_g = jax.value_and_grad(direct)(z)
-  got_v, got_g = jax.value_and_grad(lambda z: losses.reverse_kl_loss(z, teacher, tokens, mask, student_topk=k))(z)
+  topk_kl = jax.jit(jax.value_and_grad(lambda z, t: losses.reverse_kl_loss(z, t, tokens, mask, student_topk=k)))
+  got_v, got_g = topk_kl(z, teacher)
   np.testing.assert_allclose(got_v, want_v, rtol=1e-5)
   np.testing.assert_allclose(got_g, want_g, rtol=1e-4, atol=1e-6)
   cfg = losses.LossConfig(kind="reverse_kl", student_topk=k, chunk_size=4)
@@ -368,8 +375,8 @@ def test_student_topk_reverse_kl_closed_form_fused_and_unfused():
   )
   unfused = lambda h: losses.compute_loss(cfg, teacher=teacher, tokens=tokens, mask=mask, logits=h @ head)
   (v1, g1), (v2, g2) = (
-    jax.value_and_grad(lambda h: unfused(h)[0])(hidden),
-    jax.value_and_grad(lambda h: fused(h)[0])(hidden),
+    jax.jit(jax.value_and_grad(lambda h: unfused(h)[0]))(hidden),
+    jax.jit(jax.value_and_grad(lambda h: fused(h)[0]))(hidden),
   )
   np.testing.assert_allclose(v2, v1, rtol=1e-5)
   np.testing.assert_allclose(g2, g1, rtol=1e-4, atol=1e-6)
@@ -380,7 +387,7 @@ def test_student_topk_reverse_kl_closed_form_fused_and_unfused():
   confident = teacher.at[..., :].set(0.0)
   confident = confident.at[jnp.arange(B)[:, None], jnp.arange(T)[None], jnp.argmax(z, -1)].set(40.0)
   want_v, want_g = jax.value_and_grad(lambda z: direct(z, confident))(z)
-  got_v, got_g = jax.value_and_grad(lambda z: losses.reverse_kl_loss(z, confident, tokens, mask, student_topk=k))(z)
+  got_v, got_g = topk_kl(z, confident)
   assert np.isfinite(float(got_v)) and np.isfinite(np.asarray(got_g)).all()
   np.testing.assert_allclose(got_v, want_v, rtol=1e-5)
   np.testing.assert_allclose(got_g, want_g, rtol=1e-4, atol=1e-6)
