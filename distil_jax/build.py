@@ -206,13 +206,28 @@ class Run:
     metrics.log_to_file(os.path.join(self.workdir, "logs"))
     keep_tokenizer(self.config, self.tok, self.workdir)
 
-  def restore_params(self):
-    """The newest usable checkpoint's parameters (export, eval)."""
+  def restore_params(self, step: int | None = None):
+    """(parameters, meta) of checkpoint `step`, or of the newest usable one when `step` is None (export, eval)."""
+    targets = {"params": checkpoint.abstract_like(self.params)}
     with checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints")) as ckpt:
-      found = ckpt.restore_latest({"params": checkpoint.abstract_like(self.params)})
+      if step is not None:
+        state, meta = ckpt.restore(require_step(self.workdir, step), targets)
+        return state["params"], meta
+      found = ckpt.restore_latest(targets)
     if found is None:
       raise CheckpointError(f"{self.workdir}/checkpoints holds no checkpoint")
     return found[1]["params"], found[2]
+
+
+def require_step(workdir: str, step: int) -> int:
+  """`step`, when `workdir` holds a checkpoint of it; else one error naming the steps it does hold (checked before
+  the model is built, and again at the restore)."""
+  with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+    held = sorted(ckpt.all_steps())
+  if step not in held:
+    have = f"it holds {', '.join(map(str, held))}" if held else "it holds none"
+    raise CheckpointError(f"{workdir}/checkpoints holds no checkpoint of step {step} ({have}; see checkpoint.keep)")
+  return step
 
 
 @dataclasses.dataclass

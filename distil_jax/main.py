@@ -1,8 +1,8 @@
 """Entry point: `python -m distil_jax.main --config=configs/math.py --workdir=/tmp/run [--config.a.b=value]`.
 
 --mode=train   run or resume the DAgger loop (resumes when the workdir holds a checkpoint)
---mode=eval    pass@k of the latest checkpoint
---mode=export  the latest checkpoint as a Hugging Face checkpoint in --export_dir
+--mode=eval    pass@k of the newest usable checkpoint (--step=N: of iteration N's, where checkpoint.keep kept it)
+--mode=export  the newest usable checkpoint (or --step's) as a Hugging Face checkpoint in --export_dir
 --allow_changed=optim.lr,...  keys a resume may change (any other change to what is trained is refused)
 --distributed  join the other processes of a multi-host run first (see `multihost/` for where it finds them)
 --compile_cache_dir=DIR  where compiled programs are kept between runs ("" for none; JAX_COMPILATION_CACHE_DIR wins)
@@ -28,6 +28,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "Where checkpoints, the buffer, metrics, logs and the tokenizer live.")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "export"], "What to run.")
 flags.DEFINE_string("export_dir", None, "Output folder for --mode=export.")
+flags.DEFINE_integer("step", None, "--mode=eval/export: the checkpoint of this iteration, not the newest usable one.")
 flags.DEFINE_list(
   "allow_changed",
   [],
@@ -62,8 +63,8 @@ def _run(config):
   if FLAGS.mode == "train":
     return train.train(config, FLAGS.workdir, allow_changed=FLAGS.allow_changed)
   if FLAGS.mode == "eval":
-    return modes.evaluate_only(config, FLAGS.workdir)
-  return {"exported": modes.export(config, FLAGS.workdir, FLAGS.export_dir)}
+    return modes.evaluate_only(config, FLAGS.workdir, FLAGS.step)
+  return {"exported": modes.export(config, FLAGS.workdir, FLAGS.export_dir, FLAGS.step)}
 
 
 def main(argv):
@@ -75,6 +76,8 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   if FLAGS.mode == "export" and not FLAGS.export_dir:
     raise app.UsageError("--mode=export needs --export_dir")
+  if FLAGS.step is not None and (FLAGS.mode == "train" or FLAGS.step < 0):
+    raise app.UsageError("--step names a checkpoint (an iteration, >= 0) for --mode=eval or --mode=export")
   metrics.quiet_console()
   import jax
 

@@ -1,4 +1,5 @@
-"""The two modes besides training (`--mode=eval`, `--mode=export`), each on the workdir's latest checkpoint."""
+"""The two modes besides training (`--mode=eval`, `--mode=export`), each on the workdir's newest usable checkpoint or
+on the one of a chosen step (`--step`: an earlier iteration kept by `checkpoint.keep`)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ from flax import nnx
 from distil_jax import build, evaluate, hf, sharding
 
 
-def evaluate_only(config, workdir: str) -> dict:
-  """Pass@k of the latest checkpoint, printed and appended to `workdir/eval.jsonl`; every response it graded goes
-  to `workdir/eval_samples.jsonl` first (process 0's share of the prompts, without the rendered prompt), so that
-  the figures can be graded again by a grader mended later."""
+def evaluate_only(config, workdir: str, step: int | None = None) -> dict:
+  """Pass@k of checkpoint `step` (None: the newest usable one), printed and appended to `workdir/eval.jsonl`; every
+  response it graded goes to `workdir/eval_samples.jsonl` first (process 0's share of the prompts, without the
+  rendered prompt), so that the figures can be graded again by a grader mended later."""
   build.check(config, "eval")
+  if step is not None:
+    build.require_step(workdir, step)
   run = build.Run.build(config, workdir)
-  params, meta = run.restore_params()
+  params, meta = run.restore_params(step)
   run.write_workdir()
   rows = []
   with sharding.use(run.mesh, run.rules):
@@ -54,11 +57,14 @@ def keep_graded(path: str, rows: list, iteration: int, split: str) -> None:
   os.replace(path + ".tmp", path)
 
 
-def export(config, workdir: str, export_dir: str) -> str:
-  """Write the latest checkpoint as a Hugging Face checkpoint (safetensors + config.json + tokenizer)."""
+def export(config, workdir: str, export_dir: str, step: int | None = None) -> str:
+  """Write checkpoint `step` (None: the newest usable one) as a Hugging Face checkpoint (safetensors + config.json +
+  tokenizer)."""
   build.check(config, "export")
+  if step is not None:
+    build.require_step(workdir, step)
   run = build.Run.build(config, workdir)
-  params, _ = run.restore_params()
+  params, _ = run.restore_params(step)
   model = nnx.merge(run.graphdef, params)
   if jax.process_index() == 0:
     tok = run.tok

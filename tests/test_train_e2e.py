@@ -25,7 +25,7 @@ from test_http_expert import _rollouts
 from distil_jax import build, checkpoint, evaluate, experts, hf, losses, modes, tasks, train
 from distil_jax import model as model_lib
 from distil_jax import tokenizer as tok_lib
-from distil_jax.errors import ConfigError, DataError
+from distil_jax.errors import CheckpointError, ConfigError, DataError
 from distil_jax.tasks import base as task_base
 
 
@@ -280,6 +280,19 @@ def test_export_loads_in_transformers(tmp_path):
   tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12))
   want = ref(torch.tensor(tokens)).logits.detach().numpy()
   np.testing.assert_allclose(np.asarray(ours(jnp.asarray(tokens, jnp.int32))), want, atol=1e-4, rtol=0)
+  # --step: iteration 1's checkpoint (checkpoint.keep=2 kept it), exported as orbax holds it, not the newest
+  out = run_main(
+    *args, "--mode=export", "--step=1", f"--export_dir={tmp_path / 'hf1'}", "--config.export.dtype=float32"
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  first, _ = hf.load_hf(str(tmp_path / "hf1"))
+  ids = jnp.asarray(tokens, jnp.int32)
+  saved_first = nnx.merge(nnx.split(first, nnx.Param)[0], _final_params(tmp_path, 1))
+  np.testing.assert_allclose(np.asarray(first(ids)), np.asarray(saved_first(ids)), atol=1e-6, rtol=0)
+  assert np.abs(np.asarray(first(ids)) - np.asarray(ours(ids))).max() > 1e-4  # iteration 2 moved it
+  with pytest.raises(CheckpointError, match=r"no checkpoint of step 7 \(it holds 1, 2;"):
+    modes.export(load_config("arith"), str(tmp_path), str(tmp_path / "hf7"), step=7)
+  assert not (tmp_path / "hf7").exists()
 
 
 def test_bad_config_key_and_bad_data_are_one_line_errors(tmp_path):
