@@ -16,11 +16,6 @@ sums). It needs no host copy and no gather, it detects any change to one element
 hash is a bijection of the value bits) and other damage with probability 1 - 2^-64; it is not a cryptographic hash
 (it guards against storage faults, not against an adversary).
 
-Which are kept: the `max_to_keep` newest and, when a `best_metric` is named, the one saved with the highest value of
-it (the earliest of equal values, as the metrics log's `eval/best_iteration` counts): a run that peaks early and then
-degrades keeps the checkpoint a user would export. The figure is stored beside each checkpoint (orbax's metrics
-item), so the choice survives a resume. Orbax's preservation policies do the choosing.
-
 `restore_latest` walks back from the newest checkpoint: a damaged or incomplete one (flipped bytes, a truncated or
 missing file, a missing item, an empty step folder) is reported in one warning line and skipped, and training moves
 it aside (`<step>.unusable`) so that a later save of the same step cannot collide with it. A checkpoint whose arrays
@@ -182,20 +177,16 @@ def _check_layout(step: int, recorded: Mapping[str, list], name: str, target) ->
 class Checkpointer:
   """Keeps the last `max_to_keep` checkpoints of a run under `directory`."""
 
-  def __init__(self, directory: str, *, max_to_keep: int = 3, best_metric: str | None = None):
+  def __init__(self, directory: str, *, max_to_keep: int = 3):
     self.directory = os.path.abspath(directory)
-    self.best_metric = best_metric
     self.unusable: list[int] = []  # steps `restore_latest` skipped, newest first
     self._pending: int | None = None  # the step of the save last started
     self._failed = False  # a failed save was reported: closing does not report it again
     # create=False: reading a workdir must not change it (the folder is made at the first save)
-    keep = dict(max_to_keep=max_to_keep)
-    if best_metric is not None:
-      rank = lambda m: (m[best_metric], -m["iteration"])  # the highest, then the earliest
-      best = ocp.checkpoint_managers.BestN(get_metric_fn=rank, n=1, keep_checkpoints_without_metrics=False)
-      newest = ocp.checkpoint_managers.LatestN(n=max_to_keep)
-      keep = dict(best_fn=rank, preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy([newest, best]))
-    self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(create=False, **keep))
+    self._manager = ocp.CheckpointManager(
+      self.directory,
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=False),
+    )
 
   def latest_step(self) -> int | None:
     """The newest step folder, usable or not (`restore_latest` finds the newest usable one)."""
@@ -204,11 +195,8 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(
-    self, step: int, state: Mapping[str, Any], meta: Mapping[str, Any], figures: Mapping[str, Any] | None = None
-  ) -> None:
-    """Start an asynchronous save of `state` (named pytrees of arrays, one orbax item each) and `meta` (JSON); the
-    iteration's `figures`, where they hold `best_metric`, rank it for keeping.
+  def save(self, step: int, state: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+    """Start an asynchronous save of `state` (named pytrees of arrays, one orbax item each) and `meta` (JSON).
 
     The checksums are computed first, on device (it waits for the arrays, as orbax's own copy to host does); the
     write itself proceeds in the background."""
@@ -218,9 +206,7 @@ class Checkpointer:
     meta[_META_SUM] = _meta_digest(meta)
     items = {name: ocp.args.StandardSave(_wrap(tree)) for name, tree in state.items()}
     args = ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items)
-    ranked = self.best_metric is not None and figures is not None and self.best_metric in figures
-    metrics = {self.best_metric: float(figures[self.best_metric]), "iteration": step} if ranked else None
-    self._written(self._manager.save, step, args=args, metrics=metrics, force=True)  # raises an earlier save's failure
+    self._written(self._manager.save, step, args=args, force=True)  # raises a failure of the save before it
     self._pending = step
 
   def _written(self, fn, *args, **kwargs):

@@ -42,8 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval = dict(
     every=10, num_prompts=64, samples=8, pass_at=(1, 8), temperature=1.0, greedy=True, split="eval", log_samples=2
   )
-  # keep_best: also keep the checkpoint of the best eval/pass@1 so far (`--step` reads it; see checkpoint.py)
-  c.checkpoint = dict(every=10, keep=2, keep_best=True)
+  c.checkpoint = dict(every=10, keep=2)
   c.log = dict(progress=True, tensorboard=True)
   c.export = dict(dtype="bfloat16")
   return ml_collections.ConfigDict(c)

@@ -184,11 +184,7 @@ class Loop:
     self.learner = learner = build.learner(config, run)
     self.state = learner.init_state(config, run.params, run.mesh)
     # -- Resume (read and checked before anything is written) -----------------------------------------------------
-    self.ckpt = checkpoint.Checkpointer(
-      os.path.join(workdir, "checkpoints"),
-      max_to_keep=config.checkpoint.keep,
-      best_metric=metrics.BEST if config.checkpoint.keep_best else None,
-    )
+    self.ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.keep)
     self.layout = rollout_lib.layout(config, learner.expert)
     buf = _open_buffer(config, workdir, self.layout)
     try:
@@ -274,7 +270,7 @@ class Loop:
     self.writer.write(0, {**figures, **last, "samples/train_tokens": 0, "time/eval_s": time.time() - t1})
     self.writer.write_samples(0, shown)
     if c.train.iterations == 0:  # a behaviour-cloning-only run (e.g. a shared start for model.init_from)
-      self.ckpt.save(0, self.state, _meta(c, 0, 0, 0, self.learner.total_updates), last)
+      self.ckpt.save(0, self.state, _meta(c, 0, 0, 0, self.learner.total_updates))
     return last
 
   def iteration(self, it: int) -> dict:
@@ -319,7 +315,7 @@ class Loop:
     figures["time/iteration_s"] = time.time() - t0
     self.writer.write(it, figures)
     self.done = (it, self.buf.rows, self.sampled_tokens)
-    self.checkpoint(it, figures)
+    self.checkpoint(it)
     progress = {
       "reward": figures["rollout/reward"],
       "loss": figures["train/loss"],
@@ -395,12 +391,12 @@ class Loop:
       figures["time/eval_s"] = time.time() - t4
       self.writer.write_samples(it, shown)
 
-  def checkpoint(self, it: int, figures: dict) -> None:
-    """A checkpoint every `checkpoint.every` iterations and at the last, ranked by its evaluation (`figures`) where
-    it has one; buffer rows that no kept checkpoint's window reads any more (the best one's included) are released."""
+  def checkpoint(self, it: int) -> None:
+    """A checkpoint every `checkpoint.every` iterations and at the last; buffer rows that no kept checkpoint's
+    window reads any more are released."""
     c, buf, ckpt = self.config, self.buf, self.ckpt
     if it % c.checkpoint.every == 0 or it == c.train.iterations:
-      ckpt.save(it, self.state, _meta(c, it, buf.rows, self.sampled_tokens, self.learner.total_updates), figures)
+      ckpt.save(it, self.state, _meta(c, it, buf.rows, self.sampled_tokens, self.learner.total_updates))
       self.rows_at[it] = buf.rows
       kept = [self.rows_at[s] for s in ckpt.all_steps() if s in self.rows_at]
       if len(kept) == len(ckpt.all_steps()):

@@ -168,7 +168,6 @@ def _train_checks(ch: Checks, mode: str, shards: int, processes: int) -> None:
   ch.count("buffer.max_groups")
   ch.count("checkpoint.every")
   ch.count("checkpoint.keep")
-  ch.flag("checkpoint.keep_best")
   ch.count("eval.every")
   ch.number("eval.temperature", lo=0, lo_open=True)
   ch.flag("eval.greedy")

@@ -78,28 +78,6 @@ def test_keeps_last_n(tmp_path):
     assert ckpt.all_steps() == [2, 3]
 
 
-def test_keeps_the_newest_and_the_best_across_reopenings(tmp_path):
-  """`best_metric`: the newest checkpoint and the one of the highest figure, the earliest of equal ones; a save
-  without the figure (a stop at a signal) is never the best. Each save opens the folder again (as a resume does), so
-  the choice rests on what the folder holds; the best step restores its own arrays."""
-  mesh = sharding.make_mesh({"fsdp": 1}, jax.devices()[:1])
-  state = lambda step: {"x": jax.device_put(np.full(4, float(step)), sharding.replicated(mesh))}
-  opened = lambda: checkpoint.Checkpointer(str(tmp_path), max_to_keep=1, best_metric="eval/pass@1")
-  figures = [{"eval/pass@1": p, "train/loss": 1.0} for p in (0.1, 0.5, 0.2, 0.5, 0.3)]
-  figures += [{"train/loss": 9.0}, {"eval/pass@1": 0.6}, {"eval/pass@1": 0.0}]
-  kept = []
-  for step, figure in enumerate(figures, start=1):
-    with opened() as ckpt:
-      ckpt.save(step, state(step), {"step": step}, figure)
-    with opened() as ckpt:
-      kept.append(ckpt.all_steps())
-  assert kept == [[1], [2], [2, 3], [2, 4], [2, 5], [2, 6], [7], [7, 8]]
-  with opened() as ckpt:
-    restored, meta = ckpt.restore(7, {"x": checkpoint.abstract_like(state(0)["x"])})
-  np.testing.assert_array_equal(restored["x"], np.full(4, 7.0))
-  assert meta["step"] == 7
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Content checksums
 
