@@ -207,11 +207,12 @@ class Run:
     keep_tokenizer(self.config, self.tok, self.workdir)
 
   def restore_params(self, step: int | None = None):
-    """(parameters, meta) of checkpoint `step`, or of the newest usable one when `step` is None (export, eval)."""
+    """(parameters, meta) of checkpoint `step`, or of the newest usable one when `step` is None (export, eval); a
+    `step` is one `require_step` found."""
     targets = {"params": checkpoint.abstract_like(self.params)}
     with checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints")) as ckpt:
       if step is not None:
-        state, meta = ckpt.restore(require_step(self.workdir, step), targets)
+        state, meta = ckpt.restore(step, targets)
         return state["params"], meta
       found = ckpt.restore_latest(targets)
     if found is None:
@@ -221,7 +222,7 @@ class Run:
 
 def require_step(workdir: str, step: int) -> int:
   """`step`, when `workdir` holds a checkpoint of it; else one error naming the steps it does hold (checked before
-  the model is built, and again at the restore)."""
+  the model is built)."""
   with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
     held = sorted(ckpt.all_steps())
   if step not in held:

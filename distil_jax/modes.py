@@ -13,15 +13,21 @@ from flax import nnx
 from distil_jax import build, evaluate, hf, sharding
 
 
+def _restored(config, workdir: str, mode: str, step: int | None):
+  """(the run, checkpoint `step`'s parameters, its meta); the config and the step are checked before the model is
+  built."""
+  build.check(config, mode)
+  if step is not None:
+    build.require_step(workdir, step)
+  run = build.Run.build(config, workdir)
+  return (run, *run.restore_params(step))
+
+
 def evaluate_only(config, workdir: str, step: int | None = None) -> dict:
   """Pass@k of checkpoint `step` (None: the newest usable one), printed and appended to `workdir/eval.jsonl`; every
   response it graded goes to `workdir/eval_samples.jsonl` first (process 0's share of the prompts, without the
   rendered prompt), so that the figures can be graded again by a grader mended later."""
-  build.check(config, "eval")
-  if step is not None:
-    build.require_step(workdir, step)
-  run = build.Run.build(config, workdir)
-  params, meta = run.restore_params(step)
+  run, params, meta = _restored(config, workdir, "eval", step)
   run.write_workdir()
   rows = []
   with sharding.use(run.mesh, run.rules):
@@ -60,11 +66,7 @@ def keep_graded(path: str, rows: list, iteration: int, split: str) -> None:
 def export(config, workdir: str, export_dir: str, step: int | None = None) -> str:
   """Write checkpoint `step` (None: the newest usable one) as a Hugging Face checkpoint (safetensors + config.json +
   tokenizer)."""
-  build.check(config, "export")
-  if step is not None:
-    build.require_step(workdir, step)
-  run = build.Run.build(config, workdir)
-  params, _ = run.restore_params(step)
+  run, params, _ = _restored(config, workdir, "export", step)
   model = nnx.merge(run.graphdef, params)
   if jax.process_index() == 0:
     tok = run.tok
